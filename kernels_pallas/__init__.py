@@ -1,0 +1,1 @@
+"""Pallas kernels for the chunked gated delta rule (GPU and TPU), with custom VJPs."""
