@@ -38,14 +38,17 @@ import jax.numpy as jnp
 def _intra_chunk(q, k, v, g, beta, seg):
   """Chunk-parallel part on [N, Z, C, ·] tiles: Γ, the UT transform (W, U), the state writes.
 
-  Returns (QK ⊙ Γ, W, U, k_write, decay_in, decay_last) with
-  k_write_j = e^{γ_C−γ_j} [s_j = s_C] k_j, decay_in_i = e^{γ_i} [s_i = 0],
+  `seg` is the within-chunk document index s_i [N, Z, C], or None when nothing is packed
+  (then every mask below is static and skipped). Returns (QK ⊙ Γ, W, U, k_write, decay_in,
+  decay_last) with k_write_j = e^{γ_C−γ_j} [s_j = s_C] k_j, decay_in_i = e^{γ_i} [s_i = 0],
   decay_last = e^{γ_C} [s_C = 0].
   """
   C = g.shape[-1]
   gamma = jnp.cumsum(g, axis=-1)                                          # γ_i   [N,Z,C]
   eye_CxC = jnp.eye(C, dtype=bool)
-  same = (seg[..., :, None] == seg[..., None, :]) & jnp.tril(~eye_CxC)  # j < i, same document
+  same = jnp.tril(~eye_CxC)                                               # j < i
+  if seg is not None:
+    same = same & (seg[..., :, None] == seg[..., None, :])                # ... same document
   # Γ_ij = e^{γ_i − γ_j}, masked *before* exp so no positive exponent is ever evaluated.
   # The diagonal Γ_ii = 1 is a constant: as e^{γ_i − γ_i} its O(1) gradients would cancel only
   # after the reverse cumsum that forms dg, leaving fp32 rounding that swamps the true dg under
@@ -54,19 +57,23 @@ def _intra_chunk(q, k, v, g, beta, seg):
                     jnp.exp(jnp.where(same, gamma[..., :, None] - gamma[..., None, :], -jnp.inf)))
   QK = jnp.einsum('nzik,nzjk->nzij', q, k)
   KK = jnp.einsum('nzik,nzjk->nzij', k, k)
-  L = jnp.tril(beta[..., :, None] * KK * Gamma, -1)                       # L_ij, j < i
-  carry_in = seg == 0
-  decay_in = jnp.where(carry_in, jnp.exp(gamma), 0.0)
-  I_plus_L = L + jnp.eye(C, dtype=L.dtype)
-  solve = lambda rhs: jax.lax.linalg.triangular_solve(                    # A rhs = (I + L)⁻¹ rhs
-      I_plus_L, rhs, left_side=True, lower=True, unit_diagonal=True)
+  L = jnp.where(same, beta[..., :, None] * KK * Gamma, 0.0)               # L_ij, j < i
+  decay_in = jnp.exp(gamma)
+  if seg is not None:
+    decay_in = jnp.where(seg == 0, decay_in, 0.0)
+  # A rhs = (I + L)⁻¹ rhs; with unit_diagonal the solver never reads the (zero) diagonal of L.
+  solve = lambda rhs: jax.lax.linalg.triangular_solve(L, rhs, left_side=True, lower=True,
+                                                      unit_diagonal=True)
   W = solve((beta * decay_in)[..., None] * k)                             # A diag(β e^γ) K
   U = solve(beta[..., None] * v)                                          # A diag(β) V
-  writes = (seg == seg[..., -1:]) & (jnp.arange(C) < C - 1)
+  writes = jnp.arange(C) < C - 1
+  if seg is not None:
+    writes = writes & (seg == seg[..., -1:])
   k_write_scale = jnp.where(writes, jnp.exp(jnp.where(writes, gamma[..., -1:] - gamma, -jnp.inf)),
-                            0.0).at[..., -1].set(1.0)                     # e^{γ_C − γ_j} [s_j = s_C]
+                            0.0)
+  k_write_scale = jnp.where(jnp.arange(C) == C - 1, 1.0, k_write_scale)  # e^{γ_C − γ_j} [s_j = s_C]
   k_write = k_write_scale[..., None] * k
-  decay_last = jnp.where(carry_in[..., -1], jnp.exp(gamma[..., -1]), 0.0)
+  decay_last = decay_in[..., -1]                                          # e^{γ_C} [s_C = 0]
   return QK * Gamma, W, U, k_write, decay_in, decay_last
 
 
@@ -74,7 +81,7 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, h0, reset, chunk_size):
   """Chunked gated delta rule on validated inputs (see `gated_delta_rule`).
 
   q, k: [B, T, Hk, K]; v: [B, T, H, V]; g, beta: [B, T, H] float32; h0: [B, H, K, V] float32;
-  reset: [B, T] bool. Returns (o [B, T, H, V] float32, final state [B, H, K, V] float32).
+  reset: [B, T] bool, or None when there are no packed documents. Returns (o [B, T, H, V] float32, final state [B, H, K, V] float32).
   """
   B, T, Hk, K = q.shape
   H, V = v.shape[2], v.shape[3]
@@ -91,10 +98,12 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, h0, reset, chunk_size):
     return x.reshape(N, B * H, C, *x.shape[4:])
 
   q_t, k_t, v_t, g_t, beta_t = map(tiles, (q, k, v, g, beta))
-  seg_BxNxC = jnp.cumsum(jnp.pad(reset, [(0, 0), (0, pad)]).reshape(B, N, C).astype(jnp.int32),
-                         axis=-1)                                         # s_i
-  seg = jnp.broadcast_to(jnp.moveaxis(seg_BxNxC, 1, 0)[:, :, None], (N, B, H, C))
-  seg = seg.reshape(N, B * H, C)
+  seg = None
+  if reset is not None:
+    seg_BxNxC = jnp.cumsum(jnp.pad(reset, [(0, 0), (0, pad)]).reshape(B, N, C).astype(jnp.int32),
+                           axis=-1)                                       # s_i
+    seg = jnp.broadcast_to(jnp.moveaxis(seg_BxNxC, 1, 0)[:, :, None], (N, B, H, C))
+    seg = seg.reshape(N, B * H, C)
 
   QK_Gamma, W, U, k_write, decay_in, decay_last = _intra_chunk(q_t, k_t, v_t, g_t, beta_t, seg)
 

@@ -49,6 +49,8 @@ def _recurrent(q, k, v, g, beta, scale, h0, reset, chunk_size):
 def _pallas(q, k, v, g, beta, scale, h0, reset, chunk_size):
   # Imported lazily: the kernels are an optional layer above the pure-JAX ops.
   kernels = importlib.import_module("kernels_pallas")
+  if reset is None:  # the kernels' contract: reset is always a [B, T] bool array
+    reset = jnp.zeros(v.shape[:2], bool)
   return kernels.gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size)
 
 
@@ -158,9 +160,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
     q, k = l2_normalize(q).astype(q.dtype), l2_normalize(k).astype(k.dtype)
   h0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  if segment_ids is None:
-    reset = jnp.zeros((B, T), bool)
-  else:  # a new document starts wherever the id changes (never at t = 0: h0 feeds it)
+  reset = None
+  if segment_ids is not None:  # a new document starts wherever the id changes (never at t = 0: h0 feeds it)
     reset = jnp.concatenate([jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
                             axis=1)
   o, final_state = _DISPATCH[impl](q, k, v, g.astype(jnp.float32), beta.astype(jnp.float32),

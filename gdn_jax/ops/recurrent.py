@@ -23,11 +23,11 @@ def recurrent_gated_delta_rule(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_Bx
         jnp.moveaxis(v_BxTxHxV.astype(f32), 1, 0),
         jnp.moveaxis(g_BxTxH.astype(f32), 1, 0),
         jnp.moveaxis(beta_BxTxH.astype(f32), 1, 0),
-        jnp.moveaxis(reset_BxT, 1, 0))
+        None if reset_BxT is None else jnp.moveaxis(reset_BxT, 1, 0))
 
   def step(S_BxHxKxV, x):
     q, k, v, g, beta, reset = x
-    S = jnp.where(reset[:, None, None, None], 0.0, S_BxHxKxV)
+    S = S_BxHxKxV if reset is None else jnp.where(reset[:, None, None, None], 0.0, S_BxHxKxV)
     S = jnp.exp(g)[..., None, None] * S                      # e^{g_t} S_{t−1}
     pred_BxHxV = jnp.einsum('bhk,bhkv->bhv', k, S)            # (e^{g} S)ᵀ k
     delta_BxHxV = beta[..., None] * (v - pred_BxHxV)
