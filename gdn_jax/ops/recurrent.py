@@ -35,5 +35,7 @@ def recurrent_gated_delta_rule(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_Bx
     o_BxHxV = scale * jnp.einsum('bhk,bhkv->bhv', q, S)
     return S, o_BxHxV
 
-  S_final, o_TxBxHxV = jax.lax.scan(step, h0_BxHxKxV.astype(f32), xs)
+  # Rematerialise the step in the backward: AD then keeps only the carried state per token
+  # (one K×V matrix) instead of every intermediate of the step.
+  S_final, o_TxBxHxV = jax.lax.scan(jax.checkpoint(step), h0_BxHxKxV.astype(f32), xs)
   return jnp.moveaxis(o_TxBxHxV, 0, 1), S_final
