@@ -1,0 +1,299 @@
+"""Learning-rate transfer across widths: μP vs SP, AdamW and SGD (the paper's main result).
+
+Sweeps width × log2-spaced learning rate × parametrization × optimizer × seed at a fixed token
+budget. All learning rates of one (scheme, parametrization, optimizer, width, seed) train together
+in one vmapped program (`gdn_jax.sweep`). Each finished LR appends one JSON line to
+`<results>/lr_transfer_<preset>.jsonl`; a rerun skips what is there (the sweep resumes).
+`--analyze_only` turns the JSONL into the figure and the summary JSON:
+
+  * optimum per width: quadratic fit of final validation loss vs log2 LR around the best point;
+  * drift: max − min of the optimal log2 LR across widths (the transfer criterion: ≤ 0.5);
+  * wider-is-better: at the base width's optimal LR, does the loss fall with width?
+  * divergence: NaN or loss above the uniform-prediction loss ln(256) counts as diverged.
+
+  python experiments/lr_transfer.py --preset=cpu           # ≤ 10 min on 2 CPU cores
+  python experiments/lr_transfer.py --preset=gpu --data=...  # device tool; resumable
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from gdn_jax import model as model_lib
+from gdn_jax import sweep
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+PRESETS = {
+    # 2 CPU cores, ≤ 10 minutes: 4 widths (8x range), 7 learning rates, 1 seed.
+    "cpu": dict(widths="32,64,128,256", base_width=32, log2_lrs="-12,-11,-10,-9,-8,-7,-6",
+                sgd_log2_lrs="-6,-5,-4,-3,-2,-1,0", steps=120, batch=8, seq_len=64,
+                layers=2, seeds="0", warmup=12),
+    # One H100: widths 128 → 2048 (16x), ≥ 1000 steps, 2 seeds.
+    "gpu": dict(widths="128,256,512,1024,2048", base_width=128,
+                log2_lrs="-13,-12,-11,-10,-9,-8,-7,-6", sgd_log2_lrs="-7,-6,-5,-4,-3,-2,-1,0",
+                steps=1000, batch=32, seq_len=256, layers=4, seeds="0,1", warmup=100),
+}
+
+_PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Sweep preset.")
+_WIDTHS = flags.DEFINE_string("widths", None, "Comma-separated d_model values.")
+_LRS = flags.DEFINE_string("log2_lrs", None, "Comma-separated log2 learning rates (AdamW).")
+_SGD_LRS = flags.DEFINE_string("sgd_log2_lrs", None, "Comma-separated log2 learning rates (SGD).")
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps per run.")
+_SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated seeds.")
+_PARAMS = flags.DEFINE_string("parametrizations", "sp,mup", "Comma-separated.")
+_OPTS = flags.DEFINE_string("optimizers", "adamw,sgd", "Comma-separated.")
+_SCHEME = flags.DEFINE_enum("scheme", "heads", ["heads", "dims"],
+                            "Width scheme: more heads at fixed head dims, or larger head dims.")
+_DATA = flags.DEFINE_string("data", None, "Token file (uint8 .bin/.npy); default: embedded corpus.")
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", None, "Stop starting new runs after this long.")
+_ANALYZE = flags.DEFINE_bool("analyze_only", False, "Only analyse the JSONL and plot.")
+_SEQUENTIAL_CHECK = flags.DEFINE_bool("measure_vmap_speedup", True,
+                                      "Time one width sequentially vs vmapped (once per file).")
+_TAG = flags.DEFINE_string("tag", None, "Results file tag (default: the preset).")
+
+
+def settings():
+  cfg = dict(PRESETS[_PRESET.value])
+  for key, flag in (("widths", _WIDTHS), ("log2_lrs", _LRS), ("sgd_log2_lrs", _SGD_LRS),
+                    ("steps", _STEPS), ("seeds", _SEEDS)):
+    if flag.value is not None:
+      cfg[key] = flag.value
+  cfg["widths"] = [int(w) for w in str(cfg["widths"]).split(",")]
+  cfg["seeds"] = [int(s) for s in str(cfg["seeds"]).split(",")]
+  cfg["log2_lrs"] = [float(x) for x in str(cfg["log2_lrs"]).split(",")]
+  cfg["sgd_log2_lrs"] = [float(x) for x in str(cfg["sgd_log2_lrs"]).split(",")]
+  return cfg
+
+
+def model_config(width: int, cfg, scheme: str):
+  """Width scheme 'heads': heads ∝ width at head dim 32 (K = V); 'dims': 4 heads, head dim ∝ width."""
+  if scheme == "heads":
+    num_heads, head_dim = max(width // 32, 1), 32
+  else:
+    num_heads, head_dim = 4, max(width // 4, 8)
+  return model_lib.ModelConfig(
+      vocab_size=256, d_model=width, num_layers=cfg["layers"], num_heads=num_heads,
+      head_k_dim=head_dim, head_v_dim=head_dim, mlp_hidden=4 * width, chunk_size=64,
+      rule_impl="chunked")
+
+
+def load_tokens(path: str | None) -> np.ndarray:
+  if path is None:
+    from gdn_jax.data import corpus  # pylint: disable=import-outside-toplevel
+    return corpus.load_default_tokens()
+  if path.endswith(".npy"):
+    return np.load(path, mmap_mode="r")
+  return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def results_path():
+  return os.path.join(RESULTS, f"lr_transfer_{_TAG.value or _PRESET.value}.jsonl")
+
+
+def done_keys(path):
+  keys = set()
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if r.get("kind") == "run":
+          keys.add((r["scheme"], r["parametrization"], r["optimizer"], r["width"], r["seed"]))
+  return keys
+
+
+def run_sweep(cfg):
+  tokens = load_tokens(_DATA.value)
+  split = int(0.95 * len(tokens))
+  train_tokens, val_tokens = tokens[:split], tokens[split:]
+  path = results_path()
+  os.makedirs(RESULTS, exist_ok=True)
+  done = done_keys(path)
+  start = time.time()
+  base = model_config(cfg["base_width"], cfg, _SCHEME.value)
+  env = dict(device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
+             jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+  for seed in cfg["seeds"]:
+    batches = sweep.window_sampler(train_tokens, cfg["batch"], cfg["seq_len"], seed)
+    val = sweep.fixed_windows(val_tokens, cfg["batch"], cfg["seq_len"], 4)
+    for optimizer in _OPTS.value.split(","):
+      log2_lrs = cfg["sgd_log2_lrs"] if optimizer == "sgd" else cfg["log2_lrs"]
+      for parametrization in _PARAMS.value.split(","):
+        for width in cfg["widths"]:
+          key = (_SCHEME.value, parametrization, optimizer, width, seed)
+          if key in done:
+            continue
+          if _MAX_MINUTES.value and time.time() - start > 60 * _MAX_MINUTES.value:
+            print("time budget reached; rerun to resume")
+            return
+          config = model_config(width, cfg, _SCHEME.value)
+          result = sweep.train_learning_rates(
+              config, [2.0 ** x for x in log2_lrs], batches, val, steps=cfg["steps"],
+              parametrization=parametrization, optimizer=optimizer, base_config=base,
+              warmup_steps=cfg["warmup"], momentum=0.9 if optimizer == "sgd" else 0.0,
+              grad_clip=None, seed=seed)
+          with open(path, "a") as f:
+            for i, x in enumerate(log2_lrs):
+              tail = result.train_loss[i, -max(cfg["steps"] // 10, 1):]
+              f.write(json.dumps(dict(
+                  kind="run", scheme=_SCHEME.value, parametrization=parametrization,
+                  optimizer=optimizer, width=width, seed=seed, log2_lr=x,
+                  val_loss=None if math.isnan(result.val_loss[i]) else float(result.val_loss[i]),
+                  train_loss_tail=float(np.mean(tail)), steps=cfg["steps"], batch=cfg["batch"],
+                  seq_len=cfg["seq_len"], layers=cfg["layers"], seconds=result.seconds,
+                  params=model_lib.num_params(config), **env)) + "\n")
+          print(f"{parametrization:>4} {optimizer:>5} width {width:5d} seed {seed}: "
+                f"{result.seconds:6.1f}s  best log2 lr "
+                f"{log2_lrs[int(np.nanargmin(result.val_loss))] if np.isfinite(result.val_loss).any() else 'n/a'}"
+                f"  val {np.nanmin(result.val_loss) if np.isfinite(result.val_loss).any() else float('nan'):.4f}",
+                flush=True)
+  if _SEQUENTIAL_CHECK.value:
+    measure_vmap_speedup(cfg, train_tokens, val_tokens, base)
+
+
+def measure_vmap_speedup(cfg, train_tokens, val_tokens, base):
+  """Same runs, vmapped vs one by one: the speed-up of training many LRs in one program."""
+  path = os.path.join(RESULTS, f"lr_transfer_{_TAG.value or _PRESET.value}_vmap_speedup.json")
+  if os.path.exists(path):
+    return
+  width = cfg["widths"][len(cfg["widths"]) // 2]
+  lrs = [2.0 ** x for x in cfg["log2_lrs"]]
+  steps = min(cfg["steps"], 50)
+  batches = sweep.window_sampler(train_tokens, cfg["batch"], cfg["seq_len"], 0)
+  val = sweep.fixed_windows(val_tokens, cfg["batch"], cfg["seq_len"], 1)
+  times = {}
+  for vectorize in (True, False):
+    r = sweep.train_learning_rates(model_config(width, cfg, _SCHEME.value), lrs, batches, val,
+                                   steps=steps, parametrization="mup", optimizer="adamw",
+                                   base_config=base, seed=0, vectorize=vectorize)
+    times["vmapped" if vectorize else "sequential"] = dict(train_s=r.seconds,
+                                                           compile_s=r.compile_seconds)
+  record = dict(width=width, num_lrs=len(lrs), steps=steps, **times,
+                speedup_train=times["sequential"]["train_s"] / times["vmapped"]["train_s"],
+                device_kind=jax.devices()[0].device_kind,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2)
+  print(f"vmap over {len(lrs)} LRs: {record['speedup_train']:.2f}x faster than sequential")
+
+
+# --- analysis ---------------------------------------------------------------------------------
+
+DIVERGED = math.log(256.0)   # worse than predicting uniformly at random
+
+
+def optimum(log2_lrs, losses):
+  """log2 LR minimising a parabola through the best grid point and its neighbours."""
+  xs, ys = np.asarray(log2_lrs, float), np.asarray(losses, float)
+  ok = np.isfinite(ys) & (ys < DIVERGED)
+  if not ok.any():
+    return None, "all diverged"
+  i = int(np.argmin(np.where(ok, ys, np.inf)))
+  if i == 0 or i == len(xs) - 1 or not (ok[i - 1] and ok[i + 1]):
+    return float(xs[i]), "edge of grid" if i in (0, len(xs) - 1) else "neighbour diverged"
+  a, b, _ = np.polyfit(xs[i - 1:i + 2], ys[i - 1:i + 2], 2)
+  return (float(-b / (2 * a)) if a > 0 else float(xs[i])), "quadratic fit"
+
+
+def analyze(path, out_prefix):
+  rows = [json.loads(l) for l in open(path) if l.strip()]
+  rows = [r for r in rows if r.get("kind") == "run"]
+  summary = {}
+  groups = sorted({(r["scheme"], r["parametrization"], r["optimizer"]) for r in rows})
+  for scheme, param, opt in groups:
+    sel = [r for r in rows if (r["scheme"], r["parametrization"], r["optimizer"]) ==
+           (scheme, param, opt)]
+    widths = sorted({r["width"] for r in sel})
+    curves, optima = {}, {}
+    for w in widths:
+      by_lr = {}
+      for r in sel:
+        if r["width"] == w:
+          loss = r["val_loss"] if r["val_loss"] is not None else float("nan")
+          by_lr.setdefault(r["log2_lr"], []).append(loss)
+      xs = sorted(by_lr)
+      ys = [float(np.mean(by_lr[x])) if all(np.isfinite(by_lr[x])) else float("nan") for x in xs]
+      curves[w] = dict(log2_lr=xs, val_loss=ys)
+      optima[w] = dict(zip(("log2_lr", "how"), optimum(xs, ys)))
+    found = [o["log2_lr"] for o in optima.values() if o["log2_lr"] is not None]
+    drift = float(max(found) - min(found)) if len(found) > 1 else None
+    # Wider is better at the base width's optimal learning rate (nearest grid point).
+    base_opt = optima[widths[0]]["log2_lr"]
+    at_transfer = {}
+    if base_opt is not None:
+      for w in widths:
+        xs, ys = curves[w]["log2_lr"], curves[w]["val_loss"]
+        j = int(np.argmin(np.abs(np.asarray(xs) - base_opt)))
+        at_transfer[w] = ys[j]
+    vals = [at_transfer[w] for w in widths] if at_transfer else []
+    monotone = bool(vals and all(np.isfinite(vals)) and all(a > b for a, b in zip(vals, vals[1:])))
+    summary[f"{scheme}/{param}/{opt}"] = dict(
+        widths=widths, optimum=optima, drift_log2=drift,
+        width_range=widths[-1] / widths[0], loss_at_transferred_lr=at_transfer,
+        wider_is_better=monotone, curves=curves,
+        diverged_runs=sum(1 for r in sel if r["val_loss"] is None or r["val_loss"] >= DIVERGED))
+  with open(out_prefix + ".json", "w") as f:
+    json.dump(dict(source=os.path.basename(path), summary=summary,
+                   criterion="muP drift <= 0.5 log2 across >= 8x widths; loss falls with width"),
+              f, indent=2)
+  plot(summary, out_prefix + ".png")
+  for name, s in summary.items():
+    print(f"{name:>18}: drift {s['drift_log2']} log2 over {s['width_range']:.0f}x widths; "
+          f"optima {[(w, None if o['log2_lr'] is None else round(o['log2_lr'], 2)) for w, o in s['optimum'].items()]}; "
+          f"wider-is-better {s['wider_is_better']}; diverged {s['diverged_runs']}")
+  return summary
+
+
+def plot(summary, path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  names = sorted(summary)
+  cols = 2
+  rows = math.ceil(len(names) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+  for ax, name in zip(axes.flat, names):
+    s = summary[name]
+    cmap = plt.get_cmap("viridis")
+    finite = [y for w in s["widths"] for y in s["curves"][w]["val_loss"] if np.isfinite(y)]
+    top = min(max(finite) if finite else DIVERGED, DIVERGED) + 0.1
+    for i, w in enumerate(s["widths"]):
+      color = cmap(i / max(len(s["widths"]) - 1, 1))
+      xs, ys = np.asarray(s["curves"][w]["log2_lr"]), np.asarray(s["curves"][w]["val_loss"])
+      ok = np.isfinite(ys) & (ys < DIVERGED)
+      ax.plot(xs[ok], ys[ok], "o-", color=color, label=f"width {w}", ms=3)
+      ax.plot(xs[~ok], np.full((~ok).sum(), top), "x", color=color, ms=6)   # diverged
+      o = s["optimum"][w]["log2_lr"]
+      if o is not None:
+        ax.axvline(o, color=color, ls=":", lw=0.8)
+    drift = s["drift_log2"]
+    ax.set_title(f"{name}: optimum drift {drift:.2f} log2" if drift is not None else name)
+    ax.set_xlabel("log2 learning rate")
+    ax.set_ylabel("final validation loss (x = diverged)")
+    ax.set_ylim(top=top + 0.05)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv):
+  del argv
+  cfg = settings()
+  if not _ANALYZE.value:
+    run_sweep(cfg)
+  path = results_path()
+  analyze(path, path.replace(".jsonl", ""))
+
+
+if __name__ == "__main__":
+  app.run(main)
