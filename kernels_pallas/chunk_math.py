@@ -1,0 +1,236 @@
+r"""Per-chunk math of the chunked gated delta rule, shared by the GPU (Triton) and TPU (Mosaic) kernels.
+
+Every function works on the 2-D tiles of ONE chunk of C tokens of ONE value head, as values (not refs),
+and uses only what both Pallas lowerings accept: 2-D `lax.dot_general` with fp32 accumulation
+(`dot` below), `iota` masks, `exp`, `where`, elementwise arithmetic, broadcasts of 1-D vectors
+(`x[:, None]`, `x[None, :]`) and reductions along one axis at a time. No cumsum (a masked row-sum instead),
+no triangular solve (block doubling with masks instead), no value slicing (`x[i]` is a masked sum).
+Under `jax.vmap` the same functions run as batched XLA ops (the GPU backward uses them that way).
+
+Symbols (as in `gdn_jax/ops/chunked.py` and `docs/`), for one chunk with carry-in state h (K×V):
+
+    γ_i = Σ_{j≤i} g_j                                   within-chunk cumulative log decay
+    s_i = Σ_{j≤i} reset_j                               within-chunk document index (packed docs)
+    Γ_ij = e^{γ_i−γ_j} [j ≤ i] [s_i = s_j]               (Γ_ii = 1 exactly)
+    L_ij = β_i (k_i·k_j) Γ_ij  for j < i,  A = (I + L)⁻¹
+    W = A diag(β e^γ [s=0]) K,   U = A diag(β) V          (UT / WY transform)
+    Ṽ = U − W h
+    O = scale · [diag(e^γ [s=0]) Q h + ((Q Kᵀ) ⊙ Γ) Ṽ]
+    h' = e^{γ_C} [s_C=0] h + K̃ᵀ Ṽ,   K̃_j = e^{γ_C−γ_j} [s_j = s_C] k_j
+
+Every exponent is ≤ 0 (masked before `exp`), so strong decay underflows to 0 and never overflows.
+Padding tokens (g = β = k = v = 0, reset = 0) leave the state unchanged.
+
+Dtypes: q, k, v may be bf16; everything returned is float32. `dot` casts both operands to
+`mm_dtype` (None: keep them, after promoting mixed dtypes to float32) and accumulates in float32.
+On Triton a float32 dot runs in TF32 (≈3e-4 relative), like fla's kernels.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, mm_dtype=None):
+  """op(a) @ op(b) with float32 accumulation; op transposes when trans_* is set. 2-D only."""
+  if mm_dtype is not None:
+    a, b = a.astype(mm_dtype), b.astype(mm_dtype)
+  elif a.dtype != b.dtype:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _iota2(C: int):
+  rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  return rows, cols
+
+
+def inclusive_cumsum(x_C, C: int):
+  """y_i = Σ_{j≤i} x_j for a 1-D float vector of length C (a masked row-sum: no cumsum op)."""
+  rows, cols = _iota2(C)
+  return jnp.sum(jnp.where(cols <= rows, x_C[None, :], 0.0), axis=1)
+
+
+def last(x_C, C: int):
+  """x_{C−1} as a scalar, without value slicing."""
+  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+  return jnp.sum(jnp.where(idx == C - 1, x_C, 0.0))
+
+
+def unit_lower_inverse(L_CxC, C: int):
+  """A = (I + L)⁻¹ for strictly lower-triangular float32 L (C a power of two), by full-tile matmuls.
+
+  Block forward substitution by doubling: if A_b is the inverse of the block diagonal of I + L with
+  blocks of size b (zero elsewhere) and M_b keeps the entries of L inside a 2b-block but outside the
+  b-blocks (the L₂₁ blocks), then
+
+      A_2b = A_b − A_b M_b A_b      ([[A₁₁,0],[L₂₁·,A₂₂]]: the new block is −A₂₂ L₂₁ A₁₁).
+
+  i//b = j//b ⟺ (i XOR j) < b for powers of two, so M_b = L ⊙ [b ≤ i⊕j < 2b]. A_2 = I − M_1 needs no
+  matmul; then 2 (log₂C − 1) C×C matmuls. Exact (no Neumann series, whose powers of L can overflow).
+  """
+  rows, cols = _iota2(C)
+  x = rows ^ cols
+  A = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(x == 1, L_CxC, 0.0)       # A_2
+  b = 2
+  while b < C:
+    M = jnp.where((x >= b) & (x < 2 * b), L_CxC, 0.0)
+    A = A - dot(dot(A, M), A)
+    b *= 2
+  return A
+
+
+def chunk_decays(g_C, reset_C, C: int):
+  """Decays and masks of one chunk.
+
+  Args:
+    g_C: float32 [C] log decays g_i (≤ 0).
+    reset_C: float32 [C], 1.0 where a new document starts (state zeroed before that token), else 0.
+  Returns:
+    Gamma_CxC: Γ_ij = e^{γ_i−γ_j} [j ≤ i][s_i = s_j], with Γ_ii = 1 exactly (its e^{γ_i−γ_i} form would
+      give O(1) gradients that cancel only after rounding, swamping dg under strong decay).
+    decay_in_C: e^{γ_i} [s_i = 0] (how much of the carry-in state token i sees).
+    k_write_C: e^{γ_C−γ_j} [s_j = s_C] (how token j's write survives to the chunk end); 1 at j = C−1.
+    decay_last: scalar e^{γ_C} [s_C = 0] (how much of h survives the chunk).
+  """
+  rows, cols = _iota2(C)
+  gamma_C = inclusive_cumsum(g_C, C)
+  seg_C = inclusive_cumsum(reset_C, C)
+  same = (cols <= rows) & (seg_C[:, None] == seg_C[None, :])
+  diff = jnp.where(same & (cols < rows), gamma_C[:, None] - gamma_C[None, :], -jnp.inf)
+  Gamma_CxC = jnp.where(rows == cols, 1.0, jnp.exp(diff))
+  decay_in_C = jnp.where(seg_C == 0.0, jnp.exp(gamma_C), 0.0)
+  gamma_last = jnp.sum(g_C)
+  seg_last = jnp.sum(reset_C)
+  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+  writes = (seg_C == seg_last) & (idx < C - 1)
+  k_write_C = jnp.where(idx == C - 1, 1.0,
+                        jnp.exp(jnp.where(writes, gamma_last - gamma_C, -jnp.inf)))
+  decay_last = jnp.where(seg_last == 0.0, jnp.exp(gamma_last), 0.0)
+  return Gamma_CxC, decay_in_C, k_write_C, decay_last
+
+
+def ut_transform(k_CxK, v_CxV, beta_C, Gamma_CxC, decay_in_C, C: int, mm_dtype=None):
+  """W = A diag(β e^γ[s=0]) K and U = A diag(β) V with A = (I + L)⁻¹, L = strict(diag(β)(K Kᵀ) ⊙ Γ)."""
+  rows, cols = _iota2(C)
+  KK = dot(k_CxK, k_CxK, trans_b=True)
+  L = jnp.where(cols < rows, beta_C[:, None] * KK * Gamma_CxC, 0.0)
+  A = unit_lower_inverse(L, C)
+  kf = k_CxK.astype(jnp.float32)
+  W = dot(A, (beta_C * decay_in_C)[:, None] * kf, mm_dtype=mm_dtype)
+  U = dot(A, beta_C[:, None] * v_CxV.astype(jnp.float32), mm_dtype=mm_dtype)
+  return W, U
+
+
+def chunk_operators(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, C: int, mm_dtype=None):
+  """Everything of a chunk that does not depend on the carry-in state h.
+
+  Returns (P, W, U, Qd, Kw, decay_last): P = (Q Kᵀ) ⊙ Γ [C×C], W [C×K], U [C×V],
+  Qd = diag(e^γ[s=0]) Q [C×K], Kw = K̃ = diag(e^{γ_C−γ}[s=s_C]) K [C×K], decay_last scalar; all float32.
+  """
+  Gamma, decay_in, k_write, decay_last = chunk_decays(g_C, reset_C, C)
+  W, U = ut_transform(k_CxK, v_CxV, beta_C, Gamma, decay_in, C, mm_dtype)
+  P = dot(q_CxK, k_CxK, trans_b=True) * Gamma
+  Qd = decay_in[:, None] * q_CxK.astype(jnp.float32)
+  Kw = k_write[:, None] * k_CxK.astype(jnp.float32)
+  return P, W, U, Qd, Kw, decay_last
+
+
+def chunk_step(h_KxV, P_CxC, W_CxK, U_CxV, Qd_CxK, Kw_CxK, decay_last, scale: float, mm_dtype=None):
+  """One chunk of the state walk: Ṽ = U − W h; O = scale (Qd h + P Ṽ); h' = e^{γ_C} h + K̃ᵀ Ṽ.
+
+  Returns (O [C×V], h' [K×V], Ṽ [C×V]), float32.
+  """
+  v_new = U_CxV - dot(W_CxK, h_KxV, mm_dtype=mm_dtype)
+  o = scale * (dot(Qd_CxK, h_KxV, mm_dtype=mm_dtype) + dot(P_CxC, v_new, mm_dtype=mm_dtype))
+  h_next = decay_last * h_KxV + dot(Kw_CxK, v_new, trans_a=True, mm_dtype=mm_dtype)
+  return o, h_next, v_new
+
+
+def chunk_step_bwd(dh_next_KxV, do_CxV, P_CxC, W_CxK, Qd_CxK, Kw_CxK, decay_last, scale: float,
+                   mm_dtype=None):
+  """Reverse of `chunk_step` w.r.t. h only: the cotangent of h given those of O and h'.
+
+      dṼ = scale Pᵀ dO + K̃ dh'
+      dh = e^{γ_C} dh' + scale Qdᵀ dO − Wᵀ dṼ
+  """
+  dv_new = (scale * dot(P_CxC, do_CxV, trans_a=True, mm_dtype=mm_dtype)
+            + dot(Kw_CxK, dh_next_KxV, mm_dtype=mm_dtype))
+  dh = (decay_last * dh_next_KxV + scale * dot(Qd_CxK, do_CxV, trans_a=True, mm_dtype=mm_dtype)
+        - dot(W_CxK, dv_new, trans_a=True, mm_dtype=mm_dtype))
+  return dh
+
+
+def reverse_cumsum(x_C, C: int):
+  """y_j = Σ_{i≥j} x_i for a 1-D float vector of length C (a masked column-sum)."""
+  rows, cols = _iota2(C)
+  return jnp.sum(jnp.where(rows >= cols, x_C[:, None], 0.0), axis=0)
+
+
+def chunk_bwd(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_KxV, C: int,
+              scale: float, mm_dtype=None):
+  r"""Gradients of one chunk's (q, k, v, g, β) given its carry-in state h and the cotangents dO, dh'.
+
+  The hand-written reverse of `chunk_operators` + `chunk_step` (h treated as an input; its own
+  cotangent is `chunk_step_bwd`'s job). With Kb = diag(β d) K, Vb = diag(β) V, d = e^γ[s=0],
+  w = e^{γ_C−γ}[s=s_C], λ = e^{γ_C}[s_C=0]:
+
+      dṼ = scale Pᵀ dO + K̃ dh'           dP = scale dO Ṽᵀ        dQd = scale dO hᵀ     dK̃ = Ṽ dh'ᵀ
+      dA = dṼ Vbᵀ − dṼ hᵀ Kbᵀ             dVb = Aᵀ dṼ             dKb = −Aᵀ dṼ hᵀ
+      dL = −Aᵀ dA Aᵀ  (strict lower)      L = strict(diag(β)(K Kᵀ) ⊙ Γ),  P = (Q Kᵀ) ⊙ Γ
+      dγ_i = Σ_j (Γ ⊙ dΓ)_ij − Σ_j (Γ ⊙ dΓ)_ji + d_i dd_i − w_i dw_i,   dγ_C = Σ_j w_j dw_j + λ dλ
+      dg = reverse_cumsum(dγ) + dγ_C     (γ = cumsum g, γ_C = Σ g)
+
+  Returns (dq [C×K], dk [C×K], dv [C×V], dg [C], dβ [C]), float32.
+  """
+  rows, cols = _iota2(C)
+  strict = cols < rows
+  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+  qf, kf, vf = (x.astype(jnp.float32) for x in (q_CxK, k_CxK, v_CxV))
+  Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
+  Gs = jnp.where(strict, Gamma, 0.0)                                 # Γ without its constant diagonal
+  KK = dot(k_CxK, k_CxK, trans_b=True)
+  QK = dot(q_CxK, k_CxK, trans_b=True)
+  L = jnp.where(strict, beta_C[:, None] * KK * Gamma, 0.0)
+  A = unit_lower_inverse(L, C)
+  Kb = (beta_C * d)[:, None] * kf
+  Vb = beta_C[:, None] * vf
+  W = dot(A, Kb, mm_dtype=mm_dtype)
+  U = dot(A, Vb, mm_dtype=mm_dtype)
+  v_new = U - dot(W, h_KxV, mm_dtype=mm_dtype)
+  P = QK * Gamma
+  Kw = w[:, None] * kf
+  # --- the state-facing products
+  dv_new = (scale * dot(P, do_CxV, trans_a=True, mm_dtype=mm_dtype)
+            + dot(Kw, dh_next_KxV, mm_dtype=mm_dtype))
+  dP = scale * dot(do_CxV, v_new, trans_b=True, mm_dtype=mm_dtype)
+  dQd = scale * dot(do_CxV, h_KxV, trans_b=True, mm_dtype=mm_dtype)
+  dKw = dot(v_new, dh_next_KxV, trans_b=True, mm_dtype=mm_dtype)
+  dlam = jnp.sum(jnp.sum(h_KxV * dh_next_KxV, axis=1))   # two 1-axis sums: Triton lowers those
+  dW = -dot(dv_new, h_KxV, trans_b=True, mm_dtype=mm_dtype)
+  # --- UT transform: W = A Kb, U = A Vb, A = (I + L)⁻¹
+  dA = dot(dv_new, Vb, trans_b=True) + dot(dW, Kb, trans_b=True)
+  dVb = dot(A, dv_new, trans_a=True)
+  dKb = dot(A, dW, trans_a=True)
+  dL = jnp.where(strict, -dot(dot(A, dA, trans_a=True), A, trans_b=True), 0.0)
+  # --- L = strict(β_i KK_ij Γ_ij) and P = QK ⊙ Γ
+  dKK = beta_C[:, None] * Gamma * dL
+  dbeta = jnp.sum(KK * Gamma * dL, axis=1)
+  dGamma = beta_C[:, None] * KK * dL + dP * QK
+  dQK = dP * Gamma
+  # --- back to q, k, v, β and the decays
+  dq = dot(dQK, k_CxK.astype(jnp.float32)) + d[:, None] * dQd
+  dk = (dot(dQK, qf, trans_a=True) + dot(dKK, kf) + dot(dKK, kf, trans_a=True) + w[:, None] * dKw
+        + (beta_C * d)[:, None] * dKb)
+  dv = beta_C[:, None] * dVb
+  kb_dot = jnp.sum(dKb * kf, axis=1)
+  dbeta = dbeta + jnp.sum(dVb * vf, axis=1) + d * kb_dot
+  dd = beta_C * kb_dot + jnp.sum(dQd * qf, axis=1)
+  dw = jnp.where(idx < C - 1, jnp.sum(dKw * kf, axis=1), 0.0)         # w_{C−1} = 1 is a constant
+  GdG = Gs * dGamma
+  dgamma = jnp.sum(GdG, axis=1) - jnp.sum(GdG, axis=0) + d * dd - w * dw
+  dgamma_last = jnp.sum(w * dw) + lam * dlam
+  dg = reverse_cumsum(dgamma, C) + dgamma_last
+  return dq, dk, dv, dg, dbeta
