@@ -1,0 +1,60 @@
+"""Tiny CPU config: the README main job (a ~0.4M-parameter byte-level GDN on Shakespeare).
+
+    gdn-train --config=configs/tiny.py --workdir=/tmp/gdn-tiny [--config.optimizer.lr=3e-3 ...]
+
+Every field can be overridden with --config.<path>=<value>. Sizes of 0 mean "not set" where the
+model accepts None (num_v_heads, mlp_hidden) or "same as the model" (mup_base.*).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ModelConfig fields (gdn_jax.model.ModelConfig).
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=256, d_model=128, num_layers=2, num_heads=2, head_k_dim=64, head_v_dim=64,
+      num_v_heads=0, mlp_hidden=0, conv_size=4, use_gate=True, use_short_conv=True,
+      allow_neg_eigval=False, norm_eps=1e-5, tie_embeddings=False, init_std=0.02,
+      dtype="float32", param_dtype="float32", chunk_size=64, rule_impl="chunked"))
+  # μP: "sp" or "mup"; under μP, the base model's widths (0 = same as the model, i.e. the tuned
+  # hyperparameters were found at this width).
+  c.parametrization = "mup"
+  c.mup_base = ml_collections.ConfigDict(dict(d_model=0, num_heads=0, head_k_dim=0,
+                                              head_v_dim=0, mlp_hidden=0))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw",          # "adamw" | "sgd"
+      lr=3e-3,               # peak learning rate (at the μP base width)
+      schedule="cosine",     # after warmup: "cosine" | "linear" | "constant"
+      warmup_steps=30,
+      final_lr_fraction=0.1,  # lr at the last step / peak (cosine, linear)
+      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, momentum=0.0,
+      grad_clip=1.0,         # global-norm clipping; 0 = off
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      train_path="",   # uint8 .npy from `python -m gdn_jax.data.prepare`; "" = embedded corpus
+      val_path="",
+      seq_len=128,
+      batch_size=16,   # global batch (sequences per step)
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=500,
+      log_every=25,
+      eval_every=250,
+      eval_batches=4,
+      checkpoint_every=250,
+      max_to_keep=2,
+      async_checkpoint=True,
+      on_nonfinite="stop",   # "stop": stop at a NaN/inf loss; "skip": skip that update, go on
+      sample_tokens=300,
+      sample_prompt="ROMEO:\n",
+      sample_temperature=0.8,
+  ))
+
+  # Device mesh: data-parallel (+FSDP) × model (heads) axes; data=-1 uses all devices left over.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+  return c

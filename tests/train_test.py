@@ -1,0 +1,167 @@
+"""Training library + CLI: LR schedule, config overrides, config/data errors, non-finite losses."""
+import json
+import math
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from gdn_jax import train as train_lib
+from gdn_jax.data import pipeline, prepare
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs" / "tiny.py")
+
+
+def make_token_files(directory, num_bytes=120_000) -> dict:
+  """Token files from the start of the embedded corpus (fast to build, real text)."""
+  text = next(prepare.read_documents(prepare.EMBEDDED_CORPUS))[:num_bytes]
+  return {k: str(v) for k, v in prepare.write_token_files([text], directory).items()}
+
+
+def tiny_config(paths: dict, **train):
+  """configs/tiny.py shrunk to a test size (1 layer, D=32, T=32, B=4)."""
+  from configs import tiny
+  c = tiny.get_config()
+  c.model.update(d_model=32, num_layers=1, num_heads=2, head_k_dim=16, head_v_dim=16,
+                 chunk_size=16, rule_impl="chunked")
+  c.data.update(train_path=paths["train"], val_path=paths["val"], seq_len=32, batch_size=4)
+  c.optimizer.update(warmup_steps=2)
+  c.train.update(num_steps=6, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=2,
+                 sample_tokens=0)
+  c.train.update(**train)
+  return c
+
+
+def read_metrics(workdir) -> dict[int, dict]:
+  """step → the last training record logged for it (a resumed run logs some steps twice)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "loss" in record:
+      out[record["step"]] = record
+  return out
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+  return make_token_files(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedule_matches_formula(schedule):
+  from configs import tiny
+  c = tiny.get_config()
+  c.optimizer.update(lr=2e-3, warmup_steps=10, final_lr_fraction=0.1, schedule=schedule)
+  c.train.num_steps = 110
+  sched = train_lib.lr_schedule(c)
+  for count in (0, 4, 9, 10, 35, 60, 109, 110):
+    if count < 10:
+      expected = 2e-3 * (count + 1) / 10
+    else:
+      s = (count - 10) / 100
+      expected = {"cosine": 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s))),
+                  "linear": 2e-3 * (1 - 0.9 * s), "constant": 2e-3}[schedule]
+    np.testing.assert_allclose(float(sched(count)), expected, rtol=1e-5)
+
+
+def _parse(argv):
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_cli_overrides_reach_the_config():
+  config = _parse(["gdn-train", f"--config={TINY}", "--config.optimizer.lr=0.003",
+                   "--config.model.d_model=64", "--config.optimizer.schedule=linear"])
+  assert config.optimizer.lr == 0.003
+  assert config.optimizer.schedule == "linear"
+  assert train_lib.model_config(config).d_model == 64
+  with pytest.raises(Exception, match="no_such_field"):  # locked config: typos are errors
+    _parse(["gdn-train", f"--config={TINY}", "--config.optimizer.no_such_field=1"])
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("optimizer.lr", -1.0, "optimizer.lr"),
+    ("optimizer.schedule", "exp", "optimizer.schedule"),
+    ("optimizer.warmup_steps", 10**6, "optimizer.warmup_steps"),
+    ("train.on_nonfinite", "ignore", "train.on_nonfinite"),
+    ("data.seq_len", 0, "data.seq_len"),
+    ("model.d_model", 0, "d_model"),
+    ("model.rule_impl", "magic", "rule_impl"),
+])
+def test_bad_config_values_write_nothing(tmp_path, paths, field, value, match):
+  c = tiny_config(paths)
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    train_lib.train(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_and_corrupt_data_write_nothing(tmp_path, paths):
+  c = tiny_config(paths)
+  c.data.train_path = str(tmp_path / "nope.npy")
+  with pytest.raises(ValueError, match="does not exist"):
+    train_lib.train(c, str(tmp_path / "run"))
+  bad = tmp_path / "bad.npy"
+  bad.write_bytes(b"\x93NUMPY garbage")
+  c.data.train_path = str(bad)
+  with pytest.raises(ValueError, match="corrupt"):
+    train_lib.train(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def _poison_targets(paths, config):
+  """A byte that is the first target of batch `steps[0]` only among the run's batches."""
+  it = pipeline.train_iterator(paths["train"], seq_len=config.data.seq_len,
+                               batch_size=config.data.batch_size, seed=config.seed)
+  firsts = [int(next(it)[0, 1]) for _ in range(config.train.num_steps)]
+  for s in range(2, config.train.num_steps):  # steps are 1-based: batch s−1
+    if firsts.count(firsts[s]) == 1:
+      return firsts[s], s + 1
+  pytest.skip("no unique first target in this data")
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss(tmp_path, paths, monkeypatch, mode):
+  c = tiny_config(paths, on_nonfinite=mode, checkpoint_every=2)
+  byte, bad_step = _poison_targets(paths, c)
+  original = train_lib.cross_entropy
+  # NaN exactly on the batch whose first target is `byte` (an independent, data-driven trigger).
+  monkeypatch.setattr(train_lib, "cross_entropy", lambda logits, targets: original(
+      logits, targets) * jnp.where(targets[0, 0] == byte, jnp.nan, 1.0))
+  workdir = tmp_path / "run"
+  if mode == "stop":
+    with pytest.raises(train_lib.NonFiniteLossError, match=f"step {bad_step}\\b"):
+      train_lib.train(c, str(workdir), log=lambda s: None)
+    from gdn_jax.checkpoint import Checkpointer
+    last_good = (bad_step - 1) // 2 * 2
+    steps = Checkpointer(workdir / "checkpoints").all_steps()
+    assert max(steps, default=0) == last_good, (steps, bad_step)
+  else:
+    summary = train_lib.train(c, str(workdir), log=lambda s: None)
+    assert summary["skipped"] == 1 and summary["step"] == c.train.num_steps
+    metrics = read_metrics(workdir)
+    assert metrics[bad_step].get("skipped") and math.isnan(metrics[bad_step]["loss"])
+    assert all(math.isfinite(m["loss"]) for s, m in metrics.items() if s != bad_step)
+
+
+def test_workdir_with_other_config_is_refused(tmp_path, paths):
+  from gdn_jax.checkpoint import check_or_write_config
+  c = tiny_config(paths)
+  workdir = tmp_path / "run"
+  assert not check_or_write_config(workdir, c.to_json())  # as a first run of `c` leaves it
+  (workdir / "checkpoints").mkdir()
+  (workdir / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  c.optimizer.lr = 1e-3
+  with pytest.raises(ValueError, match="optimizer.lr: 0.003 in the workdir, 0.001 now"):
+    train_lib.train(c, str(workdir), log=lambda s: None)
+  after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  assert before == after
