@@ -62,14 +62,20 @@ _DISPATCH: dict[str, Callable] = {
 
 
 def default_impl(backend: str | None = None) -> str:
-  """The implementation "auto" resolves to on `backend` (default: jax's default backend)."""
+  """The implementation "auto" resolves to on `backend` (default: jax's default backend).
+
+  TPU: the Mosaic kernel (`kernels_pallas/tpu.py`). GPU: "chunked", because the Pallas GPU
+  kernel is measured slower than the XLA chunked path for forward+backward on the H100
+  (experiments/results/bench_ops_gpu.json, bench_kernels_h100_*); switch once it is faster.
+  CPU: "chunked" (the recurrent scan is faster forward-only, chunked is faster for training).
+  """
   backend = backend or jax.default_backend()
-  if backend in ("gpu", "cuda", "tpu"):
+  if backend == "tpu":
     try:
       kernels = importlib.import_module("kernels_pallas")
     except ImportError:
       return "chunked"
-    if getattr(kernels, "supports_backend", lambda b: False)(backend):
+    if kernels.supports_backend(backend):
       return "pallas"
   return "chunked"
 

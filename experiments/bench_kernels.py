@@ -1,0 +1,217 @@
+"""Benchmark the gated delta rule kernels on one GPU: Pallas vs chunked-XLA vs fla, same inputs, one process.
+
+For each shape (B, T, H, K, V) of issue 7: forward and forward+backward times (median of repeats after
+warm-up, each call synchronised), relative error ‖x − ref‖/‖ref‖ of o and of every gradient against an
+fp32 reference (impl="chunked" on fp32 copies of the inputs at HIGHEST matmul precision), and the
+memory of forward+backward beyond its inputs (JAX: XLA's compiled temp + output bytes; fla: torch's
+peak allocated minus what was allocated before the call). fla runs on the same device buffers through
+DLPack. Writes JSON and a Markdown table.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_kernels.py --out=/tmp/bench.json
+
+fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (its issue 640); for TIMING only
+the guard is lifted (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`); its errors are reported too.
+"""
+import datetime
+import json
+import os
+import statistics
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gdn_jax.ops import gated_delta_rule
+
+ISSUE_SHAPES = "8,2048,16,128,128;2,8192,16,128,128;8,2048,6,256,512;16,4096,16,128,128"
+
+_SHAPES = flags.DEFINE_string("shapes", ISSUE_SHAPES, "Semicolon-separated B,T,H,K,V.")
+_IMPLS = flags.DEFINE_string("impls", "pallas,chunked,fla", "Comma-separated: pallas, chunked, fla.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of pallas/chunked.")
+_OUT = flags.DEFINE_string("out", "experiments/results/bench_kernels_gpu.json", "JSON path (.md beside).")
+_VARIANTS = flags.DEFINE_string("pallas_variants", "", "Extra pallas rows: semicolon-separated "
+                                "BLOCK_V,NUM_WARPS[,BWD_NUM_WARPS[,BWD_BLOCK_V]] (e.g. '128,4;64,8,4,32').")
+_CHECK_ERR = flags.DEFINE_bool("errors", True, "Compute errors against the fp32 reference.")
+
+GRAD_NAMES = ("q", "k", "v", "g", "beta")
+
+
+def make_inputs(B, T, H, K, V, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(jax.random.normal(ks[0], (B, T, H, K))).astype(jnp.bfloat16)
+  k = unit(jax.random.normal(ks[1], (B, T, H, K))).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))          # fla's benchmark decays
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+  do = jax.random.normal(ks[5], (B, T, H, V)).astype(jnp.bfloat16)
+  return (q, k, v, g, beta), do
+
+
+def time_calls(fn, repeats, warmup):
+  fn()
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times), min(times)
+
+
+def rel_err(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def jax_fns(impl, C):
+  def fwd(q, k, v, g, beta):
+    return gated_delta_rule(q, k, v, g, beta, chunk_size=C, impl=impl)[0]
+
+  def fwd_bwd(q, k, v, g, beta, do):
+    o, vjp = jax.vjp(fwd, q, k, v, g, beta)
+    return o, vjp(do.astype(o.dtype))
+
+  return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def bench_jax(impl, inputs, do, C, repeats, warmup):
+  fwd, fwd_bwd = jax_fns(impl, C)
+  res = {}
+  res["fwd_ms"], res["fwd_min_ms"] = time_calls(
+      lambda: jax.block_until_ready(fwd(*inputs)), repeats, warmup)
+  res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = time_calls(
+      lambda: jax.block_until_ready(fwd_bwd(*inputs, do)), repeats, warmup)
+  mem = fwd_bwd.lower(*inputs, do).compile().memory_analysis()
+  if mem is not None:
+    res["fwd_bwd_extra_bytes"] = int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
+  o, grads = fwd_bwd(*inputs, do)
+  return res, o, grads
+
+
+def bench_fla(inputs, do, repeats, warmup):
+  import torch
+  import fla.ops.common.chunk_o as chunk_o
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+  chunk_o.TRITON_ABOVE_3_7_1 = True          # timing only: lift the Hopper/Triton<3.7.1 guard
+  t_in = [torch.from_dlpack(x) for x in inputs]
+  t_do = torch.from_dlpack(do)
+  K = t_in[0].shape[-1]
+
+  def fwd():
+    with torch.no_grad():
+      return chunk_gated_delta_rule(*t_in, scale=K ** -0.5)[0]
+
+  leaves = [x.detach().clone().requires_grad_(True) for x in t_in]
+
+  def fwd_bwd():
+    for x in leaves:
+      x.grad = None
+    o = chunk_gated_delta_rule(*leaves, scale=K ** -0.5)[0]
+    o.backward(t_do)
+    return o
+
+  def sync(f):
+    def run():
+      out = f()
+      torch.cuda.synchronize()
+      return out
+    return run
+
+  res = {}
+  res["fwd_ms"], res["fwd_min_ms"] = time_calls(sync(fwd), repeats, warmup)
+  res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = time_calls(sync(fwd_bwd), repeats, warmup)
+  torch.cuda.synchronize()
+  for x in leaves:
+    x.grad = None
+  base = torch.cuda.memory_allocated()
+  torch.cuda.reset_peak_memory_stats()
+  o = fwd_bwd()
+  torch.cuda.synchronize()
+  res["fwd_bwd_extra_bytes"] = int(torch.cuda.max_memory_allocated() - base)
+  to_np = lambda t: t.detach().float().cpu().numpy()
+  return res, to_np(o), [to_np(x.grad) for x in leaves]
+
+
+def reference(inputs, do, C):
+  with jax.default_matmul_precision("highest"):
+    f32 = [x.astype(jnp.float32) for x in inputs]
+    _, fwd_bwd = jax_fns("chunked", C)
+    o, grads = fwd_bwd(*f32, do.astype(jnp.float32))
+    return np.asarray(o), [np.asarray(x) for x in grads]
+
+
+def main(argv):
+  del argv
+  C = _CHUNK.value
+  impls = _IMPLS.value.split(",")
+  rows = []
+  for shape_str in _SHAPES.value.split(";"):
+    B, T, H, K, V = map(int, shape_str.split(","))
+    inputs, do = make_inputs(B, T, H, K, V)
+    ref = reference(inputs, do, C) if _CHECK_ERR.value else None
+    variants = [(impl, None) for impl in impls] + [
+        ("pallas", tuple(map(int, v.split(",")))) for v in _VARIANTS.value.split(";") if v]
+    for impl, knobs in variants:
+      row = dict(impl=impl if knobs is None else "pallas_" + "_".join(map(str, knobs)),
+                 B=B, T=T, H=H, K=K, V=V)
+      try:
+        if knobs is not None:
+          from kernels_pallas import gpu
+          gpu.BLOCK_V, gpu.NUM_WARPS = knobs[:2]
+          gpu.BWD_NUM_WARPS = knobs[2] if len(knobs) > 2 else gpu.BWD_NUM_WARPS
+          gpu.BWD_BLOCK_V = knobs[3] if len(knobs) > 3 else gpu.BWD_BLOCK_V
+          jax.clear_caches()
+        if impl == "fla":
+          res, o, grads = bench_fla(inputs, do, _REPEATS.value, _WARMUP.value)
+        else:
+          res, o, grads = bench_jax(impl, inputs, do, C, _REPEATS.value, _WARMUP.value)
+        row.update(res)
+        if ref is not None:
+          row["err_o"] = rel_err(o, ref[0])
+          for name, gx, gr in zip(GRAD_NAMES, grads, ref[1]):
+            row[f"err_d{name}"] = rel_err(gx, gr)
+      except Exception as e:  # keep the other rows: one failing impl must not lose the run
+        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        traceback.print_exc()
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+    del inputs, do, ref
+  out = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+             device=str(jax.devices()[0].device_kind), jax=jax.__version__, chunk_size=C,
+             repeats=_REPEATS.value, rows=rows)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(out, f, indent=1)
+  md = [f"{out['device']}, jax {out['jax']}, C={C}, median of {_REPEATS.value} (ms); "
+        "memory = fwd+bwd bytes beyond inputs (MiB); ratio = time / fla's", "",
+        "| B,T,H,K,V | impl | fwd ms | fwd+bwd ms | fwd ratio | fwd+bwd ratio | mem MiB | err o | max err grad |",
+        "|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    fla = next((r for r in rows if r["impl"] == "fla" and
+                all(r[x] == row[x] for x in "BTHKV") and "fwd_ms" in r), None)
+    shape = ",".join(str(row[x]) for x in "BTHKV")
+    if "error" in row:
+      md.append(f"| {shape} | {row['impl']} | failed: {row['error'][:80]} | | | | | | |")
+      continue
+    ratio = lambda key: f"{row[key] / fla[key]:.2f}" if fla else "-"
+    gerr = max((row.get(f"err_d{n}", float('nan')) for n in GRAD_NAMES), default=float('nan'))
+    md.append(f"| {shape} | {row['impl']} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
+              f"{ratio('fwd_ms')} | {ratio('fwd_bwd_ms')} | "
+              f"{row.get('fwd_bwd_extra_bytes', 0) / 2**20:.0f} | {row.get('err_o', float('nan')):.1e} | "
+              f"{gerr:.1e} |")
+  with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
+    f.write("\n".join(md) + "\n")
+  print("\n".join(md))
+
+
+if __name__ == "__main__":
+  app.run(main)
