@@ -16,7 +16,6 @@ in one vmapped program (`gdn_jax.sweep`). Each finished LR appends one JSON line
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
@@ -29,18 +28,20 @@ import numpy as np
 
 from gdn_jax import model as model_lib
 from gdn_jax import sweep
+from gdn_jax.data import pipeline, prepare
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 PRESETS = {
-    # 2 CPU cores, ≤ 10 minutes: 4 widths (8x range), 7 learning rates, 1 seed.
-    "cpu": dict(widths="32,64,128,256", base_width=32, log2_lrs="-12,-11,-10,-9,-8,-7,-6",
-                sgd_log2_lrs="-6,-5,-4,-3,-2,-1,0", steps=120, batch=8, seq_len=64,
-                layers=2, seeds="0", warmup=12),
-    # One H100: widths 128 → 2048 (16x), ≥ 1000 steps, 2 seeds.
-    "gpu": dict(widths="128,256,512,1024,2048", base_width=128,
-                log2_lrs="-13,-12,-11,-10,-9,-8,-7,-6", sgd_log2_lrs="-7,-6,-5,-4,-3,-2,-1,0",
-                steps=1000, batch=32, seq_len=256, layers=4, seeds="0,1", warmup=100),
+    # 2 CPU cores, ≤ 10 minutes: widths 16 → 128 (8x), 7 learning rates, 1 seed.
+    "cpu": dict(widths="16,32,64,128", base_width=16, head_dim=16,
+                log2_lrs="-10,-9,-8,-7,-6,-5,-4", sgd_log2_lrs="-5,-4,-3,-2,-1,0,1",
+                steps=100, batch=8, seq_len=64, layers=2, seeds="0", warmup=10, dtype="float32"),
+    # One H100: widths 128 → 2048 (16x), ≥ 1000 steps, 2 seeds, bf16 compute.
+    "gpu": dict(widths="128,256,512,1024,2048", base_width=128, head_dim=32,
+                log2_lrs="-12,-11,-10,-9,-8,-7,-6,-5", sgd_log2_lrs="-6,-5,-4,-3,-2,-1,0,1",
+                steps=1000, batch=32, seq_len=256, layers=4, seeds="0,1", warmup=100,
+                dtype="bfloat16"),
 }
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Sweep preset.")
@@ -53,12 +54,16 @@ _PARAMS = flags.DEFINE_string("parametrizations", "sp,mup", "Comma-separated.")
 _OPTS = flags.DEFINE_string("optimizers", "adamw,sgd", "Comma-separated.")
 _SCHEME = flags.DEFINE_enum("scheme", "heads", ["heads", "dims"],
                             "Width scheme: more heads at fixed head dims, or larger head dims.")
-_DATA = flags.DEFINE_string("data", None, "Token file (uint8 .bin/.npy); default: embedded corpus.")
+_DATA = flags.DEFINE_string("data", None, "Folder with train.npy/val.npy from "
+                            "`python -m gdn_jax.data.prepare`; default: the embedded corpus.")
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", None, "Stop starting new runs after this long.")
 _ANALYZE = flags.DEFINE_bool("analyze_only", False, "Only analyse the JSONL and plot.")
 _SEQUENTIAL_CHECK = flags.DEFINE_bool("measure_vmap_speedup", True,
                                       "Time one width sequentially vs vmapped (once per file).")
 _TAG = flags.DEFINE_string("tag", None, "Results file tag (default: the preset).")
+_RULE_IMPL = flags.DEFINE_string("rule_impl", "chunked", "gated_delta_rule impl of the models.")
+_VECTORIZE = flags.DEFINE_bool("vectorize", None, "Train the LRs of a width in one vmapped "
+                               "program (default: on accelerators; on CPU it does not pay).")
 
 
 def settings():
@@ -75,24 +80,25 @@ def settings():
 
 
 def model_config(width: int, cfg, scheme: str):
-  """Width scheme 'heads': heads ∝ width at head dim 32 (K = V); 'dims': 4 heads, head dim ∝ width."""
+  """Width scheme 'heads': heads ∝ width at a fixed head dim (K = V); 'dims': 4 heads, head dim
+  ∝ width. The MLP is 4x wide."""
   if scheme == "heads":
-    num_heads, head_dim = max(width // 32, 1), 32
+    num_heads, head_dim = max(width // cfg["head_dim"], 1), cfg["head_dim"]
   else:
     num_heads, head_dim = 4, max(width // 4, 8)
   return model_lib.ModelConfig(
       vocab_size=256, d_model=width, num_layers=cfg["layers"], num_heads=num_heads,
       head_k_dim=head_dim, head_v_dim=head_dim, mlp_hidden=4 * width, chunk_size=64,
-      rule_impl="chunked")
+      rule_impl=_RULE_IMPL.value, dtype=cfg["dtype"])
 
 
-def load_tokens(path: str | None) -> np.ndarray:
-  if path is None:
-    from gdn_jax.data import corpus  # pylint: disable=import-outside-toplevel
-    return corpus.load_default_tokens()
-  if path.endswith(".npy"):
-    return np.load(path, mmap_mode="r")
-  return np.memmap(path, dtype=np.uint8, mode="r")
+def load_splits(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """(train, val) byte tokens: a `gdn_jax.data.prepare` output folder, or the embedded corpus."""
+  if data_dir is None:
+    paths = prepare.embedded_corpus()
+  else:
+    paths = {split: os.path.join(data_dir, f"{split}.npy") for split in ("train", "val")}
+  return pipeline.load_tokens(paths["train"]), pipeline.load_tokens(paths["val"])
 
 
 def results_path():
@@ -111,12 +117,12 @@ def done_keys(path):
 
 
 def run_sweep(cfg):
-  tokens = load_tokens(_DATA.value)
-  split = int(0.95 * len(tokens))
-  train_tokens, val_tokens = tokens[:split], tokens[split:]
+  train_tokens, val_tokens = load_splits(_DATA.value)
   path = results_path()
   os.makedirs(RESULTS, exist_ok=True)
   done = done_keys(path)
+  vectorize = (_VECTORIZE.value if _VECTORIZE.value is not None
+               else jax.default_backend() != "cpu")
   start = time.time()
   base = model_config(cfg["base_width"], cfg, _SCHEME.value)
   env = dict(device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
@@ -126,8 +132,8 @@ def run_sweep(cfg):
     val = sweep.fixed_windows(val_tokens, cfg["batch"], cfg["seq_len"], 4)
     for optimizer in _OPTS.value.split(","):
       log2_lrs = cfg["sgd_log2_lrs"] if optimizer == "sgd" else cfg["log2_lrs"]
-      for parametrization in _PARAMS.value.split(","):
-        for width in cfg["widths"]:
+      for width in cfg["widths"]:         # width-major: a cut-off sweep has SP and μP alike
+        for parametrization in _PARAMS.value.split(","):
           key = (_SCHEME.value, parametrization, optimizer, width, seed)
           if key in done:
             continue
@@ -139,7 +145,7 @@ def run_sweep(cfg):
               config, [2.0 ** x for x in log2_lrs], batches, val, steps=cfg["steps"],
               parametrization=parametrization, optimizer=optimizer, base_config=base,
               warmup_steps=cfg["warmup"], momentum=0.9 if optimizer == "sgd" else 0.0,
-              grad_clip=None, seed=seed)
+              grad_clip=None, seed=seed, vectorize=vectorize)
           with open(path, "a") as f:
             for i, x in enumerate(log2_lrs):
               tail = result.train_loss[i, -max(cfg["steps"] // 10, 1):]

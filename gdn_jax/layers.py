@@ -1,0 +1,341 @@
+"""Flax NNX layers of a Gated DeltaNet LM: Linear, Embed, RMSNorm, GatedRMSNorm, ShortConv,
+the GatedDeltaNet token mixer and the SwiGLU MLP.
+
+μP labels. Every `nnx.Param` carries three metadata fields that `gdn_jax.mup` reads:
+
+    fan_in_axes   axes whose sizes multiply to the parameter's fan-in  (() means fan-in 1)
+    fan_out_axes  axes whose sizes multiply to its fan-out
+    weight_decay  whether AdamW/SGD weight decay may touch it (matrices yes; gains, conv
+                  filters, A_log, dt_bias no)
+
+e.g. a Linear kernel [in, out] is `fan_in_axes=(0,), fan_out_axes=(1,)`, an RMSNorm gain [D] is
+`fan_in_axes=(), fan_out_axes=(0,)`. μP compares these fan sizes with those of a base model to
+classify the parameter (input-like, hidden, output-like, scalar); see docs/mup.md.
+
+Forward multipliers live in the modules as plain Python floats (static, part of the graph
+definition): `Linear.multiplier`, `Embed.multiplier` / `Embed.attend_multiplier` and
+`GatedDeltaNet.qk_scale`. They are 1 (resp. K^-1/2) unless `gdn_jax.mup.build_model` sets them.
+
+Coordinate check. Modules with a `record` attribute sow their intermediate activations as
+`nnx.Intermediate` when `record` is True (off by default, so training never accumulates them).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn_jax.ops import gated_delta_rule
+
+
+def param(value, *, fan_in_axes: tuple[int, ...], fan_out_axes: tuple[int, ...],
+          weight_decay: bool) -> nnx.Param:
+  """An `nnx.Param` with the μP labels (see the module docstring)."""
+  return nnx.Param(value, fan_in_axes=tuple(fan_in_axes), fan_out_axes=tuple(fan_out_axes),
+                   weight_decay=weight_decay)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """y = multiplier · x W, W: [in, out], no bias, W ~ N(0, init_std²)."""
+
+  def __init__(self, in_features: int, out_features: int, *, init_std: float, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    self.kernel = param(_normal(rngs, (in_features, out_features), init_std, param_dtype),
+                        fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=True)
+    self.dtype = dtype
+    self.multiplier = 1.0
+
+  def __call__(self, x_BxTxI):
+    y = jnp.dot(x_BxTxI.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y if self.multiplier == 1.0 else y * jnp.asarray(self.multiplier, self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding E: [V, D] (fan-in = vocabulary, fan-out = width), E ~ N(0, init_std²).
+
+  `attend` is the tied read-out logits = attend_multiplier · h Eᵀ.
+  """
+
+  def __init__(self, num_embeddings: int, features: int, *, init_std: float, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.embedding = param(_normal(rngs, (num_embeddings, features), init_std, param_dtype),
+                           fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=True)
+    self.dtype = dtype
+    self.multiplier = 1.0
+    self.attend_multiplier = 1.0
+
+  def __call__(self, tokens_BxT):
+    x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype)
+    return x if self.multiplier == 1.0 else x * jnp.asarray(self.multiplier, self.dtype)
+
+  def attend(self, h_BxTxD):
+    logits = jnp.dot(h_BxTxD.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+    return logits if self.attend_multiplier == 1.0 else logits * self.attend_multiplier
+
+
+def rms_normalize(x, eps: float):
+  """x / sqrt(mean(x²) + eps) over the last axis, in float32."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x²) + eps) · w, with a learned gain w (init 1) over the last axis."""
+
+  def __init__(self, features: int, *, eps: float, dtype, param_dtype):
+    self.weight = param(jnp.ones((features,), param_dtype), fan_in_axes=(), fan_out_axes=(0,),
+                        weight_decay=False)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    return (rms_normalize(x, self.eps) * self.weight[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+  """Output norm of the GDN mixer: y = RMSNorm_V(o) · w · SiLU(gate), per value head.
+
+  The gain w: [V] is shared by all value heads (as in fla). The norm makes the mixer output
+  invariant to the scale of o, *as long as mean(o²) ≫ eps* (the eps regime, docs/mup.md).
+  """
+
+  def __init__(self, features: int, *, eps: float, dtype, param_dtype):
+    self.weight = param(jnp.ones((features,), param_dtype), fan_in_axes=(), fan_out_axes=(0,),
+                        weight_decay=False)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, o_BxTxHxV, gate_BxTxHxV=None):
+    y = rms_normalize(o_BxTxHxV, self.eps) * self.weight[...].astype(jnp.float32)
+    if gate_BxTxHxV is not None:
+      y = y * jax.nn.silu(gate_BxTxHxV.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+class ShortConv(nnx.Module):
+  """Causal depthwise convolution over time (no bias) followed by SiLU.
+
+      y_t = SiLU( Σ_{i<W} w_i ⊙ x_{t−(W−1)+i} ),   w: [W, C],
+
+  where inputs before the sequence come from the decode cache (the last W−1 inputs, zeros for a
+  fresh sequence), and inputs from another packed document (different segment id) count as 0.
+  w ~ N(0, 1/W): variance-preserving over the W taps (fla's N(0, 0.02) would shrink v by ~50×
+  and push the output RMSNorm into its eps regime at small widths).
+  """
+
+  def __init__(self, channels: int, conv_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.weight = param(_normal(rngs, (conv_size, channels), conv_size ** -0.5, param_dtype),
+                        fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=False)
+    self.conv_size = conv_size
+    self.dtype = dtype
+
+  def init_state(self, batch: int):
+    return jnp.zeros((batch, self.conv_size - 1, self.weight.shape[1]), self.dtype)
+
+  def __call__(self, x_BxTxC, segment_ids_BxT=None, state_BxWxC=None):
+    """Returns (y [B, T, C], new state [B, W−1, C]: the last W−1 inputs of the last document)."""
+    B, T, C = x_BxTxC.shape
+    W = self.conv_size
+    x = x_BxTxC.astype(self.dtype)
+    state = self.init_state(B) if state_BxWxC is None else state_BxWxC.astype(self.dtype)
+    xp_BxPxC = jnp.concatenate([state, x], axis=1)                 # P = T + W − 1
+    w_WxC = self.weight[...].astype(self.dtype)
+    if segment_ids_BxT is not None:  # the cached inputs continue the first document
+      seg_BxP = jnp.concatenate(
+          [jnp.repeat(segment_ids_BxT[:, :1], W - 1, axis=1), segment_ids_BxT], axis=1)
+    y = jnp.zeros((B, T, C), jnp.float32)
+    for i in range(W):
+      x_i = xp_BxPxC[:, i:i + T]
+      if segment_ids_BxT is not None:
+        x_i = jnp.where((seg_BxP[:, i:i + T] == segment_ids_BxT)[..., None], x_i, 0)
+      y = y + x_i.astype(jnp.float32) * w_WxC[i].astype(jnp.float32)
+    new_state = xp_BxPxC[:, T:]
+    if segment_ids_BxT is not None:
+      new_state = jnp.where((seg_BxP[:, T:] == segment_ids_BxT[:, -1:])[..., None], new_state, 0)
+    return jax.nn.silu(y).astype(self.dtype), new_state
+
+  def step(self, x_BxC, state_BxWxC):
+    """One token: window = [state, x]; returns (y [B, C], window without its oldest input)."""
+    window_BxWxC = jnp.concatenate([state_BxWxC.astype(self.dtype),
+                                    x_BxC.astype(self.dtype)[:, None]], axis=1)
+    y = jnp.einsum('bwc,wc->bc', window_BxWxC.astype(jnp.float32),
+                   self.weight[...].astype(jnp.float32))
+    return jax.nn.silu(y).astype(self.dtype), window_BxWxC[:, 1:]
+
+
+def _stratified_uniform(key, n: int):
+  """n draws, each marginally U(0, 1), one in each interval [i/n, (i+1)/n) in random order.
+
+  Per head this is fla's U(0, 1) draw; stratifying keeps the head average of the decay rates
+  close to its expectation even with few heads, so small and large models (and the coordinate
+  check across widths) start from the same distribution of time scales.
+  """
+  perm_key, u_key = jax.random.split(key)
+  strata = jax.random.permutation(perm_key, n).astype(jnp.float32)
+  return (strata + jax.random.uniform(u_key, (n,), jnp.float32)) / n
+
+
+def _inverse_softplus(y):
+  """x with softplus(x) = y, i.e. x = y + log(1 − e^{−y}) (y > 0)."""
+  return y + jnp.log(-jnp.expm1(-y))
+
+
+class GatedDeltaNet(nnx.Module):
+  """The Gated DeltaNet token mixer (Yang, Kautz & Hatamizadeh 2024; fla's layer).
+
+  For input x_t (width D), Hk q/k heads of dim K and H value heads of dim V (H % Hk == 0):
+
+      q_t = L2(SiLU(conv(W_q x)))_h,  k_t = L2(SiLU(conv(W_k x)))_h,  v_t = SiLU(conv(W_v x))_h
+      β_t = σ(W_b x_t)            (2σ(·) with allow_neg_eigval: eigenvalues of I − βkkᵀ in (−1, 1])
+      g_t = −exp(A_log) · softplus(W_a x_t + dt_bias)                (log decay ≤ 0, per value head)
+      S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,   o_t = qk_scale · S_tᵀ q_t
+      y_t = W_o [ RMSNorm_V(o_t) · w · SiLU(W_g x_t) ]
+
+  A = exp(A_log) ~ U(0, 16) (clamped ≥ 1e-4 so log A is finite); dt log-uniform in [1e-3, 0.1]
+  (clamped ≥ 1e-4), dt_bias = softplus⁻¹(dt), as in fla, but stratified over heads. qk_scale = K^-1/2 by default; μP sets
+  it (docs/mup.md: with L2-normalised q, k the 1/d attention rule reduces to a constant).
+  """
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    c = config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    self.num_heads, self.num_v_heads = c.num_heads, c.resolved_num_v_heads
+    self.head_k_dim, self.head_v_dim = c.head_k_dim, c.head_v_dim
+    Hk, H, K, V, D = self.num_heads, self.num_v_heads, c.head_k_dim, c.head_v_dim, c.d_model
+    lin = dict(init_std=c.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Linear(D, Hk * K, **lin)
+    self.k_proj = Linear(D, Hk * K, **lin)
+    self.v_proj = Linear(D, H * V, **lin)
+    self.a_proj = Linear(D, H, **lin)
+    self.b_proj = Linear(D, H, **lin)
+    if c.use_short_conv:
+      conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      self.q_conv = ShortConv(Hk * K, c.conv_size, **conv)
+      self.k_conv = ShortConv(Hk * K, c.conv_size, **conv)
+      self.v_conv = ShortConv(H * V, c.conv_size, **conv)
+    A = 16.0 * _stratified_uniform(rngs.params(), H)
+    self.A_log = param(jnp.log(jnp.maximum(A, 1e-4)).astype(param_dtype),
+                       fan_in_axes=(), fan_out_axes=(0,), weight_decay=False)
+    u = _stratified_uniform(rngs.params(), H)
+    dt = jnp.maximum(jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)), 1e-4)
+    self.dt_bias = param(_inverse_softplus(dt).astype(param_dtype),
+                         fan_in_axes=(), fan_out_axes=(0,), weight_decay=False)
+    if c.use_gate:
+      self.g_proj = Linear(D, H * V, **lin)
+    self.o_norm = GatedRMSNorm(V, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.o_proj = Linear(H * V, D, **lin)
+    self.use_gate, self.use_short_conv = c.use_gate, c.use_short_conv
+    self.allow_neg_eigval = c.allow_neg_eigval
+    self.chunk_size, self.rule_impl = c.chunk_size, c.rule_impl
+    self.qk_scale = K ** -0.5
+    self.dtype = dtype
+    self.record = False
+
+  def init_cache(self, batch: int) -> dict:
+    """Decode cache: conv inputs (the last W−1 pre-conv q/k/v features) and the state S."""
+    cache = {'S': jnp.zeros((batch, self.num_v_heads, self.head_k_dim, self.head_v_dim),
+                            jnp.float32)}
+    if self.use_short_conv:
+      for name in ('q', 'k', 'v'):
+        cache[f'{name}_conv'] = getattr(self, f'{name}_conv').init_state(batch)
+    return cache
+
+  def _sow(self, name, value):
+    if self.record:
+      self.sow(nnx.Intermediate, name, value)
+
+  def _features(self, x, segment_ids, cache, single_token: bool):
+    """q, k, v (after conv + SiLU, before the L2 norm), with the new conv states."""
+    feats, new_cache = [], {}
+    for name in ('q', 'k', 'v'):
+      f = getattr(self, f'{name}_proj')(x)
+      if self.use_short_conv:
+        conv = getattr(self, f'{name}_conv')
+        state = None if cache is None else cache[f'{name}_conv']
+        if single_token:
+          f, new_cache[f'{name}_conv'] = conv.step(f, state)
+        else:
+          f, new_cache[f'{name}_conv'] = conv(f, segment_ids, state)
+      else:
+        f = jax.nn.silu(f)
+      feats.append(f)
+    return feats, new_cache
+
+  def _gates(self, x):
+    """β = σ(W_b x) (or 2σ), g = −exp(A_log) softplus(W_a x + dt_bias), float32."""
+    b = self.b_proj(x).astype(jnp.float32)
+    beta = jax.nn.sigmoid(b) * (2.0 if self.allow_neg_eigval else 1.0)
+    a = self.a_proj(x).astype(jnp.float32)
+    g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
+        a + self.dt_bias[...].astype(jnp.float32))
+    return beta, g
+
+  def _output(self, o, x):
+    """W_o [RMSNorm_V(o) · w · SiLU(W_g x)], o: [..., H, V]."""
+    gate = None
+    if self.use_gate:
+      gate = self.g_proj(x).reshape(o.shape)
+    y = self.o_norm(o, gate)
+    return self.o_proj(y.reshape(*y.shape[:-2], -1))
+
+  def __call__(self, x_BxTxD, segment_ids_BxT=None, *, cache=None, return_cache: bool = False):
+    """Full-sequence forward (chunked rule). With `cache`, continues from it (prefill).
+
+    Returns y [B, T, D], or (y, new cache) with return_cache.
+    """
+    B, T, _ = x_BxTxD.shape
+    Hk, H, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+    self._sow('mixer_in', x_BxTxD)
+    (q, k, v), new_cache = self._features(x_BxTxD, segment_ids_BxT, cache, single_token=False)
+    self._sow('q', q)
+    self._sow('k', k)
+    self._sow('v', v)
+    beta, g = self._gates(x_BxTxD)
+    self._sow('beta', beta)
+    self._sow('g', g)
+    o, S = gated_delta_rule(
+        q.reshape(B, T, Hk, K), k.reshape(B, T, Hk, K), v.reshape(B, T, H, V), g, beta,
+        scale=self.qk_scale, initial_state=None if cache is None else cache['S'],
+        output_final_state=return_cache or self.record, use_qk_l2norm=True,
+        segment_ids=segment_ids_BxT, chunk_size=self.chunk_size, impl=self.rule_impl)
+    self._sow('S', S)
+    self._sow('o', o)
+    y = self._output(o, x_BxTxD)
+    self._sow('mixer_out', y)
+    if not return_cache:
+      return y
+    new_cache['S'] = S
+    return y, new_cache
+
+  def step(self, x_BxD, cache):
+    """One decode token with the recurrent update; returns (y [B, D], new cache)."""
+    B = x_BxD.shape[0]
+    Hk, H, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+    (q, k, v), new_cache = self._features(x_BxD, None, cache, single_token=True)
+    beta, g = self._gates(x_BxD)
+    o, S = gated_delta_rule(
+        q.reshape(B, 1, Hk, K), k.reshape(B, 1, Hk, K), v.reshape(B, 1, H, V), g[:, None],
+        beta[:, None], scale=self.qk_scale, initial_state=cache['S'], output_final_state=True,
+        use_qk_l2norm=True, impl='recurrent')
+    new_cache['S'] = S
+    return self._output(o[:, 0], x_BxD), new_cache
+
+
+class SwiGLU(nnx.Module):
+  """y = W_down (SiLU(W_gate x) ⊙ W_up x)."""
+
+  def __init__(self, d_model: int, hidden: int, *, init_std: float, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    lin = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Linear(d_model, hidden, **lin)
+    self.up_proj = Linear(d_model, hidden, **lin)
+    self.down_proj = Linear(hidden, d_model, **lin)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,282 @@
+"""The Gated DeltaNet language model: config, pre-norm blocks, LM, exact sizes and FLOPs.
+
+Public interface (other modules import exactly these names):
+
+    ModelConfig                          frozen dataclass, validated in __post_init__
+    GatedDeltaNetLM(config, *, rngs)     __call__(tokens_BxT, segment_ids_BxT=None) -> logits_BxTxV (f32)
+        .init_cache(batch) / .prefill(tokens, segment_ids=None, cache=None) -> (logits, cache)
+        .decode_step(token_B, cache) -> (logits_BxV, cache)
+    num_params(config) -> int            exact parameter count
+    flops_per_token(config, seq_len)     training (fwd + bwd) model FLOPs per token, for MFU
+
+Sampling lives in `gdn_jax.generate` (`generate(model, prompt_BxT, max_new_tokens, ...)`); μP in
+`gdn_jax.mup` (`build_model`, `make_optimizer`).
+
+    x_0 = Embed(tokens)
+    x_l = x_{l−1} + GDN(RMSNorm(x_{l−1}));  x_l ← x_l + SwiGLU(RMSNorm(x_l))      l = 1..L
+    logits = LMHead(RMSNorm(x_L))           (untied by default; tied: h Eᵀ)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn_jax.layers import Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU
+from gdn_jax.ops import IMPLS
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _round_up(x: float, multiple: int) -> int:
+  return int(-(-int(round(x)) // multiple) * multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and options of a Gated DeltaNet LM.
+
+  Attributes:
+    vocab_size: tokens (256 for bytes).
+    d_model: residual width D.
+    num_layers: blocks L (each: GDN mixer, then SwiGLU MLP).
+    num_heads: q/k heads Hk.
+    head_k_dim: K, the q/k head dim (the state is K × V per value head).
+    head_v_dim: V, the value head dim (fla's expand_v = V / K).
+    num_v_heads: value heads H (grouped value attention when H > Hk, H % Hk == 0); None = Hk.
+    mlp_hidden: SwiGLU hidden size; None = 8/3 · D rounded up to a multiple of 32.
+    conv_size: ShortConv kernel W.
+    use_gate: output gate SiLU(W_g x) in the mixer's output norm.
+    use_short_conv: causal depthwise conv on q, k, v (else just SiLU).
+    allow_neg_eigval: β = 2σ(·) so I − βkkᵀ may have negative eigenvalues.
+    norm_eps: eps of every RMSNorm.
+    tie_embeddings: logits = h Eᵀ instead of a separate LM head.
+    init_std: std of every Linear / Embed init at this config (μP rescales it; docs/mup.md).
+    dtype: compute dtype; param_dtype: storage dtype of the parameters.
+    chunk_size: chunk length of the chunked rule; rule_impl: gated_delta_rule's `impl`.
+  """
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  head_k_dim: int = 64
+  head_v_dim: int = 64
+  num_v_heads: int | None = None
+  mlp_hidden: int | None = None
+  conv_size: int = 4
+  use_gate: bool = True
+  use_short_conv: bool = True
+  allow_neg_eigval: bool = False
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  chunk_size: int = 64
+  rule_impl: str = "auto"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_k_dim", "head_v_dim",
+                 "conv_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive int.")
+    for name in ("num_v_heads", "mlp_hidden"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value <= 0):
+        raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive int or None.")
+    if self.resolved_num_v_heads % self.num_heads:
+      raise ValueError(f"ModelConfig: `num_v_heads`={self.num_v_heads} is not a multiple of "
+                       f"`num_heads`={self.num_heads}; expected num_v_heads % num_heads == 0 "
+                       "(each value head reads one q/k head).")
+    for name in ("norm_eps", "init_std"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive float.")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"ModelConfig: `{name}`={getattr(self, name)!r}; expected one of "
+                         f"{DTYPES}.")
+    if self.rule_impl not in IMPLS:
+      raise ValueError(f"ModelConfig: `rule_impl`={self.rule_impl!r}; expected one of {IMPLS}.")
+    c = self.chunk_size
+    if not isinstance(c, int) or c < 16 or c > 128 or c & (c - 1):
+      raise ValueError(f"ModelConfig: `chunk_size`={c!r}; expected a power of two in [16, 128].")
+
+  @property
+  def resolved_num_v_heads(self) -> int:
+    return self.num_heads if self.num_v_heads is None else self.num_v_heads
+
+  @property
+  def resolved_mlp_hidden(self) -> int:
+    return _round_up(8 * self.d_model / 3, 32) if self.mlp_hidden is None else self.mlp_hidden
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + GDN(norm(x)), then + SwiGLU(norm(·))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    norm = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.mixer_norm = RMSNorm(config.d_model, **norm)
+    self.mixer = GatedDeltaNet(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.d_model, **norm)
+    self.mlp = SwiGLU(config.d_model, config.resolved_mlp_hidden, init_std=config.init_std,
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.record = False
+
+  def _mlp(self, x):
+    y = self.mlp(self.mlp_norm(x))
+    if self.record:
+      self.sow(nnx.Intermediate, 'mlp_out', y)
+    x = x + y
+    if self.record:
+      self.sow(nnx.Intermediate, 'block_out', x)
+    return x
+
+  def __call__(self, x_BxTxD, segment_ids_BxT=None, *, cache=None, return_cache: bool = False):
+    out = self.mixer(self.mixer_norm(x_BxTxD), segment_ids_BxT, cache=cache,
+                     return_cache=return_cache)
+    y, new_cache = out if return_cache else (out, None)
+    x = self._mlp(x_BxTxD + y)
+    return (x, new_cache) if return_cache else x
+
+  def step(self, x_BxD, cache):
+    y, new_cache = self.mixer.step(self.mixer_norm(x_BxD), cache)
+    x = x_BxD + y
+    return x + self.mlp(self.mlp_norm(x)), new_cache
+
+
+class GatedDeltaNetLM(nnx.Module):
+  """Embedding, L pre-norm GDN blocks, final RMSNorm, LM head. Logits are float32."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, ModelConfig):
+      raise ValueError(f"GatedDeltaNetLM: `config` is a {type(config).__name__}; expected a "
+                       "ModelConfig.")
+    self.config = config
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.embed = Embed(config.vocab_size, config.d_model, init_std=config.init_std, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                              param_dtype=param_dtype)
+    if not config.tie_embeddings:
+      self.lm_head = Linear(config.d_model, config.vocab_size, init_std=config.init_std,
+                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.record = False
+
+  def _logits(self, x):
+    h = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(h)
+    else:
+      logits = self.lm_head(h)
+    logits = logits.astype(jnp.float32)
+    if self.record:
+      self.sow(nnx.Intermediate, 'logits', logits)
+    return logits
+
+  def _check_tokens(self, tokens, segment_ids):
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"GatedDeltaNetLM: `tokens` has shape {tuple(tokens.shape)} and dtype "
+                       f"{tokens.dtype}; expected integer tokens of shape [B, T].")
+    if segment_ids is not None and segment_ids.shape != tokens.shape:
+      raise ValueError(f"GatedDeltaNetLM: `segment_ids` has shape {tuple(segment_ids.shape)}; "
+                       f"expected the tokens' shape {tuple(tokens.shape)}.")
+
+  def __call__(self, tokens_BxT, segment_ids_BxT=None):
+    """Logits [B, T, V] (float32). segment_ids: packed documents never see each other."""
+    self._check_tokens(tokens_BxT, segment_ids_BxT)
+    x = self.embed(tokens_BxT)
+    if self.record:
+      self.sow(nnx.Intermediate, 'embed_out', x)
+    for block in self.blocks:
+      x = block(x, segment_ids_BxT)
+    return self._logits(x)
+
+  def init_cache(self, batch: int) -> list[dict]:
+    """Empty decode cache: per block the conv inputs and the state S (float32)."""
+    return [block.mixer.init_cache(batch) for block in self.blocks]
+
+  def prefill(self, tokens_BxT, segment_ids_BxT=None, cache=None):
+    """Chunked forward over a prompt that also returns the decode cache: (logits, cache).
+
+    With `cache`, the prompt continues the cached sequence. With packed `segment_ids`, the
+    returned cache belongs to the last document.
+    """
+    self._check_tokens(tokens_BxT, segment_ids_BxT)
+    x = self.embed(tokens_BxT)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      x, c = block(x, segment_ids_BxT, cache=None if cache is None else cache[i],
+                   return_cache=True)
+      new_cache.append(c)
+    return self._logits(x), new_cache
+
+  def decode_step(self, token_B, cache):
+    """One token with the recurrent update: (logits [B, V] float32, new cache)."""
+    x = self.embed(token_B)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      x, c = block.step(x, cache[i])
+      new_cache.append(c)
+    return self._logits(x), new_cache
+
+
+def _param_counts(config: ModelConfig) -> dict[str, int]:
+  c = config
+  D, L, Vocab = c.d_model, c.num_layers, c.vocab_size
+  Hk, H, K, V = c.num_heads, c.resolved_num_v_heads, c.head_k_dim, c.head_v_dim
+  mixer_matmul = D * (2 * Hk * K + H * V + 2 * H) + H * V * D + (D * H * V if c.use_gate else 0)
+  mixer_other = 2 * H + V + (c.conv_size * (2 * Hk * K + H * V) if c.use_short_conv else 0)
+  mlp = 3 * D * c.resolved_mlp_hidden
+  return {
+      'embed': Vocab * D,
+      'blocks_matmul': L * (mixer_matmul + mlp),
+      'blocks_other': L * (mixer_other + 2 * D),
+      'final_norm': D,
+      'lm_head': 0 if c.tie_embeddings else D * Vocab,
+  }
+
+
+def num_params(config: ModelConfig) -> int:
+  """Exact number of parameters of GatedDeltaNetLM(config)."""
+  return sum(_param_counts(config).values())
+
+
+def rule_flops_per_token_per_head(head_k_dim: int, head_v_dim: int, chunk: int) -> tuple[float,
+                                                                                        float]:
+  """(fwd, bwd) FLOPs per token per value head of the chunked rule (docs: gdn-and-kernels):
+
+      fwd ≈ 6KV + 5.25CK + 4CV + C²/2,     bwd ≈ 16KV + 18CK + 10CV + 4C².
+  """
+  K, V, C = head_k_dim, head_v_dim, chunk
+  fwd = 6 * K * V + 5.25 * C * K + 4 * C * V + C * C / 2
+  bwd = 16 * K * V + 18 * C * K + 10 * C * V + 4 * C * C
+  return fwd, bwd
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training (forward + backward) model FLOPs per token, for MFU.
+
+      6 · (matmul params, LM head included, embedding lookup excluded)
+    + 6 · W · (2·Hk·K + H·V)                       depthwise conv (2 FLOPs per tap), ×3 for bwd
+    + L · H · (rule fwd + rule bwd)(K, V, C)       chunked gated delta rule, C = min(chunk, T)
+
+  Norms, gates and other elementwise work are not counted (as in 6N MFU conventions).
+  """
+  if not isinstance(seq_len, int) or seq_len <= 0:
+    raise ValueError(f"flops_per_token: `seq_len`={seq_len!r}; expected a positive int.")
+  c = config
+  counts = _param_counts(c)
+  matmul = counts['blocks_matmul'] + (counts['embed'] if c.tie_embeddings else counts['lm_head'])
+  H = c.resolved_num_v_heads
+  conv = (6 * c.conv_size * (2 * c.num_heads * c.head_k_dim + H * c.head_v_dim)
+          if c.use_short_conv else 0)
+  fwd, bwd = rule_flops_per_token_per_head(c.head_k_dim, c.head_v_dim,
+                                           min(c.chunk_size, seq_len))
+  return float(6 * matmul + c.num_layers * (conv + H * (fwd + bwd)))
