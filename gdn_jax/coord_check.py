@@ -25,10 +25,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from gdn_jax import mup
+from gdn_jax.loss import cross_entropy
 from gdn_jax.model import ModelConfig
 
 SCHEMES = ("heads", "head_dim")
@@ -140,8 +140,7 @@ def coord_size(name: str, x: np.ndarray) -> float:
 
 
 def _loss(model, tokens_BxT):
-  logits = model(tokens_BxT[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxT[:, 1:]).mean()
+  return cross_entropy(model(tokens_BxT[:, :-1]), tokens_BxT[:, 1:])
 
 
 @nnx.jit

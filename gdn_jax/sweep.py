@@ -23,12 +23,7 @@ import numpy as np
 import optax
 
 from gdn_jax import mup
-
-
-def next_token_loss(logits_BxTxV, targets_BxT):
-  """Mean cross-entropy of the next token (float32)."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
+from gdn_jax.loss import cross_entropy
 
 
 def warmup_cosine(step, total_steps: int, warmup_steps: int, final_fraction: float = 0.1):
@@ -76,7 +71,7 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
 
   def loss_fn(params, tokens_BxT1):
     logits = nnx.merge(graphdef, params, rest)(tokens_BxT1[:, :-1])
-    return next_token_loss(logits, tokens_BxT1[:, 1:])
+    return cross_entropy(logits, tokens_BxT1[:, 1:])
 
   def step(params, opt_state, lr, tokens, t):
     loss, grads = jax.value_and_grad(loss_fn)(params, tokens)

@@ -42,6 +42,7 @@ from gdn_jax import checkpoint as ckpt
 from gdn_jax import sharding
 from gdn_jax.data import pipeline, prepare, tokenizer
 from gdn_jax.generate import generate
+from gdn_jax.loss import cross_entropy
 from gdn_jax.model import ModelConfig, flops_per_token, num_params
 from gdn_jax.mup import build_model, make_optimizer
 
@@ -150,12 +151,6 @@ def make_tx(model, config: ml_collections.ConfigDict) -> optax.GradientTransform
                       learning_rate=lr_schedule(config), weight_decay=o.weight_decay,
                       base_config=base, b1=o.b1, b2=o.b2, eps=o.eps, momentum=o.momentum)
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip else tx
-
-
-def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
-  """Mean next-token cross-entropy (nats) in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
 
 
 # ---- Steps. ----
