@@ -90,22 +90,36 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, h0_ref, o_ref, 
   ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...].astype(jnp.float32))
 
 
-def _forward(q, k, v, g, beta, reset_f, h0, *, scale, C, store_states):
-  """q,k [B,Tp,Hk,K]; v [B,Tp,H,V]; g,beta [B,Tp,H] f32; reset_f [B,Tp] f32; Tp = N·C."""
+def _walk_specs(q, v, C):
+  """Grid (B, H, V/BV) and BlockSpecs shared by the forward and the reverse chunk walk.
+
+  Each program owns one (batch, value head, V block) and sees the whole padded sequence;
+  q/k come from q/k head h // G (grouped value heads). Returns (grid, qk, v, g/β, reset,
+  state [K, BV], per-chunk states [N, K, BV]) specs.
+  """
   B, Tp, Hk, K = q.shape
   H, V = v.shape[2], v.shape[3]
   G, N, BV = H // Hk, Tp // C, _block_v(V)
-  grid = (B, H, V // BV)
-  qk_spec = pl.BlockSpec((None, Tp, None, K), lambda b, h, j: (b, 0, h // G, 0))
-  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j))
-  gb_spec = pl.BlockSpec((None, Tp, None), lambda b, h, j: (b, 0, h))
-  r_spec = pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0))
-  st_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+  return ((B, H, V // BV),
+          pl.BlockSpec((None, Tp, None, K), lambda b, h, j: (b, 0, h // G, 0)),
+          pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)),
+          pl.BlockSpec((None, Tp, None), lambda b, h, j: (b, 0, h)),
+          pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
+          pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),
+          pl.BlockSpec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))
+
+
+def _forward(q, k, v, g, beta, reset_f, h0, *, scale, C, store_states):
+  """q,k [B,Tp,Hk,K]; v [B,Tp,H,V]; g,beta [B,Tp,H] f32; reset_f [B,Tp] f32; Tp = N·C."""
+  B, Tp, _, K = q.shape
+  H, V = v.shape[2], v.shape[3]
+  N = Tp // C
+  grid, qk_spec, v_spec, gb_spec, r_spec, st_spec, hs_spec = _walk_specs(q, v, C)
   out_specs = [v_spec, st_spec]
   out_shape = [jax.ShapeDtypeStruct((B, Tp, H, V), v.dtype),
                jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)]
   if store_states:
-    out_specs.append(pl.BlockSpec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))
+    out_specs.append(hs_spec)
     out_shape.append(jax.ShapeDtypeStruct((B, H, N, K, V), jnp.float32))
   kernel = functools.partial(_fwd_kernel, C=C, N=N, scale=scale, mm_dtype=_mm_dtype(q.dtype))
   return pl.pallas_call(
@@ -136,18 +150,11 @@ def _bwd_walk_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, do_ref, dh
 
 def _backward_walk(q, k, v, g, beta, reset_f, do, dht, *, scale, C):
   """Returns (dh0 [B,H,K,V], dhs [B,H,N,K,V]) with dhs[:, :, r] the cotangent of h_{r+1}."""
-  B, Tp, Hk, K = q.shape
+  B, Tp, _, K = q.shape
   H, V = v.shape[2], v.shape[3]
-  G, N = H // Hk, Tp // C
+  N = Tp // C
   # U (from v) is dead code here: chunk_step_bwd does not use it and the compiler drops it.
-  BV = _block_v(V)
-  grid = (B, H, V // BV)
-  qk_spec = pl.BlockSpec((None, Tp, None, K), lambda b, h, j: (b, 0, h // G, 0))
-  v_spec = pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j))
-  gb_spec = pl.BlockSpec((None, Tp, None), lambda b, h, j: (b, 0, h))
-  r_spec = pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0))
-  st_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
-  hs_spec = pl.BlockSpec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j))
+  grid, qk_spec, v_spec, gb_spec, r_spec, st_spec, hs_spec = _walk_specs(q, v, C)
   kernel = functools.partial(_bwd_walk_kernel, C=C, N=N, scale=scale, mm_dtype=_mm_dtype(q.dtype))
   return pl.pallas_call(
       kernel, grid=grid,
