@@ -62,6 +62,8 @@ _SEQUENTIAL_CHECK = flags.DEFINE_bool("measure_vmap_speedup", True,
                                       "Time one width sequentially vs vmapped (once per file).")
 _TAG = flags.DEFINE_string("tag", None, "Results file tag (default: the preset).")
 _RULE_IMPL = flags.DEFINE_string("rule_impl", "chunked", "gated_delta_rule impl of the models.")
+_MAX_LRS = flags.DEFINE_integer("max_lrs_per_program", None, "With vectorize: vmap at most this "
+                                "many LRs at once (memory grows with it; default: all).")
 _VECTORIZE = flags.DEFINE_bool("vectorize", None, "Train the LRs of a width in one vmapped "
                                "program (default: on accelerators; on CPU it does not pay).")
 
@@ -145,7 +147,8 @@ def run_sweep(cfg):
               config, [2.0 ** x for x in log2_lrs], batches, val, steps=cfg["steps"],
               parametrization=parametrization, optimizer=optimizer, base_config=base,
               warmup_steps=cfg["warmup"], momentum=0.9 if optimizer == "sgd" else 0.0,
-              grad_clip=None, seed=seed, vectorize=vectorize)
+              grad_clip=None, seed=seed, vectorize=vectorize,
+              max_lrs_per_program=_MAX_LRS.value)
           with open(path, "a") as f:
             for i, x in enumerate(log2_lrs):
               tail = result.train_loss[i, -max(cfg["steps"] // 10, 1):]

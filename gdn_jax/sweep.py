@@ -48,7 +48,8 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
                          val_batches: list[np.ndarray], *, steps: int, parametrization: str,
                          optimizer: str, base_config=None, weight_decay: float = 0.0,
                          warmup_steps: int = 0, momentum: float = 0.0, grad_clip: float | None = None,
-                         seed: int = 0, vectorize: bool = True) -> SweepResult:
+                         seed: int = 0, vectorize: bool = True,
+                         max_lrs_per_program: int | None = None) -> SweepResult:
   """Trains `len(learning_rates)` replicas of one model (same init, same data).
 
   Args:
@@ -58,6 +59,9 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
     val_batches: held-out [B, T + 1] batches for the final validation loss.
     vectorize: True runs all replicas in one vmapped program; False runs them one by one
       (same math; used to measure the speed-up of vectorizing).
+    max_lrs_per_program: with `vectorize`, vmap at most this many replicas at once (memory grows
+      with it); the groups run one after another through one compiled program (the last group is
+      padded by repeating its last learning rate, and the padding is dropped).
   """
   model = mup.build_model(config, parametrization=parametrization, base_config=base_config,
                           rngs=nnx.Rngs(seed))
@@ -83,9 +87,14 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
   eval_fn = jax.jit(jax.vmap(loss_fn, in_axes=(0, None)) if vectorize else loss_fn)
   lrs = jnp.asarray(learning_rates, jnp.float32)
   R = len(learning_rates)
+  if max_lrs_per_program is not None and max_lrs_per_program < 1:
+    raise ValueError(f"`max_lrs_per_program`={max_lrs_per_program}; expected ≥ 1 or None.")
   if vectorize:
-    stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (R, *x.shape)), tree)
-    runs = [(stack(params), stack(opt_state), lrs)]
+    G = min(R, max_lrs_per_program or R)
+    groups = [lrs[i:i + G] for i in range(0, R, G)]
+    groups[-1] = jnp.pad(groups[-1], (0, G - len(groups[-1])), mode="edge")
+    stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (G, *x.shape)), tree)
+    runs = [(stack(params), stack(opt_state), group) for group in groups]
     step_fn = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, None)), donate_argnums=(0, 1))
   else:
     fresh = lambda tree: jax.tree.map(jnp.copy, tree)   # each run donates its own buffers
@@ -106,14 +115,13 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
     final.append(p)
     losses.append(np.asarray(jnp.stack(run_losses)))
   seconds = time.perf_counter() - start
-  train_loss = losses[0].T if vectorize else np.stack(losses)   # [R, steps]
-  val = np.zeros(R)
-  for i, p in enumerate(final):
-    v = np.mean([np.asarray(eval_fn(p, jnp.asarray(b))) for b in val_batches], axis=0)
-    if vectorize:
-      val[:] = v
-    else:
-      val[i] = v
+  val = [np.mean([np.asarray(eval_fn(p, jnp.asarray(b))) for b in val_batches], axis=0)
+         for p in final]
+  if vectorize:     # per group: losses [steps, G], val [G]; concatenate and drop the padding
+    train_loss = np.concatenate([x.T for x in losses])[:R]         # [R, steps]
+    val = np.concatenate(val)[:R]
+  else:
+    train_loss, val = np.stack(losses), np.asarray(val)
   val = np.where(np.isfinite(val), val, np.nan)
   return SweepResult(np.asarray(learning_rates), train_loss, val, seconds, compile_seconds)
 

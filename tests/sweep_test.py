@@ -31,6 +31,25 @@ def test_vmapped_learning_rates_equal_sequential_runs(optimizer):
   assert vec.train_loss[0, 0] == pytest.approx(vec.train_loss[1, 0], rel=1e-6)
 
 
+def test_grouped_learning_rates_equal_one_program():
+  """max_lrs_per_program=2 over 3 LRs: two groups, the last one padded; same losses as one vmap."""
+  tokens = np.random.default_rng(1).integers(0, 256, size=5000).astype(np.uint8)
+  batches = sweep.window_sampler(tokens, batch_size=2, seq_len=16, seed=0)
+  val = sweep.fixed_windows(tokens, batch_size=2, seq_len=16, num_batches=1)
+  kw = dict(steps=3, parametrization="mup", optimizer="adamw", base_config=tiny_config(32),
+            warmup_steps=1, seed=0)
+  lrs = [1e-3, 3e-3, 1e-2]
+  one = sweep.train_learning_rates(tiny_config(64), lrs, batches, val, **kw)
+  grouped = sweep.train_learning_rates(tiny_config(64), lrs, batches, val, max_lrs_per_program=2,
+                                       **kw)
+  assert grouped.train_loss.shape == (3, 3) and grouped.val_loss.shape == (3,)
+  np.testing.assert_allclose(grouped.train_loss, one.train_loss, rtol=2e-5)
+  np.testing.assert_allclose(grouped.val_loss, one.val_loss, rtol=2e-5)
+  assert len(set(np.round(grouped.val_loss, 6))) == 3      # three distinct runs, none dropped
+  with pytest.raises(ValueError, match="max_lrs_per_program"):
+    sweep.train_learning_rates(tiny_config(64), lrs, batches, val, max_lrs_per_program=0, **kw)
+
+
 def test_warmup_cosine_schedule():
   f = lambda t: float(sweep.warmup_cosine(t, total_steps=100, warmup_steps=10, final_fraction=0.1))
   assert f(0) == pytest.approx(0.1)
