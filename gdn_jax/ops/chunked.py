@@ -192,8 +192,9 @@ def _chunk_grads(ops: _ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale):
   dKK = beta[..., :, None] * Gamma * dL
   dQK = dP * Gamma
   dq = _mm('...ij,...jk->...ik', dQK, k) + d[..., None] * dQd
-  dk = (_mm('...ij,...ik->...jk', dQK, q) + _mm('...ij,...jk->...ik', dKK, k)
-        + _mm('...ij,...ik->...jk', dKK, k) + w[..., None] * dKw + (beta * d)[..., None] * dKb)
+  dKK_sym = dKK + dKK.swapaxes(-1, -2)                                    # KKᵀ is symmetric
+  dk = (_mm('...ij,...ik->...jk', dQK, q) + _mm('...ij,...jk->...ik', dKK_sym, k)
+        + w[..., None] * dKw + (beta * d)[..., None] * dKb)
   dv = beta[..., None] * dVb
   kb_dot = jnp.sum(dKb * k, axis=-1)
   dbeta = jnp.sum(ops.KK * Gamma * dL, axis=-1) + jnp.sum(dVb * v, axis=-1) + d * kb_dot
