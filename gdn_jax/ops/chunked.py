@@ -35,8 +35,10 @@ defined for it: use `impl="recurrent"` for that.
 Two schedules of the same math (`fused`):
   * parallel (accelerators): all chunk operators at once as [N, Z, C, ·] batched matmuls, then a
     `lax.scan` over the state walk only. Big matmuls; the intermediates are [N, Z, C, C] arrays.
-  * fused (the default on CPU): one `lax.scan` over chunks does all of a chunk's work, so its
-    working set ([Z, C, ·] tiles) stays in cache; on 2 CPU cores this is ~20% faster for fwd+bwd.
+  * fused (the default on CPU from 8 chunks on): one `lax.scan` over chunks does all of a chunk's
+    work, so its working set ([Z, C, ·] tiles) stays in cache. Fwd+bwd on 2 CPU cores, K = V = 64,
+    C = 64, interleaved timings: B2 T2048 H4 fused 164 ms, parallel 185 ms (AD of the forward:
+    221 ms); B16 T128 H2 (2 chunks) fused 35 ms, parallel 30 ms (AD 37 ms).
 
 Layout: every tile is [N, Z, C, ·] with Z = batch × value heads, so each matmul is a plain
 batched 2-D product (q/k heads are repeated for grouped value heads).
@@ -110,6 +112,9 @@ def _gamma_matrix(gamma, strict):
   C = gamma.shape[-1]
   return jnp.where(jnp.eye(C, dtype=bool), 1.0,
                    jnp.exp(jnp.where(strict, gamma[..., :, None] - gamma[..., None, :], -jnp.inf)))
+
+
+_FUSED_MIN_CHUNKS = 8
 
 
 def _mm(spec, a, b):
@@ -282,7 +287,7 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, h0, reset, chunk_size, fus
 
   q, k: [B, T, Hk, K]; v: [B, T, H, V]; g, beta: [B, T, H] float32; h0: [B, H, K, V] float32;
   reset: [B, T] bool, or None when there are no packed documents. `fused`: the schedule (see the
-  module docstring); None picks fused on CPU and parallel elsewhere.
+  module docstring); None picks fused on CPU when there are ≥ 8 chunks, else parallel.
   Returns (o [B, T, H, V] float32, final state [B, H, K, V] float32).
   """
   B, T, Hk, K = q.shape
@@ -307,7 +312,8 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale, h0, reset, chunk_size, fus
     seg = jnp.broadcast_to(jnp.moveaxis(seg_BxNxC, 1, 0)[:, :, None], (N, B, H, C))
     seg = seg.reshape(N, B * H, C)
 
-  fused = jax.default_backend() == "cpu" if fused is None else fused
+  if fused is None:  # measured on 2 CPU cores: fused pays for long sequences, parallel for short
+    fused = jax.default_backend() == "cpu" and N >= _FUSED_MIN_CHUNKS
   o, h_final = _chunked_tiles((q_t, k_t, v_t, g_t, beta_t), seg, h0.reshape(B * H, K, V),
                               float(scale), fused)
   o = jnp.moveaxis(o.reshape(N, B, H, C, V), (0, 2), (1, 3)).reshape(B, N * C, H, V)[:, :T]
