@@ -1,7 +1,8 @@
 """Benchmark the gated-delta-rule implementations on the current backend.
 
 Times the forward and forward+backward of each `impl` of `gdn_jax.ops.gated_delta_rule`
-(jit-compiled; compile excluded; median of repeats, each synchronised with block_until_ready)
+(jit-compiled; compile excluded; every impl timed once per round, round-robin, each call
+synchronised with block_until_ready; medians over the rounds)
 and writes JSON (device, versions, date, shapes, times, ratios) + a PNG bar chart.
 
   python experiments/bench_ops.py --preset=cpu     # B=2, T=2048, H=4, K=V=64, float32
@@ -51,18 +52,8 @@ def make_inputs(B, T, H, K, V, dtype, seed=0):
   return q, k, v, g, beta
 
 
-def median_seconds(fn, args, repeats):
-  jax.block_until_ready(fn(*args))                # compile + warm-up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def time_impl(impl, chunk_size, inputs, repeats):
+def make_fns(impl, chunk_size):
+  """(forward, forward+backward), both jit-compiled."""
   def forward(q, k, v, g, beta):
     return gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, impl=impl,
                             chunk_size=chunk_size)[0]
@@ -70,9 +61,28 @@ def time_impl(impl, chunk_size, inputs, repeats):
   def loss(q, k, v, g, beta):
     return jnp.sum(forward(q, k, v, g, beta).astype(jnp.float32) ** 2)
 
-  fwd = jax.jit(forward)
-  fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
-  return median_seconds(fwd, inputs, repeats), median_seconds(fwd_bwd, inputs, repeats)
+  return jax.jit(forward), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def interleaved_seconds(fns: dict, args, repeats: int) -> dict:
+  """{name: [seconds per repeat]}, timing every fn once per round, round-robin.
+
+  Each fn is compiled and called twice first (warm-up). Interleaving makes a slow spell of a
+  shared machine hit every implementation alike, so per-round ratios are fair. Within a round,
+  each timed call follows an untimed call of the same fn: a steady-state time, as for back-to-back
+  repeats (a call right after another fn's large frees measured up to 1.5× slower on CPU).
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      jax.block_until_ready(fn(*args))
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return times
 
 
 def environment():
@@ -114,34 +124,49 @@ def main(argv):
       cfg[key] = flag.value
   B, T, H, K, V = (cfg[k] for k in ("batch", "seq_len", "heads", "head_k_dim", "head_v_dim"))
   inputs = make_inputs(B, T, H, K, V, jnp.dtype(cfg["dtype"]))
-  results = []
+  fns, configs = {}, []
   for impl in cfg["impls"].split(","):
     chunk_sizes = [64] if impl == "recurrent" else [int(c) for c in cfg["chunk_sizes"].split(",")]
     for chunk_size in chunk_sizes:
       name = impl if impl == "recurrent" else f"{impl}-C{chunk_size}"
+      fwd, fwd_bwd = make_fns(impl, chunk_size)
       try:
-        fwd, fwd_bwd = time_impl(impl, chunk_size, inputs, _REPEATS.value)
+        for fn in (fwd, fwd_bwd):
+          jax.block_until_ready(fn(*inputs))
       except Exception as e:  # pylint: disable=broad-except
         print(f"{name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         continue
-      results.append(dict(name=name, impl=impl, chunk_size=chunk_size, forward_s=fwd,
-                          forward_backward_s=fwd_bwd))
-      print(f"{name:>14}: forward {1e3 * fwd:9.2f} ms   forward+backward {1e3 * fwd_bwd:9.2f} ms",
-            flush=True)
+      fns[(name, "forward")], fns[(name, "forward_backward")] = fwd, fwd_bwd
+      configs.append((name, impl, chunk_size))
+  times = interleaved_seconds(fns, inputs, _REPEATS.value)
+  results = []
+  for name, impl, chunk_size in configs:
+    fwd, fwd_bwd = (float(np.median(times[(name, p)])) for p in ("forward", "forward_backward"))
+    results.append(dict(name=name, impl=impl, chunk_size=chunk_size, forward_s=fwd,
+                        forward_backward_s=fwd_bwd))
+    print(f"{name:>14}: forward {1e3 * fwd:9.2f} ms   forward+backward {1e3 * fwd_bwd:9.2f} ms",
+          flush=True)
   base = next((r for r in results if r["impl"] == "recurrent"), None)
   if base:
     for r in results:
       r["speedup_vs_recurrent"] = dict(forward=base["forward_s"] / r["forward_s"],
                                        forward_backward=base["forward_backward_s"]
                                        / r["forward_backward_s"])
+      # the same ratio per round (both timed back to back), then the median over rounds
+      r["speedup_vs_recurrent_per_round_median"] = {
+          p: float(np.median(np.asarray(times[(base["name"], p)])
+                             / np.asarray(times[(r["name"], p)])))
+          for p in ("forward", "forward_backward")}
   env = environment()
   out = _OUT.value or os.path.join(os.path.dirname(__file__), "results",
                                    f"bench_ops_{env['backend']}.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   record = dict(environment=env, shape=dict(B=B, T=T, H=H, K=K, V=V, dtype=cfg["dtype"]),
-                method="jit, compile excluded, median of %d repeats after 2 warm-up calls; "
-                "use_qk_l2norm=True; fwd+bwd = value_and_grad of sum(o^2) w.r.t. q,k,v,g,beta"
-                % _REPEATS.value, results=results)
+                method="jit, compile excluded, 2 warm-up calls, then %d rounds timing every "
+                "impl once per round (interleaved; each timed call right after an untimed one); "
+                "medians over rounds; use_qk_l2norm=True; "
+                "fwd+bwd = value_and_grad of sum(o^2) w.r.t. q,k,v,g,beta" % _REPEATS.value,
+                results=results)
   with open(out, "w") as f:
     json.dump(record, f, indent=2)
   plot(results, out.replace(".json", ".png"),

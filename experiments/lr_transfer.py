@@ -13,6 +13,10 @@ in one vmapped program (`gdn_jax.sweep`). Each finished LR appends one JSON line
 
   python experiments/lr_transfer.py --preset=cpu           # ≤ 10 min on 2 CPU cores
   python experiments/lr_transfer.py --preset=gpu --data=...  # device tool; resumable
+
+Variants (each keyed and plotted separately, e.g. "heads/mup/sgd[o_eps=0.001]"):
+  --output_norm_eps=1e-3     the mixer output norm's eps (SGD needs it; docs/mup.md, item 9)
+  --lr_override=g_proj:-0.5  rule ablation: LR × m_in^-0.5 for parameters whose path has g_proj
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import jax
 import numpy as np
 
 from gdn_jax import model as model_lib
+from gdn_jax import mup
 from gdn_jax import sweep
 from gdn_jax.data import pipeline, prepare
 
@@ -64,6 +69,11 @@ _TAG = flags.DEFINE_string("tag", None, "Results file tag (default: the preset).
 _RULE_IMPL = flags.DEFINE_string("rule_impl", "chunked", "gated_delta_rule impl of the models.")
 _MAX_LRS = flags.DEFINE_integer("max_lrs_per_program", None, "With vectorize: vmap at most this "
                                 "many LRs at once (memory grows with it; default: all).")
+_LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Rule ablations: NAME:POWER multiplies the "
+                                   "LR of parameters whose path contains NAME by m_in^POWER "
+                                   "(e.g. g_proj:-0.5). Runs are keyed and plotted by this variant.")
+_OUT_EPS = flags.DEFINE_float("output_norm_eps", None, "eps of the mixer's output norm (default: "
+                               "norm_eps, 1e-5). Runs are keyed and plotted by this variant.")
 _VECTORIZE = flags.DEFINE_bool("vectorize", None, "Train the LRs of a width in one vmapped "
                                "program (default: on accelerators; on CPU it does not pay).")
 
@@ -91,7 +101,7 @@ def model_config(width: int, cfg, scheme: str):
   return model_lib.ModelConfig(
       vocab_size=256, d_model=width, num_layers=cfg["layers"], num_heads=num_heads,
       head_k_dim=head_dim, head_v_dim=head_dim, mlp_hidden=4 * width, chunk_size=64,
-      rule_impl=_RULE_IMPL.value, dtype=cfg["dtype"])
+      rule_impl=_RULE_IMPL.value, dtype=cfg["dtype"], output_norm_eps=_OUT_EPS.value)
 
 
 def load_splits(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +124,8 @@ def done_keys(path):
       for line in f:
         r = json.loads(line)
         if r.get("kind") == "run":
-          keys.add((r["scheme"], r["parametrization"], r["optimizer"], r["width"], r["seed"]))
+          keys.add((r["scheme"], r["parametrization"], r["optimizer"], r["width"], r["seed"],
+                    r.get("variant", "")))
   return keys
 
 
@@ -129,6 +140,9 @@ def run_sweep(cfg):
   base = model_config(cfg["base_width"], cfg, _SCHEME.value)
   env = dict(device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
              jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+  lr_overrides = mup.parse_lr_overrides(_LR_OVERRIDES.value)
+  variant = ",".join(_LR_OVERRIDES.value
+                     + ([f"o_eps={_OUT_EPS.value:g}"] if _OUT_EPS.value is not None else []))
   for seed in cfg["seeds"]:
     batches = sweep.window_sampler(train_tokens, cfg["batch"], cfg["seq_len"], seed)
     val = sweep.fixed_windows(val_tokens, cfg["batch"], cfg["seq_len"], 4)
@@ -136,7 +150,7 @@ def run_sweep(cfg):
       log2_lrs = cfg["sgd_log2_lrs"] if optimizer == "sgd" else cfg["log2_lrs"]
       for width in cfg["widths"]:         # width-major: a cut-off sweep has SP and μP alike
         for parametrization in _PARAMS.value.split(","):
-          key = (_SCHEME.value, parametrization, optimizer, width, seed)
+          key = (_SCHEME.value, parametrization, optimizer, width, seed, variant)
           if key in done:
             continue
           if _MAX_MINUTES.value and time.time() - start > 60 * _MAX_MINUTES.value:
@@ -148,13 +162,13 @@ def run_sweep(cfg):
               parametrization=parametrization, optimizer=optimizer, base_config=base,
               warmup_steps=cfg["warmup"], momentum=0.9 if optimizer == "sgd" else 0.0,
               grad_clip=None, seed=seed, vectorize=vectorize,
-              max_lrs_per_program=_MAX_LRS.value)
+              max_lrs_per_program=_MAX_LRS.value, lr_overrides=lr_overrides)
           with open(path, "a") as f:
             for i, x in enumerate(log2_lrs):
               tail = result.train_loss[i, -max(cfg["steps"] // 10, 1):]
               f.write(json.dumps(dict(
                   kind="run", scheme=_SCHEME.value, parametrization=parametrization,
-                  optimizer=optimizer, width=width, seed=seed, log2_lr=x,
+                  optimizer=optimizer, width=width, seed=seed, log2_lr=x, variant=variant,
                   val_loss=None if math.isnan(result.val_loss[i]) else float(result.val_loss[i]),
                   train_loss_tail=float(np.mean(tail)), steps=cfg["steps"], batch=cfg["batch"],
                   seq_len=cfg["seq_len"], layers=cfg["layers"], seconds=result.seconds,
@@ -216,10 +230,9 @@ def analyze(path, out_prefix):
   rows = [json.loads(l) for l in open(path) if l.strip()]
   rows = [r for r in rows if r.get("kind") == "run"]
   summary = {}
-  groups = sorted({(r["scheme"], r["parametrization"], r["optimizer"]) for r in rows})
-  for scheme, param, opt in groups:
-    sel = [r for r in rows if (r["scheme"], r["parametrization"], r["optimizer"]) ==
-           (scheme, param, opt)]
+  group_of = lambda r: (r["scheme"], r["parametrization"], r["optimizer"], r.get("variant", ""))
+  for scheme, param, opt, variant in sorted({group_of(r) for r in rows}):
+    sel = [r for r in rows if group_of(r) == (scheme, param, opt, variant)]
     widths = sorted({r["width"] for r in sel})
     curves, optima = {}, {}
     for w in widths:
@@ -244,7 +257,8 @@ def analyze(path, out_prefix):
         at_transfer[w] = ys[j]
     vals = [at_transfer[w] for w in widths] if at_transfer else []
     monotone = bool(vals and all(np.isfinite(vals)) and all(a > b for a, b in zip(vals, vals[1:])))
-    summary[f"{scheme}/{param}/{opt}"] = dict(
+    name = f"{scheme}/{param}/{opt}" + (f"[{variant}]" if variant else "")
+    summary[name] = dict(
         widths=widths, optimum=optima, drift_log2=drift,
         width_range=widths[-1] / widths[0], loss_at_transferred_lr=at_transfer,
         wider_is_better=monotone, curves=curves,
@@ -273,12 +287,15 @@ def plot(summary, path):
     s = summary[name]
     cmap = plt.get_cmap("viridis")
     finite = [y for w in s["widths"] for y in s["curves"][w]["val_loss"] if np.isfinite(y)]
-    top = min(max(finite) if finite else DIVERGED, DIVERGED) + 0.1
+    # Zoom on the basins: losses more than 0.35 above the best are drawn as ^ at the top edge.
+    top = min(max(finite), min(finite) + 0.35, DIVERGED) + 0.02 if finite else DIVERGED
     for i, w in enumerate(s["widths"]):
       color = cmap(i / max(len(s["widths"]) - 1, 1))
       xs, ys = np.asarray(s["curves"][w]["log2_lr"]), np.asarray(s["curves"][w]["val_loss"])
       ok = np.isfinite(ys) & (ys < DIVERGED)
-      ax.plot(xs[ok], ys[ok], "o-", color=color, label=f"width {w}", ms=3)
+      ax.plot(xs[ok], np.minimum(ys[ok], top), "o-", color=color, label=f"width {w}", ms=3)
+      high = ok & (ys > top)
+      ax.plot(xs[high], np.full(high.sum(), top), "^", color=color, ms=6)    # off the scale
       ax.plot(xs[~ok], np.full((~ok).sum(), top), "x", color=color, ms=6)   # diverged
       o = s["optimum"][w]["log2_lr"]
       if o is not None:
@@ -286,7 +303,7 @@ def plot(summary, path):
     drift = s["drift_log2"]
     ax.set_title(f"{name}: optimum drift {drift:.2f} log2" if drift is not None else name)
     ax.set_xlabel("log2 learning rate")
-    ax.set_ylabel("final validation loss (x = diverged)")
+    ax.set_ylabel("final validation loss (^ off scale, x = diverged)")
     ax.set_ylim(top=top + 0.05)
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(names):]:

@@ -51,6 +51,7 @@ class CoordCheckConfig:
   stay: float = 0.9           # probability that the next token follows the fixed permutation
   chunk_size: int = 16
   rule_impl: str = "auto"
+  output_norm_eps: float | None = None   # the mixer output norm's eps at the base (None: 1e-5)
 
   def __post_init__(self):
     if self.scheme not in SCHEMES:
@@ -72,7 +73,7 @@ def width_config(width: int, cc: CoordCheckConfig) -> ModelConfig:
   return ModelConfig(vocab_size=cc.vocab_size, d_model=width, num_layers=cc.num_layers,
                      num_heads=heads, head_k_dim=dim, head_v_dim=dim,
                      mlp_hidden=cc.mlp_ratio * width, chunk_size=cc.chunk_size,
-                     rule_impl=cc.rule_impl)
+                     rule_impl=cc.rule_impl, output_norm_eps=cc.output_norm_eps)
 
 
 def markov_batch(seed: int, cc: CoordCheckConfig) -> jax.Array:

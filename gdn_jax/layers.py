@@ -228,7 +228,8 @@ class GatedDeltaNet(nnx.Module):
                          fan_in_axes=(), fan_out_axes=(0,), weight_decay=False)
     if c.use_gate:
       self.g_proj = Linear(D, H * V, **lin)
-    self.o_norm = GatedRMSNorm(V, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.o_norm = GatedRMSNorm(V, eps=c.resolved_output_norm_eps, dtype=dtype,
+                               param_dtype=param_dtype)
     self.o_proj = Linear(H * V, D, **lin)
     self.use_gate, self.use_short_conv = c.use_gate, c.use_short_conv
     self.allow_neg_eigval = c.allow_neg_eigval

@@ -52,6 +52,9 @@ class ModelConfig:
     use_short_conv: causal depthwise conv on q, k, v (else just SiLU).
     allow_neg_eigval: β = 2σ(·) so I − βkkᵀ may have negative eigenvalues.
     norm_eps: eps of every RMSNorm.
+    output_norm_eps: eps of the mixer's gated output norm RMSNorm_V(o); None = norm_eps. Its
+      size relative to mean(o²) sets how strongly the norm amplifies gradients of a small o
+      (docs/mup.md, "the output norm's eps and SGD").
     tie_embeddings: logits = h Eᵀ instead of a separate LM head.
     init_std: std of every Linear / Embed init at this config (μP rescales it; docs/mup.md).
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
@@ -70,6 +73,7 @@ class ModelConfig:
   use_short_conv: bool = True
   allow_neg_eigval: bool = False
   norm_eps: float = 1e-5
+  output_norm_eps: float | None = None
   tie_embeddings: bool = False
   init_std: float = 0.02
   dtype: str = "float32"
@@ -92,9 +96,11 @@ class ModelConfig:
       raise ValueError(f"ModelConfig: `num_v_heads`={self.num_v_heads} is not a multiple of "
                        f"`num_heads`={self.num_heads}; expected num_v_heads % num_heads == 0 "
                        "(each value head reads one q/k head).")
-    for name in ("norm_eps", "init_std"):
+    for name in ("norm_eps", "init_std", "output_norm_eps"):
       value = getattr(self, name)
-      if not isinstance(value, (int, float)) or value <= 0:
+      if name == "output_norm_eps" and value is None:
+        continue
+      if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive float.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
@@ -105,6 +111,10 @@ class ModelConfig:
     c = self.chunk_size
     if not isinstance(c, int) or c < 16 or c > 128 or c & (c - 1):
       raise ValueError(f"ModelConfig: `chunk_size`={c!r}; expected a power of two in [16, 128].")
+
+  @property
+  def resolved_output_norm_eps(self) -> float:
+    return self.norm_eps if self.output_norm_eps is None else float(self.output_norm_eps)
 
   @property
   def resolved_num_v_heads(self) -> int:

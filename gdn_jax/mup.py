@@ -229,7 +229,7 @@ def build_model(config: ModelConfig, *, parametrization: str = "sp",
   for _, module in nnx.iter_modules(model):
     if isinstance(module, GatedDeltaNet):
       module.qk_scale = k_base ** -0.5 * m_k ** gdn["qk_scale_power"]
-      module.o_norm.eps = config.norm_eps * m_k ** gdn["o_norm_eps_power"]
+      module.o_norm.eps = config.resolved_output_norm_eps * m_k ** gdn["o_norm_eps_power"]
   return model
 
 
@@ -283,24 +283,65 @@ def add_decayed_weights_by_leaf(weight_decay: dict[tuple, float]) -> optax.Gradi
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def parse_lr_overrides(specs) -> dict[str, Scaling]:
+  """["g_proj:-0.5", …] → {"g_proj": Scaling(fan_in=-0.5)}: LR × m_in^p for every parameter
+  whose dotted path contains the name (the command-line form of `lr_overrides`)."""
+  out = {}
+  for spec in specs or ():
+    name, sep, power = str(spec).rpartition(":")
+    try:
+      out[name] = Scaling(fan_in=float(power))
+    except ValueError:
+      sep = ""
+    if not sep or not name:
+      raise ValueError(f"LR override {spec!r}; expected 'NAME:POWER', e.g. 'g_proj:-0.5' "
+                       "(LR × m_in^POWER for parameters whose path contains NAME).")
+  return out
+
+
+def _override(path: tuple, info: ParamInfo, lr_overrides: dict[str, Scaling]) -> float:
+  dotted = ".".join(map(str, path))
+  factor = 1.0
+  for name, scaling in lr_overrides.items():
+    if name in dotted:
+      factor *= scaling(info.m_in, info.m_out)
+  return factor
+
+
 def multipliers(model, *, parametrization: str, optimizer: str = "adamw",
-                base_config: ModelConfig | None = None) -> dict[tuple, tuple[str, float, float]]:
-  """{path: (class, LR multiplier, weight-decay multiplier or 0 where no decay)}."""
+                base_config: ModelConfig | None = None,
+                lr_overrides: dict[str, Scaling] | None = None
+                ) -> dict[tuple, tuple[str, float, float]]:
+  """{path: (class, LR multiplier, weight-decay multiplier or 0 where no decay)}.
+
+  `lr_overrides` {name: Scaling}: an extra width scaling of the LR of every parameter whose dotted
+  path contains `name`, on top of the table (for ablations of a rule; 1 at the base width, so μP
+  and SP still agree there). Its weight-decay multiplier is divided by the same factor (lr·wd
+  per step unchanged). Every name must match some parameter.
+  """
   _check_choice("parametrization", parametrization, PARAMETRIZATIONS)
   _check_choice("optimizer", optimizer, OPTIMIZERS)
   rules = RULES[(parametrization, optimizer)]
+  lr_overrides = dict(lr_overrides or {})
+  infos = param_infos(model, base_config)
+  for name in lr_overrides:
+    if not any(name in ".".join(map(str, path)) for path in infos):
+      raise ValueError(f"`lr_overrides` name {name!r} matches no parameter; expected part of a "
+                       "parameter path such as 'mixer.g_proj.kernel'.")
   out = {}
-  for path, info in param_infos(model, base_config).items():
+  for path, info in infos.items():
     rule = rules[info.cls]
-    wd = rule.wd(info.m_in, info.m_out) if info.weight_decay else 0.0
-    out[path] = (info.cls, rule.lr(info.m_in, info.m_out), wd)
+    extra = _override(path, info, lr_overrides)
+    wd = rule.wd(info.m_in, info.m_out) / extra if info.weight_decay else 0.0
+    out[path] = (info.cls, rule.lr(info.m_in, info.m_out) * extra, wd)
   return out
 
 
 def make_optimizer(model, *, parametrization: str, optimizer: str = "adamw", learning_rate,
                    weight_decay: float = 0.0, base_config: ModelConfig | None = None,
                    b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                   momentum: float = 0.0) -> optax.GradientTransformation:
+                   momentum: float = 0.0, lr_overrides: dict[str, Scaling] | None = None
+                   ) -> optax.GradientTransformation:
   """AdamW or SGD(+momentum) with μP/SP per-parameter LR and weight-decay multipliers.
 
   Per parameter p with LR multiplier r_p and weight-decay multiplier w_p (table), each step
@@ -308,9 +349,10 @@ def make_optimizer(model, *, parametrization: str, optimizer: str = "adamw", lea
       SGD:    θ ← θ − lr · r_p · trace_momentum(g + wd · w_p · θ)
   with w_p = 1 / r_p on decayed matrices (lr·wd per step width-independent) and 0 on parameters
   labelled weight_decay=False. `learning_rate` is a float or an optax schedule.
+  `lr_overrides`: extra per-parameter LR width scalings (see `multipliers`).
   """
   mults = multipliers(model, parametrization=parametrization, optimizer=optimizer,
-                      base_config=base_config)
+                      base_config=base_config, lr_overrides=lr_overrides)
   lr_mult = {p: m[1] for p, m in mults.items()}
   wd = {p: weight_decay * m[2] for p, m in mults.items()}
   if optimizer == "adamw":

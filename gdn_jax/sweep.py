@@ -49,7 +49,8 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
                          optimizer: str, base_config=None, weight_decay: float = 0.0,
                          warmup_steps: int = 0, momentum: float = 0.0, grad_clip: float | None = None,
                          seed: int = 0, vectorize: bool = True,
-                         max_lrs_per_program: int | None = None) -> SweepResult:
+                         max_lrs_per_program: int | None = None,
+                         lr_overrides=None) -> SweepResult:
   """Trains `len(learning_rates)` replicas of one model (same init, same data).
 
   Args:
@@ -62,12 +63,13 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
     max_lrs_per_program: with `vectorize`, vmap at most this many replicas at once (memory grows
       with it); the groups run one after another through one compiled program (the last group is
       padded by repeating its last learning rate, and the padding is dropped).
+    lr_overrides: extra per-parameter LR width scalings (`gdn_jax.mup.multipliers`).
   """
   model = mup.build_model(config, parametrization=parametrization, base_config=base_config,
                           rngs=nnx.Rngs(seed))
   tx = mup.make_optimizer(model, parametrization=parametrization, optimizer=optimizer,
                           learning_rate=1.0, weight_decay=weight_decay, base_config=base_config,
-                          momentum=momentum)
+                          momentum=momentum, lr_overrides=lr_overrides)
   if grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

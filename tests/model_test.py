@@ -173,6 +173,8 @@ def test_generate_errors(kwargs, match):
     ({"num_v_heads": 3}, "num_v_heads"),
     ({"mlp_hidden": 0}, "mlp_hidden"),
     ({"norm_eps": 0.0}, "norm_eps"),
+    ({"output_norm_eps": -1e-3}, "output_norm_eps"),
+    ({"output_norm_eps": True}, "output_norm_eps"),
     ({"dtype": "float64"}, "dtype"),
     ({"rule_impl": "fast"}, "rule_impl"),
     ({"chunk_size": 48}, "chunk_size"),

@@ -111,6 +111,11 @@ def test_build_model_init_std_and_forward_multipliers():
   assert mixer_sp.qk_scale == pytest.approx(128 ** -0.5)
   assert mixer_mu.o_norm.eps == pytest.approx(1e-5 / m)
   assert mixer_sp.o_norm.eps == pytest.approx(1e-5)
+  # output_norm_eps sets the base value of that eps alone (the other norms keep norm_eps).
+  big = mup.build_model(dims_cfg(256, output_norm_eps=1e-3), parametrization="mup",
+                        base_config=dims_cfg(32, output_norm_eps=1e-3), rngs=nnx.Rngs(0))
+  assert big.blocks[0].mixer.o_norm.eps == pytest.approx(1e-3 / m)
+  assert big.blocks[0].mixer_norm.eps == big.final_norm.eps == 1e-5
   assert mixer_mu.q_conv.weight[...].std() == pytest.approx(mixer_sp.q_conv.weight[...].std())
   tied = mup.build_model(dims_cfg(256, tie_embeddings=True), parametrization="mup",
                          base_config=dims_cfg(32, tie_embeddings=True), rngs=nnx.Rngs(0))
@@ -180,3 +185,28 @@ def test_schedule_learning_rate_and_errors():
     mup.build_model(cfg, parametrization="mup",
                     base_config=dataclasses.replace(heads_cfg(32), num_layers=2),
                     rngs=nnx.Rngs(0))
+
+
+def test_lr_overrides_scale_one_group_and_keep_the_base_model():
+  """`lr_overrides` multiplies the matched parameters' LR by m_in^p (and divides their decay),
+  leaves every other parameter alone and is 1 at the base width."""
+  base = heads_cfg(32)
+  model = mup.build_model(heads_cfg(128), parametrization="mup", base_config=base,
+                          rngs=nnx.Rngs(0))
+  over = mup.parse_lr_overrides(["g_proj:-0.5"])
+  assert over == {"g_proj": mup.Scaling(fan_in=-0.5)}
+  get = lambda **kw: {name(k): v for k, v in mup.multipliers(
+      model, parametrization="mup", optimizer="sgd", base_config=base, **kw).items()}
+  plain, scaled = get(), get(lr_overrides=over)
+  assert scaled["blocks.0.mixer.g_proj.kernel"] == ("hidden", 0.5, 2.0)      # 1 · 4^-½, wd 1/0.5
+  assert {k: v for k, v in scaled.items() if "g_proj" not in k} == \
+         {k: v for k, v in plain.items() if "g_proj" not in k}
+  base_model = mup.build_model(base, parametrization="mup", base_config=base, rngs=nnx.Rngs(0))
+  at_base = mup.multipliers(base_model, parametrization="mup", optimizer="sgd", base_config=base,
+                            lr_overrides=over)
+  assert all(lr == 1.0 for _, lr, _ in at_base.values())
+  with pytest.raises(ValueError, match="matches no parameter"):
+    get(lr_overrides={"nope": mup.Scaling(fan_in=-1)})
+  for bad in ("g_proj", "g_proj:x", ":-1"):
+    with pytest.raises(ValueError, match="NAME:POWER"):
+      mup.parse_lr_overrides([bad])

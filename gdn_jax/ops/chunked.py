@@ -37,8 +37,11 @@ Two schedules of the same math (`fused`):
     `lax.scan` over the state walk only. Big matmuls; the intermediates are [N, Z, C, C] arrays.
   * fused (the default on CPU from 8 chunks on): one `lax.scan` over chunks does all of a chunk's
     work, so its working set ([Z, C, ·] tiles) stays in cache. Fwd+bwd on 2 CPU cores, K = V = 64,
-    C = 64, interleaved timings: B2 T2048 H4 fused 164 ms, parallel 185 ms (AD of the forward:
-    221 ms); B16 T128 H2 (2 chunks) fused 35 ms, parallel 30 ms (AD 37 ms).
+    C = 64, interleaved timings (one run, a busier machine than bench_ops_cpu.json's):
+    B2 T2048 H4 fused 164 ms, parallel 185 ms (AD of the forward: 221 ms); B16 T128 H2 (2 chunks)
+    fused 35 ms, parallel 30 ms (AD 37 ms). Tried and not kept (slower in interleaved A/B runs on
+    2 cores): keeping A from the forward; merging matmuls that share an operand; a LAPACK-style
+    triangular solve for A; splitting the fused scan over two head groups.
 
 Layout: every tile is [N, Z, C, ·] with Z = batch × value heads, so each matmul is a plain
 batched 2-D product (q/k heads are repeated for grouped value heads).
@@ -175,7 +178,8 @@ def _chunk_grads(ops: _ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale):
   r"""Gradients of a chunk's (q, k, v, g, β) given h, dO, dh' and dṼ (Kb = diag(β d) K, Vb = diag(β) V):
 
       dP = scale dO Ṽᵀ   d(DQ) = scale dO hᵀ   dK̃ = Ṽ dh'ᵀ   dλ = Σ h ⊙ dh'   dW = −dṼ hᵀ
-      dA = dṼ Vbᵀ + dW Kbᵀ,  dVb = Aᵀ dṼ,  dKb = Aᵀ dW,  dL = −strict(Aᵀ dA Aᵀ)
+      dVb = Aᵀ dṼ,  dKb = Aᵀ dW,  dL = −strict(Aᵀ dA Aᵀ) = −strict(dVb Uᵀ + dKb Wᵀ)
+      (dA = dṼ Vbᵀ + dW Kbᵀ is never formed: with U = A Vb and W = A Kb, Aᵀ dA Aᵀ is one product)
       L = strict(β_i (KKᵀ)_ij Γ_ij), P = (QKᵀ) ⊙ Γ  →  dq, dk, dv, dβ, dΓ, dd, dw
       dγ_i = Σ_j (Γ⊙dΓ)_ij − Σ_j (Γ⊙dΓ)_ji + d_i dd_i − w_i dw_i;  dγ_C = Σ_j w_j dw_j + λ dλ
       dg = reverse_cumsum(dγ) + dγ_C          (γ = cumsum g; Γ_ii = w_C = 1 are constants)
@@ -187,13 +191,12 @@ def _chunk_grads(ops: _ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale):
   dKw = _mm('...cv,...kv->...ck', v_new, dh_next)
   dlam = jnp.sum(h * dh_next, axis=(-2, -1))
   dW = -_mm('...cv,...kv->...ck', dv_new, h)
-  Kb = (beta * d)[..., None] * k
-  Vb = beta[..., None] * v
-  dA = _mm('...iv,...jv->...ij', dv_new, Vb) + _mm('...ik,...jk->...ij', dW, Kb)
   dVb = _mm('...ji,...jv->...iv', A, dv_new)
   dKb = _mm('...ji,...jk->...ik', A, dW)
-  dL = jnp.where(ops.strict,
-                 -_mm('...ij,...lj->...il', _mm('...ji,...jl->...il', A, dA), A), 0.0)
+  # dL = −strict(Aᵀ dA Aᵀ) with dA = dṼ Vbᵀ + dW Kbᵀ; as U = A Vb and W = A Kb this is
+  # −strict(dVb Uᵀ + dKb Wᵀ): two C×C products instead of four.
+  dL = jnp.where(ops.strict, -(_mm('...iv,...jv->...ij', dVb, ops.U)
+                               + _mm('...ik,...jk->...ij', dKb, ops.W)), 0.0)
   dKK = beta[..., :, None] * Gamma * dL
   dQK = dP * Gamma
   dq = _mm('...ij,...jk->...ik', dQK, k) + d[..., None] * dQd

@@ -1,0 +1,45 @@
+"""The LR-transfer analysis: optimum per width, drift, variants kept apart, divergence."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+import lr_transfer  # pylint: disable=wrong-import-position
+
+
+def _rows(variant, optima, *, diverge_at=None):
+  rows = []
+  for width, best in optima.items():
+    for x in np.arange(-7.0, 0.5, 1.0):
+      loss = 1.0 + 0.05 * (x - best) ** 2 - 0.01 * np.log2(width)
+      if diverge_at is not None and x >= diverge_at:
+        loss = None
+      rows.append(dict(kind="run", scheme="heads", parametrization="mup", optimizer="sgd",
+                       width=width, seed=0, log2_lr=float(x), variant=variant, val_loss=loss))
+  return rows
+
+
+def test_optimum_is_the_vertex_of_the_parabola_through_the_best_point():
+  xs = np.arange(-6.0, 0.0)
+  assert lr_transfer.optimum(xs, (xs + 2.3) ** 2)[0] == pytest.approx(-2.3)
+  assert lr_transfer.optimum(xs, 0.1 * (xs + 9) ** 2) == (-6.0, "edge of grid")
+  assert lr_transfer.optimum(xs, [np.nan] * 6) == (None, "all diverged")
+
+
+def test_analyze_keeps_variants_apart_and_measures_drift(tmp_path):
+  rows = (_rows("", {16: -2.0, 32: -3.0, 64: -4.0})
+          + _rows("o_eps=0.001", {16: -2.0, 32: -2.2, 64: -2.4}, diverge_at=0.0))
+  path = tmp_path / "sweep.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  summary = lr_transfer.analyze(str(path), str(tmp_path / "sweep"))
+  assert set(summary) == {"heads/mup/sgd", "heads/mup/sgd[o_eps=0.001]"}
+  base, fixed = summary["heads/mup/sgd"], summary["heads/mup/sgd[o_eps=0.001]"]
+  assert base["drift_log2"] == pytest.approx(2.0, abs=1e-6)
+  assert fixed["drift_log2"] == pytest.approx(0.4, abs=1e-6)
+  assert fixed["diverged_runs"] == 3 and base["diverged_runs"] == 0
+  assert fixed["wider_is_better"] and not base["wider_is_better"]   # base: loss rises at LR −2
+  assert (tmp_path / "sweep.png").exists()
+  assert json.loads((tmp_path / "sweep.json").read_text())["summary"].keys() == summary.keys()
