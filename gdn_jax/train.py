@@ -67,9 +67,9 @@ class NonFiniteLossError(RuntimeError):
 # ---- Config → objects. ----
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """ModelConfig from config.model (0 → None for num_v_heads and mlp_hidden)."""
+  """ModelConfig from config.model (0 → None for num_v_heads, mlp_hidden, output_norm_eps)."""
   fields = dict(config.model)
-  for name in ("num_v_heads", "mlp_hidden"):
+  for name in ("num_v_heads", "mlp_hidden", "output_norm_eps"):
     fields[name] = fields.get(name) or None
   known = {f.name for f in ModelConfig.__dataclass_fields__.values()}
   unknown = sorted(set(fields) - known)

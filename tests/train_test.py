@@ -78,10 +78,14 @@ def _parse(argv):
 
 def test_cli_overrides_reach_the_config():
   config = _parse(["gdn-train", f"--config={TINY}", "--config.optimizer.lr=0.003",
-                   "--config.model.d_model=64", "--config.optimizer.schedule=linear"])
+                   "--config.model.d_model=64", "--config.optimizer.schedule=linear",
+                   "--config.model.output_norm_eps=1e-3"])
   assert config.optimizer.lr == 0.003
   assert config.optimizer.schedule == "linear"
   assert train_lib.model_config(config).d_model == 64
+  assert train_lib.model_config(config).resolved_output_norm_eps == 1e-3
+  default = _parse(["gdn-train", f"--config={TINY}"])
+  assert train_lib.model_config(default).resolved_output_norm_eps == default.model.norm_eps
   with pytest.raises(Exception, match="no_such_field"):  # locked config: typos are errors
     _parse(["gdn-train", f"--config={TINY}", "--config.optimizer.no_such_field=1"])
 
@@ -94,6 +98,7 @@ def test_cli_overrides_reach_the_config():
     ("data.seq_len", 0, "data.seq_len"),
     ("model.d_model", 0, "d_model"),
     ("model.rule_impl", "magic", "rule_impl"),
+    ("model.output_norm_eps", -1e-3, "output_norm_eps"),
 ])
 def test_bad_config_values_write_nothing(tmp_path, paths, field, value, match):
   c = tiny_config(paths)
