@@ -134,6 +134,10 @@ class ParamInfo:
     return self.fan_out / self.base_fan_out
 
 
+def _dotted(path: tuple) -> str:
+  return ".".join(map(str, path))
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]):
   if value not in choices:
     raise ValueError(f"`{name}`={value!r}; expected one of {choices}.")
@@ -149,7 +153,7 @@ def classify(fan_in_infinite: bool, fan_out_infinite: bool) -> str:
 def _fans(path, variable, shape) -> tuple[int, int]:
   meta = variable.get_metadata()
   if "fan_in_axes" not in meta or "fan_out_axes" not in meta:
-    raise ValueError(f"μP: parameter {'.'.join(map(str, path))} has no `fan_in_axes` / "
+    raise ValueError(f"μP: parameter {_dotted(path)} has no `fan_in_axes` / "
                      "`fan_out_axes` metadata; expected every nnx.Param to carry μP labels "
                      "(see gdn_jax.layers.param).")
   fan_in = math.prod(shape[a] for a in meta["fan_in_axes"])
@@ -218,7 +222,7 @@ def build_model(config: ModelConfig, *, parametrization: str = "sp",
       owner = _module_at(model, path[:-1])
       if not hasattr(owner, "multiplier"):
         raise ValueError(f"μP asks for a forward multiplier {mult:g} on "
-                         f"{'.'.join(map(str, path))}, but {type(owner).__name__} has no "
+                         f"{_dotted(path)}, but {type(owner).__name__} has no "
                          "`multiplier`.")
       owner.multiplier = mult
   if config.tie_embeddings:  # the tied read-out reads the width: an output-like use of E
@@ -258,7 +262,7 @@ def _map_by_path(fn: Callable[[tuple, Any], Any], tree):
 
 def _lookup(table: dict[tuple, float], path: tuple) -> float:
   if path not in table:
-    raise ValueError(f"μP optimizer: no rule for parameter {'.'.join(map(str, path))}; expected "
+    raise ValueError(f"μP optimizer: no rule for parameter {_dotted(path)}; expected "
                      "the optimizer to be built from the same model it updates.")
   return table[path]
 
@@ -288,24 +292,15 @@ def parse_lr_overrides(specs) -> dict[str, Scaling]:
   whose dotted path contains the name (the command-line form of `lr_overrides`)."""
   out = {}
   for spec in specs or ():
-    name, sep, power = str(spec).rpartition(":")
+    name, _, power = str(spec).rpartition(":")
     try:
       out[name] = Scaling(fan_in=float(power))
     except ValueError:
-      sep = ""
-    if not sep or not name:
+      name = ""
+    if not name:
       raise ValueError(f"LR override {spec!r}; expected 'NAME:POWER', e.g. 'g_proj:-0.5' "
                        "(LR × m_in^POWER for parameters whose path contains NAME).")
   return out
-
-
-def _override(path: tuple, info: ParamInfo, lr_overrides: dict[str, Scaling]) -> float:
-  dotted = ".".join(map(str, path))
-  factor = 1.0
-  for name, scaling in lr_overrides.items():
-    if name in dotted:
-      factor *= scaling(info.m_in, info.m_out)
-  return factor
 
 
 def multipliers(model, *, parametrization: str, optimizer: str = "adamw",
@@ -324,14 +319,16 @@ def multipliers(model, *, parametrization: str, optimizer: str = "adamw",
   rules = RULES[(parametrization, optimizer)]
   lr_overrides = dict(lr_overrides or {})
   infos = param_infos(model, base_config)
+  dotted = {path: _dotted(path) for path in infos}
   for name in lr_overrides:
-    if not any(name in ".".join(map(str, path)) for path in infos):
+    if not any(name in d for d in dotted.values()):
       raise ValueError(f"`lr_overrides` name {name!r} matches no parameter; expected part of a "
                        "parameter path such as 'mixer.g_proj.kernel'.")
   out = {}
   for path, info in infos.items():
     rule = rules[info.cls]
-    extra = _override(path, info, lr_overrides)
+    extra = math.prod(scaling(info.m_in, info.m_out) for name, scaling in lr_overrides.items()
+                      if name in dotted[path])
     wd = rule.wd(info.m_in, info.m_out) / extra if info.weight_decay else 0.0
     out[path] = (info.cls, rule.lr(info.m_in, info.m_out) * extra, wd)
   return out

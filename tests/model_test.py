@@ -166,6 +166,13 @@ def test_generate_errors(kwargs, match):
     generate(make(), tokens(1, 3), args.pop("max_new_tokens"), rng=jax.random.key(0), **args)
 
 
+def test_output_norm_eps_reaches_the_mixer_norm_only():
+  model = GatedDeltaNetLM(dataclasses.replace(CFG, output_norm_eps=1e-3), rngs=nnx.Rngs(0))
+  assert model.blocks[0].mixer.o_norm.eps == 1e-3
+  assert model.blocks[0].mixer_norm.eps == model.final_norm.eps == CFG.norm_eps
+  assert GatedDeltaNetLM(CFG, rngs=nnx.Rngs(0)).blocks[0].mixer.o_norm.eps == CFG.norm_eps
+
+
 @pytest.mark.parametrize("changes, match", [
     ({"d_model": 0}, "d_model"),
     ({"num_heads": -2}, "num_heads"),
