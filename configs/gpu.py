@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
       output_norm_eps=0.0,       # mixer output norm eps; 0 = norm_eps. ~1e-3 for SGD (docs/mup.md)
       dtype="bfloat16",          # compute dtype; parameters and optimizer state stay float32
       param_dtype="float32", chunk_size=64,
-      rule_impl="auto"))         # the Pallas kernel when kernels_pallas supports the GPU
+      rule_impl="auto"))         # Pallas kernels on one GPU, XLA chunked on several (ops.default_impl)
   c.parametrization = "mup"
   # μP base = the tiny config's width: its tuned lr transfers (docs/mup.md).
   c.mup_base = ml_collections.ConfigDict(dict(d_model=128, num_heads=2, head_k_dim=64,

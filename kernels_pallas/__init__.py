@@ -19,10 +19,23 @@ def supports_backend(backend: str) -> bool:
   return backend == "tpu" and _HAS_TPU
 
 
+def unsupported_shape(backend: str, K: int, V: int) -> str | None:
+  """Why the compiled kernel for `backend` cannot take head dims K, V; None when it can."""
+  if backend in ("gpu", "cuda"):
+    for name, dim in (("K", K), ("V", V)):
+      if dim < 16 or dim & (dim - 1):
+        return (f"head dim {name}={dim}: the Triton kernels need powers of two >= 16 "
+                "(dot operands of at least 16, power-of-two blocks)")
+  return None
+
+
 def gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size):
   """See `gdn_jax.ops.gated_delta_rule`; q,k [B,T,Hk,K], v [B,T,H,V], g,beta [B,T,H] f32,
-  h0 [B,H,K,V] f32, reset [B,T] bool. Returns (o [B,T,H,V], final state [B,H,K,V] f32)."""
+  h0 [B,H,K,V] f32, reset [B,T] bool or None (no packed documents).
+  Returns (o [B,T,H,V], final state [B,H,K,V] f32)."""
   if jax.default_backend() == "tpu":
+    if reset is None:
+      reset = jax.numpy.zeros(v.shape[:2], bool)
     tpu = importlib.import_module("kernels_pallas.tpu")
     return tpu.gated_delta_rule_tpu(q, k, v, g, beta, scale, h0, reset, chunk_size)
   from kernels_pallas import gpu

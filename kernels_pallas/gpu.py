@@ -1,36 +1,42 @@
-r"""Chunked gated delta rule on NVIDIA GPUs: Pallas (Triton lowering) state walks + XLA chunk-parallel VJP.
+r"""Chunked gated delta rule on NVIDIA GPUs: Pallas (Triton lowering) state walks + XLA chunk-parallel math.
 
-Decomposition (symbols as in `chunk_math`):
+Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chunked`), `SCHEDULE`:
 
-  forward  one Pallas kernel per (batch, value head, V-block): walks the chunks in order and, per
-           chunk, computes the chunk operators (Γ, A = (I+L)⁻¹, W, U, K̃, Qd, P) from the q/k/v/g/β
-           tiles in registers/shared memory, then Ṽ = U − W h, O and h'. Only O, the final state and
-           (when a gradient is needed) the carry-in state of every chunk h_r [N, K, V] leave the chip:
-           O(T/C · K · V) per head, never a per-token state.
-  backward (1) a Pallas kernel walks the chunks in reverse, recomputes each chunk's operators and
-           propagates the state cotangent  dh_r = e^{γ_C} dh_{r+1} + scale Qdᵀ dO − Wᵀ dṼ,
-           dṼ = scale Pᵀ dO + K̃ dh_{r+1}; it stores dh_{r+1} per chunk and returns dh_0 (the gradient
-           of the initial state);
-           (2) given h_r and dh_{r+1}, every chunk is independent: a second Pallas kernel, one program
-           per (batch, value head, chunk), runs the hand-written `chunk_math.chunk_bwd` (the reverse of
-           the per-chunk map (q, k, v, g, β, h_r) ↦ (O_r, h_{r+1})). For K or V > 128 (too large for
-           one program's registers), or with PALLAS_CHUNK_BWD = False, XLA differentiates the same
-           `chunk_math` functions under `jax.vmap` instead (faster at K=V=128, 3× the memory).
+"walks" (the default; fla's decomposition):
+  forward  XLA, parallel over all chunks: the chunk operators once (`chunked.chunk_ops`: Γ, A = (I+L)⁻¹,
+           W, U; bf16 operands for bf16 inputs, the inverse in fp32). One Pallas kernel per (batch,
+           value head, V-block) then walks the chunks in order doing only the state recursion,
+           Ṽ_r = U_r − W_r h_r,  h_{r+1} = λ_r h_r + K̃_rᵀ Ṽ_r  (two C×K×BV matmuls per chunk), and
+           writes Ṽ and h_r (bf16 for bf16 inputs, as fla). XLA forms O = scale (Q̃ h_r + P Ṽ) in
+           parallel. The backward keeps only the inputs and h_r: O(T/C · K · V) per head.
+  backward XLA recomputes the chunk operators and dṼ^local = scale Pᵀ dO; a Pallas kernel walks the
+           chunks in reverse:  dṼ_r = dṼ_r^local + K̃_r dh_{r+1},  dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r
+           − W_rᵀ dṼ_r (writes dh_{r+1} and dṼ per chunk, returns dh_0); then XLA forms every input
+           gradient in parallel over chunks (`chunked.chunk_grads`, math in its docstring).
+"fused" (the first version, kept as the low-memory option): the forward and reverse walks recompute
+  each chunk's operators inside the sequential loop (`chunk_math.chunk_operators`), and a third
+  kernel (one program per chunk, `chunk_math.chunk_bwd`) forms the gradients; for K or V > 128 XLA
+  differentiates the vmapped `chunk_math` instead. About half the memory of "walks", 2.6× slower.
+
+Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v4*.md), fwd+bwd at
+B8 T2048 H16 K=V=128: walks 4.6–4.8 ms, fused 12.6 ms, XLA chunked 8.1 ms, fla 3.7 ms (same run as
+walks: ratio 1.30); memory 1519 / 770 / 2318 / 932 MiB. Errors equal fla's (o 3.3e-3, grads ≤ 3.3e-3).
+Recomputing A inside the sequential walks was the cost of "fused": moving the chunk operators out of
+the loops made the backward (fwd+bwd − fwd) 3.5× faster: 10.6 → 3.0 ms.
 
 Backend choice: Pallas' Triton lowering (`pl.pallas_call` + `plt.CompilerParams`) compiles and runs with
 jax 0.11.2 on the H100 and accepts 2-D `dot_general` with transposes, iota masks and `fori_loop`,
 which is all these kernels need; the same kernels run on CPU with `interpret=True` and lower to Triton
 IR on CPU for an abstract H100 (tests/pallas_gpu_test.py). Mosaic GPU (`plgpu` + wgmma) needs
 M % 64 warpgroup tiles, explicit shared-memory pipelines, has no `dot_general` lowering, and its API
-is marked unstable. Measured (NOTES_gpu.md) the gap to fla is algorithmic — these kernels recompute the
-chunk operators (A = (I+L)⁻¹ above all) inside sequential loops — not the instruction choice, so the
-deprecated-but-working Triton path was kept. Status on the H100 at B8 T2048 H16 K=V=128: forward
-1.8 ms vs fla 0.95 ms; forward+backward 12.6 ms vs fla 2.5–3.8 ms; memory 807 MiB vs fla 932 MiB.
-For training, impl="chunked" (pure XLA) is faster today.
+is marked unstable. The remaining gap to fla is in the XLA parts and the memory traffic between them
+(NOTES_gpu.md), not in the instruction choice of the walks, so the deprecated-but-working Triton path
+was kept. Triton needs head dims that are powers of two ≥ 16 (`kernels_pallas.unsupported_shape`).
 
-Packed documents (`reset`) are handled inside the kernels through the masks of `chunk_math`.
+Packed documents (`reset`) are handled through the masks of the chunk math (None: no documents).
 T not a multiple of C is zero-padded (g = β = k = v = 0 leave the state unchanged).
-Grouped value heads: the kernel for value head h reads q/k head h // (H / Hk) through its BlockSpec.
+Grouped value heads: q/k are repeated over the value heads of a group for the XLA parts ("walks"),
+or read through the BlockSpec index maps ("fused"); their gradients are summed over the group.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from gdn_jax.ops import chunked as xc
 from kernels_pallas import chunk_math as cm
 
 
@@ -59,6 +66,7 @@ NUM_WARPS = 4
 BWD_NUM_WARPS = 8
 BWD_BLOCK_V = 128  # V columns per program of the chunk-parallel backward (64: 1.4x, 32: 1.7x slower on H100)
 PALLAS_CHUNK_BWD = True   # False: chunk-parallel gradients by XLA autodiff of `chunk_math` (vmapped)
+SCHEDULE = "walks"        # "walks": XLA chunk operators + Pallas state walks; "fused": operators in the walks
 
 
 def _block_v(V: int) -> int:
@@ -257,17 +265,155 @@ def _use_pallas_chunk_bwd(K: int, V: int) -> bool:
   return PALLAS_CHUNK_BWD and K <= 128 and V <= 128
 
 
+# ----------------------------------------------------- "walks": XLA chunk operators + Pallas walks
+
+
+def _walk_fwd_kernel(w_ref, u_ref, kw_ref, lam_ref, h0_ref, vnew_ref, ht_ref, hs_ref, *, N,
+                     mm_dtype):
+  """h_r → Ṽ_r = U_r − W_r h_r → h_{r+1} = λ_r h_r + K̃_rᵀ Ṽ_r, for r = 0 … N−1 (one V-block)."""
+  def body(r, h_KxV):
+    hs_ref[r] = h_KxV.astype(hs_ref.dtype)
+    v_new = u_ref[r].astype(jnp.float32) - cm.dot(w_ref[r], h_KxV, mm_dtype=mm_dtype)
+    vnew_ref[r] = v_new.astype(vnew_ref.dtype)
+    lam = jnp.max(lam_ref[r])                       # λ_r, broadcast over the chunk's C slots
+    return lam * h_KxV + cm.dot(kw_ref[r], v_new, trans_a=True, mm_dtype=mm_dtype)
+
+  ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...].astype(jnp.float32))
+
+
+def _walk_bwd_kernel(w_ref, kw_ref, qd_ref, do_ref, dvl_ref, lam_ref, dht_ref,
+                     dh0_ref, dhs_ref, dvnew_ref, *, N, scale, mm_dtype):
+  """dh_{r+1} → dṼ_r = dṼ_r^local + K̃_r dh_{r+1} → dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r − W_rᵀ dṼ_r,
+  for r = N−1 … 0 (dṼ^local = scale Pᵀ dO and Q̃ = diag(d) Q come from XLA)."""
+  def body(i, dh_KxV):
+    r = N - 1 - i
+    dhs_ref[r] = dh_KxV.astype(dhs_ref.dtype)
+    dv_new = dvl_ref[r].astype(jnp.float32) + cm.dot(kw_ref[r], dh_KxV, mm_dtype=mm_dtype)
+    dvnew_ref[r] = dv_new.astype(dvnew_ref.dtype)
+    lam = jnp.max(lam_ref[r])
+    return (lam * dh_KxV + scale * cm.dot(qd_ref[r], do_ref[r], trans_a=True, mm_dtype=mm_dtype)
+            - cm.dot(w_ref[r], dv_new, trans_a=True, mm_dtype=mm_dtype))
+
+  dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
+
+
+def _tile_specs(N, C, K, BV):
+  """BlockSpecs over [B, H, N, C, ·] tiles for a grid (B, H, V/BV): every program sees all N chunks
+  of its (batch, value head) and indexes chunk r inside (`ref[r]`)."""
+  return (pl.BlockSpec((None, None, N, C, K), lambda b, h, j: (b, h, 0, 0, 0)),     # [C, K] rows
+          pl.BlockSpec((None, None, N, C, BV), lambda b, h, j: (b, h, 0, 0, j)),   # [C, BV] rows
+          pl.BlockSpec((None, None, N, C), lambda b, h, j: (b, h, 0, 0)),          # λ per chunk
+          pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),         # a state
+          pl.BlockSpec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))   # a state per chunk
+
+
+def _walk_forward(W, U, Kw, lam, h0, *, mm_dtype, state_dtype):
+  """W, Kw [B,H,N,C,K]; U [B,H,N,C,V]; lam [B,H,N,C]; h0 [B,H,K,V] f32.
+  Returns (Ṽ [B,H,N,C,V] f32, final state f32, states before each chunk [B,H,N,K,V])."""
+  B, H, N, C, K = W.shape
+  V = U.shape[-1]
+  BV = _block_v(V)
+  rows_k, rows_v, lam_spec, st_spec, hs_spec = _tile_specs(N, C, K, BV)
+  kernel = functools.partial(_walk_fwd_kernel, N=N, mm_dtype=mm_dtype)
+  return pl.pallas_call(
+      kernel, grid=(B, H, V // BV),
+      in_specs=[rows_k, rows_v, rows_k, lam_spec, st_spec],
+      out_specs=[rows_v, st_spec, hs_spec],
+      out_shape=[jax.ShapeDtypeStruct(U.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, H, N, K, V), state_dtype)],
+      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS), name="gdn_walk_fwd",
+  )(W, U, Kw, lam, h0)
+
+
+def _walk_backward(W, Kw, Qd, do, dv_local, lam, dht, *, scale, mm_dtype, state_dtype):
+  """Returns (dh0 [B,H,K,V] f32, dh_{r+1} per chunk [B,H,N,K,V], dṼ [B,H,N,C,V] f32)."""
+  B, H, N, C, K = W.shape
+  V = do.shape[-1]
+  BV = _block_v(V)
+  rows_k, rows_v, lam_spec, st_spec, hs_spec = _tile_specs(N, C, K, BV)
+  kernel = functools.partial(_walk_bwd_kernel, N=N, scale=scale, mm_dtype=mm_dtype)
+  return pl.pallas_call(
+      kernel, grid=(B, H, V // BV),
+      in_specs=[rows_k, rows_k, rows_k, rows_v, rows_v, lam_spec, st_spec],
+      out_specs=[st_spec, hs_spec, rows_v],
+      out_shape=[jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, H, N, K, V), state_dtype),
+                 jax.ShapeDtypeStruct(do.shape, jnp.float32)],
+      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS), name="gdn_walk_bwd",
+  )(W, Kw, Qd, do, dv_local, lam, dht)
+
+
+def _walks_tiles(q, k, v, g, beta, reset_f, C):
+  """[B, Tp, ·, ·] inputs → [B, H, N, C, ·] tiles (q/k repeated over grouped value heads) and the
+  within-chunk document index s (None without packed documents)."""
+  B, Tp, Hk, _ = q.shape
+  H = v.shape[2]
+  N = Tp // C
+  qh, kh = (jnp.repeat(x, H // Hk, axis=2) if H != Hk else x for x in (q, k))
+  tiles = [_to_chunks(x, B, N, C, H) for x in (qh, kh, v, g, beta)]
+  seg = None
+  if reset_f is not None:
+    seg = jnp.cumsum(reset_f.reshape(B, 1, N, C).astype(jnp.int32), axis=-1)
+    seg = jnp.broadcast_to(seg, (B, H, N, C))
+  return tiles, seg
+
+
+def _walks_forward(q, k, v, g, beta, reset_f, h0, *, scale, C):
+  """Returns (O [B,Tp,H,V] in v's dtype, final state, states before each chunk)."""
+  B, Tp, _, _ = q.shape
+  H = v.shape[2]
+  N = Tp // C
+  mm_dtype = _mm_dtype(q.dtype)
+  (qt, kt, vt, gt, bt), seg = _walks_tiles(q, k, v, g, beta, reset_f, C)
+  ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)
+  Kw = (ops.k_write[..., None] * kt).astype(kt.dtype)
+  lam = jnp.broadcast_to(ops.decay_last[..., None], gt.shape)
+  v_new, ht, hs = _walk_forward(ops.W.astype(kt.dtype), ops.U, Kw, lam, h0, mm_dtype=mm_dtype,
+                                state_dtype=kt.dtype if mm_dtype is not None else jnp.float32)
+  o = scale * (ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm_dtype)
+               + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm_dtype))
+  return _from_chunks(o.astype(v.dtype), B, N, C, H), ht, hs
+
+
+def _walks_backward(q, k, v, g, beta, reset_f, hs, do, dht, *, scale, C):
+  B, Tp, Hk, K = q.shape
+  H = v.shape[2]
+  N = Tp // C
+  mm_dtype = _mm_dtype(q.dtype)
+  (qt, kt, vt, gt, bt), seg = _walks_tiles(q, k, v, g, beta, reset_f, C)
+  do_t = _to_chunks(do, B, N, C, H)
+  ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)       # recomputed, parallel over chunks
+  dv_local = scale * xc.mm('...ij,...iv->...jv', ops.QK * ops.Gamma, do_t, mm_dtype)
+  Kw = (ops.k_write[..., None] * kt).astype(kt.dtype)
+  Qd = (ops.decay_in[..., None] * qt).astype(qt.dtype)
+  lam = jnp.broadcast_to(ops.decay_last[..., None], gt.shape)
+  dh0, dhs, dv_new = _walk_backward(ops.W.astype(kt.dtype), Kw, Qd, do_t, dv_local, lam, dht,
+                                    scale=scale, mm_dtype=mm_dtype, state_dtype=hs.dtype)
+  grads = xc.chunk_grads(ops, qt, kt, vt, bt, hs.astype(jnp.float32), do_t,
+                         dhs.astype(jnp.float32), dv_new, scale, mm_dtype)
+  dq, dk, dv, dg, dbeta = (_from_chunks(x, B, N, C, H) for x in grads)
+  if H != Hk:  # value heads of one group share their q/k head: sum their gradients
+    dq, dk = (x.reshape(B, Tp, Hk, H // Hk, K).sum(3) for x in (dq, dk))
+  return dq, dk, dv, dg, dbeta, dh0
+
+
 # ------------------------------------------------------------------------------------- custom_vjp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _gdn(q, k, v, g, beta, reset_f, h0, scale, C):
-  o, ht = _forward(q, k, v, g, beta, reset_f, h0, scale=scale, C=C, store_states=False)
-  return o, ht
+  return _gdn_fwd(q, k, v, g, beta, reset_f, h0, scale, C, store_states=False)[0]
 
 
-def _gdn_fwd(q, k, v, g, beta, reset_f, h0, scale, C):
-  o, ht, hs = _forward(q, k, v, g, beta, reset_f, h0, scale=scale, C=C, store_states=True)
+def _gdn_fwd(q, k, v, g, beta, reset_f, h0, scale, C, store_states=True):
+  if SCHEDULE == "walks":
+    o, ht, hs = _walks_forward(q, k, v, g, beta, reset_f, h0, scale=scale, C=C)
+  else:
+    reset_f = _zeros_if_none(reset_f, q)
+    o, ht, *hs = _forward(q, k, v, g, beta, reset_f, h0, scale=scale, C=C,
+                          store_states=store_states)
+    hs = hs[0] if hs else None
   return (o, ht), (q, k, v, g, beta, reset_f, hs)
 
 
@@ -275,12 +421,21 @@ def _gdn_bwd(scale, C, res, cts):
   q, k, v, g, beta, reset_f, hs = res
   do, dht = cts
   do = do.astype(v.dtype)
-  dh0, dhs = _backward_walk(q, k, v, g, beta, reset_f, do, dht, scale=scale, C=C)
-  grads_fn = (_chunk_parallel_grads_pallas if _use_pallas_chunk_bwd(q.shape[3], v.shape[3])
-              else _chunk_parallel_grads)
-  dq, dk, dv, dg, dbeta = grads_fn(q, k, v, g, beta, reset_f, hs, do, dhs, scale=scale, C=C)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dbeta,
-          jnp.zeros_like(reset_f), dh0)
+  if SCHEDULE == "walks":
+    dq, dk, dv, dg, dbeta, dh0 = _walks_backward(q, k, v, g, beta, reset_f, hs, do, dht,
+                                                 scale=scale, C=C)
+  else:
+    dh0, dhs = _backward_walk(q, k, v, g, beta, reset_f, do, dht, scale=scale, C=C)
+    grads_fn = (_chunk_parallel_grads_pallas if _use_pallas_chunk_bwd(q.shape[3], v.shape[3])
+                else _chunk_parallel_grads)
+    dq, dk, dv, dg, dbeta = grads_fn(q, k, v, g, beta, reset_f, hs, do, dhs, scale=scale, C=C)
+  dreset = None if reset_f is None else jnp.zeros_like(reset_f)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dbeta, dreset, dh0)
+
+
+def _zeros_if_none(reset_f, q):
+  """The fused kernels always read a [B, Tp] reset array."""
+  return jnp.zeros(q.shape[:2], jnp.float32) if reset_f is None else reset_f
 
 
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)
@@ -290,7 +445,7 @@ def gated_delta_rule_gpu(q, k, v, g, beta, scale, h0, reset, chunk_size):
   """The `kernels_pallas.gated_delta_rule_pallas` contract on GPU (interpret mode on CPU).
 
   q, k: [B, T, Hk, K]; v: [B, T, H, V]; g, beta: [B, T, H] float32; scale: float; h0: [B, H, K, V]
-  float32; reset: [B, T] bool; chunk_size: power of two in [16, 128].
+  float32; reset: [B, T] bool or None; chunk_size: power of two in [16, 128].
   Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32).
   """
   B, T, Hk, K = q.shape
@@ -303,6 +458,6 @@ def gated_delta_rule_gpu(q, k, v, g, beta, scale, h0, reset, chunk_size):
 
   q, k, v = padded(q), padded(k), padded(v)
   g, beta = padded(g.astype(jnp.float32)), padded(beta.astype(jnp.float32))
-  reset_f = padded(reset.astype(jnp.float32))
+  reset_f = None if reset is None else padded(reset.astype(jnp.float32))
   o, ht = _gdn(q, k, v, g, beta, reset_f, h0.astype(jnp.float32), float(scale), C)
   return o[:, :T], ht

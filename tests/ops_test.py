@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_jax.ops import gated_delta_rule
+from gdn_jax.ops import default_impl, gated_delta_rule
 from tests.np_reference import gated_delta_rule_ref
 
 IMPLS = ("recurrent", "chunked")
@@ -217,6 +217,23 @@ def test_auto_resolves_and_matches():
   o_auto, _ = gated_delta_rule(*args, impl="auto", chunk_size=16)
   o_ref, _ = gated_delta_rule_ref(x["q"], x["k"], x["v"], x["g"], x["beta"])
   assert rel_err(o_auto, o_ref) < 1e-5
+
+
+def test_default_impl_per_backend_and_head_dims():
+  assert default_impl("cpu") == "chunked"
+  assert default_impl("gpu") == "pallas"
+  assert default_impl("gpu", K=128, V=256) == "pallas"
+  assert default_impl("gpu", K=8, V=64) == "chunked"      # Triton dots need dims >= 16
+  assert default_impl("gpu", K=128, V=96) == "chunked"    # ... and power-of-two blocks
+  assert default_impl("gpu", num_devices=2) == "chunked"  # a custom call is not partitioned
+
+
+def test_pallas_on_gpu_rejects_head_dims_it_cannot_compile(monkeypatch):
+  x = make_inputs(14, 1, 20, 1, 1, 8, 16)
+  args = [to_jax(x[n]) for n in ("q", "k", "v", "g", "beta")]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match=r"impl='pallas' on gpu: head dim K=8.*impl='chunked'"):
+    gated_delta_rule(*args, impl="pallas", chunk_size=16)
 
 
 def test_final_state_is_none_unless_asked():

@@ -52,9 +52,12 @@ def _segments(B, T):
   return seg
 
 
+@pytest.mark.parametrize("schedule", ["walks", "fused"])
 @pytest.mark.parametrize("B,T,Hk,H,K,V,C,segments,g_scale", CASES)
-def test_pallas_matches_references(monkeypatch, B, T, Hk, H, K, V, C, segments, g_scale):
+def test_pallas_matches_references(monkeypatch, B, T, Hk, H, K, V, C, segments, g_scale, schedule):
+  monkeypatch.setattr(gpu, "SCHEDULE", schedule)
   monkeypatch.setattr(gpu, "BWD_BLOCK_V", 16)   # V = 32 → two V-blocks: exercises the partial sums
+  monkeypatch.setattr(gpu, "BLOCK_V", 16)       # ... and two V-blocks in the walks
   q, k, v, g, beta, h0 = _inputs(B, T, Hk, H, K, V, seed=T + C, g_scale=g_scale)
   seg = _segments(B, T) if segments else None
 
@@ -114,13 +117,20 @@ def _abstract_h100_mesh():
                                    abstract_device=device)
 
 
-@pytest.mark.parametrize("with_grad", [False, True])
-def test_kernels_lower_to_triton_for_h100(monkeypatch, with_grad):
+@pytest.mark.parametrize("schedule,with_grad,kernels,dtype,K,V", [
+    ("walks", False, 1, jnp.bfloat16, 128, 128),    # fwd walk
+    ("walks", True, 2, jnp.bfloat16, 128, 128),     # + bwd walk
+    ("walks", True, 2, jnp.float32, 32, 32),        # the models' head dims, fp32 training
+    ("walks", True, 2, jnp.bfloat16, 256, 512),     # several V-blocks, K > 128
+    ("fused", False, 1, jnp.bfloat16, 128, 128),    # fwd
+    ("fused", True, 3, jnp.bfloat16, 128, 128)])    # + bwd walk + bwd chunks
+def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kernels, dtype, K, V):
   monkeypatch.setattr(gpu, "_interpret", lambda: False)
-  B, T, Hk, H, K, V, C = 1, 200, 1, 2, 128, 128, 64     # bf16, GVA, ragged T: the real layout
+  monkeypatch.setattr(gpu, "SCHEDULE", schedule)
+  B, T, Hk, H, C = 1, 200, 1, 2, 64                     # GVA, ragged T: the real layout
   sds = jax.ShapeDtypeStruct
-  args = (sds((B, T, Hk, K), jnp.bfloat16), sds((B, T, Hk, K), jnp.bfloat16),
-          sds((B, T, H, V), jnp.bfloat16), sds((B, T, H), jnp.float32),
+  args = (sds((B, T, Hk, K), dtype), sds((B, T, Hk, K), dtype),
+          sds((B, T, H, V), dtype), sds((B, T, H), jnp.float32),
           sds((B, T, H), jnp.float32), sds((B, H, K, V), jnp.float32), sds((B, T), jnp.bool_))
 
   def fwd(q, k, v, g, beta, h0, reset):
@@ -135,7 +145,7 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch, with_grad):
   with jax.sharding.use_abstract_mesh(_abstract_h100_mesh()):
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
   text = exported.mlir_module()
-  assert text.count("__gpu$xla.gpu.triton") == (3 if with_grad else 1)  # fwd; fwd + bwd walk + bwd chunks
+  assert text.count("__gpu$xla.gpu.triton") == kernels
 
 
 def test_xla_chunk_parallel_backward_matches_recurrent(monkeypatch):

@@ -120,12 +120,15 @@ def _gamma_matrix(gamma, strict):
 _FUSED_MIN_CHUNKS = 8
 
 
-def _mm(spec, a, b):
-  """einsum over any leading (batch) dims with float32 accumulation."""
+def mm(spec, a, b, mm_dtype=None):
+  """einsum over any leading (batch) dims with float32 accumulation; operands cast to `mm_dtype`
+  first when given (bf16 operands on GPU, as fla's kernels)."""
+  if mm_dtype is not None:
+    a, b = a.astype(mm_dtype), b.astype(mm_dtype)
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-class _ChunkOps(NamedTuple):
+class ChunkOps(NamedTuple):
   """What a chunk's walk step and backward need, all independent of the carry-in state h."""
   Gamma: jax.Array       # Γ [..., C, C]
   strict: jax.Array      # [j < i][s_i = s_j]
@@ -139,42 +142,45 @@ class _ChunkOps(NamedTuple):
   U: jax.Array           # A diag(β) V
 
 
-def _chunk_ops(q, k, v, g, beta, seg) -> _ChunkOps:
-  """The UT transform: A = (I + L)⁻¹, L = strict(diag(β)(K Kᵀ) ⊙ Γ); W = A diag(β d) K; U = A diag(β) V."""
+def chunk_ops(q, k, v, g, beta, seg, mm_dtype=None) -> ChunkOps:
+  """The UT transform: A = (I + L)⁻¹, L = strict(diag(β)(K Kᵀ) ⊙ Γ); W = A diag(β d) K; U = A diag(β) V.
+
+  Tiles [..., C, ·] with any leading dims. `mm_dtype`: operand dtype of the matmuls (None: as
+  given); the inverse is always formed in float32. Also used by `kernels_pallas.gpu`."""
   gamma, strict, decay_in, k_write, decay_last = _decays(g, seg)
-  QK = _mm('...ik,...jk->...ij', q, k)
-  KK = _mm('...ik,...jk->...ij', k, k)
+  QK = mm('...ik,...jk->...ij', q, k, mm_dtype)
+  KK = mm('...ik,...jk->...ij', k, k, mm_dtype)
   Gamma = _gamma_matrix(gamma, strict)
   A = unit_lower_inverse(jnp.where(strict, beta[..., :, None] * KK * Gamma, 0.0))
-  W = _mm('...ij,...jk->...ik', A, (beta * decay_in)[..., None] * k)
-  U = _mm('...ij,...jv->...iv', A, beta[..., None] * v)
-  return _ChunkOps(Gamma, strict, decay_in, k_write, decay_last, QK, KK, A, W, U)
+  W = mm('...ij,...jk->...ik', A, (beta * decay_in)[..., None] * k, mm_dtype)
+  U = mm('...ij,...jv->...iv', A, beta[..., None] * v, mm_dtype)
+  return ChunkOps(Gamma, strict, decay_in, k_write, decay_last, QK, KK, A, W, U)
 
 
-def _state_step(ops: _ChunkOps, q, k, h, scale):
+def _state_step(ops: ChunkOps, q, k, h, scale):
   """Ṽ = U − W h;  O = scale (diag(d) Q h + (QKᵀ ⊙ Γ) Ṽ);  h' = λ h + (diag(w) K)ᵀ Ṽ."""
-  v_new = ops.U - _mm('...ck,...kv->...cv', ops.W, h)
-  o = scale * (ops.decay_in[..., None] * _mm('...ck,...kv->...cv', q, h)
-               + _mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new))
+  v_new = ops.U - mm('...ck,...kv->...cv', ops.W, h)
+  o = scale * (ops.decay_in[..., None] * mm('...ck,...kv->...cv', q, h)
+               + mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new))
   h_next = (ops.decay_last[..., None, None] * h
-            + _mm('...ck,...cv->...kv', ops.k_write[..., None] * k, v_new))
+            + mm('...ck,...cv->...kv', ops.k_write[..., None] * k, v_new))
   return o, h_next
 
 
-def _state_step_bwd(ops: _ChunkOps, q, k, do, dh_next, scale):
+def _state_step_bwd(ops: ChunkOps, q, k, do, dh_next, scale):
   """The reverse of `_state_step` w.r.t. Ṽ and h, given dO and dh':
 
       dṼ = scale (QKᵀ ⊙ Γ)ᵀ dO + diag(w) K dh',     dh = λ dh' + scale (diag(d) Q)ᵀ dO − Wᵀ dṼ
   """
-  dv_new = (scale * _mm('...ij,...iv->...jv', ops.QK * ops.Gamma, do)
-            + ops.k_write[..., None] * _mm('...ck,...kv->...cv', k, dh_next))
+  dv_new = (scale * mm('...ij,...iv->...jv', ops.QK * ops.Gamma, do)
+            + ops.k_write[..., None] * mm('...ck,...kv->...cv', k, dh_next))
   dh = (ops.decay_last[..., None, None] * dh_next
-        + scale * _mm('...ck,...cv->...kv', ops.decay_in[..., None] * q, do)
-        - _mm('...ck,...cv->...kv', ops.W, dv_new))
+        + scale * mm('...ck,...cv->...kv', ops.decay_in[..., None] * q, do)
+        - mm('...ck,...cv->...kv', ops.W, dv_new))
   return dv_new, dh
 
 
-def _chunk_grads(ops: _ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale):
+def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_dtype=None):
   r"""Gradients of a chunk's (q, k, v, g, β) given h, dO, dh' and dṼ (Kb = diag(β d) K, Vb = diag(β) V):
 
       dP = scale dO Ṽᵀ   d(DQ) = scale dO hᵀ   dK̃ = Ṽ dh'ᵀ   dλ = Σ h ⊙ dh'   dW = −dṼ hᵀ
@@ -185,23 +191,23 @@ def _chunk_grads(ops: _ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale):
       dg = reverse_cumsum(dγ) + dγ_C          (γ = cumsum g; Γ_ii = w_C = 1 are constants)
   """
   A, Gamma, d, w = ops.A, ops.Gamma, ops.decay_in, ops.k_write
-  v_new = ops.U - _mm('...ck,...kv->...cv', ops.W, h)
-  dP = scale * _mm('...iv,...jv->...ij', do, v_new)
-  dQd = scale * _mm('...cv,...kv->...ck', do, h)
-  dKw = _mm('...cv,...kv->...ck', v_new, dh_next)
+  v_new = ops.U - mm('...ck,...kv->...cv', ops.W, h, mm_dtype)
+  dP = scale * mm('...iv,...jv->...ij', do, v_new, mm_dtype)
+  dQd = scale * mm('...cv,...kv->...ck', do, h, mm_dtype)
+  dKw = mm('...cv,...kv->...ck', v_new, dh_next, mm_dtype)
   dlam = jnp.sum(h * dh_next, axis=(-2, -1))
-  dW = -_mm('...cv,...kv->...ck', dv_new, h)
-  dVb = _mm('...ji,...jv->...iv', A, dv_new)
-  dKb = _mm('...ji,...jk->...ik', A, dW)
+  dW = -mm('...cv,...kv->...ck', dv_new, h, mm_dtype)
+  dVb = mm('...ji,...jv->...iv', A, dv_new, mm_dtype)
+  dKb = mm('...ji,...jk->...ik', A, dW, mm_dtype)
   # dL = −strict(Aᵀ dA Aᵀ) with dA = dṼ Vbᵀ + dW Kbᵀ; as U = A Vb and W = A Kb this is
   # −strict(dVb Uᵀ + dKb Wᵀ): two C×C products instead of four.
-  dL = jnp.where(ops.strict, -(_mm('...iv,...jv->...ij', dVb, ops.U)
-                               + _mm('...ik,...jk->...ij', dKb, ops.W)), 0.0)
+  dL = jnp.where(ops.strict, -(mm('...iv,...jv->...ij', dVb, ops.U, mm_dtype)
+                               + mm('...ik,...jk->...ij', dKb, ops.W, mm_dtype)), 0.0)
   dKK = beta[..., :, None] * Gamma * dL
   dQK = dP * Gamma
-  dq = _mm('...ij,...jk->...ik', dQK, k) + d[..., None] * dQd
+  dq = mm('...ij,...jk->...ik', dQK, k, mm_dtype) + d[..., None] * dQd
   dKK_sym = dKK + dKK.swapaxes(-1, -2)                                    # KKᵀ is symmetric
-  dk = (_mm('...ij,...ik->...jk', dQK, q) + _mm('...ij,...jk->...ik', dKK_sym, k)
+  dk = (mm('...ij,...ik->...jk', dQK, q, mm_dtype) + mm('...ij,...jk->...ik', dKK_sym, k, mm_dtype)
         + w[..., None] * dKw + (beta * d)[..., None] * dKb)
   dv = beta[..., None] * dVb
   kb_dot = jnp.sum(dKb * k, axis=-1)
@@ -222,17 +228,17 @@ def _forward(xs, seg, h0, scale, fused):
   if fused:
     def body(h, chunk):
       x, s = chunk
-      o, h_next = _state_step(_chunk_ops(*x, s), x[0], x[1], h, scale)
+      o, h_next = _state_step(chunk_ops(*x, s), x[0], x[1], h, scale)
       return h_next, (o, h)
     h_final, (o, h_chunks) = jax.lax.scan(body, h0, (xs, seg))
     return o, h_final, h_chunks
-  ops = _chunk_ops(*xs, seg)
+  ops = chunk_ops(*xs, seg)
 
   # Only the state recursion is sequential; O is formed from the kept states after it.
   def walk(h, chunk):
     W_r, U_r, Kw_r, decay_last_r = chunk
-    v_new = U_r - _mm('zck,zkv->zcv', W_r, h)
-    return decay_last_r[:, None, None] * h + _mm('zck,zcv->zkv', Kw_r, v_new), h
+    v_new = U_r - mm('zck,zkv->zcv', W_r, h)
+    return decay_last_r[:, None, None] * h + mm('zck,zcv->zkv', Kw_r, v_new), h
   h_final, h_chunks = jax.lax.scan(walk, h0, (ops.W, ops.U, ops.k_write[..., None] * k,
                                               ops.decay_last))
   o, _ = _state_step(ops, q, k, h_chunks, scale)
@@ -251,33 +257,33 @@ def _chunked_tiles_fwd(xs, seg, h0, scale, fused):
 
 
 def _chunked_tiles_bwd(scale, fused, residuals, cotangents):
-  """Reverse walk over chunks for dh, then `_chunk_grads`. Only h per chunk was kept by the
+  """Reverse walk over chunks for dh, then `chunk_grads`. Only h per chunk was kept by the
   forward (O(T/C · K · V) per head); every chunk operator is recomputed here."""
   xs, seg, h_chunks = residuals
   do, dh_final = cotangents
   if fused:    # per chunk: recompute its operators, step dh back, form its gradients
     def body(dh_next, chunk):
       x, s, h, do_r = chunk
-      ops = _chunk_ops(*x, s)
+      ops = chunk_ops(*x, s)
       dv_new, dh = _state_step_bwd(ops, x[0], x[1], do_r, dh_next, scale)
-      return dh, _chunk_grads(ops, x[0], x[1], x[2], x[4], h, do_r, dh_next, dv_new, scale)
+      return dh, chunk_grads(ops, x[0], x[1], x[2], x[4], h, do_r, dh_next, dv_new, scale)
     dh0, grads = jax.lax.scan(body, dh_final, (xs, seg, h_chunks, do), reverse=True)
   else:        # all chunk operators at once; only the dh walk is sequential
-    ops = _chunk_ops(*xs, seg)
+    ops = chunk_ops(*xs, seg)
     q, k = xs[0], xs[1]
-    dv_local = scale * _mm('nzij,nziv->nzjv', ops.QK * ops.Gamma, do)
-    dh_local = scale * _mm('nzck,nzcv->nzkv', ops.decay_in[..., None] * q, do)
+    dv_local = scale * mm('nzij,nziv->nzjv', ops.QK * ops.Gamma, do)
+    dh_local = scale * mm('nzck,nzcv->nzkv', ops.decay_in[..., None] * q, do)
     Kw = ops.k_write[..., None] * k
 
     def walk_back(dh_next, chunk):
       dv_local_r, dh_local_r, Kw_r, W_r, lam_r = chunk
-      dv_new = dv_local_r + _mm('zck,zkv->zcv', Kw_r, dh_next)
-      dh = lam_r[:, None, None] * dh_next + dh_local_r - _mm('zck,zcv->zkv', W_r, dv_new)
+      dv_new = dv_local_r + mm('zck,zkv->zcv', Kw_r, dh_next)
+      dh = lam_r[:, None, None] * dh_next + dh_local_r - mm('zck,zcv->zkv', W_r, dv_new)
       return dh, (dh_next, dv_new)
     dh0, (dh_next, dv_new) = jax.lax.scan(walk_back, dh_final,
                                           (dv_local, dh_local, Kw, ops.W, ops.decay_last),
                                           reverse=True)
-    grads = _chunk_grads(ops, q, k, xs[2], xs[4], h_chunks, do, dh_next, dv_new, scale)
+    grads = chunk_grads(ops, q, k, xs[2], xs[4], h_chunks, do, dh_next, dv_new, scale)
   dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
   return grads, dseg, dh0
 

@@ -49,8 +49,6 @@ def _recurrent(q, k, v, g, beta, scale, h0, reset, chunk_size):
 def _pallas(q, k, v, g, beta, scale, h0, reset, chunk_size):
   # Imported lazily: the kernels are an optional layer above the pure-JAX ops.
   kernels = importlib.import_module("kernels_pallas")
-  if reset is None:  # the kernels' contract: reset is always a [B, T] bool array
-    reset = jnp.zeros(v.shape[:2], bool)
   return kernels.gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size)
 
 
@@ -61,21 +59,27 @@ _DISPATCH: dict[str, Callable] = {
 }
 
 
-def default_impl(backend: str | None = None) -> str:
-  """The implementation "auto" resolves to on `backend` (default: jax's default backend).
+def default_impl(backend: str | None = None, K: int | None = None, V: int | None = None,
+                 num_devices: int = 1) -> str:
+  """The implementation "auto" resolves to on `backend` (default: jax's default backend), for
+  head dims K, V when given, in a program over `num_devices` devices.
 
-  TPU: the Mosaic kernel (`kernels_pallas/tpu.py`). GPU: "chunked", because the Pallas GPU
-  kernel is measured slower than the XLA chunked path for forward+backward on the H100
-  (experiments/results/bench_ops_gpu.json, bench_kernels_h100_*); switch once it is faster.
+  TPU: the Mosaic kernel (`kernels_pallas/tpu.py`). GPU: the Pallas kernels (XLA chunk operators
+  + Triton state walks), measured 1.7–1.8× faster than "chunked" for forward+backward on the H100
+  (experiments/results/bench_kernels_h100_v4c.md), unless K or V is not a power of two ≥ 16.
+  On several devices: "chunked", because XLA cannot partition a Pallas custom call over a
+  batch- or head-sharded program (it would gather the inputs onto every device); the kernels
+  need a `jax.shard_map` around them there, which the layer does not do yet.
   CPU: "chunked" (the recurrent scan is faster forward-only, chunked is faster for training).
   """
   backend = backend or jax.default_backend()
-  if backend == "tpu":
+  if backend in ("tpu", "gpu", "cuda") and num_devices == 1:
     try:
       kernels = importlib.import_module("kernels_pallas")
     except ImportError:
       return "chunked"
-    if kernels.supports_backend(backend):
+    fits = K is None or V is None or kernels.unsupported_shape(backend, K, V) is None
+    if kernels.supports_backend(backend) and fits:
       return "pallas"
   return "chunked"
 
@@ -160,7 +164,12 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
   B, T, _, K = q.shape
   H, V = v.shape[2], v.shape[3]
   if impl == "auto":
-    impl = default_impl()
+    impl = default_impl(K=K, V=V, num_devices=jax.device_count())
+  elif impl == "pallas":
+    backend = jax.default_backend()
+    why = importlib.import_module("kernels_pallas").unsupported_shape(backend, K, V)
+    if why is not None:
+      raise ValueError(f"gated_delta_rule: impl='pallas' on {backend}: {why}; use impl='chunked'.")
   scale = K ** -0.5 if scale is None else float(scale)
   if use_qk_l2norm:
     q, k = l2_normalize(q).astype(q.dtype), l2_normalize(k).astype(k.dtype)
