@@ -9,6 +9,9 @@ in one vmapped program (`gdn_jax.sweep`). Each finished LR appends one JSON line
   * optimum per width: quadratic fit of final validation loss vs log2 LR around the best point;
   * drift: max − min of the optimal log2 LR across widths (the transfer criterion: ≤ 0.5);
   * wider-is-better: at the base width's optimal LR, does the loss fall with width?
+  * regret: at each width, the loss at the base width's optimal LR minus that width's best loss
+    (what transferring the LR costs; near 0 when the basin is flat, even if the optimum drifts);
+  * per seed: each seed's own optima and drift (the curves above are averaged over seeds);
   * divergence: NaN or loss above the uniform-prediction loss ln(256) counts as diverged.
 
   python experiments/lr_transfer.py --preset=cpu           # ≤ 10 min on 2 CPU cores
@@ -255,13 +258,18 @@ def analyze(path, out_prefix):
         xs, ys = curves[w]["log2_lr"], curves[w]["val_loss"]
         j = int(np.argmin(np.abs(np.asarray(xs) - base_opt)))
         at_transfer[w] = ys[j]
+    # Regret: what using the base width's LR costs at each width (loss above that width's best).
+    regret = {w: float(at_transfer[w] - np.nanmin(curves[w]["val_loss"]))
+              for w in at_transfer if np.isfinite(curves[w]["val_loss"]).any()}
+    per_seed = _per_seed_optima(sel, widths)
     vals = [at_transfer[w] for w in widths] if at_transfer else []
     monotone = bool(vals and all(np.isfinite(vals)) and all(a > b for a, b in zip(vals, vals[1:])))
     name = f"{scheme}/{param}/{opt}" + (f"[{variant}]" if variant else "")
     summary[name] = dict(
         widths=widths, optimum=optima, drift_log2=drift,
         width_range=widths[-1] / widths[0], loss_at_transferred_lr=at_transfer,
-        wider_is_better=monotone, curves=curves,
+        wider_is_better=monotone, transfer_regret=regret, curves=curves,
+        optimum_per_seed=per_seed["optima"], drift_log2_per_seed=per_seed["drift"],
         diverged_runs=sum(1 for r in sel if r["val_loss"] is None or r["val_loss"] >= DIVERGED))
   with open(out_prefix + ".json", "w") as f:
     json.dump(dict(source=os.path.basename(path), summary=summary,
@@ -271,8 +279,27 @@ def analyze(path, out_prefix):
   for name, s in summary.items():
     print(f"{name:>18}: drift {s['drift_log2']} log2 over {s['width_range']:.0f}x widths; "
           f"optima {[(w, None if o['log2_lr'] is None else round(o['log2_lr'], 2)) for w, o in s['optimum'].items()]}; "
-          f"wider-is-better {s['wider_is_better']}; diverged {s['diverged_runs']}")
+          f"wider-is-better {s['wider_is_better']}; diverged {s['diverged_runs']}; "
+          f"regret {({w: round(r, 4) for w, r in s['transfer_regret'].items()})}; "
+          f"per-seed drift {({k: round(d, 2) for k, d in s['drift_log2_per_seed'].items()})}")
   return summary
+
+
+def _per_seed_optima(sel, widths):
+  """Each seed's own optimum per width and, for seeds run at every width, its drift."""
+  optima, drift = {}, {}
+  for seed in sorted({r["seed"] for r in sel}):
+    mine = {}
+    for w in widths:
+      pts = sorted((r["log2_lr"], float("nan") if r["val_loss"] is None else r["val_loss"])
+                   for r in sel if r["width"] == w and r["seed"] == seed)
+      if pts:
+        mine[w] = optimum([x for x, _ in pts], [y for _, y in pts])[0]
+    optima[seed] = mine
+    found = [mine.get(w) for w in widths]
+    if all(o is not None for o in found) and len(found) > 1:
+      drift[seed] = float(max(found) - min(found))
+  return dict(optima=optima, drift=drift)
 
 
 def plot(summary, path):

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import lr_transfer  # pylint: disable=wrong-import-position
 
 
-def _rows(variant, optima, *, diverge_at=None):
+def _rows(variant, optima, *, diverge_at=None, seed=0):
   rows = []
   for width, best in optima.items():
     for x in np.arange(-7.0, 0.5, 1.0):
@@ -18,7 +18,7 @@ def _rows(variant, optima, *, diverge_at=None):
       if diverge_at is not None and x >= diverge_at:
         loss = None
       rows.append(dict(kind="run", scheme="heads", parametrization="mup", optimizer="sgd",
-                       width=width, seed=0, log2_lr=float(x), variant=variant, val_loss=loss))
+                       width=width, seed=seed, log2_lr=float(x), variant=variant, val_loss=loss))
   return rows
 
 
@@ -43,3 +43,17 @@ def test_analyze_keeps_variants_apart_and_measures_drift(tmp_path):
   assert fixed["wider_is_better"] and not base["wider_is_better"]   # base: loss rises at LR −2
   assert (tmp_path / "sweep.png").exists()
   assert json.loads((tmp_path / "sweep.json").read_text())["summary"].keys() == summary.keys()
+
+
+def test_per_seed_drift_and_regret(tmp_path):
+  # Seed 0: optimum −2 at every width; seed 1: −2, −3, −4. Averaged curves: optima −2, −2.5, −3.
+  rows = _rows("", {16: -2.0, 32: -2.0, 64: -2.0}) + _rows("", {16: -2.0, 32: -3.0, 64: -4.0}, seed=1)
+  path = tmp_path / "sweep.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  s = lr_transfer.analyze(str(path), str(tmp_path / "sweep"))["heads/mup/sgd"]
+  assert s["drift_log2_per_seed"] == {0: pytest.approx(0.0, abs=1e-6), 1: pytest.approx(2.0, abs=1e-6)}
+  assert s["optimum_per_seed"][1][64] == pytest.approx(-4.0)
+  assert s["drift_log2"] == pytest.approx(1.0, abs=1e-6)
+  # Width 64 averaged: 1 + 0.05·((x+2)² + (x+4)²)/2 − c is 0.10 at the transferred −2, 0.05 at −3.
+  assert s["transfer_regret"][16] == pytest.approx(0.0, abs=1e-9)
+  assert s["transfer_regret"][64] == pytest.approx(0.05, abs=1e-9)
