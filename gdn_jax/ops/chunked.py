@@ -43,6 +43,10 @@ Two schedules of the same math (`fused`):
     2 cores): keeping A from the forward; merging matmuls that share an operand; a LAPACK-style
     triangular solve for A; splitting the fused scan over two head groups.
 
+`chunk_ops` (the UT transform) and `chunk_grads` (a chunk's gradients) work on tiles with any
+leading dims and optional bf16 matmul operands; the GPU Pallas kernels (`kernels_pallas.gpu`) run
+them as the chunk-parallel XLA part around their state walks.
+
 Layout: every tile is [N, Z, C, ·] with Z = batch × value heads, so each matmul is a plain
 batched 2-D product (q/k heads are repeated for grouped value heads).
 """
