@@ -277,12 +277,14 @@ def test_errors_name_argument_and_expectation(overrides, kwargs, pattern):
     _call(overrides, **kwargs)
 
 
+@pytest.mark.parametrize("diag_block", [1, 4, 8, None])
 @pytest.mark.parametrize("C", [1, 2, 16, 64])
-def test_unit_lower_inverse_matches_numpy(C):
+def test_unit_lower_inverse_matches_numpy(C, diag_block):
   from gdn_jax.ops.chunked import unit_lower_inverse
   r = np.random.default_rng(C)
   L = np.tril(r.normal(size=(3, 2, C, C)) * 0.5, -1)
-  A = np.asarray(jax.jit(unit_lower_inverse)(jnp.asarray(L, jnp.float32)))
+  inverse = jax.jit(lambda x: unit_lower_inverse(x, diag_block))
+  A = np.asarray(inverse(jnp.asarray(L, jnp.float32)))
   expected = np.linalg.inv(np.eye(C) + L)
   assert np.abs(A - expected).max() < 1e-4 * max(np.abs(expected).max(), 1.0)
   assert np.all(np.triu(A, 1) == 0)

@@ -37,11 +37,12 @@ Two schedules of the same math (`fused`):
     `lax.scan` over the state walk only. Big matmuls; the intermediates are [N, Z, C, C] arrays.
   * fused (the default on CPU from 8 chunks on): one `lax.scan` over chunks does all of a chunk's
     work, so its working set ([Z, C, ·] tiles) stays in cache. Fwd+bwd on 2 CPU cores, K = V = 64,
-    C = 64, interleaved timings (one run, a busier machine than bench_ops_cpu.json's):
-    B2 T2048 H4 fused 164 ms, parallel 185 ms (AD of the forward: 221 ms); B16 T128 H2 (2 chunks)
-    fused 35 ms, parallel 30 ms (AD 37 ms). Tried and not kept (slower in interleaved A/B runs on
-    2 cores): keeping A from the forward; merging matmuls that share an operand; a LAPACK-style
-    triangular solve for A; splitting the fused scan over two head groups.
+    C = 64, interleaved timings (one run): B2 T2048 H4 fused 72 ms, parallel 98 ms; B4 T512 H4
+    (8 chunks) 29 vs 43 ms; B16 T128 H2 (2 chunks) 13 vs 11 ms. On CPU the inverse solves its
+    8×8 diagonal blocks by substitution before doubling (`unit_lower_inverse`): ~10% off fwd+bwd.
+    Tried and not kept (slower in interleaved A/B runs on 2 cores): keeping A from the forward;
+    merging matmuls that share an operand; a LAPACK-style triangular solve for A; splitting the
+    fused scan over two head groups; C = 128 (fwd+bwd 1.5× C = 64's).
 
 `chunk_ops` (the UT transform) and `chunk_grads` (a chunk's gradients) work on tiles with any
 leading dims and optional bf16 matmul operands; the GPU Pallas kernels (`kernels_pallas.gpu`) run
@@ -58,22 +59,42 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def unit_lower_inverse(L):
-  """(I + L)⁻¹ for strictly lower-triangular L [..., C, C] (C a power of two), by matmuls only.
+def unit_lower_inverse(L, diag_block: int | None = None):
+  """(I + L)⁻¹ for strictly lower-triangular L [..., C, C] (C a power of two), exact.
 
-  Block forward substitution, bottom-up: the inverses of the diagonal blocks of size b are
-  merged pairwise into blocks of size 2b with
+  1. The diagonal blocks of size b₀ = `diag_block` are inverted by forward substitution, all
+     blocks at once, one row per step: A_i = e_i − Σ_{j<i} L_ij A_j (b₀ steps of batched
+     vector–matrix products).
+  2. Block doubling merges them pairwise into blocks of size 2b, 4b, … C with
 
-      [[I + L₁₁, 0], [L₂₁, I + L₂₂]]⁻¹ = [[A₁₁, 0], [−A₂₂ L₂₁ A₁₁, A₂₂]],
+         [[I + L₁₁, 0], [L₂₁, I + L₂₂]]⁻¹ = [[A₁₁, 0], [−A₂₂ L₂₁ A₁₁, A₂₂]]
 
-  starting from b = 1 (A = 1). ~C³/6 flops in log2(C) batched matmuls: unlike a LAPACK
-  triangular solve this vectorises under `jax.vmap` and runs on the matrix units of a GPU/TPU,
-  and it is the exact inverse (no Neumann series, whose powers of L can overflow).
+     (log2(C/b₀) levels of batched matmuls, ~C³/6 flops in all).
+
+  Unlike a LAPACK triangular solve this vectorises under `jax.vmap` and runs on the matrix units
+  of a GPU/TPU, and it is the exact inverse (no Neumann series, whose powers of L can overflow).
+  `diag_block` None picks by backend: 8 on CPU, where the first doubling levels are many tiny
+  batched matmuls (measured on 2 cores, 256 inverses of 64×64: 1.8 ms with b₀ = 8 against 6.2 ms
+  with b₀ = 1, and 4.6 against 9.4 ms inside the fused chunk scan); 1 elsewhere (pure doubling:
+  a few large batched matmuls instead of b₀ sequential steps).
   """
   *batch, C, _ = L.shape
+  if diag_block is None:
+    diag_block = 8 if jax.default_backend() == "cpu" else 1
+  b = min(diag_block, C)
   hi = jax.lax.Precision.HIGHEST
-  A = jnp.ones((*batch, C, 1, 1), L.dtype)                  # inverses of the 1×1 diagonal blocks
-  b = 1
+  n = C // b
+  blocks = L.reshape(*batch, n, b, n, b)
+  diag = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)   # [..., n, b, b]
+  eye = jnp.eye(b, dtype=L.dtype)
+
+  def substitute(i, A):                # row i of every diagonal block's inverse
+    return A.at[..., i, :].set(eye[i] - jnp.einsum('...j,...jc->...c', diag[..., i, :], A,
+                                                    precision=hi))
+  if b == 1:
+    A = jnp.ones_like(diag)                                                # 1×1 blocks: A = 1
+  else:
+    A = jax.lax.fori_loop(0, b, substitute, jnp.zeros_like(diag))         # [..., n, b, b]
   while b < C:
     n = C // (2 * b)
     pairs = A.reshape(*batch, n, 2, b, b)
