@@ -40,6 +40,8 @@ _OUT = flags.DEFINE_string("out", "experiments/results/bench_kernels_gpu.json", 
 _VARIANTS = flags.DEFINE_string("pallas_variants", "", "Extra pallas rows: semicolon-separated "
                                 "BLOCK_V,NUM_WARPS[,BWD_NUM_WARPS[,BWD_BLOCK_V]] (e.g. '128,4;64,8,4,32').")
 _CHECK_ERR = flags.DEFINE_bool("errors", True, "Compute errors against the fp32 reference.")
+_STAGES = flags.DEFINE_bool("stages", False, "Also time each stage of the 'walks' schedule on its own "
+                            "(XLA operators, forward walk, output, backward locals, backward walk, grads).")
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta")
 
@@ -142,6 +144,55 @@ def bench_fla(inputs, do, repeats, warmup):
   return res, to_np(o), [to_np(x.grad) for x in leaves]
 
 
+def walks_stage_times(inputs, do, C, repeats, warmup):
+  """Median ms of each stage of kernels_pallas.gpu's "walks" schedule, each jitted on its own with
+  its inputs precomputed (T a multiple of C, no packed documents): where fwd+bwd time goes."""
+  from gdn_jax.ops import chunked as xc  # pylint: disable=import-outside-toplevel
+  from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
+  q, k, v, g, beta = inputs
+  B, T, H, K = q.shape
+  V, N, scale, mm = v.shape[-1], T // C, K ** -0.5, gpu._mm_dtype(q.dtype)
+  state_dtype = q.dtype if mm is not None else jnp.float32
+  h0 = jnp.zeros((B, H, K, V), jnp.float32)
+
+  @jax.jit
+  def operators(q, k, v, g, beta):
+    (qt, kt, vt, gt, bt), seg = gpu._walks_tiles(q, k, v, g, beta, None, C)
+    ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm)
+    Kw = (ops.k_write[..., None] * kt).astype(kt.dtype)
+    Qd = (ops.decay_in[..., None] * qt).astype(qt.dtype)
+    lam = jnp.broadcast_to(ops.decay_last[..., None], gt.shape)
+    return (qt, kt, vt, bt), ops, ops.W.astype(kt.dtype), Kw, Qd, lam
+
+  walk_fwd = jax.jit(lambda W, U, Kw, lam: gpu._walk_forward(W, U, Kw, lam, h0, mm_dtype=mm,
+                                                             state_dtype=state_dtype))
+  output = jax.jit(lambda qt, ops, hs, v_new: scale * (
+      ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm)
+      + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm)))
+  bwd_local = jax.jit(lambda ops, do: (lambda do_t: (do_t, scale * xc.mm(
+      '...ij,...iv->...jv', ops.QK * ops.Gamma, do_t, mm)))(gpu._to_chunks(do, B, N, C, H)))
+  walk_bwd = jax.jit(lambda W, Kw, Qd, do_t, dv_local, lam: gpu._walk_backward(
+      W, Kw, Qd, do_t, dv_local, lam, h0, scale=scale, mm_dtype=mm, state_dtype=state_dtype))
+  grads = jax.jit(lambda ops, t, hs, do_t, dhs, dv_new: xc.chunk_grads(
+      ops, t[0], t[1], t[2], t[3], hs.astype(jnp.float32), do_t, dhs.astype(jnp.float32), dv_new,
+      scale, mm))
+
+  t, ops, W, Kw, Qd, lam = operators(*inputs)
+  v_new, _, hs = walk_fwd(W, ops.U, Kw, lam)
+  do_t, dv_local = bwd_local(ops, do)
+  _, dhs, dv_bwd = walk_bwd(W, Kw, Qd, do_t, dv_local, lam)
+  calls = {
+      "fwd: tiles + chunk operators (XLA)": lambda: operators(*inputs),
+      "fwd: state walk (Pallas)": lambda: walk_fwd(W, ops.U, Kw, lam),
+      "fwd: output O (XLA)": lambda: output(t[0], ops, hs, v_new),
+      "bwd: dṼ_local (XLA)": lambda: bwd_local(ops, do),
+      "bwd: reverse walk (Pallas)": lambda: walk_bwd(W, Kw, Qd, do_t, dv_local, lam),
+      "bwd: chunk gradients (XLA)": lambda: grads(ops, t, hs, do_t, dhs, dv_bwd),
+  }
+  return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]
+          for name, f in calls.items()}
+
+
 def reference(inputs, do, C):
   with jax.default_matmul_precision("highest"):
     f32 = [x.astype(jnp.float32) for x in inputs]
@@ -154,7 +205,7 @@ def main(argv):
   del argv
   C = _CHUNK.value
   impls = _IMPLS.value.split(",")
-  rows = []
+  rows, stages = [], []
   for shape_str in _SHAPES.value.split(";"):
     B, T, H, K, V = map(int, shape_str.split(","))
     inputs, do = make_inputs(B, T, H, K, V)
@@ -189,10 +240,17 @@ def main(argv):
         traceback.print_exc()
       print(json.dumps(row), flush=True)
       rows.append(row)
+    if _STAGES.value:
+      try:
+        stages.append(dict(B=B, T=T, H=H, K=K, V=V, stages_ms=walks_stage_times(
+            inputs, do, C, _REPEATS.value, _WARMUP.value)))
+        print(json.dumps(stages[-1]), flush=True)
+      except Exception:  # keep the timed rows
+        traceback.print_exc()
     del inputs, do, ref
   out = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
              device=str(jax.devices()[0].device_kind), jax=jax.__version__, chunk_size=C,
-             repeats=_REPEATS.value, rows=rows)
+             repeats=_REPEATS.value, rows=rows, walks_stages=stages)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=1)
@@ -213,6 +271,9 @@ def main(argv):
               f"{ratio('fwd_ms')} | {ratio('fwd_bwd_ms')} | "
               f"{row.get('fwd_bwd_extra_bytes', 0) / 2**20:.0f} | {row.get('err_o', float('nan')):.1e} | "
               f"{gerr:.1e} |")
+  for st in stages:
+    md += ["", f"walks stages at {st['B']},{st['T']},{st['H']},{st['K']},{st['V']} (each jitted alone, ms):",
+           ""] + [f"- {name}: {ms:.3f}" for name, ms in st["stages_ms"].items()]
   with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
     f.write("\n".join(md) + "\n")
   print("\n".join(md))
