@@ -32,7 +32,8 @@ ISSUE_SHAPES = "8,2048,16,128,128;2,8192,16,128,128;8,2048,6,256,512;16,4096,16,
 
 _SHAPES = flags.DEFINE_string("shapes", ISSUE_SHAPES, "Semicolon-separated B,T,H,K,V.")
 _IMPLS = flags.DEFINE_string("impls", "pallas,chunked,fla", "Comma-separated: pallas (default schedule), "
-                             "pallas-walks, pallas-fused (one schedule of kernels_pallas.gpu), chunked, fla.")
+                             "pallas-walks, pallas-walks+pallas_operators, pallas-fused (one schedule of "
+                             "kernels_pallas.gpu), chunked, fla.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of pallas/chunked.")
@@ -222,9 +223,11 @@ def main(argv):
           gpu.BWD_NUM_WARPS = knobs[2] if len(knobs) > 2 else gpu.BWD_NUM_WARPS
           gpu.BWD_BLOCK_V = knobs[3] if len(knobs) > 3 else gpu.BWD_BLOCK_V
           jax.clear_caches()
-        if impl.startswith("pallas-"):   # pallas-walks / pallas-fused: one schedule of kernels_pallas.gpu
+        if impl.startswith("pallas-"):   # pallas-walks[+pallas_operators] / pallas-fused: one schedule
           from kernels_pallas import gpu
-          gpu.SCHEDULE = impl.split("-", 1)[1]
+          schedule, _, operators = impl.split("-", 1)[1].partition("+")
+          gpu.SCHEDULE = schedule
+          gpu.OPERATORS = "pallas" if operators == "pallas_operators" else "xla"
           jax.clear_caches()
         if impl == "fla":
           res, o, grads = bench_fla(inputs, do, _REPEATS.value, _WARMUP.value)

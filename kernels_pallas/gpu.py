@@ -13,6 +13,8 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
            chunks in reverse:  dṼ_r = dṼ_r^local + K̃_r dh_{r+1},  dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r
            − W_rᵀ dṼ_r (writes dh_{r+1} and dṼ per chunk, returns dh_0); then XLA forms every input
            gradient in parallel over chunks (`chunked.chunk_grads`, math in its docstring).
+  `OPERATORS = "pallas"` computes the forward's chunk operators with a chunk-parallel Pallas kernel
+  instead (`_operators_pallas`, `chunk_math.chunk_operators` per program); tested, not yet timed.
 "fused" (the first version, kept as the low-memory option): the forward and reverse walks recompute
   each chunk's operators inside the sequential loop (`chunk_math.chunk_operators`), and a third
   kernel (one program per chunk, `chunk_math.chunk_bwd`) forms the gradients; for K or V > 128 XLA
@@ -67,6 +69,8 @@ BWD_NUM_WARPS = 8
 BWD_BLOCK_V = 128  # V columns per program of the chunk-parallel backward (64: 1.4x, 32: 1.7x slower on H100)
 PALLAS_CHUNK_BWD = True   # False: chunk-parallel gradients by XLA autodiff of `chunk_math` (vmapped)
 SCHEDULE = "walks"        # "walks": XLA chunk operators + Pallas state walks; "fused": operators in the walks
+OPERATORS = "xla"         # walks' forward operators: "xla" (measured) or "pallas" (a chunk-parallel
+                          # kernel, `_operators_pallas`; correct and lowering-tested, not yet timed)
 
 
 def _block_v(V: int) -> int:
@@ -344,6 +348,44 @@ def _walk_backward(W, Kw, Qd, do, dv_local, lam, dht, *, scale, mm_dtype, state_
   )(W, Kw, Qd, do, dv_local, lam, dht)
 
 
+def _operators_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref,
+                      w_ref, u_ref, kw_ref, qd_ref, p_ref, lam_ref, *, C, mm_dtype):
+  """One chunk of one value head: `chunk_math.chunk_operators` (Γ, A by masked doubling, W, U, K̃,
+  Q̃, P) in registers, written in the tile layout the walks read."""
+  P, W, U, Qd, Kw, decay_last = cm.chunk_operators(
+      q_ref[...], k_ref[...], v_ref[...], g_ref[...], beta_ref[...], reset_ref[...], C, mm_dtype)
+  for ref, x in ((w_ref, W), (u_ref, U), (kw_ref, Kw), (qd_ref, Qd), (p_ref, P)):
+    ref[...] = x.astype(ref.dtype)
+  lam_ref[...] = jnp.full((C,), decay_last, jnp.float32)
+
+
+def _operators_pallas(q, k, v, g, beta, reset_f, *, C):
+  """The forward's chunk operators by a chunk-parallel Pallas kernel, grid (B, H, N).
+  Returns W, Kw, Qd [B,H,N,C,K] and P [B,H,N,C,C] (bf16 for bf16 inputs), U [B,H,N,C,V] f32,
+  λ [B,H,N,C] f32."""
+  B, Tp, Hk, K = q.shape
+  H, V = v.shape[2], v.shape[3]
+  G, N = H // Hk, Tp // C
+  reset_f = _zeros_if_none(reset_f, q)
+  op_dtype = q.dtype if _mm_dtype(q.dtype) is not None else jnp.float32
+  qk_spec = pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h // G, 0))
+  v_spec = pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0))
+  gb_spec = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
+  r_spec = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
+  tile = lambda d: pl.BlockSpec((None, None, None, C, d), lambda b, h, n: (b, h, n, 0, 0))
+  lam_spec = pl.BlockSpec((None, None, None, C), lambda b, h, n: (b, h, n, 0))
+  shape = lambda d, dt: jax.ShapeDtypeStruct((B, H, N, C, d), dt)
+  kernel = functools.partial(_operators_kernel, C=C, mm_dtype=_mm_dtype(q.dtype))
+  return pl.pallas_call(
+      kernel, grid=(B, H, N),
+      in_specs=[qk_spec, qk_spec, v_spec, gb_spec, gb_spec, r_spec],
+      out_specs=[tile(K), tile(V), tile(K), tile(K), tile(C), lam_spec],
+      out_shape=[shape(K, op_dtype), shape(V, jnp.float32), shape(K, op_dtype), shape(K, op_dtype),
+                 shape(C, op_dtype), jax.ShapeDtypeStruct((B, H, N, C), jnp.float32)],
+      interpret=_interpret(), compiler_params=_compiler_params(BWD_NUM_WARPS), name="gdn_operators",
+  )(q, k, v, g, beta, reset_f)
+
+
 def _walks_tiles(q, k, v, g, beta, reset_f, C):
   """[B, Tp, ·, ·] inputs → [B, H, N, C, ·] tiles (q/k repeated over grouped value heads) and the
   within-chunk document index s (None without packed documents)."""
@@ -365,12 +407,19 @@ def _walks_forward(q, k, v, g, beta, reset_f, h0, *, scale, C):
   H = v.shape[2]
   N = Tp // C
   mm_dtype = _mm_dtype(q.dtype)
+  state_dtype = q.dtype if mm_dtype is not None else jnp.float32
+  if OPERATORS == "pallas":
+    W, U, Kw, Qd, P, lam = _operators_pallas(q, k, v, g, beta, reset_f, C=C)
+    v_new, ht, hs = _walk_forward(W, U, Kw, lam, h0, mm_dtype=mm_dtype, state_dtype=state_dtype)
+    o = scale * (xc.mm('...ck,...kv->...cv', Qd, hs, mm_dtype)
+                 + xc.mm('...ij,...jv->...iv', P, v_new, mm_dtype))
+    return _from_chunks(o.astype(v.dtype), B, N, C, H), ht, hs
   (qt, kt, vt, gt, bt), seg = _walks_tiles(q, k, v, g, beta, reset_f, C)
   ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)
   Kw = (ops.k_write[..., None] * kt).astype(kt.dtype)
   lam = jnp.broadcast_to(ops.decay_last[..., None], gt.shape)
   v_new, ht, hs = _walk_forward(ops.W.astype(kt.dtype), ops.U, Kw, lam, h0, mm_dtype=mm_dtype,
-                                state_dtype=kt.dtype if mm_dtype is not None else jnp.float32)
+                                state_dtype=state_dtype)
   o = scale * (ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm_dtype)
                + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm_dtype))
   return _from_chunks(o.astype(v.dtype), B, N, C, H), ht, hs

@@ -52,10 +52,11 @@ def _segments(B, T):
   return seg
 
 
-@pytest.mark.parametrize("schedule", ["walks", "fused"])
+@pytest.mark.parametrize("schedule", ["walks", "walks+pallas_operators", "fused"])
 @pytest.mark.parametrize("B,T,Hk,H,K,V,C,segments,g_scale", CASES)
 def test_pallas_matches_references(monkeypatch, B, T, Hk, H, K, V, C, segments, g_scale, schedule):
-  monkeypatch.setattr(gpu, "SCHEDULE", schedule)
+  monkeypatch.setattr(gpu, "SCHEDULE", schedule.split("+")[0])
+  monkeypatch.setattr(gpu, "OPERATORS", "pallas" if schedule.endswith("pallas_operators") else "xla")
   monkeypatch.setattr(gpu, "BWD_BLOCK_V", 16)   # V = 32 → two V-blocks: exercises the partial sums
   monkeypatch.setattr(gpu, "BLOCK_V", 16)       # ... and two V-blocks in the walks
   q, k, v, g, beta, h0 = _inputs(B, T, Hk, H, K, V, seed=T + C, g_scale=g_scale)
@@ -122,11 +123,14 @@ def _abstract_h100_mesh():
     ("walks", True, 2, jnp.bfloat16, 128, 128),     # + bwd walk
     ("walks", True, 2, jnp.float32, 32, 32),        # the models' head dims, fp32 training
     ("walks", True, 2, jnp.bfloat16, 256, 512),     # several V-blocks, K > 128
+    ("walks+pallas_operators", False, 2, jnp.bfloat16, 128, 128),  # operators + fwd walk
+    ("walks+pallas_operators", True, 3, jnp.float32, 32, 32),      # + bwd walk
     ("fused", False, 1, jnp.bfloat16, 128, 128),    # fwd
     ("fused", True, 3, jnp.bfloat16, 128, 128)])    # + bwd walk + bwd chunks
 def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kernels, dtype, K, V):
   monkeypatch.setattr(gpu, "_interpret", lambda: False)
-  monkeypatch.setattr(gpu, "SCHEDULE", schedule)
+  monkeypatch.setattr(gpu, "SCHEDULE", schedule.split("+")[0])
+  monkeypatch.setattr(gpu, "OPERATORS", "pallas" if schedule.endswith("pallas_operators") else "xla")
   B, T, Hk, H, C = 1, 200, 1, 2, 64                     # GVA, ragged T: the real layout
   sds = jax.ShapeDtypeStruct
   args = (sds((B, T, Hk, K), dtype), sds((B, T, Hk, K), dtype),
