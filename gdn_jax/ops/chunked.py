@@ -41,7 +41,9 @@ Two schedules of the same math (`fused`):
     (8 chunks) 29 vs 43 ms; B16 T128 H2 (2 chunks) 13 vs 11 ms. On CPU the inverse solves its
     8×8 diagonal blocks by substitution before doubling (`unit_lower_inverse`): ~10% off fwd+bwd;
     dKb = −dVb hᵀ and dL = −strict(dVb Ṽᵀ) in `chunk_grads` (10 matmuls instead of 12): 5–10%
-    in interleaved A/B runs (per-round median ratios 0.95 and 0.91).
+    in interleaved A/B runs (per-round median ratios 0.95 and 0.91). The fused schedule never
+    forms W and U: Ṽ = A (Vb − Kb h) and, in the backward, Wᵀ dṼ = Kbᵀ dVb (one matmul fewer in
+    each direction; A/B ratio 0.91).
     Tried and not kept (slower in interleaved A/B runs on 2 cores): keeping A from the forward;
     merging matmuls that share an operand; a LAPACK-style triangular solve for A; splitting the
     fused scan over two head groups; C = 128 (fwd+bwd 1.5× C = 64's).
@@ -184,9 +186,17 @@ def chunk_ops(q, k, v, g, beta, seg, mm_dtype=None) -> ChunkOps:
   return ChunkOps(Gamma, strict, decay_in, k_write, decay_last, QK, KK, A, W, U)
 
 
-def _state_step(ops: ChunkOps, q, k, h, scale):
-  """Ṽ = U − W h;  O = scale (diag(d) Q h + (QKᵀ ⊙ Γ) Ṽ);  h' = λ h + (diag(w) K)ᵀ Ṽ."""
-  v_new = ops.U - mm('...ck,...kv->...cv', ops.W, h)
+def _state_step(ops: ChunkOps, q, k, h, scale, direct=None):
+  """Ṽ = U − W h;  O = scale (diag(d) Q h + (QKᵀ ⊙ Γ) Ṽ);  h' = λ h + (diag(w) K)ᵀ Ṽ.
+
+  With `direct` = (v, β), Ṽ = A (diag(β) V − diag(β d) K h) instead: one matmul fewer when W
+  and U are not needed otherwise (the fused schedule's forward; XLA drops their computation)."""
+  if direct is None:
+    v_new = ops.U - mm('...ck,...kv->...cv', ops.W, h)
+  else:
+    v, beta = direct
+    Kb_h = mm('...ck,...kv->...cv', (beta * ops.decay_in)[..., None] * k, h)
+    v_new = mm('...ij,...jv->...iv', ops.A, beta[..., None] * v - Kb_h)
   o = scale * (ops.decay_in[..., None] * mm('...ck,...kv->...cv', q, h)
                + mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new))
   h_next = (ops.decay_last[..., None, None] * h
@@ -194,20 +204,8 @@ def _state_step(ops: ChunkOps, q, k, h, scale):
   return o, h_next
 
 
-def _state_step_bwd(ops: ChunkOps, q, k, do, dh_next, scale):
-  """The reverse of `_state_step` w.r.t. Ṽ and h, given dO and dh':
-
-      dṼ = scale (QKᵀ ⊙ Γ)ᵀ dO + diag(w) K dh',     dh = λ dh' + scale (diag(d) Q)ᵀ dO − Wᵀ dṼ
-  """
-  dv_new = (scale * mm('...ij,...iv->...jv', ops.QK * ops.Gamma, do)
-            + ops.k_write[..., None] * mm('...ck,...kv->...cv', k, dh_next))
-  dh = (ops.decay_last[..., None, None] * dh_next
-        + scale * mm('...ck,...cv->...kv', ops.decay_in[..., None] * q, do)
-        - mm('...ck,...cv->...kv', ops.W, dv_new))
-  return dv_new, dh
-
-
-def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_dtype=None):
+def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_dtype=None,
+                direct=False):
   r"""Gradients of a chunk's (q, k, v, g, β) given h, dO, dh' and dṼ (Kb = diag(β d) K, Vb = diag(β) V):
 
       dP = scale dO Ṽᵀ   d(DQ) = scale dO hᵀ   dK̃ = Ṽ dh'ᵀ   dλ = Σ h ⊙ dh'
@@ -218,9 +216,16 @@ def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_
       L = strict(β_i (KKᵀ)_ij Γ_ij), P = (QKᵀ) ⊙ Γ  →  dq, dk, dv, dβ, dΓ, dd, dw
       dγ_i = Σ_j (Γ⊙dΓ)_ij − Σ_j (Γ⊙dΓ)_ji + d_i dd_i − w_i dw_i;  dγ_C = Σ_j w_j dw_j + λ dλ
       dg = reverse_cumsum(dγ) + dγ_C          (γ = cumsum g; Γ_ii = w_C = 1 are constants)
+
+  `direct`: form Ṽ as A (Vb − Kb h) instead of U − W h (the fused schedule, which never forms W
+  and U) and return ((dq, dk, dv, dg, dβ), dVb) so the caller can form Wᵀ dṼ = Kbᵀ dVb.
   """
   A, Gamma, d, w = ops.A, ops.Gamma, ops.decay_in, ops.k_write
-  v_new = ops.U - mm('...ck,...kv->...cv', ops.W, h, mm_dtype)
+  if direct:   # Ṽ = A (Vb − Kb h), without W and U (see `_state_step`); also returns dVb
+    Kb_h = mm('...ck,...kv->...cv', (beta * d)[..., None] * k, h, mm_dtype)
+    v_new = mm('...ij,...jv->...iv', A, beta[..., None] * v - Kb_h, mm_dtype)
+  else:
+    v_new = ops.U - mm('...ck,...kv->...cv', ops.W, h, mm_dtype)
   dP = scale * mm('...iv,...jv->...ij', do, v_new, mm_dtype)
   dQd = scale * mm('...cv,...kv->...ck', do, h, mm_dtype)
   dKw = mm('...cv,...kv->...ck', v_new, dh_next, mm_dtype)
@@ -245,6 +250,8 @@ def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_
   dgamma = jnp.sum(GdG, axis=-1) - jnp.sum(GdG, axis=-2) + d * dd - w * dw
   dgamma_last = jnp.sum(w * dw, axis=-1) + ops.decay_last * dlam
   dg = jnp.flip(jnp.cumsum(jnp.flip(dgamma, -1), -1), -1) + dgamma_last[..., None]
+  if direct:
+    return (dq, dk, dv, dg, dbeta), dVb
   return dq, dk, dv, dg, dbeta
 
 
@@ -254,7 +261,7 @@ def _forward(xs, seg, h0, scale, fused):
   if fused:
     def body(h, chunk):
       x, s = chunk
-      o, h_next = _state_step(chunk_ops(*x, s), x[0], x[1], h, scale)
+      o, h_next = _state_step(chunk_ops(*x, s), x[0], x[1], h, scale, direct=(x[2], x[4]))
       return h_next, (o, h)
     h_final, (o, h_chunks) = jax.lax.scan(body, h0, (xs, seg))
     return o, h_final, h_chunks
@@ -290,9 +297,17 @@ def _chunked_tiles_bwd(scale, fused, residuals, cotangents):
   if fused:    # per chunk: recompute its operators, step dh back, form its gradients
     def body(dh_next, chunk):
       x, s, h, do_r = chunk
+      q, k, v, _, beta = x
       ops = chunk_ops(*x, s)
-      dv_new, dh = _state_step_bwd(ops, x[0], x[1], do_r, dh_next, scale)
-      return dh, chunk_grads(ops, x[0], x[1], x[2], x[4], h, do_r, dh_next, dv_new, scale)
+      # dṼ = scale Pᵀ dO + K̃ dh';  dh = λ dh' + scale Q̃ᵀ dO − Wᵀ dṼ, with Wᵀ dṼ = Kbᵀ (Aᵀ dṼ) =
+      # Kbᵀ dVb from the gradients: W and U are never formed here (one matmul fewer).
+      dv_new = (scale * mm('...ij,...iv->...jv', ops.QK * ops.Gamma, do_r)
+                + ops.k_write[..., None] * mm('...ck,...kv->...cv', k, dh_next))
+      grads, dVb = chunk_grads(ops, q, k, v, beta, h, do_r, dh_next, dv_new, scale, direct=True)
+      dh = (ops.decay_last[..., None, None] * dh_next
+            + scale * mm('...ck,...cv->...kv', ops.decay_in[..., None] * q, do_r)
+            - mm('...ck,...cv->...kv', (beta * ops.decay_in)[..., None] * k, dVb))
+      return dh, grads
     dh0, grads = jax.lax.scan(body, dh_final, (xs, seg, h_chunks, do), reverse=True)
   else:        # all chunk operators at once; only the dh walk is sequential
     ops = chunk_ops(*xs, seg)
