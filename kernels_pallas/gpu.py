@@ -23,6 +23,7 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
 Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v4*.md), fwd+bwd at
 B8 T2048 H16 K=V=128: walks 4.6–4.8 ms, fused 12.6 ms, XLA chunked 8.1 ms, fla 3.7 ms (same run as
 walks: ratio 1.30); memory 1519 / 770 / 2318 / 932 MiB. Errors equal fla's (o 3.3e-3, grads ≤ 3.3e-3).
+(Taken before `chunk_grads` lost two matmuls per chunk to the dVb Ṽᵀ identity; not yet re-measured.)
 Recomputing A inside the sequential walks was the cost of "fused": moving the chunk operators out of
 the loops made the backward (fwd+bwd − fwd) 3.5× faster: 10.6 → 3.0 ms.
 
