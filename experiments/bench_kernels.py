@@ -160,10 +160,7 @@ def walks_stage_times(inputs, do, C, repeats, warmup):
   def operators(q, k, v, g, beta):
     (qt, kt, vt, gt, bt), seg = gpu._walks_tiles(q, k, v, g, beta, None, C)
     ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm)
-    Kw = (ops.k_write[..., None] * kt).astype(kt.dtype)
-    Qd = (ops.decay_in[..., None] * qt).astype(qt.dtype)
-    lam = jnp.broadcast_to(ops.decay_last[..., None], gt.shape)
-    return (qt, kt, vt, bt), ops, ops.W.astype(kt.dtype), Kw, Qd, lam
+    return (qt, kt, vt, bt), ops, *gpu._walk_operands(ops, qt, kt)
 
   walk_fwd = jax.jit(lambda W, U, Kw, lam: gpu._walk_forward(W, U, Kw, lam, h0, mm_dtype=mm,
                                                              state_dtype=state_dtype))
@@ -174,7 +171,7 @@ def walks_stage_times(inputs, do, C, repeats, warmup):
       '...ij,...iv->...jv', ops.QK * ops.Gamma, do_t, mm)))(gpu._to_chunks(do, B, N, C, H)))
   walk_bwd = jax.jit(lambda W, Kw, Qd, do_t, dv_local, lam: gpu._walk_backward(
       W, Kw, Qd, do_t, dv_local, lam, h0, scale=scale, mm_dtype=mm, state_dtype=state_dtype))
-  grads = jax.jit(lambda ops, t, hs, do_t, dhs, dv_new: xc.chunk_grads(
+  grads = jax.jit(lambda ops, t, hs, do_t, dhs, dv_new: xc.chunk_grads(  # (grads, dVb)
       ops, t[0], t[1], t[2], t[3], hs.astype(jnp.float32), do_t, dhs.astype(jnp.float32), dv_new,
       scale, mm))
 

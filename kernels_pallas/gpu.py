@@ -402,27 +402,35 @@ def _walks_tiles(q, k, v, g, beta, reset_f, C):
   return tiles, seg
 
 
+def _walk_operands(ops, qt, kt):
+  """What the walks read from XLA's chunk operators, in the input dtype: W, K̃ = diag(w) K,
+  Q̃ = diag(d) Q [B,H,N,C,K] and λ broadcast over each chunk's C slots [B,H,N,C]."""
+  return (ops.W.astype(kt.dtype), (ops.k_write[..., None] * kt).astype(kt.dtype),
+          (ops.decay_in[..., None] * qt).astype(qt.dtype),
+          jnp.broadcast_to(ops.decay_last[..., None], ops.decay_in.shape))
+
+
 def _walks_forward(q, k, v, g, beta, reset_f, h0, *, scale, C):
   """Returns (O [B,Tp,H,V] in v's dtype, final state, states before each chunk)."""
   B, Tp, _, _ = q.shape
   H = v.shape[2]
   N = Tp // C
   mm_dtype = _mm_dtype(q.dtype)
-  state_dtype = q.dtype if mm_dtype is not None else jnp.float32
   if OPERATORS == "pallas":
     W, U, Kw, Qd, P, lam = _operators_pallas(q, k, v, g, beta, reset_f, C=C)
-    v_new, ht, hs = _walk_forward(W, U, Kw, lam, h0, mm_dtype=mm_dtype, state_dtype=state_dtype)
-    o = scale * (xc.mm('...ck,...kv->...cv', Qd, hs, mm_dtype)
-                 + xc.mm('...ij,...jv->...iv', P, v_new, mm_dtype))
-    return _from_chunks(o.astype(v.dtype), B, N, C, H), ht, hs
-  (qt, kt, vt, gt, bt), seg = _walks_tiles(q, k, v, g, beta, reset_f, C)
-  ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)
-  Kw = (ops.k_write[..., None] * kt).astype(kt.dtype)
-  lam = jnp.broadcast_to(ops.decay_last[..., None], gt.shape)
-  v_new, ht, hs = _walk_forward(ops.W.astype(kt.dtype), ops.U, Kw, lam, h0, mm_dtype=mm_dtype,
-                                state_dtype=state_dtype)
-  o = scale * (ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm_dtype)
-               + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm_dtype))
+    read_out = lambda hs, v_new: (xc.mm('...ck,...kv->...cv', Qd, hs, mm_dtype)
+                                  + xc.mm('...ij,...jv->...iv', P, v_new, mm_dtype))
+  else:
+    (qt, kt, vt, gt, bt), seg = _walks_tiles(q, k, v, g, beta, reset_f, C)
+    ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)
+    W, Kw, _, lam = _walk_operands(ops, qt, kt)
+    U = ops.U
+    read_out = lambda hs, v_new: (
+        ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm_dtype)
+        + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm_dtype))
+  v_new, ht, hs = _walk_forward(W, U, Kw, lam, h0, mm_dtype=mm_dtype,
+                                state_dtype=q.dtype if mm_dtype is not None else jnp.float32)
+  o = scale * read_out(hs, v_new)       # O = scale (Q̃ h_r + P Ṽ)
   return _from_chunks(o.astype(v.dtype), B, N, C, H), ht, hs
 
 
@@ -435,13 +443,11 @@ def _walks_backward(q, k, v, g, beta, reset_f, hs, do, dht, *, scale, C):
   do_t = _to_chunks(do, B, N, C, H)
   ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)       # recomputed, parallel over chunks
   dv_local = scale * xc.mm('...ij,...iv->...jv', ops.QK * ops.Gamma, do_t, mm_dtype)
-  Kw = (ops.k_write[..., None] * kt).astype(kt.dtype)
-  Qd = (ops.decay_in[..., None] * qt).astype(qt.dtype)
-  lam = jnp.broadcast_to(ops.decay_last[..., None], gt.shape)
-  dh0, dhs, dv_new = _walk_backward(ops.W.astype(kt.dtype), Kw, Qd, do_t, dv_local, lam, dht,
+  W, Kw, Qd, lam = _walk_operands(ops, qt, kt)
+  dh0, dhs, dv_new = _walk_backward(W, Kw, Qd, do_t, dv_local, lam, dht,
                                     scale=scale, mm_dtype=mm_dtype, state_dtype=hs.dtype)
-  grads = xc.chunk_grads(ops, qt, kt, vt, bt, hs.astype(jnp.float32), do_t,
-                         dhs.astype(jnp.float32), dv_new, scale, mm_dtype)
+  grads, _ = xc.chunk_grads(ops, qt, kt, vt, bt, hs.astype(jnp.float32), do_t,
+                            dhs.astype(jnp.float32), dv_new, scale, mm_dtype)
   dq, dk, dv, dg, dbeta = (_from_chunks(x, B, N, C, H) for x in grads)
   if H != Hk:  # value heads of one group share their q/k head: sum their gradients
     dq, dk = (x.reshape(B, Tp, Hk, H // Hk, K).sum(3) for x in (dq, dk))

@@ -186,17 +186,19 @@ def chunk_ops(q, k, v, g, beta, seg, mm_dtype=None) -> ChunkOps:
   return ChunkOps(Gamma, strict, decay_in, k_write, decay_last, QK, KK, A, W, U)
 
 
-def _state_step(ops: ChunkOps, q, k, h, scale, direct=None):
-  """Ṽ = U − W h;  O = scale (diag(d) Q h + (QKᵀ ⊙ Γ) Ṽ);  h' = λ h + (diag(w) K)ᵀ Ṽ.
-
-  With `direct` = (v, β), Ṽ = A (diag(β) V − diag(β d) K h) instead: one matmul fewer when W
-  and U are not needed otherwise (the fused schedule's forward; XLA drops their computation)."""
+def _pseudo_values(ops: ChunkOps, k, h, direct=None, mm_dtype=None):
+  """Ṽ = U − W h, or with `direct` = (v, β) the same Ṽ as A (diag(β) V − diag(β d) K h): one
+  matmul fewer where W and U are not needed otherwise (the fused schedule; XLA then drops them)."""
   if direct is None:
-    v_new = ops.U - mm('...ck,...kv->...cv', ops.W, h)
-  else:
-    v, beta = direct
-    Kb_h = mm('...ck,...kv->...cv', (beta * ops.decay_in)[..., None] * k, h)
-    v_new = mm('...ij,...jv->...iv', ops.A, beta[..., None] * v - Kb_h)
+    return ops.U - mm('...ck,...kv->...cv', ops.W, h, mm_dtype)
+  v, beta = direct
+  Kb_h = mm('...ck,...kv->...cv', (beta * ops.decay_in)[..., None] * k, h, mm_dtype)
+  return mm('...ij,...jv->...iv', ops.A, beta[..., None] * v - Kb_h, mm_dtype)
+
+
+def _state_step(ops: ChunkOps, q, k, h, scale, direct=None):
+  """Ṽ (`_pseudo_values`);  O = scale (diag(d) Q h + (QKᵀ ⊙ Γ) Ṽ);  h' = λ h + (diag(w) K)ᵀ Ṽ."""
+  v_new = _pseudo_values(ops, k, h, direct)
   o = scale * (ops.decay_in[..., None] * mm('...ck,...kv->...cv', q, h)
                + mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new))
   h_next = (ops.decay_last[..., None, None] * h
@@ -217,15 +219,12 @@ def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_
       dγ_i = Σ_j (Γ⊙dΓ)_ij − Σ_j (Γ⊙dΓ)_ji + d_i dd_i − w_i dw_i;  dγ_C = Σ_j w_j dw_j + λ dλ
       dg = reverse_cumsum(dγ) + dγ_C          (γ = cumsum g; Γ_ii = w_C = 1 are constants)
 
-  `direct`: form Ṽ as A (Vb − Kb h) instead of U − W h (the fused schedule, which never forms W
-  and U) and return ((dq, dk, dv, dg, dβ), dVb) so the caller can form Wᵀ dṼ = Kbᵀ dVb.
+  `direct`: form Ṽ as A (Vb − Kb h) instead of U − W h (`_pseudo_values`; the fused schedule,
+  which never forms W and U). Returns ((dq, dk, dv, dg, dβ), dVb); with dVb the caller can form
+  Wᵀ dṼ = Kbᵀ dVb without W.
   """
   A, Gamma, d, w = ops.A, ops.Gamma, ops.decay_in, ops.k_write
-  if direct:   # Ṽ = A (Vb − Kb h), without W and U (see `_state_step`); also returns dVb
-    Kb_h = mm('...ck,...kv->...cv', (beta * d)[..., None] * k, h, mm_dtype)
-    v_new = mm('...ij,...jv->...iv', A, beta[..., None] * v - Kb_h, mm_dtype)
-  else:
-    v_new = ops.U - mm('...ck,...kv->...cv', ops.W, h, mm_dtype)
+  v_new = _pseudo_values(ops, k, h, (v, beta) if direct else None, mm_dtype)
   dP = scale * mm('...iv,...jv->...ij', do, v_new, mm_dtype)
   dQd = scale * mm('...cv,...kv->...ck', do, h, mm_dtype)
   dKw = mm('...cv,...kv->...ck', v_new, dh_next, mm_dtype)
@@ -250,9 +249,7 @@ def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_
   dgamma = jnp.sum(GdG, axis=-1) - jnp.sum(GdG, axis=-2) + d * dd - w * dw
   dgamma_last = jnp.sum(w * dw, axis=-1) + ops.decay_last * dlam
   dg = jnp.flip(jnp.cumsum(jnp.flip(dgamma, -1), -1), -1) + dgamma_last[..., None]
-  if direct:
-    return (dq, dk, dv, dg, dbeta), dVb
-  return dq, dk, dv, dg, dbeta
+  return (dq, dk, dv, dg, dbeta), dVb
 
 
 def _forward(xs, seg, h0, scale, fused):
@@ -324,7 +321,7 @@ def _chunked_tiles_bwd(scale, fused, residuals, cotangents):
     dh0, (dh_next, dv_new) = jax.lax.scan(walk_back, dh_final,
                                           (dv_local, dh_local, Kw, ops.W, ops.decay_last),
                                           reverse=True)
-    grads = chunk_grads(ops, q, k, xs[2], xs[4], h_chunks, do, dh_next, dv_new, scale)
+    grads, _ = chunk_grads(ops, q, k, xs[2], xs[4], h_chunks, do, dh_next, dv_new, scale)
   dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
   return grads, dseg, dh0
 
