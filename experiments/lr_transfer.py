@@ -248,8 +248,7 @@ def analyze(path, out_prefix):
       ys = [float(np.mean(by_lr[x])) if all(np.isfinite(by_lr[x])) else float("nan") for x in xs]
       curves[w] = dict(log2_lr=xs, val_loss=ys)
       optima[w] = dict(zip(("log2_lr", "how"), optimum(xs, ys)))
-    found = [o["log2_lr"] for o in optima.values() if o["log2_lr"] is not None]
-    drift = float(max(found) - min(found)) if len(found) > 1 else None
+    drift = _drift([o["log2_lr"] for o in optima.values() if o["log2_lr"] is not None])
     # Wider is better at the base width's optimal learning rate (nearest grid point).
     base_opt = optima[widths[0]]["log2_lr"]
     at_transfer = {}
@@ -297,9 +296,14 @@ def _per_seed_optima(sel, widths):
         mine[w] = optimum([x for x, _ in pts], [y for _, y in pts])[0]
     optima[seed] = mine
     found = [mine.get(w) for w in widths]
-    if all(o is not None for o in found) and len(found) > 1:
-      drift[seed] = float(max(found) - min(found))
+    if all(o is not None for o in found) and _drift(found) is not None:
+      drift[seed] = _drift(found)
   return dict(optima=optima, drift=drift)
+
+
+def _drift(optima):
+  """max − min of the optimal log2 LRs (None with fewer than two)."""
+  return float(max(optima) - min(optima)) if len(optima) > 1 else None
 
 
 def plot(summary, path):
