@@ -32,7 +32,7 @@ ISSUE_SHAPES = "8,2048,16,128,128;2,8192,16,128,128;8,2048,6,256,512;16,4096,16,
 
 _SHAPES = flags.DEFINE_string("shapes", ISSUE_SHAPES, "Semicolon-separated B,T,H,K,V.")
 _IMPLS = flags.DEFINE_string("impls", "pallas,chunked,fla", "Comma-separated: pallas (default schedule), "
-                             "pallas-walks, pallas-walks+pallas_operators, pallas-fused (one schedule of "
+                             "pallas-walks, pallas-walks+pallas_parts, pallas-fused (one schedule of "
                              "kernels_pallas.gpu), chunked, fla.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
@@ -40,6 +40,9 @@ _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of pallas/chunked.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_kernels_gpu.json", "JSON path (.md beside).")
 _VARIANTS = flags.DEFINE_string("pallas_variants", "", "Extra pallas rows: semicolon-separated "
                                 "BLOCK_V,NUM_WARPS[,BWD_NUM_WARPS[,BWD_BLOCK_V]] (e.g. '128,4;64,8,4,32').")
+_KNOBS = flags.DEFINE_string("knob_variants", "", "Extra pallas rows, each setting kernels_pallas.gpu "
+                             "knobs (defaults restored after each): semicolon-separated NAME=VALUE,... "
+                             "(e.g. 'CHUNK_PARALLEL=pallas,PART_NUM_WARPS=8;WALK_NUM_STAGES=2').")
 _CHECK_ERR = flags.DEFINE_bool("errors", True, "Compute errors against the fp32 reference.")
 _STAGES = flags.DEFINE_bool("stages", False, "Also time each stage of the 'walks' schedule on its own "
                             "(XLA operators, forward walk, output, backward locals, backward walk, grads).")
@@ -175,18 +178,73 @@ def walks_stage_times(inputs, do, C, repeats, warmup):
       ops, t[0], t[1], t[2], t[3], hs.astype(jnp.float32), do_t, dhs.astype(jnp.float32), dv_new,
       scale, mm))
 
+  tiles_only = jax.jit(lambda q, k, v, g, beta: gpu._walks_tiles(q, k, v, g, beta, None, C)[0])
+  tq, tk, tv, tg, tb = tiles_only(*inputs)
+
+  @jax.jit
+  def products(qt, kt, gt, bt):      # QKᵀ, KKᵀ, Γ and L: the inputs of the inverse
+    gamma, strict, *_ = xc._decays(gt, None)
+    KK = xc.mm('...ik,...jk->...ij', kt, kt, mm)
+    Gamma = xc._gamma_matrix(gamma, strict)
+    return (xc.mm('...ik,...jk->...ij', qt, kt, mm), Gamma,
+            jnp.where(strict, bt[..., :, None] * KK * Gamma, 0.0))
+
+  _, _, L = products(tq, tk, tg, tb)
+  inverse = jax.jit(xc.unit_lower_inverse)
+  A = inverse(L)
+  w_u = jax.jit(lambda A, kt, vt, bt: (xc.mm('...ij,...jk->...ik', A, bt[..., None] * kt, mm),
+                                       xc.mm('...ij,...jv->...iv', A, bt[..., None] * vt, mm)))
   t, ops, W, Kw, Qd, lam = operators(*inputs)
   v_new, _, hs = walk_fwd(W, ops.U, Kw, lam)
   do_t, dv_local = bwd_local(ops, do)
   _, dhs, dv_bwd = walk_bwd(W, Kw, Qd, do_t, dv_local, lam)
   calls = {
       "fwd: tiles + chunk operators (XLA)": lambda: operators(*inputs),
+      "fwd:   of which: [B,T,H,·] → [B,H,N,C,·] tiles (XLA)": lambda: tiles_only(*inputs),
+      "fwd:   of which: QKᵀ, KKᵀ, Γ, L (XLA)": lambda: products(tq, tk, tg, tb),
+      "fwd:   of which: A = (I+L)⁻¹ (XLA, fp32 doubling)": lambda: inverse(L),
+      "fwd:   of which: W, U (XLA)": lambda: w_u(A, tk, tv, tb),
       "fwd: state walk (Pallas)": lambda: walk_fwd(W, ops.U, Kw, lam),
       "fwd: output O (XLA)": lambda: output(t[0], ops, hs, v_new),
       "bwd: dṼ_local (XLA)": lambda: bwd_local(ops, do),
       "bwd: reverse walk (Pallas)": lambda: walk_bwd(W, Kw, Qd, do_t, dv_local, lam),
       "bwd: chunk gradients (XLA)": lambda: grads(ops, t, hs, do_t, dhs, dv_bwd),
   }
+  return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]
+          for name, f in calls.items()}
+
+
+def pallas_parts_stage_times(inputs, do, C, repeats, warmup):
+  """Median ms of each kernel of the walks schedule with CHUNK_PARALLEL="pallas", each jitted alone
+  on precomputed inputs (T a multiple of C, no packed documents)."""
+  from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
+  q, k, v, g, beta = inputs
+  B, T, H, K = q.shape
+  scale, mm = K ** -0.5, gpu._mm_dtype(q.dtype)
+  op = gpu._op_dtype(q.dtype)
+  h0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
+  reset = jnp.zeros((B, T), jnp.float32)
+  prep = jax.jit(lambda *x: gpu._prep_pallas(*x, reset, C=C))
+  walk_fwd = jax.jit(lambda W, U, Kw, lam: gpu._walk_forward(W, U, Kw, lam, h0, mm_dtype=mm,
+                                                             state_dtype=op, vnew_dtype=op))
+  output = jax.jit(lambda hs, v_new: gpu._output_pallas(q, k, v, g, reset, hs, v_new, scale=scale,
+                                                        C=C))
+  bwd_prep = jax.jit(lambda A: gpu._bwd_prep_pallas(q, k, v, g, beta, reset, A, do, scale=scale,
+                                                    C=C))
+  walk_bwd = jax.jit(lambda W, Kw, Qd, dvl, lam: gpu._walk_backward(
+      W, Kw, Qd, do, dvl, lam, h0, scale=scale, mm_dtype=mm, state_dtype=op, dvnew_dtype=op))
+  grads = jax.jit(lambda A, hs, v_new, dhs, dv_new: gpu._grads_pallas(
+      q, k, v, g, beta, reset, A, hs, v_new, do, dhs, dv_new, scale=scale, C=C))
+  A, W, U, Kw, lam = prep(*inputs)
+  v_new, _, hs = walk_fwd(W, U, Kw, lam)
+  Wb, Kwb, Qd, dvl, lamb = bwd_prep(A)
+  _, dhs, dv_new = walk_bwd(Wb, Kwb, Qd, dvl, lamb)
+  calls = {"parts fwd: prep (A, W, U, K̃)": lambda: prep(*inputs),
+           "parts fwd: state walk": lambda: walk_fwd(W, U, Kw, lam),
+           "parts fwd: output": lambda: output(hs, v_new),
+           "parts bwd: prep (W, K̃, Q̃, dṼ_local)": lambda: bwd_prep(A),
+           "parts bwd: reverse walk": lambda: walk_bwd(Wb, Kwb, Qd, dvl, lamb),
+           "parts bwd: gradients": lambda: grads(A, hs, v_new, dhs, dv_new)}
   return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]
           for name, f in calls.items()}
 
@@ -209,11 +267,24 @@ def main(argv):
     inputs, do = make_inputs(B, T, H, K, V)
     ref = reference(inputs, do, C) if _CHECK_ERR.value else None
     variants = [(impl, None) for impl in impls] + [
-        ("pallas", tuple(map(int, v.split(",")))) for v in _VARIANTS.value.split(";") if v]
+        ("pallas", tuple(map(int, v.split(",")))) for v in _VARIANTS.value.split(";") if v] + [
+        ("pallas", v) for v in _KNOBS.value.split(";") if v]
+    from kernels_pallas import gpu
+    defaults = {name: getattr(gpu, name) for name in dir(gpu) if name.isupper()}
     for impl, knobs in variants:
-      row = dict(impl=impl if knobs is None else "pallas_" + "_".join(map(str, knobs)),
-                 B=B, T=T, H=H, K=K, V=V)
+      for name, value in defaults.items():
+        setattr(gpu, name, value)
+      jax.clear_caches()
+      label = (impl if knobs is None else knobs if isinstance(knobs, str)
+               else "pallas_" + "_".join(map(str, knobs)))
+      row = dict(impl=label, B=B, T=T, H=H, K=K, V=V)
       try:
+        if isinstance(knobs, str):
+          for item in knobs.split(","):
+            name, value = item.split("=")
+            kind = type(defaults[name])
+            setattr(gpu, name, value == "True" if kind is bool else kind(value))
+          knobs = None
         if knobs is not None:
           from kernels_pallas import gpu
           gpu.BLOCK_V, gpu.NUM_WARPS = knobs[:2]
@@ -222,9 +293,9 @@ def main(argv):
           jax.clear_caches()
         if impl.startswith("pallas-"):   # pallas-walks[+pallas_operators] / pallas-fused: one schedule
           from kernels_pallas import gpu
-          schedule, _, operators = impl.split("-", 1)[1].partition("+")
+          schedule, _, parts = impl.split("-", 1)[1].partition("+")
           gpu.SCHEDULE = schedule
-          gpu.OPERATORS = "pallas" if operators == "pallas_operators" else "xla"
+          gpu.CHUNK_PARALLEL = "pallas" if parts == "pallas_parts" else "xla"
           jax.clear_caches()
         if impl == "fla":
           res, o, grads = bench_fla(inputs, do, _REPEATS.value, _WARMUP.value)
@@ -242,14 +313,23 @@ def main(argv):
       rows.append(row)
     if _STAGES.value:
       try:
-        stages.append(dict(B=B, T=T, H=H, K=K, V=V, stages_ms=walks_stage_times(
-            inputs, do, C, _REPEATS.value, _WARMUP.value)))
+        for name, value in defaults.items():
+          setattr(gpu, name, value)
+        st = walks_stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value)
+        st.update(pallas_parts_stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value))
+        stages.append(dict(B=B, T=T, H=H, K=K, V=V, stages_ms=st))
         print(json.dumps(stages[-1]), flush=True)
       except Exception:  # keep the timed rows
         traceback.print_exc()
     del inputs, do, ref
+  versions = {}
+  for name in ("torch", "triton", "fla"):
+    try:
+      versions[name] = __import__(name).__version__
+    except Exception:  # pylint: disable=broad-except
+      versions[name] = None
   out = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-             device=str(jax.devices()[0].device_kind), jax=jax.__version__, chunk_size=C,
+             device=str(jax.devices()[0].device_kind), jax=jax.__version__, **versions, chunk_size=C,
              repeats=_REPEATS.value, rows=rows, walks_stages=stages)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:

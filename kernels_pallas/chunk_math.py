@@ -112,12 +112,16 @@ def chunk_decays(g_C, reset_C, C: int):
   return Gamma_CxC, decay_in_C, k_write_C, decay_last
 
 
-def ut_transform(k_CxK, v_CxV, beta_C, Gamma_CxC, decay_in_C, C: int, mm_dtype=None):
-  """W = A diag(β e^γ[s=0]) K and U = A diag(β) V with A = (I + L)⁻¹, L = strict(diag(β)(K Kᵀ) ⊙ Γ)."""
+def ut_inverse(k_CxK, beta_C, Gamma_CxC, C: int):
+  """A = (I + L)⁻¹ with L = strict(diag(β)(K Kᵀ) ⊙ Γ) (Γ carries the document mask)."""
   rows, cols = _iota2(C)
   KK = dot(k_CxK, k_CxK, trans_b=True)
-  L = jnp.where(cols < rows, beta_C[:, None] * KK * Gamma_CxC, 0.0)
-  A = unit_lower_inverse(L, C)
+  return unit_lower_inverse(jnp.where(cols < rows, beta_C[:, None] * KK * Gamma_CxC, 0.0), C)
+
+
+def ut_transform(k_CxK, v_CxV, beta_C, Gamma_CxC, decay_in_C, C: int, mm_dtype=None):
+  """W = A diag(β e^γ[s=0]) K and U = A diag(β) V with A = (I + L)⁻¹, L = strict(diag(β)(K Kᵀ) ⊙ Γ)."""
+  A = ut_inverse(k_CxK, beta_C, Gamma_CxC, C)
   kf = k_CxK.astype(jnp.float32)
   W = dot(A, (beta_C * decay_in_C)[:, None] * kf, mm_dtype=mm_dtype)
   U = dot(A, beta_C[:, None] * v_CxV.astype(jnp.float32), mm_dtype=mm_dtype)
@@ -234,3 +238,78 @@ def chunk_bwd(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_
   dgamma_last = jnp.sum(w * dw) + lam * dlam
   dg = reverse_cumsum(dgamma, C) + dgamma_last
   return dq, dk, dv, dg, dbeta
+
+
+# ------------------------------------------------------------------------------------------------
+# The chunk-parallel parts of the "walks" schedule when they run as Pallas kernels
+# (`kernels_pallas.gpu.CHUNK_PARALLEL = "pallas"`): A is formed once, in the forward, and stored;
+# the backward reads it. V-wide tiles are handled by the caller in blocks of V columns (the rule is
+# separable in the value columns), so these functions take one V-block at a time where V appears.
+
+
+def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, scale: float,
+                    mm_dtype=None, qk_cols=None, first=True):
+  r"""Gradients of one chunk given A = (I + L)⁻¹ from the forward and, per V-block, the walks' results.
+
+  `blocks` yields, per V-block, (v, h, Ṽ, dO, dh', dṼ) tiles (C×BV, K×BV, C×BV, C×BV, K×BV, C×BV)
+  and a `write_dv(dv_block)` callback. The math is `gdn_jax.ops.chunked.chunk_grads` (the same
+  identities: dVb = Aᵀ dṼ, dKb = −dVb hᵀ, dL = −strict(dVb Ṽᵀ)), with every product that contracts
+  over V accumulated block by block:
+
+      dP = scale Σ dO Ṽᵀ     d(dQd) = scale Σ dO hᵀ      dK̃ = Σ Ṽ dh'ᵀ      dλ = Σ h ⊙ dh'
+      dKb = −Σ dVb hᵀ        dL = −strict(Σ dVb Ṽᵀ)      dv = β dVb (per block)
+
+  then dq = (dP ⊙ Γ) K + d ⊙ dQd, dk = (dP ⊙ Γ)ᵀ Q + (dKK + dKKᵀ) K + w ⊙ dK̃ + βd ⊙ dKb with
+  dKK = β Γ ⊙ dL, and dβ, dg as in `chunk_bwd`. Returns (dq, dk [C×K], dg, dβ [C]) float32.
+
+  K split over programs (`qk_cols` = the q, k tiles of one block of K columns): q, k are the full
+  C×K tiles (Q Kᵀ and K Kᵀ need all of K), the h, dh blocks hold only the matching rows of the
+  state, and dq, dk are returned for those columns.
+  dg and dβ are then partial sums over the K-blocks (the caller adds them up): the terms that do not
+  contract over K are counted only where `first` is true (a traced bool or 1.0/0.0).
+  """
+  rows, cols = _iota2(C)
+  strict = cols < rows
+  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+  q_cols, k_cols_ = (q_CxK, k_CxK) if qk_cols is None else qk_cols
+  qf, kf = q_cols.astype(jnp.float32), k_cols_.astype(jnp.float32)
+  Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
+  K = q_cols.shape[1]
+  first = jnp.asarray(first, jnp.float32)
+  dP = jnp.zeros((C, C), jnp.float32)
+  dL = jnp.zeros((C, C), jnp.float32)
+  dq_state = jnp.zeros((C, K), jnp.float32)     # d ⊙ dQd
+  dk_state = jnp.zeros((C, K), jnp.float32)     # w ⊙ dK̃ + βd ⊙ dKb
+  qd_dot = kw_dot = kb_dot = dbeta_v = jnp.zeros((C,), jnp.float32)
+  dlam = jnp.zeros((), jnp.float32)
+  for (v, h, v_new, do, dh, dv_new), write_dv in blocks:
+    dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
+    dQd = scale * dot(do, h, trans_b=True, mm_dtype=mm_dtype)
+    dKw = dot(v_new, dh, trans_b=True, mm_dtype=mm_dtype)
+    dlam = dlam + jnp.sum(jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1))
+    dVb = dot(A_CxC, dv_new, trans_a=True, mm_dtype=mm_dtype)
+    dKb = -dot(dVb, h, trans_b=True, mm_dtype=mm_dtype)
+    dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
+    dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
+    write_dv(beta_C[:, None] * dVb)
+    dq_state = dq_state + d[:, None] * dQd
+    dk_state = dk_state + w[:, None] * dKw + (beta_C * d)[:, None] * dKb
+    qd_dot = qd_dot + jnp.sum(dQd * qf, axis=1)
+    kw_dot = kw_dot + jnp.sum(dKw * kf, axis=1)
+    kb_dot = kb_dot + jnp.sum(dKb * kf, axis=1)
+  KK = dot(k_CxK, k_CxK, trans_b=True)
+  QK = dot(q_CxK, k_CxK, trans_b=True)
+  dL = jnp.where(strict, dL, 0.0)
+  dKK = beta_C[:, None] * Gamma * dL
+  dQK = dP * Gamma
+  dq = dq_state + dot(dQK, k_cols_, mm_dtype=mm_dtype)
+  dk = (dk_state + dot(dQK, q_cols, trans_a=True, mm_dtype=mm_dtype)
+        + dot(dKK, k_cols_, mm_dtype=mm_dtype) + dot(dKK, k_cols_, trans_a=True, mm_dtype=mm_dtype))
+  dbeta = first * (jnp.sum(KK * Gamma * dL, axis=1) + dbeta_v) + d * kb_dot
+  dd = beta_C * kb_dot + qd_dot
+  dw = jnp.where(idx < C - 1, kw_dot, 0.0)                             # w_{C−1} = 1 is a constant
+  GdG = jnp.where(strict, Gamma * (beta_C[:, None] * KK * dL + dP * QK), 0.0)
+  dgamma = first * (jnp.sum(GdG, axis=1) - jnp.sum(GdG, axis=0)) + d * dd - w * dw
+  dgamma_last = jnp.sum(w * dw) + lam * dlam
+  dg = reverse_cumsum(dgamma, C) + dgamma_last
+  return dq, dk, dg, dbeta

@@ -1,45 +1,51 @@
-r"""Chunked gated delta rule on NVIDIA GPUs: Pallas (Triton lowering) state walks + XLA chunk-parallel math.
+r"""Chunked gated delta rule on NVIDIA GPUs: Pallas (Triton lowering) kernels, fla's decomposition.
 
 Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chunked`), `SCHEDULE`:
 
-"walks" (the default; fla's decomposition):
-  forward  XLA, parallel over all chunks: the chunk operators once (`chunked.chunk_ops`: Γ, A = (I+L)⁻¹,
-           W, U; bf16 operands for bf16 inputs, the inverse in fp32). One Pallas kernel per (batch,
-           value head, V-block) then walks the chunks in order doing only the state recursion,
-           Ṽ_r = U_r − W_r h_r,  h_{r+1} = λ_r h_r + K̃_rᵀ Ṽ_r  (two C×K×BV matmuls per chunk), and
-           writes Ṽ and h_r (bf16 for bf16 inputs, as fla). XLA forms O = scale (Q̃ h_r + P Ṽ) in
-           parallel. The backward keeps only the inputs and h_r: O(T/C · K · V) per head.
-  backward XLA recomputes the chunk operators and dṼ^local = scale Pᵀ dO; a Pallas kernel walks the
-           chunks in reverse:  dṼ_r = dṼ_r^local + K̃_r dh_{r+1},  dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r
-           − W_rᵀ dṼ_r (writes dh_{r+1} and dṼ per chunk, returns dh_0); then XLA forms every input
-           gradient in parallel over chunks (`chunked.chunk_grads`, math in its docstring).
-  `OPERATORS = "pallas"` computes the forward's chunk operators with a chunk-parallel Pallas kernel
-  instead (`_operators_pallas`, `chunk_math.chunk_operators` per program); tested, not yet timed.
+"walks" (the default; fla's decomposition): everything that does not depend on the carry-in state
+  runs once per chunk, in parallel over all chunks; two Pallas kernels per direction walk the chunks
+  in order doing only the state recursion. Who runs the chunk-parallel parts is `CHUNK_PARALLEL`
+  ("auto": Pallas for K, V ≤ 128, XLA above; `_chunk_parallel` has the numbers):
+  forward  prep (`gdn_prep`, grid (B, H, N)): γ, Γ, A = (I+L)⁻¹ (fp32), W = A diag(βd) K,
+           U = A diag(β) V, K̃, λ; walk (`gdn_walk_fwd`, grid (B, H, V/BV)):
+           Ṽ_r = U_r − W_r h_r,  h_{r+1} = λ_r h_r + K̃_rᵀ Ṽ_r  (two C×K×BV matmuls per chunk), writing
+           Ṽ and h_r (bf16 for bf16 inputs, as fla); output (`gdn_output`, grid (B, H, N)):
+           O = scale (diag(d) Q h_r + ((Q Kᵀ) ⊙ Γ) Ṽ). The forward keeps the inputs, A, h_r and Ṽ:
+           no per-token state.
+  backward prep (`gdn_bwd_prep`) from the stored A: W, K̃, Q̃ = diag(d) Q and dṼ^local = scale Pᵀ dO;
+           the reverse walk (`gdn_walk_bwd`):  dṼ_r = dṼ_r^local + K̃_r dh_{r+1},
+           dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r − W_rᵀ dṼ_r (writes dh_{r+1} and dṼ per chunk,
+           returns dh_0); gradients (`gdn_grads`, grid (B, H, N, K/BK)): every input gradient of a
+           chunk (`chunk_math.chunk_gradients`, the identities of `chunked.chunk_grads`).
+  With CHUNK_PARALLEL = "xla" the chunk-parallel parts are batched XLA ops instead
+  (`chunked.chunk_ops` forward and backward, `chunked.chunk_grads`); only h_r is kept and A is
+  recomputed in the backward.
 "fused" (the first version, kept as the low-memory option): the forward and reverse walks recompute
   each chunk's operators inside the sequential loop (`chunk_math.chunk_operators`), and a third
   kernel (one program per chunk, `chunk_math.chunk_bwd`) forms the gradients; for K or V > 128 XLA
-  differentiates the vmapped `chunk_math` instead. About half the memory of "walks", 2.6× slower.
+  differentiates the vmapped `chunk_math` instead. 2.6× slower than "walks" with XLA parts.
 
-Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v4*.md), fwd+bwd at
-B8 T2048 H16 K=V=128: walks 4.6–4.8 ms, fused 12.6 ms, XLA chunked 8.1 ms, fla 3.7 ms (same run as
-walks: ratio 1.30); memory 1519 / 770 / 2318 / 932 MiB. Errors equal fla's (o 3.3e-3, grads ≤ 3.3e-3).
-(Taken before `chunk_grads` lost two matmuls per chunk to the dVb Ṽᵀ identity; not yet re-measured.)
-Recomputing A inside the sequential walks was the cost of "fused": moving the chunk operators out of
-the loops made the backward (fwd+bwd − fwd) 3.5× faster: 10.6 → 3.0 ms.
+Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v5*.md; log and earlier
+versions in NOTES_gpu.md), fwd+bwd against fla in one run: 3.25 vs 2.96 ms at B8 T2048 H16 K=V=128
+(0.95 and 1.02 in two other runs), 4.06 vs 2.88 at B2 T8192, 12.4 vs 8.3 at B16 T4096; memory 690 /
+678 / 2728 MiB against fla's 932 / 932 / 3728. At K = 256, V = 512 (XLA parts) 5.9 vs 3.9 ms.
+Errors equal or beat fla's (o 3.3e-3, gradients ≤ 3.3e-3 against an fp32 reference).
+The Pallas chunk-parallel parts halved the forward (1.74 → 0.86 ms in one run) and the memory (1416
+→ 690 MiB): the XLA parts sent ~20 fp32 [B, H, N, C, ·] intermediates and two layout transposes
+through HBM; the kernels keep them in registers and read/write the [B, T, H, ·] layout directly.
 
 Backend choice: Pallas' Triton lowering (`pl.pallas_call` + `plt.CompilerParams`) compiles and runs with
 jax 0.11.2 on the H100 and accepts 2-D `dot_general` with transposes, iota masks and `fori_loop`,
 which is all these kernels need; the same kernels run on CPU with `interpret=True` and lower to Triton
 IR on CPU for an abstract H100 (tests/pallas_gpu_test.py). Mosaic GPU (`plgpu` + wgmma) needs
 M % 64 warpgroup tiles, explicit shared-memory pipelines, has no `dot_general` lowering, and its API
-is marked unstable. The remaining gap to fla is in the XLA parts and the memory traffic between them
-(NOTES_gpu.md), not in the instruction choice of the walks, so the deprecated-but-working Triton path
-was kept. Triton needs head dims that are powers of two ≥ 16 (`kernels_pallas.unsupported_shape`).
+is marked unstable. The gains so far came from the decomposition and the memory traffic, not from
+instruction choice, so the deprecated-but-working Triton path was kept. Triton needs head dims that are powers of two ≥ 16 (`kernels_pallas.unsupported_shape`).
 
 Packed documents (`reset`) are handled through the masks of the chunk math (None: no documents).
 T not a multiple of C is zero-padded (g = β = k = v = 0 leave the state unchanged).
-Grouped value heads: q/k are repeated over the value heads of a group for the XLA parts ("walks"),
-or read through the BlockSpec index maps ("fused"); their gradients are summed over the group.
+Grouped value heads: q/k are repeated over the value heads of a group for the XLA parts, or read
+through the BlockSpec index maps (the Pallas parts, "fused"); their gradients are summed over the group.
 """
 from __future__ import annotations
 
@@ -70,12 +76,35 @@ BWD_NUM_WARPS = 8
 BWD_BLOCK_V = 128  # V columns per program of the chunk-parallel backward (64: 1.4x, 32: 1.7x slower on H100)
 PALLAS_CHUNK_BWD = True   # False: chunk-parallel gradients by XLA autodiff of `chunk_math` (vmapped)
 SCHEDULE = "walks"        # "walks": XLA chunk operators + Pallas state walks; "fused": operators in the walks
-OPERATORS = "xla"         # walks' forward operators: "xla" (measured) or "pallas" (a chunk-parallel
-                          # kernel, `_operators_pallas`; correct and lowering-tested, not yet timed)
+CHUNK_PARALLEL = "auto"   # who does the walks' chunk-parallel parts: "pallas" (four chunk-parallel
+                          # kernels; A formed once in the forward and stored), "xla", or "auto":
+                          # pallas for K, V <= 128, xla above (`_chunk_parallel`)
+PART_BLOCK_V = 64         # V columns per step of the chunk-parallel kernels' V loops
+PART_NUM_WARPS = 4        # warps of the forward's prep and output kernels
+BWD_PART_NUM_WARPS = 8    # ... of the backward's prep kernel
+GRADS_NUM_WARPS = 4       # ... of the gradients kernel
+GRADS_BLOCK_V = 128       # V columns per step of the gradients kernel's V loop
+GRADS_BLOCK_K = 64        # K columns per program of the gradients kernel (< K: K split over programs)
+WALK_NUM_STAGES = 1       # Triton software-pipelining depth of the walks' chunk loop
+BLOCK_V_LARGE_K = 32      # BLOCK_V of the walks when K > 128
+WALK_BWD_DO_TOKENS = True  # the reverse walk reads dO in token layout (False: XLA makes [B,H,N,C,V] tiles)
 
 
-def _block_v(V: int) -> int:
-  return min(V, BLOCK_V)
+def _chunk_parallel(K: int, V: int) -> str:
+  """Resolves CHUNK_PARALLEL. Measured on the H100 (bench_kernels_h100_v5*): at K = V = 128 the
+  Pallas parts give fwd+bwd 3.25-3.39 ms against 4.46 ms with xla (different runs) and memory 690
+  against 1416 MiB; at K = 256, V = 512 their gradients kernel (K split in 4, V loop of 4) makes
+  fwd+bwd 10.5 ms against 5.9 ms with xla in one run (memory 1285 against 1983 MiB), so "auto"
+  keeps xla there."""
+  if CHUNK_PARALLEL != "auto":
+    return CHUNK_PARALLEL
+  return "pallas" if K <= 128 and V <= 128 else "xla"
+
+
+def _block_v(V: int, K: int = 0) -> int:
+  """V columns per walk program; K > 128 halves it (the K×BV state tiles and the C×K operands
+  must fit the 227 KB of shared memory of an H100)."""
+  return min(V, BLOCK_V if K <= 128 else BLOCK_V_LARGE_K)
 
 
 def _compiler_params(num_warps: int, num_stages: int = 1):
@@ -287,7 +316,7 @@ def _walk_fwd_kernel(w_ref, u_ref, kw_ref, lam_ref, h0_ref, vnew_ref, ht_ref, hs
 
 
 def _walk_bwd_kernel(w_ref, kw_ref, qd_ref, do_ref, dvl_ref, lam_ref, dht_ref,
-                     dh0_ref, dhs_ref, dvnew_ref, *, N, scale, mm_dtype):
+                     dh0_ref, dhs_ref, dvnew_ref, *, N, scale, mm_dtype, do_rows):
   """dh_{r+1} → dṼ_r = dṼ_r^local + K̃_r dh_{r+1} → dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r − W_rᵀ dṼ_r,
   for r = N−1 … 0 (dṼ^local = scale Pᵀ dO and Q̃ = diag(d) Q come from XLA)."""
   def body(i, dh_KxV):
@@ -296,7 +325,8 @@ def _walk_bwd_kernel(w_ref, kw_ref, qd_ref, do_ref, dvl_ref, lam_ref, dht_ref,
     dv_new = dvl_ref[r].astype(jnp.float32) + cm.dot(kw_ref[r], dh_KxV, mm_dtype=mm_dtype)
     dvnew_ref[r] = dv_new.astype(dvnew_ref.dtype)
     lam = jnp.max(lam_ref[r])
-    return (lam * dh_KxV + scale * cm.dot(qd_ref[r], do_ref[r], trans_a=True, mm_dtype=mm_dtype)
+    do = do_ref[pl.ds(pl.multiple_of(r * do_rows, do_rows), do_rows), :] if do_rows else do_ref[r]
+    return (lam * dh_KxV + scale * cm.dot(qd_ref[r], do, trans_a=True, mm_dtype=mm_dtype)
             - cm.dot(w_ref[r], dv_new, trans_a=True, mm_dtype=mm_dtype))
 
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
@@ -312,79 +342,260 @@ def _tile_specs(N, C, K, BV):
           pl.BlockSpec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))   # a state per chunk
 
 
-def _walk_forward(W, U, Kw, lam, h0, *, mm_dtype, state_dtype):
+def _walk_forward(W, U, Kw, lam, h0, *, mm_dtype, state_dtype, vnew_dtype=jnp.float32):
   """W, Kw [B,H,N,C,K]; U [B,H,N,C,V]; lam [B,H,N,C]; h0 [B,H,K,V] f32.
   Returns (Ṽ [B,H,N,C,V] f32, final state f32, states before each chunk [B,H,N,K,V])."""
   B, H, N, C, K = W.shape
   V = U.shape[-1]
-  BV = _block_v(V)
+  BV = _block_v(V, K)
   rows_k, rows_v, lam_spec, st_spec, hs_spec = _tile_specs(N, C, K, BV)
   kernel = functools.partial(_walk_fwd_kernel, N=N, mm_dtype=mm_dtype)
   return pl.pallas_call(
       kernel, grid=(B, H, V // BV),
       in_specs=[rows_k, rows_v, rows_k, lam_spec, st_spec],
       out_specs=[rows_v, st_spec, hs_spec],
-      out_shape=[jax.ShapeDtypeStruct(U.shape, jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct(U.shape, vnew_dtype),
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, H, N, K, V), state_dtype)],
-      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS), name="gdn_walk_fwd",
+      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS, WALK_NUM_STAGES),
+      name="gdn_walk_fwd",
   )(W, U, Kw, lam, h0)
 
 
-def _walk_backward(W, Kw, Qd, do, dv_local, lam, dht, *, scale, mm_dtype, state_dtype):
-  """Returns (dh0 [B,H,K,V] f32, dh_{r+1} per chunk [B,H,N,K,V], dṼ [B,H,N,C,V] f32)."""
+def _walk_backward(W, Kw, Qd, do, dv_local, lam, dht, *, scale, mm_dtype, state_dtype,
+                   dvnew_dtype=jnp.float32):
+  """do: [B,H,N,C,V] tiles or [B,N·C,H,V] tokens. Returns (dh0 [B,H,K,V] f32, dh_{r+1} per chunk
+  [B,H,N,K,V], dṼ [B,H,N,C,V])."""
   B, H, N, C, K = W.shape
   V = do.shape[-1]
-  BV = _block_v(V)
+  BV = _block_v(V, K)
   rows_k, rows_v, lam_spec, st_spec, hs_spec = _tile_specs(N, C, K, BV)
-  kernel = functools.partial(_walk_bwd_kernel, N=N, scale=scale, mm_dtype=mm_dtype)
+  do_tokens = do.ndim == 4
+  do_spec = (pl.BlockSpec((None, N * C, None, BV), lambda b, h, j: (b, 0, h, j)) if do_tokens
+             else rows_v)
+  kernel = functools.partial(_walk_bwd_kernel, N=N, scale=scale, mm_dtype=mm_dtype,
+                             do_rows=C if do_tokens else 0)
   return pl.pallas_call(
       kernel, grid=(B, H, V // BV),
-      in_specs=[rows_k, rows_k, rows_k, rows_v, rows_v, lam_spec, st_spec],
+      in_specs=[rows_k, rows_k, rows_k, do_spec, rows_v, lam_spec, st_spec],
       out_specs=[st_spec, hs_spec, rows_v],
       out_shape=[jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, H, N, K, V), state_dtype),
-                 jax.ShapeDtypeStruct(do.shape, jnp.float32)],
-      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS), name="gdn_walk_bwd",
+                 jax.ShapeDtypeStruct(dv_local.shape, dvnew_dtype)],
+      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS, WALK_NUM_STAGES),
+      name="gdn_walk_bwd",
   )(W, Kw, Qd, do, dv_local, lam, dht)
 
 
-def _operators_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref,
-                      w_ref, u_ref, kw_ref, qd_ref, p_ref, lam_ref, *, C, mm_dtype):
-  """One chunk of one value head: `chunk_math.chunk_operators` (Γ, A by masked doubling, W, U, K̃,
-  Q̃, P) in registers, written in the tile layout the walks read."""
-  P, W, U, Qd, Kw, decay_last = cm.chunk_operators(
-      q_ref[...], k_ref[...], v_ref[...], g_ref[...], beta_ref[...], reset_ref[...], C, mm_dtype)
-  for ref, x in ((w_ref, W), (u_ref, U), (kw_ref, Kw), (qd_ref, Qd), (p_ref, P)):
+def _v_blocks(V: int, block=None):
+  """Static column blocks of the chunk-parallel kernels' V loops."""
+  BV = min(V, block or PART_BLOCK_V)
+  return [pl.ds(j * BV, BV) for j in range(V // BV)]
+
+
+def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, w_ref, u_ref, kw_ref, lam_ref,
+                 *, C, mm_dtype):
+  """Forward, one chunk of one value head: A = (I + L)⁻¹ (masked doubling, fp32), W = A diag(βd) K,
+  U = A diag(β) V (by V-blocks), K̃ = diag(w) K and λ; A is kept for the backward."""
+  k, beta = k_ref[...], beta_ref[...]
+  Gamma, d, w, lam = cm.chunk_decays(g_ref[...], reset_ref[...], C)
+  A = cm.ut_inverse(k, beta, Gamma, C)
+  kf = k.astype(jnp.float32)
+  a_ref[...] = A.astype(a_ref.dtype)
+  w_ref[...] = cm.dot(A, (beta * d)[:, None] * kf, mm_dtype=mm_dtype).astype(w_ref.dtype)
+  kw_ref[...] = (w[:, None] * kf).astype(kw_ref.dtype)
+  for blk in _v_blocks(v_ref.shape[-1]):
+    vb = beta[:, None] * v_ref[:, blk].astype(jnp.float32)
+    u_ref[:, blk] = cm.dot(A, vb, mm_dtype=mm_dtype).astype(u_ref.dtype)
+  lam_ref[...] = jnp.full((C,), lam, jnp.float32)
+
+
+def _output_kernel(q_ref, k_ref, g_ref, reset_ref, h_ref, vnew_ref, o_ref, *, C, scale, mm_dtype):
+  """Forward, one chunk: O = scale (diag(d) Q h_r + ((Q Kᵀ) ⊙ Γ) Ṽ_r), written in token layout."""
+  q = q_ref[...]
+  Gamma, d, _, _ = cm.chunk_decays(g_ref[...], reset_ref[...], C)
+  P = cm.dot(q, k_ref[...], trans_b=True) * Gamma
+  Qd = d[:, None] * q.astype(jnp.float32)
+  for blk in _v_blocks(vnew_ref.shape[-1]):
+    o = (cm.dot(Qd, h_ref[:, blk], mm_dtype=mm_dtype)
+         + cm.dot(P, vnew_ref[:, blk], mm_dtype=mm_dtype))
+    o_ref[:, blk] = (scale * o).astype(o_ref.dtype)
+
+
+def _bwd_prep_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, do_ref,
+                     w_ref, kw_ref, qd_ref, dvl_ref, lam_ref, *, C, scale, mm_dtype):
+  """Backward, one chunk, from the stored A: W, K̃, Q̃ = diag(d) Q, λ and dṼ^local = scale Pᵀ dO."""
+  q, k, beta = q_ref[...], k_ref[...], beta_ref[...]
+  Gamma, d, w, lam = cm.chunk_decays(g_ref[...], reset_ref[...], C)
+  kf = k.astype(jnp.float32)
+  w_ref[...] = cm.dot(a_ref[...], (beta * d)[:, None] * kf, mm_dtype=mm_dtype).astype(w_ref.dtype)
+  kw_ref[...] = (w[:, None] * kf).astype(kw_ref.dtype)
+  qd_ref[...] = (d[:, None] * q.astype(jnp.float32)).astype(qd_ref.dtype)
+  P = cm.dot(q, k, trans_b=True) * Gamma
+  for blk in _v_blocks(do_ref.shape[-1]):
+    dvl_ref[:, blk] = (scale * cm.dot(P, do_ref[:, blk], trans_a=True, mm_dtype=mm_dtype)
+                       ).astype(dvl_ref.dtype)
+  lam_ref[...] = jnp.full((C,), lam, jnp.float32)
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vnew_ref, do_ref,
+                  dh_ref, dvnew_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, C, scale,
+                  mm_dtype, BK):
+  """Backward, one chunk (and one block of BK state rows / q-k columns when K is split over
+  programs): every input gradient (`chunk_math.chunk_gradients`), V in blocks. With a K split, dv
+  is written by the first K-block only and dg, dβ are per-K-block partial sums."""
+  K = q_ref.shape[-1]
+  split = BK < K
+  kb = pl.program_id(3) if split else 0
+  cols = pl.ds(pl.multiple_of(kb * BK, BK), BK) if split else slice(None)
+
+  def blocks():
+    for blk in _v_blocks(v_ref.shape[-1], GRADS_BLOCK_V):
+      def write_dv(x, blk=blk):
+        if split:
+          @pl.when(kb == 0)
+          def _():
+            dv_ref[:, blk] = x.astype(dv_ref.dtype)
+        else:
+          dv_ref[:, blk] = x.astype(dv_ref.dtype)
+      yield (v_ref[:, blk], h_ref[cols, blk], vnew_ref[:, blk], do_ref[:, blk], dh_ref[cols, blk],
+             dvnew_ref[:, blk]), write_dv
+  q, k = q_ref[...], k_ref[...]
+  qk_cols = (q_ref[:, cols], k_ref[:, cols]) if split else None
+  dq, dk, dg, dbeta = cm.chunk_gradients(q, k, g_ref[...], beta_ref[...], reset_ref[...],
+                                         a_ref[...], blocks(), C, scale, mm_dtype,
+                                         qk_cols=qk_cols, first=kb == 0)
+  for ref, x in ((dq_ref, dq), (dk_ref, dk), (dg_ref, dg), (dbeta_ref, dbeta)):
     ref[...] = x.astype(ref.dtype)
-  lam_ref[...] = jnp.full((C,), decay_last, jnp.float32)
 
 
-def _operators_pallas(q, k, v, g, beta, reset_f, *, C):
-  """The forward's chunk operators by a chunk-parallel Pallas kernel, grid (B, H, N).
-  Returns W, Kw, Qd [B,H,N,C,K] and P [B,H,N,C,C] (bf16 for bf16 inputs), U [B,H,N,C,V] f32,
-  λ [B,H,N,C] f32."""
-  B, Tp, Hk, K = q.shape
-  H, V = v.shape[2], v.shape[3]
-  G, N = H // Hk, Tp // C
-  reset_f = _zeros_if_none(reset_f, q)
-  op_dtype = q.dtype if _mm_dtype(q.dtype) is not None else jnp.float32
-  qk_spec = pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h // G, 0))
-  v_spec = pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0))
-  gb_spec = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
-  r_spec = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
-  tile = lambda d: pl.BlockSpec((None, None, None, C, d), lambda b, h, n: (b, h, n, 0, 0))
-  lam_spec = pl.BlockSpec((None, None, None, C), lambda b, h, n: (b, h, n, 0))
-  shape = lambda d, dt: jax.ShapeDtypeStruct((B, H, N, C, d), dt)
-  kernel = functools.partial(_operators_kernel, C=C, mm_dtype=_mm_dtype(q.dtype))
+def _part_specs(q, v, C):
+  """BlockSpecs of the chunk-parallel kernels, grid (B, H, N): one chunk of one value head.
+  Returns (q/k tokens, v tokens [C, V], g/β tokens, reset, [C, d] tiles of [B,H,N,C,d] arrays as a
+  function of d, λ tile, state tile [K, V], value-head [C, K] tokens)."""
+  K, V, G = q.shape[3], v.shape[3], v.shape[2] // q.shape[2]
+  return (pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h // G, 0)),
+          pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0)),
+          pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h)),
+          pl.BlockSpec((None, C), lambda b, h, n: (b, n)),
+          lambda d: pl.BlockSpec((None, None, None, C, d), lambda b, h, n: (b, h, n, 0, 0)),
+          pl.BlockSpec((None, None, None, C), lambda b, h, n: (b, h, n, 0)),
+          pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0)),
+          pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0)))
+
+
+def _op_dtype(dtype):
+  """Stored intermediates: bf16 for bf16 inputs (as fla), else float32."""
+  return dtype if _mm_dtype(dtype) is not None else jnp.float32
+
+
+def _part_call(kernel, q, v, C, in_specs, out_specs, out_shape, name, *args, num_warps, nK=None):
+  B, Tp, H = v.shape[:3]
+  grid = (B, H, Tp // C) + ((nK,) if nK else ())
   return pl.pallas_call(
-      kernel, grid=(B, H, N),
-      in_specs=[qk_spec, qk_spec, v_spec, gb_spec, gb_spec, r_spec],
-      out_specs=[tile(K), tile(V), tile(K), tile(K), tile(C), lam_spec],
-      out_shape=[shape(K, op_dtype), shape(V, jnp.float32), shape(K, op_dtype), shape(K, op_dtype),
-                 shape(C, op_dtype), jax.ShapeDtypeStruct((B, H, N, C), jnp.float32)],
-      interpret=_interpret(), compiler_params=_compiler_params(BWD_NUM_WARPS), name="gdn_operators",
-  )(q, k, v, g, beta, reset_f)
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      interpret=_interpret(), compiler_params=_compiler_params(num_warps), name=name)(*args)
+
+
+def _prep_pallas(q, k, v, g, beta, reset_f, *, C):
+  """Forward prep kernel: A [B,H,N,C,C], W, K̃ [B,H,N,C,K], U [B,H,N,C,V] (bf16 for bf16 inputs),
+  λ [B,H,N,C] f32. reset_f: [B,Tp] float32 (zeros without packed documents)."""
+  B, Tp, _, K = q.shape
+  H, V = v.shape[2], v.shape[3]
+  N, op = Tp // C, _op_dtype(q.dtype)
+  qk_s, v_s, gb_s, r_s, tile, lam_s, _, _ = _part_specs(q, v, C)
+  tiles = lambda d: jax.ShapeDtypeStruct((B, H, N, C, d), op)
+  return _part_call(
+      functools.partial(_prep_kernel, C=C, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
+      [qk_s, v_s, gb_s, gb_s, r_s], [tile(C), tile(K), tile(V), tile(K), lam_s],
+      [tiles(C), tiles(K), tiles(V), tiles(K), jax.ShapeDtypeStruct((B, H, N, C), jnp.float32)],
+      "gdn_prep", k, v, g, beta, reset_f, num_warps=PART_NUM_WARPS)
+
+
+def _output_pallas(q, k, v, g, reset_f, hs, v_new, *, scale, C):
+  """Forward output kernel: O [B,Tp,H,V] in v's dtype from h_r and Ṽ."""
+  qk_s, v_s, gb_s, r_s, tile, _, st_s, _ = _part_specs(q, v, C)
+  return _part_call(
+      functools.partial(_output_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
+      [qk_s, qk_s, gb_s, r_s, st_s, tile(v.shape[3])], v_s, jax.ShapeDtypeStruct(v.shape, v.dtype),
+      "gdn_output", q, k, g, reset_f, hs, v_new, num_warps=PART_NUM_WARPS)
+
+
+def _bwd_prep_pallas(q, k, v, g, beta, reset_f, A, do, *, scale, C):
+  """Backward prep kernel: W, K̃, Q̃ [B,H,N,C,K], dṼ^local [B,H,N,C,V], λ [B,H,N,C]."""
+  B, Tp, _, K = q.shape
+  H, V = v.shape[2], v.shape[3]
+  N, op = Tp // C, _op_dtype(q.dtype)
+  qk_s, v_s, gb_s, r_s, tile, lam_s, _, _ = _part_specs(q, v, C)
+  tiles = lambda d: jax.ShapeDtypeStruct((B, H, N, C, d), op)
+  return _part_call(
+      functools.partial(_bwd_prep_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
+      [qk_s, qk_s, gb_s, gb_s, r_s, tile(C), v_s],
+      [tile(K), tile(K), tile(K), tile(V), lam_s],
+      [tiles(K), tiles(K), tiles(K), tiles(V), jax.ShapeDtypeStruct((B, H, N, C), jnp.float32)],
+      "gdn_bwd_prep", q, k, g, beta, reset_f, A, do, num_warps=BWD_PART_NUM_WARPS)
+
+
+def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, scale, C):
+  """Gradients kernel: dq, dk [B,Tp,H,K] (value heads; f32 under GVA), dv, dg, dβ."""
+  B, Tp, Hk, K = q.shape
+  H = v.shape[2]
+  qk_s, v_s, gb_s, r_s, tile, _, st_s, dqk_s = _part_specs(q, v, C)
+  dqk_dtype = jnp.float32 if H != Hk else q.dtype
+  BK = min(K, GRADS_BLOCK_K)
+  nK = K // BK
+  in_specs = [qk_s, qk_s, v_s, gb_s, gb_s, r_s, tile(C), st_s, tile(v.shape[3]), v_s, st_s,
+              tile(v.shape[3])]
+  out_specs = [dqk_s, dqk_s, v_s, gb_s, gb_s]
+  partial_shape = (B, Tp, H)
+  if nK > 1:  # grid (B, H, N, K/BK): dq, dk by column block; dg, dβ partial sums per K-block
+    with_k = lambda spec: pl.BlockSpec(spec.block_shape,
+                                       lambda b, h, n, kb, f=spec.index_map: f(b, h, n))
+    in_specs = [with_k(x) for x in in_specs]
+    out_specs = [pl.BlockSpec((None, C, None, BK), lambda b, h, n, kb: (b, n, h, kb))] * 2 + [
+        with_k(v_s)] + [pl.BlockSpec((None, None, C, None), lambda b, h, n, kb: (kb, b, n, h))] * 2
+    partial_shape = (nK, B, Tp, H)
+  dq, dk, dv, dg, dbeta = _part_call(
+      functools.partial(_grads_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype), BK=BK),
+      q, v, C, in_specs, out_specs,
+      [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype)] * 2
+      + [jax.ShapeDtypeStruct(v.shape, v.dtype)]
+      + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
+      "gdn_grads", q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
+      num_warps=GRADS_NUM_WARPS, nK=nK if nK > 1 else None)
+  if nK > 1:
+    dg, dbeta = dg.sum(0), dbeta.sum(0)
+  if H != Hk:  # value heads of one group share their q/k head: sum their gradients
+    dq, dk = (x.reshape(B, Tp, Hk, H // Hk, K).sum(3) for x in (dq, dk))
+  return dq, dk, dv, dg, dbeta
+
+
+def _walks_forward_pallas(q, k, v, g, beta, reset_f, h0, *, scale, C):
+  """The "walks" forward with its chunk-parallel parts as Pallas kernels: prep (A, W, U, K̃, λ),
+  the state walk, the output. Returns (O, final state, saved = (A, h_r, Ṽ))."""
+  mm_dtype, op = _mm_dtype(q.dtype), _op_dtype(q.dtype)
+  reset_f = _zeros_if_none(reset_f, q)
+  A, W, U, Kw, lam = _prep_pallas(q, k, v, g, beta, reset_f, C=C)
+  v_new, ht, hs = _walk_forward(W, U, Kw, lam, h0, mm_dtype=mm_dtype, state_dtype=op,
+                                vnew_dtype=op)
+  o = _output_pallas(q, k, v, g, reset_f, hs, v_new, scale=scale, C=C)
+  return o, ht, (A, hs, v_new)
+
+
+def _walks_backward_pallas(q, k, v, g, beta, reset_f, saved, do, dht, *, scale, C):
+  """Backward of `_walks_forward_pallas`: prep from the stored A (W, K̃, Q̃, λ, dṼ^local), the
+  reverse walk (reads dO in token layout), the chunk gradients."""
+  A, hs, v_new = saved
+  mm_dtype = _mm_dtype(q.dtype)
+  reset_f = _zeros_if_none(reset_f, q)
+  W, Kw, Qd, dv_local, lam = _bwd_prep_pallas(q, k, v, g, beta, reset_f, A, do, scale=scale, C=C)
+  B, Tp, H = v.shape[:3]
+  do_walk = do if WALK_BWD_DO_TOKENS else _to_chunks(do, B, Tp // C, C, H)
+  dh0, dhs, dv_new = _walk_backward(W, Kw, Qd, do_walk, dv_local, lam, dht, scale=scale,
+                                    mm_dtype=mm_dtype, state_dtype=hs.dtype,
+                                    dvnew_dtype=dv_local.dtype)
+  grads = _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, scale=scale, C=C)
+  return (*grads, dh0)
 
 
 def _walks_tiles(q, k, v, g, beta, reset_f, C):
@@ -416,21 +627,13 @@ def _walks_forward(q, k, v, g, beta, reset_f, h0, *, scale, C):
   H = v.shape[2]
   N = Tp // C
   mm_dtype = _mm_dtype(q.dtype)
-  if OPERATORS == "pallas":
-    W, U, Kw, Qd, P, lam = _operators_pallas(q, k, v, g, beta, reset_f, C=C)
-    read_out = lambda hs, v_new: (xc.mm('...ck,...kv->...cv', Qd, hs, mm_dtype)
-                                  + xc.mm('...ij,...jv->...iv', P, v_new, mm_dtype))
-  else:
-    (qt, kt, vt, gt, bt), seg = _walks_tiles(q, k, v, g, beta, reset_f, C)
-    ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)
-    W, Kw, _, lam = _walk_operands(ops, qt, kt)
-    U = ops.U
-    read_out = lambda hs, v_new: (
-        ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm_dtype)
-        + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm_dtype))
-  v_new, ht, hs = _walk_forward(W, U, Kw, lam, h0, mm_dtype=mm_dtype,
+  (qt, kt, vt, gt, bt), seg = _walks_tiles(q, k, v, g, beta, reset_f, C)
+  ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)
+  W, Kw, _, lam = _walk_operands(ops, qt, kt)
+  v_new, ht, hs = _walk_forward(W, ops.U, Kw, lam, h0, mm_dtype=mm_dtype,
                                 state_dtype=q.dtype if mm_dtype is not None else jnp.float32)
-  o = scale * read_out(hs, v_new)       # O = scale (Q̃ h_r + P Ṽ)
+  o = scale * (ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm_dtype)
+               + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm_dtype))
   return _from_chunks(o.astype(v.dtype), B, N, C, H), ht, hs
 
 
@@ -463,7 +666,9 @@ def _gdn(q, k, v, g, beta, reset_f, h0, scale, C):
 
 
 def _gdn_fwd(q, k, v, g, beta, reset_f, h0, scale, C, store_states=True):
-  if SCHEDULE == "walks":
+  if SCHEDULE == "walks" and _chunk_parallel(q.shape[3], v.shape[3]) == "pallas":
+    o, ht, hs = _walks_forward_pallas(q, k, v, g, beta, reset_f, h0, scale=scale, C=C)
+  elif SCHEDULE == "walks":
     o, ht, hs = _walks_forward(q, k, v, g, beta, reset_f, h0, scale=scale, C=C)
   else:
     reset_f = _zeros_if_none(reset_f, q)
@@ -477,7 +682,10 @@ def _gdn_bwd(scale, C, res, cts):
   q, k, v, g, beta, reset_f, hs = res
   do, dht = cts
   do = do.astype(v.dtype)
-  if SCHEDULE == "walks":
+  if SCHEDULE == "walks" and _chunk_parallel(q.shape[3], v.shape[3]) == "pallas":
+    dq, dk, dv, dg, dbeta, dh0 = _walks_backward_pallas(q, k, v, g, beta, reset_f, hs, do, dht,
+                                                        scale=scale, C=C)
+  elif SCHEDULE == "walks":
     dq, dk, dv, dg, dbeta, dh0 = _walks_backward(q, k, v, g, beta, reset_f, hs, do, dht,
                                                  scale=scale, C=C)
   else:

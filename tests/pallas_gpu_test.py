@@ -52,13 +52,17 @@ def _segments(B, T):
   return seg
 
 
-@pytest.mark.parametrize("schedule", ["walks", "walks+pallas_operators", "fused"])
+@pytest.mark.parametrize("schedule", ["walks", "walks+pallas_parts", "fused"])
 @pytest.mark.parametrize("B,T,Hk,H,K,V,C,segments,g_scale", CASES)
 def test_pallas_matches_references(monkeypatch, B, T, Hk, H, K, V, C, segments, g_scale, schedule):
   monkeypatch.setattr(gpu, "SCHEDULE", schedule.split("+")[0])
-  monkeypatch.setattr(gpu, "OPERATORS", "pallas" if schedule.endswith("pallas_operators") else "xla")
+  monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas" if "pallas_parts" in schedule
+                      else "auto" if "auto" in schedule else "xla")
   monkeypatch.setattr(gpu, "BWD_BLOCK_V", 16)   # V = 32 → two V-blocks: exercises the partial sums
   monkeypatch.setattr(gpu, "BLOCK_V", 16)       # ... and two V-blocks in the walks
+  monkeypatch.setattr(gpu, "PART_BLOCK_V", 16)  # ... and in the chunk-parallel kernels' V loops
+  monkeypatch.setattr(gpu, "GRADS_BLOCK_V", 16)
+  monkeypatch.setattr(gpu, "GRADS_BLOCK_K", 16)  # K = 32 → K split over two programs
   q, k, v, g, beta, h0 = _inputs(B, T, Hk, H, K, V, seed=T + C, g_scale=g_scale)
   seg = _segments(B, T) if segments else None
 
@@ -123,14 +127,22 @@ def _abstract_h100_mesh():
     ("walks", True, 2, jnp.bfloat16, 128, 128),     # + bwd walk
     ("walks", True, 2, jnp.float32, 32, 32),        # the models' head dims, fp32 training
     ("walks", True, 2, jnp.bfloat16, 256, 512),     # several V-blocks, K > 128
-    ("walks+pallas_operators", False, 2, jnp.bfloat16, 128, 128),  # operators + fwd walk
-    ("walks+pallas_operators", True, 3, jnp.float32, 32, 32),      # + bwd walk
+    ("walks+pallas_parts", False, 3, jnp.bfloat16, 128, 128),  # prep + fwd walk + output
+    ("walks+pallas_parts", True, 5, jnp.bfloat16, 128, 128),   # - output (dead) + bwd prep, walk, grads
+    ("walks+pallas_parts", True, 5, jnp.float32, 32, 32),
+    ("walks+pallas_parts", True, 5, jnp.bfloat16, 256, 512),
+    ("walks+pallas_parts+ksplit", True, 5, jnp.bfloat16, 128, 128),
+    ("walks+auto", True, 5, jnp.bfloat16, 128, 128),         # auto: Pallas parts up to 128 ...
+    ("walks+auto", True, 2, jnp.bfloat16, 256, 512),         # ... XLA parts above
     ("fused", False, 1, jnp.bfloat16, 128, 128),    # fwd
     ("fused", True, 3, jnp.bfloat16, 128, 128)])    # + bwd walk + bwd chunks
 def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kernels, dtype, K, V):
   monkeypatch.setattr(gpu, "_interpret", lambda: False)
+  if schedule.endswith("+ksplit"):    # the gradients kernel with K split over two programs
+    monkeypatch.setattr(gpu, "GRADS_BLOCK_K", K // 2)
   monkeypatch.setattr(gpu, "SCHEDULE", schedule.split("+")[0])
-  monkeypatch.setattr(gpu, "OPERATORS", "pallas" if schedule.endswith("pallas_operators") else "xla")
+  monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas" if "pallas_parts" in schedule
+                      else "auto" if "auto" in schedule else "xla")
   B, T, Hk, H, C = 1, 200, 1, 2, 64                     # GVA, ragged T: the real layout
   sds = jax.ShapeDtypeStruct
   args = (sds((B, T, Hk, K), dtype), sds((B, T, Hk, K), dtype),
