@@ -12,6 +12,7 @@ DLPack. Writes JSON and a Markdown table.
 fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (its issue 640); for TIMING only
 the guard is lifted (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`); its errors are reported too.
 """
+import contextlib
 import datetime
 import json
 import os
@@ -257,6 +258,28 @@ def reference(inputs, do, C):
     return np.asarray(o), [np.asarray(x) for x in grads]
 
 
+@contextlib.contextmanager
+def gpu_knobs(spec: str = ""):
+  """Sets upper-case knobs of kernels_pallas.gpu from "NAME=VALUE,..." for the duration of the block
+  and restores every knob afterwards (a variant must not leak into the next row or shape)."""
+  from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
+  saved = {name: getattr(gpu, name) for name in dir(gpu) if name.isupper()}
+  try:
+    for item in filter(None, spec.split(",")):
+      name, value = item.split("=")
+      if name not in saved:
+        raise ValueError(f"--knob_variants: kernels_pallas.gpu has no knob {name!r}; "
+                         f"knobs: {sorted(saved)}")
+      kind = type(saved[name])
+      setattr(gpu, name, value == "True" if kind is bool else kind(value))
+    jax.clear_caches()
+    yield gpu
+  finally:
+    for name, value in saved.items():
+      setattr(gpu, name, value)
+    jax.clear_caches()
+
+
 def main(argv):
   del argv
   C = _CHUNK.value
@@ -269,43 +292,13 @@ def main(argv):
     variants = [(impl, None) for impl in impls] + [
         ("pallas", tuple(map(int, v.split(",")))) for v in _VARIANTS.value.split(";") if v] + [
         ("pallas", v) for v in _KNOBS.value.split(";") if v]
-    from kernels_pallas import gpu
-    defaults = {name: getattr(gpu, name) for name in dir(gpu) if name.isupper()}
     for impl, knobs in variants:
-      for name, value in defaults.items():
-        setattr(gpu, name, value)
-      jax.clear_caches()
       label = (impl if knobs is None else knobs if isinstance(knobs, str)
                else "pallas_" + "_".join(map(str, knobs)))
       row = dict(impl=label, B=B, T=T, H=H, K=K, V=V)
       try:
-        if isinstance(knobs, str):
-          for item in knobs.split(","):
-            name, value = item.split("=")
-            kind = type(defaults[name])
-            setattr(gpu, name, value == "True" if kind is bool else kind(value))
-          knobs = None
-        if knobs is not None:
-          from kernels_pallas import gpu
-          gpu.BLOCK_V, gpu.NUM_WARPS = knobs[:2]
-          gpu.BWD_NUM_WARPS = knobs[2] if len(knobs) > 2 else gpu.BWD_NUM_WARPS
-          gpu.BWD_BLOCK_V = knobs[3] if len(knobs) > 3 else gpu.BWD_BLOCK_V
-          jax.clear_caches()
-        if impl.startswith("pallas-"):   # pallas-walks[+pallas_operators] / pallas-fused: one schedule
-          from kernels_pallas import gpu
-          schedule, _, parts = impl.split("-", 1)[1].partition("+")
-          gpu.SCHEDULE = schedule
-          gpu.CHUNK_PARALLEL = "pallas" if parts == "pallas_parts" else "xla"
-          jax.clear_caches()
-        if impl == "fla":
-          res, o, grads = bench_fla(inputs, do, _REPEATS.value, _WARMUP.value)
-        else:
-          res, o, grads = bench_jax(impl.split("-")[0], inputs, do, C, _REPEATS.value, _WARMUP.value)
-        row.update(res)
-        if ref is not None:
-          row["err_o"] = rel_err(o, ref[0])
-          for name, gx, gr in zip(GRAD_NAMES, grads, ref[1]):
-            row[f"err_d{name}"] = rel_err(gx, gr)
+        with gpu_knobs(knobs if isinstance(knobs, str) else "") as gpu:
+          bench_row(row, impl, None if isinstance(knobs, str) else knobs, gpu, inputs, do, ref, C)
       except Exception as e:  # keep the other rows: one failing impl must not lose the run
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         traceback.print_exc()
@@ -313,15 +306,43 @@ def main(argv):
       rows.append(row)
     if _STAGES.value:
       try:
-        for name, value in defaults.items():
-          setattr(gpu, name, value)
-        st = walks_stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value)
-        st.update(pallas_parts_stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value))
+        with gpu_knobs():
+          st = walks_stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value)
+          st.update(pallas_parts_stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value))
         stages.append(dict(B=B, T=T, H=H, K=K, V=V, stages_ms=st))
         print(json.dumps(stages[-1]), flush=True)
       except Exception:  # keep the timed rows
         traceback.print_exc()
     del inputs, do, ref
+  write_results(rows, stages, C)
+
+
+def bench_row(row, impl, knobs, gpu, inputs, do, ref, C):
+  """Times one row into `row`: `impl` (pallas-<schedule>[+pallas_parts] picks one schedule of
+  kernels_pallas.gpu), or "pallas" with the BLOCK_V,NUM_WARPS[,BWD_NUM_WARPS[,BWD_BLOCK_V]] tuple
+  `knobs`; adds the errors against `ref` when given."""
+  if knobs is not None:
+    gpu.BLOCK_V, gpu.NUM_WARPS = knobs[:2]
+    gpu.BWD_NUM_WARPS = knobs[2] if len(knobs) > 2 else gpu.BWD_NUM_WARPS
+    gpu.BWD_BLOCK_V = knobs[3] if len(knobs) > 3 else gpu.BWD_BLOCK_V
+  if impl.startswith("pallas-"):
+    schedule, _, parts = impl.split("-", 1)[1].partition("+")
+    gpu.SCHEDULE = schedule
+    gpu.CHUNK_PARALLEL = "pallas" if parts == "pallas_parts" else "xla"
+  jax.clear_caches()
+  if impl == "fla":
+    res, o, grads = bench_fla(inputs, do, _REPEATS.value, _WARMUP.value)
+  else:
+    res, o, grads = bench_jax(impl.split("-")[0], inputs, do, C, _REPEATS.value, _WARMUP.value)
+  row.update(res)
+  if ref is not None:
+    row["err_o"] = rel_err(o, ref[0])
+    for name, gx, gr in zip(GRAD_NAMES, grads, ref[1]):
+      row[f"err_d{name}"] = rel_err(gx, gr)
+
+
+def write_results(rows, stages, C):
+  """JSON (with device, versions, date) and a Markdown table beside it."""
   versions = {}
   for name in ("torch", "triton", "fla"):
     try:

@@ -247,8 +247,28 @@ def chunk_bwd(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_
 # separable in the value columns), so these functions take one V-block at a time where V appears.
 
 
+def chunk_value_grads(A_CxC, beta_C, blocks, C: int, scale: float, mm_dtype=None):
+  """The products of `chunk_gradients` that contract over V, for a split gradients kernel.
+
+  `blocks` yields, per V-block, (v, Ṽ, dO, dṼ) tiles and a `write_dv` callback. Returns (dP, dL
+  before its strict mask, Σ_v dVb ⊙ v) = (scale Σ dO Ṽᵀ, −Σ dVb Ṽᵀ, ...) with dVb = Aᵀ dṼ, and
+  writes dv = β dVb per block. With these, `chunk_gradients(..., value_grads=...)` needs per
+  K-block only the products that contract over V *into* K (dO hᵀ, Ṽ dh'ᵀ, dVb hᵀ).
+  """
+  dP = jnp.zeros((C, C), jnp.float32)
+  dL = jnp.zeros((C, C), jnp.float32)
+  dbeta_v = jnp.zeros((C,), jnp.float32)
+  for (v, v_new, do, dv_new), write_dv in blocks:
+    dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
+    dVb = dot(A_CxC, dv_new, trans_a=True, mm_dtype=mm_dtype)
+    dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
+    dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
+    write_dv(beta_C[:, None] * dVb)
+  return dP, dL, dbeta_v
+
+
 def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, scale: float,
-                    mm_dtype=None, qk_cols=None, first=True):
+                    mm_dtype=None, qk_cols=None, first=True, value_grads=None):
   r"""Gradients of one chunk given A = (I + L)⁻¹ from the forward and, per V-block, the walks' results.
 
   `blocks` yields, per V-block, (v, h, Ṽ, dO, dh', dṼ) tiles (C×BV, K×BV, C×BV, C×BV, K×BV, C×BV)
@@ -267,6 +287,9 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
   state, and dq, dk are returned for those columns.
   dg and dβ are then partial sums over the K-blocks (the caller adds them up): the terms that do not
   contract over K are counted only where `first` is true (a traced bool or 1.0/0.0).
+
+  `value_grads`: (dP, dL, Σ dVb ⊙ v) from `chunk_value_grads` (a first kernel); then those are not
+  accumulated here, dv is not written, and the blocks' v entry is unused.
   """
   rows, cols = _iota2(C)
   strict = cols < rows
@@ -276,22 +299,28 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
   Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
   K = q_cols.shape[1]
   first = jnp.asarray(first, jnp.float32)
-  dP = jnp.zeros((C, C), jnp.float32)
-  dL = jnp.zeros((C, C), jnp.float32)
+  given = value_grads is not None
+  if given:
+    dP, dL, dbeta_v = value_grads
+  else:
+    dP = jnp.zeros((C, C), jnp.float32)
+    dL = jnp.zeros((C, C), jnp.float32)
+    dbeta_v = jnp.zeros((C,), jnp.float32)
   dq_state = jnp.zeros((C, K), jnp.float32)     # d ⊙ dQd
   dk_state = jnp.zeros((C, K), jnp.float32)     # w ⊙ dK̃ + βd ⊙ dKb
-  qd_dot = kw_dot = kb_dot = dbeta_v = jnp.zeros((C,), jnp.float32)
+  qd_dot = kw_dot = kb_dot = jnp.zeros((C,), jnp.float32)
   dlam = jnp.zeros((), jnp.float32)
   for (v, h, v_new, do, dh, dv_new), write_dv in blocks:
-    dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
     dQd = scale * dot(do, h, trans_b=True, mm_dtype=mm_dtype)
     dKw = dot(v_new, dh, trans_b=True, mm_dtype=mm_dtype)
     dlam = dlam + jnp.sum(jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1))
     dVb = dot(A_CxC, dv_new, trans_a=True, mm_dtype=mm_dtype)
     dKb = -dot(dVb, h, trans_b=True, mm_dtype=mm_dtype)
-    dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
-    dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
-    write_dv(beta_C[:, None] * dVb)
+    if not given:
+      dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
+      dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
+      dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
+      write_dv(beta_C[:, None] * dVb)
     dq_state = dq_state + d[:, None] * dQd
     dk_state = dk_state + w[:, None] * dKw + (beta_C * d)[:, None] * dKb
     qd_dot = qd_dot + jnp.sum(dQd * qf, axis=1)

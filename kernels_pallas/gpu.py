@@ -27,7 +27,7 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
 
 Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v5*.md; log and earlier
 versions in NOTES_gpu.md), fwd+bwd against fla in one run: 3.25 vs 2.96 ms at B8 T2048 H16 K=V=128
-(0.95 and 1.02 in two other runs), 4.06 vs 2.88 at B2 T8192, 12.4 vs 8.3 at B16 T4096; memory 690 /
+(0.95, 1.02 and 1.19 in three other runs), 4.06 vs 2.88 at B2 T8192, 12.4 vs 8.3 at B16 T4096; memory 690 /
 678 / 2728 MiB against fla's 932 / 932 / 3728. At K = 256, V = 512 (XLA parts) 5.9 vs 3.9 ms.
 Errors equal or beat fla's (o 3.3e-3, gradients ≤ 3.3e-3 against an fp32 reference).
 The Pallas chunk-parallel parts halved the forward (1.74 → 0.86 ms in one run) and the memory (1416
@@ -85,6 +85,9 @@ BWD_PART_NUM_WARPS = 8    # ... of the backward's prep kernel
 GRADS_NUM_WARPS = 4       # ... of the gradients kernel
 GRADS_BLOCK_V = 128       # V columns per step of the gradients kernel's V loop
 GRADS_BLOCK_K = 64        # K columns per program of the gradients kernel (< K: K split over programs)
+GRADS_SPLIT = False       # True: a first kernel forms the V-contracted dP, dL, dv once per chunk and
+                          # the K-split gradients kernel reads them (not recomputed per K-block);
+                          # measured slower on the H100 (3.99 vs 3.42 ms, bench_kernels_h100_v6)
 WALK_NUM_STAGES = 1       # Triton software-pipelining depth of the walks' chunk loop
 BLOCK_V_LARGE_K = 32      # BLOCK_V of the walks when K > 128
 WALK_BWD_DO_TOKENS = True  # the reverse walk reads dO in token layout (False: XLA makes [B,H,N,C,V] tiles)
@@ -469,6 +472,40 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref,
     ref[...] = x.astype(ref.dtype)
 
 
+def _grads_value_kernel(v_ref, beta_ref, a_ref, vnew_ref, do_ref, dvnew_ref,
+                        dv_ref, dp_ref, dl_ref, dbv_ref, *, C, scale, mm_dtype):
+  """GRADS_SPLIT, first kernel, one chunk: dP, dL, Σ dVb ⊙ v and dv (`chunk_math.chunk_value_grads`)."""
+  def blocks():
+    for blk in _v_blocks(v_ref.shape[-1], GRADS_BLOCK_V):
+      def write_dv(x, blk=blk):
+        dv_ref[:, blk] = x.astype(dv_ref.dtype)
+      yield (v_ref[:, blk], vnew_ref[:, blk], do_ref[:, blk], dvnew_ref[:, blk]), write_dv
+  dP, dL, dbv = cm.chunk_value_grads(a_ref[...], beta_ref[...], blocks(), C, scale, mm_dtype)
+  dp_ref[...], dl_ref[...], dbv_ref[...] = dP, dL, dbv
+
+
+def _grads_key_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vnew_ref, do_ref,
+                      dh_ref, dvnew_ref, dp_ref, dl_ref, dbv_ref, dq_ref, dk_ref, dg_ref, dbeta_ref,
+                      *, C, scale, mm_dtype, BK):
+  """GRADS_SPLIT, second kernel: `_grads_kernel` with dP, dL, Σ dVb ⊙ v read from the first."""
+  K = q_ref.shape[-1]
+  split = BK < K
+  kb = pl.program_id(3) if split else 0
+  cols = pl.ds(pl.multiple_of(kb * BK, BK), BK) if split else slice(None)
+
+  def blocks():
+    for blk in _v_blocks(vnew_ref.shape[-1], GRADS_BLOCK_V):
+      yield (None, h_ref[cols, blk], vnew_ref[:, blk], do_ref[:, blk], dh_ref[cols, blk],
+             dvnew_ref[:, blk]), None
+  qk_cols = (q_ref[:, cols], k_ref[:, cols]) if split else None
+  dq, dk, dg, dbeta = cm.chunk_gradients(q_ref[...], k_ref[...], g_ref[...], beta_ref[...],
+                                         reset_ref[...], a_ref[...], blocks(), C, scale, mm_dtype,
+                                         qk_cols=qk_cols, first=kb == 0,
+                                         value_grads=(dp_ref[...], dl_ref[...], dbv_ref[...]))
+  for ref, x in ((dq_ref, dq), (dk_ref, dk), (dg_ref, dg), (dbeta_ref, dbeta)):
+    ref[...] = x.astype(ref.dtype)
+
+
 def _part_specs(q, v, C):
   """BlockSpecs of the chunk-parallel kernels, grid (B, H, N): one chunk of one value head.
   Returns (q/k tokens, v tokens [C, V], g/β tokens, reset, [C, d] tiles of [B,H,N,C,d] arrays as a
@@ -540,7 +577,7 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
   """Gradients kernel: dq, dk [B,Tp,H,K] (value heads; f32 under GVA), dv, dg, dβ."""
   B, Tp, Hk, K = q.shape
   H = v.shape[2]
-  qk_s, v_s, gb_s, r_s, tile, _, st_s, dqk_s = _part_specs(q, v, C)
+  qk_s, v_s, gb_s, r_s, tile, lam_s, st_s, dqk_s = _part_specs(q, v, C)
   dqk_dtype = jnp.float32 if H != Hk else q.dtype
   BK = min(K, GRADS_BLOCK_K)
   nK = K // BK
@@ -555,14 +592,38 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
     out_specs = [pl.BlockSpec((None, C, None, BK), lambda b, h, n, kb: (b, n, h, kb))] * 2 + [
         with_k(v_s)] + [pl.BlockSpec((None, None, C, None), lambda b, h, n, kb: (kb, b, n, h))] * 2
     partial_shape = (nK, B, Tp, H)
-  dq, dk, dv, dg, dbeta = _part_call(
-      functools.partial(_grads_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype), BK=BK),
-      q, v, C, in_specs, out_specs,
-      [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype)] * 2
-      + [jax.ShapeDtypeStruct(v.shape, v.dtype)]
-      + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
-      "gdn_grads", q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
-      num_warps=GRADS_NUM_WARPS, nK=nK if nK > 1 else None)
+  mm_dtype = _mm_dtype(q.dtype)
+  if GRADS_SPLIT:
+    N = Tp // C
+    dv, dP, dL, dbv = _part_call(
+        functools.partial(_grads_value_kernel, C=C, scale=scale, mm_dtype=mm_dtype), q, v, C,
+        [v_s, gb_s, tile(C), tile(v.shape[3]), v_s, tile(v.shape[3])],
+        [v_s, tile(C), tile(C), lam_s],
+        [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((B, H, N, C, C), jnp.float32),
+         jax.ShapeDtypeStruct((B, H, N, C, C), jnp.float32),
+         jax.ShapeDtypeStruct((B, H, N, C), jnp.float32)],
+        "gdn_grads_value", v, beta, A, v_new, do, dv_new, num_warps=GRADS_NUM_WARPS)
+    key_in = [in_specs[i] for i in (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
+    vg_specs = [tile(C), tile(C), lam_s]            # dP, dL [C, C] and Σ dVb ⊙ v [C] per chunk
+    if nK > 1:
+      vg_specs = [pl.BlockSpec(x.block_shape, lambda b, h, n, kb, f=x.index_map: f(b, h, n))
+                  for x in vg_specs]
+    dq, dk, dg, dbeta = _part_call(
+        functools.partial(_grads_key_kernel, C=C, scale=scale, mm_dtype=mm_dtype, BK=BK),
+        q, v, C, key_in + vg_specs, [out_specs[i] for i in (0, 1, 3, 4)],
+        [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype)] * 2
+        + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
+        "gdn_grads_key", q, k, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, dP, dL, dbv,
+        num_warps=GRADS_NUM_WARPS, nK=nK if nK > 1 else None)
+  else:
+    dq, dk, dv, dg, dbeta = _part_call(
+        functools.partial(_grads_kernel, C=C, scale=scale, mm_dtype=mm_dtype, BK=BK),
+        q, v, C, in_specs, out_specs,
+        [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype)] * 2
+        + [jax.ShapeDtypeStruct(v.shape, v.dtype)]
+        + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
+        "gdn_grads", q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
+        num_warps=GRADS_NUM_WARPS, nK=nK if nK > 1 else None)
   if nK > 1:
     dg, dbeta = dg.sum(0), dbeta.sum(0)
   if H != Hk:  # value heads of one group share their q/k head: sum their gradients

@@ -52,12 +52,14 @@ def _segments(B, T):
   return seg
 
 
-@pytest.mark.parametrize("schedule", ["walks", "walks+pallas_parts", "fused"])
+@pytest.mark.parametrize("schedule", ["walks", "walks+pallas_parts", "walks+pallas_parts+split",
+                                      "fused"])
 @pytest.mark.parametrize("B,T,Hk,H,K,V,C,segments,g_scale", CASES)
 def test_pallas_matches_references(monkeypatch, B, T, Hk, H, K, V, C, segments, g_scale, schedule):
   monkeypatch.setattr(gpu, "SCHEDULE", schedule.split("+")[0])
   monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas" if "pallas_parts" in schedule
                       else "auto" if "auto" in schedule else "xla")
+  monkeypatch.setattr(gpu, "GRADS_SPLIT", schedule.endswith("+split"))
   monkeypatch.setattr(gpu, "BWD_BLOCK_V", 16)   # V = 32 → two V-blocks: exercises the partial sums
   monkeypatch.setattr(gpu, "BLOCK_V", 16)       # ... and two V-blocks in the walks
   monkeypatch.setattr(gpu, "PART_BLOCK_V", 16)  # ... and in the chunk-parallel kernels' V loops
@@ -132,6 +134,9 @@ def _abstract_h100_mesh():
     ("walks+pallas_parts", True, 5, jnp.float32, 32, 32),
     ("walks+pallas_parts", True, 5, jnp.bfloat16, 256, 512),
     ("walks+pallas_parts+ksplit", True, 5, jnp.bfloat16, 128, 128),
+    ("walks+pallas_parts+split", True, 6, jnp.bfloat16, 128, 128),   # GRADS_SPLIT: two kernels
+    ("walks+pallas_parts+split+ksplit", True, 6, jnp.bfloat16, 128, 128),
+    ("walks+pallas_parts+split", True, 6, jnp.bfloat16, 256, 512),
     ("walks+auto", True, 5, jnp.bfloat16, 128, 128),         # auto: Pallas parts up to 128 ...
     ("walks+auto", True, 2, jnp.bfloat16, 256, 512),         # ... XLA parts above
     ("fused", False, 1, jnp.bfloat16, 128, 128),    # fwd
@@ -140,6 +145,7 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kern
   monkeypatch.setattr(gpu, "_interpret", lambda: False)
   if schedule.endswith("+ksplit"):    # the gradients kernel with K split over two programs
     monkeypatch.setattr(gpu, "GRADS_BLOCK_K", K // 2)
+  monkeypatch.setattr(gpu, "GRADS_SPLIT", "+split" in schedule)
   monkeypatch.setattr(gpu, "SCHEDULE", schedule.split("+")[0])
   monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas" if "pallas_parts" in schedule
                       else "auto" if "auto" in schedule else "xla")
