@@ -441,22 +441,29 @@ def _bwd_prep_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, do_ref,
   lam_ref[...] = jnp.full((C,), lam, jnp.float32)
 
 
+def _k_block(K: int, BK: int):
+  """(split, first, cols) of a gradients program: with BK < K the grid's axis 3 picks this
+  program's BK state rows / q-k columns, `first` marks the K-block that adds the terms that do not
+  contract over K; else the whole of K."""
+  if BK >= K:
+    return False, True, slice(None)
+  kb = pl.program_id(3)
+  return True, kb == 0, pl.ds(pl.multiple_of(kb * BK, BK), BK)
+
+
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vnew_ref, do_ref,
                   dh_ref, dvnew_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, C, scale,
                   mm_dtype, BK):
   """Backward, one chunk (and one block of BK state rows / q-k columns when K is split over
   programs): every input gradient (`chunk_math.chunk_gradients`), V in blocks. With a K split, dv
   is written by the first K-block only and dg, dβ are per-K-block partial sums."""
-  K = q_ref.shape[-1]
-  split = BK < K
-  kb = pl.program_id(3) if split else 0
-  cols = pl.ds(pl.multiple_of(kb * BK, BK), BK) if split else slice(None)
+  split, first, cols = _k_block(q_ref.shape[-1], BK)
 
   def blocks():
     for blk in _v_blocks(v_ref.shape[-1], GRADS_BLOCK_V):
       def write_dv(x, blk=blk):
         if split:
-          @pl.when(kb == 0)
+          @pl.when(first)
           def _():
             dv_ref[:, blk] = x.astype(dv_ref.dtype)
         else:
@@ -467,7 +474,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref,
   qk_cols = (q_ref[:, cols], k_ref[:, cols]) if split else None
   dq, dk, dg, dbeta = cm.chunk_gradients(q, k, g_ref[...], beta_ref[...], reset_ref[...],
                                          a_ref[...], blocks(), C, scale, mm_dtype,
-                                         qk_cols=qk_cols, first=kb == 0)
+                                         qk_cols=qk_cols, first=first)
   for ref, x in ((dq_ref, dq), (dk_ref, dk), (dg_ref, dg), (dbeta_ref, dbeta)):
     ref[...] = x.astype(ref.dtype)
 
@@ -488,10 +495,7 @@ def _grads_key_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vn
                       dh_ref, dvnew_ref, dp_ref, dl_ref, dbv_ref, dq_ref, dk_ref, dg_ref, dbeta_ref,
                       *, C, scale, mm_dtype, BK):
   """GRADS_SPLIT, second kernel: `_grads_kernel` with dP, dL, Σ dVb ⊙ v read from the first."""
-  K = q_ref.shape[-1]
-  split = BK < K
-  kb = pl.program_id(3) if split else 0
-  cols = pl.ds(pl.multiple_of(kb * BK, BK), BK) if split else slice(None)
+  split, first, cols = _k_block(q_ref.shape[-1], BK)
 
   def blocks():
     for blk in _v_blocks(vnew_ref.shape[-1], GRADS_BLOCK_V):
@@ -500,7 +504,7 @@ def _grads_key_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vn
   qk_cols = (q_ref[:, cols], k_ref[:, cols]) if split else None
   dq, dk, dg, dbeta = cm.chunk_gradients(q_ref[...], k_ref[...], g_ref[...], beta_ref[...],
                                          reset_ref[...], a_ref[...], blocks(), C, scale, mm_dtype,
-                                         qk_cols=qk_cols, first=kb == 0,
+                                         qk_cols=qk_cols, first=first,
                                          value_grads=(dp_ref[...], dl_ref[...], dbv_ref[...]))
   for ref, x in ((dq_ref, dq), (dk_ref, dk), (dg_ref, dg), (dbeta_ref, dbeta)):
     ref[...] = x.astype(ref.dtype)
@@ -585,9 +589,9 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
               tile(v.shape[3])]
   out_specs = [dqk_s, dqk_s, v_s, gb_s, gb_s]
   partial_shape = (B, Tp, H)
+  with_k = lambda spec: pl.BlockSpec(spec.block_shape,  # the same block for every K-block
+                                     lambda b, h, n, kb, f=spec.index_map: f(b, h, n))
   if nK > 1:  # grid (B, H, N, K/BK): dq, dk by column block; dg, dβ partial sums per K-block
-    with_k = lambda spec: pl.BlockSpec(spec.block_shape,
-                                       lambda b, h, n, kb, f=spec.index_map: f(b, h, n))
     in_specs = [with_k(x) for x in in_specs]
     out_specs = [pl.BlockSpec((None, C, None, BK), lambda b, h, n, kb: (b, n, h, kb))] * 2 + [
         with_k(v_s)] + [pl.BlockSpec((None, None, C, None), lambda b, h, n, kb: (kb, b, n, h))] * 2
@@ -606,8 +610,7 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
     key_in = [in_specs[i] for i in (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
     vg_specs = [tile(C), tile(C), lam_s]            # dP, dL [C, C] and Σ dVb ⊙ v [C] per chunk
     if nK > 1:
-      vg_specs = [pl.BlockSpec(x.block_shape, lambda b, h, n, kb, f=x.index_map: f(b, h, n))
-                  for x in vg_specs]
+      vg_specs = [with_k(x) for x in vg_specs]
     dq, dk, dg, dbeta = _part_call(
         functools.partial(_grads_key_kernel, C=C, scale=scale, mm_dtype=mm_dtype, BK=BK),
         q, v, C, key_in + vg_specs, [out_specs[i] for i in (0, 1, 3, 4)],
