@@ -173,6 +173,39 @@ def reverse_cumsum(x_C, C: int):
   return jnp.sum(jnp.where(rows >= cols, x_C[:, None], 0.0), axis=0)
 
 
+def _gradients_from_products(q, k, KK, QK, Gamma, d, w, lam, beta, dP, dL, dq_state, dk_state,
+                             qd_dot, kw_dot, kb_dot, dbeta_v, dlam, C: int, mm_dtype=None,
+                             first=1.0):
+  r"""The last step of a chunk's backward, shared by `chunk_bwd` and `chunk_gradients`: from
+  dP, the strict-lower dL and the state-facing products (dq_state = d ⊙ dQd, dk_state = w ⊙ dK̃ +
+  βd ⊙ dKb, the row sums Σ dQd ⊙ q, Σ dK̃ ⊙ k, Σ dKb ⊙ k, Σ dVb ⊙ v and dλ) to dq, dk (for the
+  columns of `q`, `k`), dg and dβ, through L = strict(β_i (KKᵀ)_ij Γ_ij) and P = (QKᵀ) ⊙ Γ:
+
+      dKK = β Γ ⊙ dL,  dq = dq_state + (dP ⊙ Γ) K,  dk = dk_state + (dP ⊙ Γ)ᵀ Q + (dKK + dKKᵀ) K
+      dγ_i = Σ_j (Γ ⊙ dΓ)_ij − Σ_j (Γ ⊙ dΓ)_ji + d_i dd_i − w_i dw_i,  dγ_C = Σ_j w_j dw_j + λ dλ
+      dg = reverse_cumsum(dγ) + dγ_C
+
+  `first` (1.0/0.0 or a bool) gates the terms that do not contract over K (see `chunk_gradients`).
+  """
+  rows, cols = _iota2(C)
+  strict = cols < rows
+  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+  first = jnp.asarray(first, jnp.float32)
+  dKK = beta[:, None] * Gamma * dL
+  dQK = dP * Gamma
+  dq = dq_state + dot(dQK, k, mm_dtype=mm_dtype)
+  dk = (dk_state + dot(dQK, q, trans_a=True, mm_dtype=mm_dtype)
+        + dot(dKK, k, mm_dtype=mm_dtype) + dot(dKK, k, trans_a=True, mm_dtype=mm_dtype))
+  dbeta = first * (jnp.sum(KK * Gamma * dL, axis=1) + dbeta_v) + d * kb_dot
+  dd = beta * kb_dot + qd_dot
+  dw = jnp.where(idx < C - 1, kw_dot, 0.0)                             # w_{C−1} = 1 is a constant
+  GdG = jnp.where(strict, Gamma * (beta[:, None] * KK * dL + dP * QK), 0.0)
+  dgamma = first * (jnp.sum(GdG, axis=1) - jnp.sum(GdG, axis=0)) + d * dd - w * dw
+  dgamma_last = jnp.sum(w * dw) + lam * dlam
+  dg = reverse_cumsum(dgamma, C) + dgamma_last
+  return dq, dk, dg, dbeta
+
+
 def chunk_bwd(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_KxV, C: int,
               scale: float, mm_dtype=None):
   r"""Gradients of one chunk's (q, k, v, g, β) given its carry-in state h and the cotangents dO, dh'.
@@ -191,10 +224,8 @@ def chunk_bwd(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_
   """
   rows, cols = _iota2(C)
   strict = cols < rows
-  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
   qf, kf, vf = (x.astype(jnp.float32) for x in (q_CxK, k_CxK, v_CxV))
   Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
-  Gs = jnp.where(strict, Gamma, 0.0)                                 # Γ without its constant diagonal
   KK = dot(k_CxK, k_CxK, trans_b=True)
   QK = dot(q_CxK, k_CxK, trans_b=True)
   L = jnp.where(strict, beta_C[:, None] * KK * Gamma, 0.0)
@@ -219,24 +250,11 @@ def chunk_bwd(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_
   dVb = dot(A, dv_new, trans_a=True)
   dKb = dot(A, dW, trans_a=True)
   dL = jnp.where(strict, -dot(dot(A, dA, trans_a=True), A, trans_b=True), 0.0)
-  # --- L = strict(β_i KK_ij Γ_ij) and P = QK ⊙ Γ
-  dKK = beta_C[:, None] * Gamma * dL
-  dbeta = jnp.sum(KK * Gamma * dL, axis=1)
-  dGamma = beta_C[:, None] * KK * dL + dP * QK
-  dQK = dP * Gamma
-  # --- back to q, k, v, β and the decays
-  dq = dot(dQK, k_CxK.astype(jnp.float32)) + d[:, None] * dQd
-  dk = (dot(dQK, qf, trans_a=True) + dot(dKK, kf) + dot(dKK, kf, trans_a=True) + w[:, None] * dKw
-        + (beta_C * d)[:, None] * dKb)
   dv = beta_C[:, None] * dVb
-  kb_dot = jnp.sum(dKb * kf, axis=1)
-  dbeta = dbeta + jnp.sum(dVb * vf, axis=1) + d * kb_dot
-  dd = beta_C * kb_dot + jnp.sum(dQd * qf, axis=1)
-  dw = jnp.where(idx < C - 1, jnp.sum(dKw * kf, axis=1), 0.0)         # w_{C−1} = 1 is a constant
-  GdG = Gs * dGamma
-  dgamma = jnp.sum(GdG, axis=1) - jnp.sum(GdG, axis=0) + d * dd - w * dw
-  dgamma_last = jnp.sum(w * dw) + lam * dlam
-  dg = reverse_cumsum(dgamma, C) + dgamma_last
+  dq, dk, dg, dbeta = _gradients_from_products(
+      qf, kf, KK, QK, Gamma, d, w, lam, beta_C, dP, dL, d[:, None] * dQd,
+      w[:, None] * dKw + (beta_C * d)[:, None] * dKb, jnp.sum(dQd * qf, axis=1),
+      jnp.sum(dKw * kf, axis=1), jnp.sum(dKb * kf, axis=1), jnp.sum(dVb * vf, axis=1), dlam, C)
   return dq, dk, dv, dg, dbeta
 
 
@@ -293,12 +311,10 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
   """
   rows, cols = _iota2(C)
   strict = cols < rows
-  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
   q_cols, k_cols_ = (q_CxK, k_CxK) if qk_cols is None else qk_cols
   qf, kf = q_cols.astype(jnp.float32), k_cols_.astype(jnp.float32)
   Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
   K = q_cols.shape[1]
-  first = jnp.asarray(first, jnp.float32)
   given = value_grads is not None
   if given:
     dP, dL, dbeta_v = value_grads
@@ -328,17 +344,6 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
     kb_dot = kb_dot + jnp.sum(dKb * kf, axis=1)
   KK = dot(k_CxK, k_CxK, trans_b=True)
   QK = dot(q_CxK, k_CxK, trans_b=True)
-  dL = jnp.where(strict, dL, 0.0)
-  dKK = beta_C[:, None] * Gamma * dL
-  dQK = dP * Gamma
-  dq = dq_state + dot(dQK, k_cols_, mm_dtype=mm_dtype)
-  dk = (dk_state + dot(dQK, q_cols, trans_a=True, mm_dtype=mm_dtype)
-        + dot(dKK, k_cols_, mm_dtype=mm_dtype) + dot(dKK, k_cols_, trans_a=True, mm_dtype=mm_dtype))
-  dbeta = first * (jnp.sum(KK * Gamma * dL, axis=1) + dbeta_v) + d * kb_dot
-  dd = beta_C * kb_dot + qd_dot
-  dw = jnp.where(idx < C - 1, kw_dot, 0.0)                             # w_{C−1} = 1 is a constant
-  GdG = jnp.where(strict, Gamma * (beta_C[:, None] * KK * dL + dP * QK), 0.0)
-  dgamma = first * (jnp.sum(GdG, axis=1) - jnp.sum(GdG, axis=0)) + d * dd - w * dw
-  dgamma_last = jnp.sum(w * dw) + lam * dlam
-  dg = reverse_cumsum(dgamma, C) + dgamma_last
-  return dq, dk, dg, dbeta
+  return _gradients_from_products(
+      q_cols, k_cols_, KK, QK, Gamma, d, w, lam, beta_C, dP, jnp.where(strict, dL, 0.0), dq_state,
+      dk_state, qd_dot, kw_dot, kb_dot, dbeta_v, dlam, C, mm_dtype=mm_dtype, first=first)

@@ -530,6 +530,12 @@ def _op_dtype(dtype):
   return dtype if _mm_dtype(dtype) is not None else jnp.float32
 
 
+def _per_chunk(v, C, *tail, dtype):
+  """Shape of a per-chunk array [B, H, N, *tail] (N = Tp / C) for a chunk-parallel kernel's output."""
+  B, Tp, H = v.shape[:3]
+  return jax.ShapeDtypeStruct((B, H, Tp // C, *tail), dtype)
+
+
 def _part_call(kernel, q, v, C, in_specs, out_specs, out_shape, name, *args, num_warps, nK=None):
   B, Tp, H = v.shape[:3]
   grid = (B, H, Tp // C) + ((nK,) if nK else ())
@@ -541,15 +547,13 @@ def _part_call(kernel, q, v, C, in_specs, out_specs, out_shape, name, *args, num
 def _prep_pallas(q, k, v, g, beta, reset_f, *, C):
   """Forward prep kernel: A [B,H,N,C,C], W, K̃ [B,H,N,C,K], U [B,H,N,C,V] (bf16 for bf16 inputs),
   λ [B,H,N,C] f32. reset_f: [B,Tp] float32 (zeros without packed documents)."""
-  B, Tp, _, K = q.shape
-  H, V = v.shape[2], v.shape[3]
-  N, op = Tp // C, _op_dtype(q.dtype)
+  K, V, op = q.shape[3], v.shape[3], _op_dtype(q.dtype)
   qk_s, v_s, gb_s, r_s, tile, lam_s, _, _ = _part_specs(q, v, C)
-  tiles = lambda d: jax.ShapeDtypeStruct((B, H, N, C, d), op)
+  tiles = lambda d: _per_chunk(v, C, C, d, dtype=op)
   return _part_call(
       functools.partial(_prep_kernel, C=C, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
       [qk_s, v_s, gb_s, gb_s, r_s], [tile(C), tile(K), tile(V), tile(K), lam_s],
-      [tiles(C), tiles(K), tiles(V), tiles(K), jax.ShapeDtypeStruct((B, H, N, C), jnp.float32)],
+      [tiles(C), tiles(K), tiles(V), tiles(K), _per_chunk(v, C, C, dtype=jnp.float32)],
       "gdn_prep", k, v, g, beta, reset_f, num_warps=PART_NUM_WARPS)
 
 
@@ -564,16 +568,14 @@ def _output_pallas(q, k, v, g, reset_f, hs, v_new, *, scale, C):
 
 def _bwd_prep_pallas(q, k, v, g, beta, reset_f, A, do, *, scale, C):
   """Backward prep kernel: W, K̃, Q̃ [B,H,N,C,K], dṼ^local [B,H,N,C,V], λ [B,H,N,C]."""
-  B, Tp, _, K = q.shape
-  H, V = v.shape[2], v.shape[3]
-  N, op = Tp // C, _op_dtype(q.dtype)
+  K, V, op = q.shape[3], v.shape[3], _op_dtype(q.dtype)
   qk_s, v_s, gb_s, r_s, tile, lam_s, _, _ = _part_specs(q, v, C)
-  tiles = lambda d: jax.ShapeDtypeStruct((B, H, N, C, d), op)
+  tiles = lambda d: _per_chunk(v, C, C, d, dtype=op)
   return _part_call(
       functools.partial(_bwd_prep_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
       [qk_s, qk_s, gb_s, gb_s, r_s, tile(C), v_s],
       [tile(K), tile(K), tile(K), tile(V), lam_s],
-      [tiles(K), tiles(K), tiles(K), tiles(V), jax.ShapeDtypeStruct((B, H, N, C), jnp.float32)],
+      [tiles(K), tiles(K), tiles(K), tiles(V), _per_chunk(v, C, C, dtype=jnp.float32)],
       "gdn_bwd_prep", q, k, g, beta, reset_f, A, do, num_warps=BWD_PART_NUM_WARPS)
 
 
@@ -598,14 +600,12 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
     partial_shape = (nK, B, Tp, H)
   mm_dtype = _mm_dtype(q.dtype)
   if GRADS_SPLIT:
-    N = Tp // C
     dv, dP, dL, dbv = _part_call(
         functools.partial(_grads_value_kernel, C=C, scale=scale, mm_dtype=mm_dtype), q, v, C,
         [v_s, gb_s, tile(C), tile(v.shape[3]), v_s, tile(v.shape[3])],
         [v_s, tile(C), tile(C), lam_s],
-        [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((B, H, N, C, C), jnp.float32),
-         jax.ShapeDtypeStruct((B, H, N, C, C), jnp.float32),
-         jax.ShapeDtypeStruct((B, H, N, C), jnp.float32)],
+        [jax.ShapeDtypeStruct(v.shape, v.dtype), _per_chunk(v, C, C, C, dtype=jnp.float32),
+         _per_chunk(v, C, C, C, dtype=jnp.float32), _per_chunk(v, C, C, dtype=jnp.float32)],
         "gdn_grads_value", v, beta, A, v_new, do, dv_new, num_warps=GRADS_NUM_WARPS)
     key_in = [in_specs[i] for i in (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
     vg_specs = [tile(C), tile(C), lam_s]            # dP, dL [C, C] and Σ dVb ⊙ v [C] per chunk
