@@ -77,6 +77,8 @@ _LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Rule ablations: NAME:POWER
                                    "(e.g. g_proj:-0.5). Runs are keyed and plotted by this variant.")
 _OUT_EPS = flags.DEFINE_float("output_norm_eps", None, "eps of the mixer's output norm (default: "
                                "norm_eps, 1e-5). Runs are keyed and plotted by this variant.")
+_CLIP = flags.DEFINE_float("grad_clip", None, "Global-norm gradient clipping threshold (default: "
+                            "off). Runs are keyed and plotted by this variant.")
 _VECTORIZE = flags.DEFINE_bool("vectorize", None, "Train the LRs of a width in one vmapped "
                                "program (default: on accelerators; on CPU it does not pay).")
 
@@ -145,7 +147,8 @@ def run_sweep(cfg):
              jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
   lr_overrides = mup.parse_lr_overrides(_LR_OVERRIDES.value)
   variant = ",".join(_LR_OVERRIDES.value
-                     + ([f"o_eps={_OUT_EPS.value:g}"] if _OUT_EPS.value is not None else []))
+                     + ([f"o_eps={_OUT_EPS.value:g}"] if _OUT_EPS.value is not None else [])
+                     + ([f"clip={_CLIP.value:g}"] if _CLIP.value else []))
   for seed in cfg["seeds"]:
     batches = sweep.window_sampler(train_tokens, cfg["batch"], cfg["seq_len"], seed)
     val = sweep.fixed_windows(val_tokens, cfg["batch"], cfg["seq_len"], 4)
@@ -164,16 +167,20 @@ def run_sweep(cfg):
               config, [2.0 ** x for x in log2_lrs], batches, val, steps=cfg["steps"],
               parametrization=parametrization, optimizer=optimizer, base_config=base,
               warmup_steps=cfg["warmup"], momentum=0.9 if optimizer == "sgd" else 0.0,
-              grad_clip=None, seed=seed, vectorize=vectorize,
+              grad_clip=_CLIP.value or None, seed=seed, vectorize=vectorize,
               max_lrs_per_program=_MAX_LRS.value, lr_overrides=lr_overrides)
           with open(path, "a") as f:
             for i, x in enumerate(log2_lrs):
               tail = result.train_loss[i, -max(cfg["steps"] // 10, 1):]
+              norms = result.grad_norm[i]
+              clip = dict(clipped_fraction=float(np.mean(norms > _CLIP.value))) if _CLIP.value else {}
               f.write(json.dumps(dict(
                   kind="run", scheme=_SCHEME.value, parametrization=parametrization,
                   optimizer=optimizer, width=width, seed=seed, log2_lr=x, variant=variant,
                   val_loss=None if math.isnan(result.val_loss[i]) else float(result.val_loss[i]),
-                  train_loss_tail=float(np.mean(tail)), steps=cfg["steps"], batch=cfg["batch"],
+                  train_loss_tail=float(np.mean(tail)),
+                  loss_spike=sweep.loss_spike(result.train_loss[i]),
+                  grad_norm_median=float(np.median(norms)), **clip, steps=cfg["steps"], batch=cfg["batch"],
                   seq_len=cfg["seq_len"], layers=cfg["layers"], seconds=result.seconds,
                   params=model_lib.num_params(config), **env)) + "\n")
           print(f"{parametrization:>4} {optimizer:>5} width {width:5d} seed {seed}: "

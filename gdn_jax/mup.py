@@ -288,18 +288,24 @@ def add_decayed_weights_by_leaf(weight_decay: dict[tuple, float]) -> optax.Gradi
 
 
 def parse_lr_overrides(specs) -> dict[str, Scaling]:
-  """["g_proj:-0.5", …] → {"g_proj": Scaling(fan_in=-0.5)}: LR × m_in^p for every parameter
-  whose dotted path contains the name (the command-line form of `lr_overrides`)."""
+  """["g_proj:-0.5", "conv:out:-0.5", …] → {"g_proj": Scaling(fan_in=-0.5), "conv":
+  Scaling(fan_out=-0.5)}: LR × m_in^p (or × m_out^p with `out`) for every parameter whose dotted
+  path contains the name (the command-line form of `lr_overrides`)."""
   out = {}
   for spec in specs or ():
     name, _, power = str(spec).rpartition(":")
+    axis = "fan_in"
+    if name.endswith(":out") or name.endswith(":in"):
+      name, _, side = name.rpartition(":")
+      axis = "fan_" + side
     try:
-      out[name] = Scaling(fan_in=float(power))
+      out[name] = Scaling(**{axis: float(power)})
     except ValueError:
       name = ""
     if not name:
-      raise ValueError(f"LR override {spec!r}; expected 'NAME:POWER', e.g. 'g_proj:-0.5' "
-                       "(LR × m_in^POWER for parameters whose path contains NAME).")
+      raise ValueError(f"LR override {spec!r}; expected 'NAME:POWER' or 'NAME:out:POWER', e.g. "
+                       "'g_proj:-0.5' (LR × m_in^POWER, or m_out^POWER, for parameters whose "
+                       "path contains NAME).")
   return out
 
 

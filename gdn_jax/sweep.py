@@ -39,6 +39,7 @@ def warmup_cosine(step, total_steps: int, warmup_steps: int, final_fraction: flo
 class SweepResult:
   learning_rates: np.ndarray        # [R]
   train_loss: np.ndarray            # [R, steps] per-step training loss
+  grad_norm: np.ndarray             # [R, steps] global gradient norm before clipping
   val_loss: np.ndarray              # [R] final validation loss (NaN if diverged)
   seconds: float                    # wall time of the training loop (compile excluded)
   compile_seconds: float
@@ -84,7 +85,7 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
     updates, opt_state = tx.update(grads, opt_state, params)
     factor = lr * warmup_cosine(t, steps, warmup_steps)
     params = optax.apply_updates(params, jax.tree.map(lambda u: factor * u, updates))
-    return params, opt_state, loss
+    return params, opt_state, jnp.stack([loss, optax.global_norm(grads)])
 
   eval_fn = jax.jit(jax.vmap(loss_fn, in_axes=(0, None)) if vectorize else loss_fn)
   lrs = jnp.asarray(learning_rates, jnp.float32)
@@ -112,20 +113,33 @@ def train_learning_rates(config, learning_rates, batches: Callable[[int], np.nda
   for p, o, lr in runs:
     run_losses = []
     for t in range(steps):
-      p, o, loss = compiled(p, o, lr, jnp.asarray(batches(t)), t)
-      run_losses.append(loss)                # stays on device: dispatch runs ahead
+      p, o, loss_norm = compiled(p, o, lr, jnp.asarray(batches(t)), t)
+      run_losses.append(loss_norm)           # stays on device: dispatch runs ahead
     final.append(p)
-    losses.append(np.asarray(jnp.stack(run_losses)))
+    losses.append(np.asarray(jnp.stack(run_losses)))   # [steps, (G,) 2]: loss, gradient norm
   seconds = time.perf_counter() - start
   val = [np.mean([np.asarray(eval_fn(p, jnp.asarray(b))) for b in val_batches], axis=0)
          for p in final]
-  if vectorize:     # per group: losses [steps, G], val [G]; concatenate and drop the padding
-    train_loss = np.concatenate([x.T for x in losses])[:R]         # [R, steps]
+  if vectorize:     # per group: [steps, G, 2], val [G]; concatenate and drop the padding
+    curves = np.concatenate([np.moveaxis(x, 0, 1) for x in losses])[:R]   # [R, steps, 2]
     val = np.concatenate(val)[:R]
   else:
-    train_loss, val = np.stack(losses), np.asarray(val)
+    curves, val = np.stack(losses), np.asarray(val)
   val = np.where(np.isfinite(val), val, np.nan)
-  return SweepResult(np.asarray(learning_rates), train_loss, val, seconds, compile_seconds)
+  return SweepResult(np.asarray(learning_rates), curves[..., 0], curves[..., 1], val, seconds,
+                     compile_seconds)
+
+
+def loss_spike(train_loss: np.ndarray, window: int = 10) -> float:
+  """Largest rise of the `window`-step moving average of the training loss above its running
+  minimum so far (0 for a loss that never goes back up; NaN if the loss became non-finite).
+
+  Separates a run that spiked and recovered part-way from one that converged to a worse loss."""
+  if not np.all(np.isfinite(train_loss)):
+    return float("nan")
+  window = max(1, min(window, len(train_loss)))
+  smooth = np.convolve(train_loss, np.ones(window) / window, mode="valid")
+  return float(np.max(smooth - np.minimum.accumulate(smooth)))
 
 
 def window_sampler(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int

@@ -265,28 +265,8 @@ def chunk_bwd(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_
 # separable in the value columns), so these functions take one V-block at a time where V appears.
 
 
-def chunk_value_grads(A_CxC, beta_C, blocks, C: int, scale: float, mm_dtype=None):
-  """The products of `chunk_gradients` that contract over V, for a split gradients kernel.
-
-  `blocks` yields, per V-block, (v, Ṽ, dO, dṼ) tiles and a `write_dv` callback. Returns (dP, dL
-  before its strict mask, Σ_v dVb ⊙ v) = (scale Σ dO Ṽᵀ, −Σ dVb Ṽᵀ, ...) with dVb = Aᵀ dṼ, and
-  writes dv = β dVb per block. With these, `chunk_gradients(..., value_grads=...)` needs per
-  K-block only the products that contract over V *into* K (dO hᵀ, Ṽ dh'ᵀ, dVb hᵀ).
-  """
-  dP = jnp.zeros((C, C), jnp.float32)
-  dL = jnp.zeros((C, C), jnp.float32)
-  dbeta_v = jnp.zeros((C,), jnp.float32)
-  for (v, v_new, do, dv_new), write_dv in blocks:
-    dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
-    dVb = dot(A_CxC, dv_new, trans_a=True, mm_dtype=mm_dtype)
-    dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
-    dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
-    write_dv(beta_C[:, None] * dVb)
-  return dP, dL, dbeta_v
-
-
 def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, scale: float,
-                    mm_dtype=None, qk_cols=None, first=True, value_grads=None):
+                    mm_dtype=None, qk_cols=None, first=True):
   r"""Gradients of one chunk given A = (I + L)⁻¹ from the forward and, per V-block, the walks' results.
 
   `blocks` yields, per V-block, (v, h, Ṽ, dO, dh', dṼ) tiles (C×BV, K×BV, C×BV, C×BV, K×BV, C×BV)
@@ -305,9 +285,6 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
   state, and dq, dk are returned for those columns.
   dg and dβ are then partial sums over the K-blocks (the caller adds them up): the terms that do not
   contract over K are counted only where `first` is true (a traced bool or 1.0/0.0).
-
-  `value_grads`: (dP, dL, Σ dVb ⊙ v) from `chunk_value_grads` (a first kernel); then those are not
-  accumulated here, dv is not written, and the blocks' v entry is unused.
   """
   rows, cols = _iota2(C)
   strict = cols < rows
@@ -315,13 +292,9 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
   qf, kf = q_cols.astype(jnp.float32), k_cols_.astype(jnp.float32)
   Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
   K = q_cols.shape[1]
-  given = value_grads is not None
-  if given:
-    dP, dL, dbeta_v = value_grads
-  else:
-    dP = jnp.zeros((C, C), jnp.float32)
-    dL = jnp.zeros((C, C), jnp.float32)
-    dbeta_v = jnp.zeros((C,), jnp.float32)
+  dP = jnp.zeros((C, C), jnp.float32)
+  dL = jnp.zeros((C, C), jnp.float32)
+  dbeta_v = jnp.zeros((C,), jnp.float32)
   dq_state = jnp.zeros((C, K), jnp.float32)     # d ⊙ dQd
   dk_state = jnp.zeros((C, K), jnp.float32)     # w ⊙ dK̃ + βd ⊙ dKb
   qd_dot = kw_dot = kb_dot = jnp.zeros((C,), jnp.float32)
@@ -332,11 +305,10 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
     dlam = dlam + jnp.sum(jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1))
     dVb = dot(A_CxC, dv_new, trans_a=True, mm_dtype=mm_dtype)
     dKb = -dot(dVb, h, trans_b=True, mm_dtype=mm_dtype)
-    if not given:
-      dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
-      dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
-      dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
-      write_dv(beta_C[:, None] * dVb)
+    dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
+    dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
+    dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
+    write_dv(beta_C[:, None] * dVb)
     dq_state = dq_state + d[:, None] * dQd
     dk_state = dk_state + w[:, None] * dKw + (beta_C * d)[:, None] * dKb
     qd_dot = qd_dot + jnp.sum(dQd * qf, axis=1)
@@ -347,3 +319,85 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
   return _gradients_from_products(
       q_cols, k_cols_, KK, QK, Gamma, d, w, lam, beta_C, dP, jnp.where(strict, dL, 0.0), dq_state,
       dk_state, qd_dot, kw_dot, kb_dot, dbeta_v, dlam, C, mm_dtype=mm_dtype, first=first)
+
+
+# ------------------------------------------------------------------------------------------------
+# The gradients in two kernels (`kernels_pallas.gpu.GRADS_SPLIT`), split as fla splits its backward:
+# one program per (chunk, block of K columns) for everything that contracts over V into K, then one
+# program per chunk for the UT transform's part (dv and the gradient through L = strict(β KKᵀ ⊙ Γ)).
+# dq is final after the first; dk = dk₁ + dk₂; dg and dβ are sums of the two kernels' parts (dg is
+# linear in dγ, so each part is reverse-cumsummed on its own).
+
+
+def chunk_key_grads(q_cols, k_cols, g_C, beta_C, reset_C, A_CxC, blocks, C: int, scale: float,
+                    mm_dtype=None):
+  r"""First half: one chunk, one block of K columns (`q_cols`, `k_cols`: C×BK; BK = K allowed).
+
+  `blocks` yields per V-block (h, Ṽ, dO, dh', dṼ) with h, dh' holding the state rows of these columns:
+
+      dQd = scale Σ dO hᵀ    dK̃ = Σ Ṽ dh'ᵀ    X = Σ dṼ hᵀ    dP = scale Σ dO Ṽᵀ    dλ = Σ h ⊙ dh'
+      dKb = −Aᵀ X            (= −dVb hᵀ with dVb = Aᵀ dṼ, without forming the C×V dVb)
+      dq  = d ⊙ dQd + (dP ⊙ Γ) K_cols                                       (final)
+      dk₁ = w ⊙ dK̃ + βd ⊙ dKb + (dP ⊙ Γ)ᵀ Q_cols
+
+  dg, dβ through P, d, w, λ (`_gradients_from_products` without the dL terms). The P part of dγ,
+  Σ_j (Γ ⊙ dP ⊙ QKᵀ)_ij − Σ_j (Γ ⊙ dP ⊙ QKᵀ)_ji, needs no Q Kᵀ: Σ_j (dP ⊙ Γ)_ij (QKᵀ)_ij =
+  Σ_k q_ik ((dP ⊙ Γ) K)_ik is a row sum of Q ⊙ dq_P over the columns (the diagonal, Γ_ii = 1, is in
+  both sums and cancels). Every term of dg, dβ here contracts over K, so per K-block they are
+  partial sums (the caller adds them up) and no term needs a `first` gate.
+  Returns (dq, dk₁ [C×BK], dg, dβ [C]), float32.
+  """
+  BK = q_cols.shape[1]
+  qf, kf = q_cols.astype(jnp.float32), k_cols.astype(jnp.float32)
+  Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
+  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+  dQd = dKw = X = jnp.zeros((C, BK), jnp.float32)
+  dP = jnp.zeros((C, C), jnp.float32)
+  dlam = jnp.zeros((), jnp.float32)
+  for h, v_new, do, dh, dv_new in blocks:
+    dQd = dQd + scale * dot(do, h, trans_b=True, mm_dtype=mm_dtype)
+    dKw = dKw + dot(v_new, dh, trans_b=True, mm_dtype=mm_dtype)
+    X = X + dot(dv_new, h, trans_b=True, mm_dtype=mm_dtype)
+    dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
+    dlam = dlam + jnp.sum(jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1))
+  dKb = -dot(A_CxC, X, trans_a=True, mm_dtype=mm_dtype)
+  dQK = dP * Gamma
+  dq_P = dot(dQK, k_cols, mm_dtype=mm_dtype)
+  dk_P = dot(dQK, q_cols, trans_a=True, mm_dtype=mm_dtype)
+  kb_dot = jnp.sum(dKb * kf, axis=1)
+  kw_dot = jnp.where(idx < C - 1, jnp.sum(dKw * kf, axis=1), 0.0)   # w_{C−1} = 1 is a constant
+  dd = beta_C * kb_dot + jnp.sum(dQd * qf, axis=1)
+  dgamma = jnp.sum(qf * dq_P, axis=1) - jnp.sum(kf * dk_P, axis=1) + d * dd - w * kw_dot
+  dg = reverse_cumsum(dgamma, C) + jnp.sum(w * kw_dot) + lam * dlam
+  dq = d[:, None] * dQd + dq_P
+  dk = w[:, None] * dKw + (beta_C * d)[:, None] * dKb + dk_P
+  return dq, dk, dg, d * kb_dot
+
+
+def chunk_wy_grads(k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, mm_dtype=None):
+  r"""Second half: one chunk, all of K; the UT transform's part of the gradients.
+
+  `blocks` yields per V-block (v, Ṽ, dṼ) and a `write_dv` callback:
+
+      dVb = Aᵀ dṼ    dv = β dVb (per block)    dL = −strict(Σ dVb Ṽᵀ)    dKK = β Γ ⊙ dL
+      dk₂ = (dKK + dKKᵀ) K                     (the caller forms it by column blocks of K)
+      dβ₂ = Σ_j (K Kᵀ ⊙ Γ ⊙ dL)_ij + Σ dVb ⊙ v
+      dγ₂ = Σ_j (dKK ⊙ K Kᵀ)_ij − Σ_j (dKK ⊙ K Kᵀ)_ji,   dg₂ = reverse_cumsum(dγ₂)
+
+  Returns (dKK + dKKᵀ [C×C], dg₂, dβ₂ [C]), float32.
+  """
+  rows, cols = _iota2(C)
+  dL = jnp.zeros((C, C), jnp.float32)
+  dbeta_v = jnp.zeros((C,), jnp.float32)
+  for (v, v_new, dv_new), write_dv in blocks:
+    dVb = dot(A_CxC, dv_new, trans_a=True, mm_dtype=mm_dtype)
+    dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
+    dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
+    write_dv(beta_C[:, None] * dVb)
+  Gamma, _, _, _ = chunk_decays(g_C, reset_C, C)
+  KK = dot(k_CxK, k_CxK, trans_b=True)
+  dLG = jnp.where(cols < rows, dL, 0.0) * Gamma
+  dKK = beta_C[:, None] * dLG
+  GdG = dKK * KK
+  dg = reverse_cumsum(jnp.sum(GdG, axis=1) - jnp.sum(GdG, axis=0), C)
+  return dKK + dKK.T, dg, jnp.sum(KK * dLG, axis=1) + dbeta_v

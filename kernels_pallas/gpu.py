@@ -15,8 +15,11 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
   backward prep (`gdn_bwd_prep`) from the stored A: W, K̃, Q̃ = diag(d) Q and dṼ^local = scale Pᵀ dO;
            the reverse walk (`gdn_walk_bwd`):  dṼ_r = dṼ_r^local + K̃_r dh_{r+1},
            dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r − W_rᵀ dṼ_r (writes dh_{r+1} and dṼ per chunk,
-           returns dh_0); gradients (`gdn_grads`, grid (B, H, N, K/BK)): every input gradient of a
-           chunk (`chunk_math.chunk_gradients`, the identities of `chunked.chunk_grads`).
+           returns dh_0); gradients in two kernels, split as fla's backward (`GRADS_SPLIT`):
+           `gdn_grads_key`, grid (B, H, N, K/BK), everything that contracts over V into K (dq final,
+           dk₁; `chunk_math.chunk_key_grads`), then `gdn_grads_wy`, grid (B, H, N), dv and the UT
+           transform's part (dk = dk₁ + (dKK + dKKᵀ) K; `chunk_math.chunk_wy_grads`). The
+           identities are those of `chunked.chunk_grads`.
   With CHUNK_PARALLEL = "xla" the chunk-parallel parts are batched XLA ops instead
   (`chunked.chunk_ops` forward and backward, `chunked.chunk_grads`); only h_r is kept and A is
   recomputed in the backward.
@@ -25,10 +28,11 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
   kernel (one program per chunk, `chunk_math.chunk_bwd`) forms the gradients; for K or V > 128 XLA
   differentiates the vmapped `chunk_math` instead. 2.6× slower than "walks" with XLA parts.
 
-Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v5*.md; log and earlier
-versions in NOTES_gpu.md), fwd+bwd against fla in one run: 3.25 vs 2.96 ms at B8 T2048 H16 K=V=128
-(0.95, 1.02 and 1.19 in three other runs), 4.06 vs 2.88 at B2 T8192, 12.4 vs 8.3 at B16 T4096; memory 690 /
-678 / 2728 MiB against fla's 932 / 932 / 3728. At K = 256, V = 512 (XLA parts) 5.9 vs 3.9 ms.
+Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v7.md; log and earlier
+versions in NOTES_gpu.md), fwd+bwd against fla, all shapes in one run: 2.59 vs 3.49 ms at B8 T2048
+H16 K=V=128 (0.74×), 3.20 vs 2.79 at B2 T8192 (0.93× and 0.95× in two other runs), 9.34 vs 8.26 at
+B16 T4096; memory 804 / 804 / 3216 MiB against fla's 932 / 932 / 3728. At K = 256, V = 512 (XLA
+parts) 6.00 vs 4.14 ms, 1983 vs 1502 MiB.
 Errors equal or beat fla's (o 3.3e-3, gradients ≤ 3.3e-3 against an fp32 reference).
 The Pallas chunk-parallel parts halved the forward (1.74 → 0.86 ms in one run) and the memory (1416
 → 690 MiB): the XLA parts sent ~20 fp32 [B, H, N, C, ·] intermediates and two layout transposes
@@ -85,29 +89,41 @@ BWD_PART_NUM_WARPS = 8    # ... of the backward's prep kernel
 GRADS_NUM_WARPS = 4       # ... of the gradients kernel
 GRADS_BLOCK_V = 128       # V columns per step of the gradients kernel's V loop
 GRADS_BLOCK_K = 64        # K columns per program of the gradients kernel (< K: K split over programs)
-GRADS_SPLIT = False       # True: a first kernel forms the V-contracted dP, dL, dv once per chunk and
-                          # the K-split gradients kernel reads them (not recomputed per K-block);
-                          # measured slower on the H100 (3.99 vs 3.42 ms, bench_kernels_h100_v6)
+GRADS_SPLIT = True        # two kernels, split as fla's backward is: per K-block everything that
+                          # contracts over V into K (`chunk_math.chunk_key_grads`), then per chunk
+                          # dv and the UT transform's part (`chunk_wy_grads`); no dVb, dL or KKᵀ per
+                          # K-block. H100, B8 T2048 H16 K=V=128: fwd+bwd 2.71 ms against 3.48 for
+                          # the one-kernel version (False) in one run (bench_kernels_h100_v7)
+GRADS_WY_NUM_WARPS = 4    # warps of the split's second kernel
 WALK_NUM_STAGES = 1       # Triton software-pipelining depth of the walks' chunk loop
 BLOCK_V_LARGE_K = 32      # BLOCK_V of the walks when K > 128
+WALK_MIN_PROGRAMS = 256   # walks of the "walks" schedule: halve BV (to 16 at least) while B·H·V/BV is
+                          # below this (~2 programs per SM); B2 T8192 H16: 3.14 ms (BV 16) against
+                          # 3.35 (BV 64) in one run (bench_kernels_h100_v7_stages_t8192). 0: off
 WALK_BWD_DO_TOKENS = True  # the reverse walk reads dO in token layout (False: XLA makes [B,H,N,C,V] tiles)
 
 
 def _chunk_parallel(K: int, V: int) -> str:
-  """Resolves CHUNK_PARALLEL. Measured on the H100 (bench_kernels_h100_v5*): at K = V = 128 the
+  """Resolves CHUNK_PARALLEL. Measured on the H100 (bench_kernels_h100_v5*, _v7): at K = V = 128 the
   Pallas parts give fwd+bwd 3.25-3.39 ms against 4.46 ms with xla (different runs) and memory 690
-  against 1416 MiB; at K = 256, V = 512 their gradients kernel (K split in 4, V loop of 4) makes
-  fwd+bwd 10.5 ms against 5.9 ms with xla in one run (memory 1285 against 1983 MiB), so "auto"
-  keeps xla there."""
+  against 1416 MiB; at K = 256, V = 512 they make fwd+bwd 6.61 ms against 5.98 ms with xla
+  (different runs of one session; 10.5 ms before the split gradients kernel) at 1360 against 1983
+  MiB, so "auto" keeps xla there (fla: 4.1-4.3 ms, 1502 MiB)."""
   if CHUNK_PARALLEL != "auto":
     return CHUNK_PARALLEL
   return "pallas" if K <= 128 and V <= 128 else "xla"
 
 
-def _block_v(V: int, K: int = 0) -> int:
+def _block_v(V: int, K: int = 0, heads: int = 0) -> int:
   """V columns per walk program; K > 128 halves it (the K×BV state tiles and the C×K operands
-  must fit the 227 KB of shared memory of an H100)."""
-  return min(V, BLOCK_V if K <= 128 else BLOCK_V_LARGE_K)
+  must fit the 227 KB of shared memory of an H100). With `heads` = B·H given (the "walks"
+  schedule), BV is halved down to 16 while the grid has fewer than WALK_MIN_PROGRAMS programs:
+  each walk is sequential over the chunks, so at small B·H (long sequences) the GPU needs more of
+  them in flight."""
+  BV = min(V, BLOCK_V if K <= 128 else BLOCK_V_LARGE_K)
+  while heads and BV > 16 and heads * (V // BV) < WALK_MIN_PROGRAMS:
+    BV //= 2
+  return BV
 
 
 def _compiler_params(num_warps: int, num_stages: int = 1):
@@ -350,7 +366,7 @@ def _walk_forward(W, U, Kw, lam, h0, *, mm_dtype, state_dtype, vnew_dtype=jnp.fl
   Returns (Ṽ [B,H,N,C,V] f32, final state f32, states before each chunk [B,H,N,K,V])."""
   B, H, N, C, K = W.shape
   V = U.shape[-1]
-  BV = _block_v(V, K)
+  BV = _block_v(V, K, B * H)
   rows_k, rows_v, lam_spec, st_spec, hs_spec = _tile_specs(N, C, K, BV)
   kernel = functools.partial(_walk_fwd_kernel, N=N, mm_dtype=mm_dtype)
   return pl.pallas_call(
@@ -371,7 +387,7 @@ def _walk_backward(W, Kw, Qd, do, dv_local, lam, dht, *, scale, mm_dtype, state_
   [B,H,N,K,V], dṼ [B,H,N,C,V])."""
   B, H, N, C, K = W.shape
   V = do.shape[-1]
-  BV = _block_v(V, K)
+  BV = _block_v(V, K, B * H)
   rows_k, rows_v, lam_spec, st_spec, hs_spec = _tile_specs(N, C, K, BV)
   do_tokens = do.ndim == 4
   do_spec = (pl.BlockSpec((None, N * C, None, BV), lambda b, h, j: (b, 0, h, j)) if do_tokens
@@ -479,35 +495,39 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref,
     ref[...] = x.astype(ref.dtype)
 
 
-def _grads_value_kernel(v_ref, beta_ref, a_ref, vnew_ref, do_ref, dvnew_ref,
-                        dv_ref, dp_ref, dl_ref, dbv_ref, *, C, scale, mm_dtype):
-  """GRADS_SPLIT, first kernel, one chunk: dP, dL, Σ dVb ⊙ v and dv (`chunk_math.chunk_value_grads`)."""
+def _grads_key_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vnew_ref, do_ref,
+                      dh_ref, dvnew_ref, dq_ref, dk_ref, dg_ref, dbeta_ref, *, C, scale, mm_dtype,
+                      BK):
+  """GRADS_SPLIT, first kernel, one chunk and one block of BK K-columns (`chunk_math.chunk_key_grads`):
+  dq (final), dk₁ (float32) and the partial sums of dg, dβ through P, d, w, λ."""
+  split, _, cols = _k_block(q_ref.shape[-1], BK)
+
+  def blocks():
+    for blk in _v_blocks(vnew_ref.shape[-1], GRADS_BLOCK_V):
+      yield (h_ref[cols, blk], vnew_ref[:, blk], do_ref[:, blk], dh_ref[cols, blk],
+             dvnew_ref[:, blk])
+  q_cols, k_cols = (q_ref[:, cols], k_ref[:, cols]) if split else (q_ref[...], k_ref[...])
+  dq, dk, dg, dbeta = cm.chunk_key_grads(q_cols, k_cols, g_ref[...], beta_ref[...], reset_ref[...],
+                                         a_ref[...], blocks(), C, scale, mm_dtype)
+  for ref, x in ((dq_ref, dq), (dk_ref, dk), (dg_ref, dg), (dbeta_ref, dbeta)):
+    ref[...] = x.astype(ref.dtype)
+
+
+def _grads_wy_kernel(k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, vnew_ref, dvnew_ref, dk1_ref,
+                     dk_ref, dv_ref, dg_ref, dbeta_ref, *, C, mm_dtype):
+  """GRADS_SPLIT, second kernel, one chunk (`chunk_math.chunk_wy_grads`): dv, dk = dk₁ + (dKK + dKKᵀ) K
+  by column blocks of K, and dg, dβ through L and Vb."""
   def blocks():
     for blk in _v_blocks(v_ref.shape[-1], GRADS_BLOCK_V):
       def write_dv(x, blk=blk):
         dv_ref[:, blk] = x.astype(dv_ref.dtype)
-      yield (v_ref[:, blk], vnew_ref[:, blk], do_ref[:, blk], dvnew_ref[:, blk]), write_dv
-  dP, dL, dbv = cm.chunk_value_grads(a_ref[...], beta_ref[...], blocks(), C, scale, mm_dtype)
-  dp_ref[...], dl_ref[...], dbv_ref[...] = dP, dL, dbv
-
-
-def _grads_key_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vnew_ref, do_ref,
-                      dh_ref, dvnew_ref, dp_ref, dl_ref, dbv_ref, dq_ref, dk_ref, dg_ref, dbeta_ref,
-                      *, C, scale, mm_dtype, BK):
-  """GRADS_SPLIT, second kernel: `_grads_kernel` with dP, dL, Σ dVb ⊙ v read from the first."""
-  split, first, cols = _k_block(q_ref.shape[-1], BK)
-
-  def blocks():
-    for blk in _v_blocks(vnew_ref.shape[-1], GRADS_BLOCK_V):
-      yield (None, h_ref[cols, blk], vnew_ref[:, blk], do_ref[:, blk], dh_ref[cols, blk],
-             dvnew_ref[:, blk]), None
-  qk_cols = (q_ref[:, cols], k_ref[:, cols]) if split else None
-  dq, dk, dg, dbeta = cm.chunk_gradients(q_ref[...], k_ref[...], g_ref[...], beta_ref[...],
-                                         reset_ref[...], a_ref[...], blocks(), C, scale, mm_dtype,
-                                         qk_cols=qk_cols, first=first,
-                                         value_grads=(dp_ref[...], dl_ref[...], dbv_ref[...]))
-  for ref, x in ((dq_ref, dq), (dk_ref, dk), (dg_ref, dg), (dbeta_ref, dbeta)):
-    ref[...] = x.astype(ref.dtype)
+      yield (v_ref[:, blk], vnew_ref[:, blk], dvnew_ref[:, blk]), write_dv
+  dKK, dg, dbeta = cm.chunk_wy_grads(k_ref[...], g_ref[...], beta_ref[...], reset_ref[...],
+                                     a_ref[...], blocks(), C, mm_dtype)
+  for blk in _v_blocks(k_ref.shape[-1], GRADS_BLOCK_V):      # column blocks of K
+    dk_ref[:, blk] = (dk1_ref[:, blk] + cm.dot(dKK, k_ref[:, blk], mm_dtype=mm_dtype)
+                      ).astype(dk_ref.dtype)
+  dg_ref[...], dbeta_ref[...] = dg, dbeta
 
 
 def _part_specs(q, v, C):
@@ -600,24 +620,25 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
     partial_shape = (nK, B, Tp, H)
   mm_dtype = _mm_dtype(q.dtype)
   if GRADS_SPLIT:
-    dv, dP, dL, dbv = _part_call(
-        functools.partial(_grads_value_kernel, C=C, scale=scale, mm_dtype=mm_dtype), q, v, C,
-        [v_s, gb_s, tile(C), tile(v.shape[3]), v_s, tile(v.shape[3])],
-        [v_s, tile(C), tile(C), lam_s],
-        [jax.ShapeDtypeStruct(v.shape, v.dtype), _per_chunk(v, C, C, C, dtype=jnp.float32),
-         _per_chunk(v, C, C, C, dtype=jnp.float32), _per_chunk(v, C, C, dtype=jnp.float32)],
-        "gdn_grads_value", v, beta, A, v_new, do, dv_new, num_warps=GRADS_NUM_WARPS)
     key_in = [in_specs[i] for i in (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
-    vg_specs = [tile(C), tile(C), lam_s]            # dP, dL [C, C] and Σ dVb ⊙ v [C] per chunk
-    if nK > 1:
-      vg_specs = [with_k(x) for x in vg_specs]
-    dq, dk, dg, dbeta = _part_call(
+    dq, dk1, dg, dbeta = _part_call(
         functools.partial(_grads_key_kernel, C=C, scale=scale, mm_dtype=mm_dtype, BK=BK),
-        q, v, C, key_in + vg_specs, [out_specs[i] for i in (0, 1, 3, 4)],
-        [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype)] * 2
+        q, v, C, key_in, [out_specs[i] for i in (0, 1, 3, 4)],
+        [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), jnp.float32)]
         + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
-        "gdn_grads_key", q, k, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, dP, dL, dbv,
+        "gdn_grads_key", q, k, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
         num_warps=GRADS_NUM_WARPS, nK=nK if nK > 1 else None)
+    if nK > 1:
+      dg, dbeta = dg.sum(0), dbeta.sum(0)
+    dk, dv, dg2, dbeta2 = _part_call(
+        functools.partial(_grads_wy_kernel, C=C, mm_dtype=mm_dtype), q, v, C,
+        [qk_s, v_s, gb_s, gb_s, r_s, tile(C), tile(v.shape[3]), tile(v.shape[3]), dqk_s],
+        [dqk_s, v_s, gb_s, gb_s],
+        [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+        + [jax.ShapeDtypeStruct((B, Tp, H), jnp.float32)] * 2,
+        "gdn_grads_wy", k, v, g, beta, reset_f, A, v_new, dv_new, dk1,
+        num_warps=GRADS_WY_NUM_WARPS)
+    dg, dbeta = dg + dg2, dbeta + dbeta2
   else:
     dq, dk, dv, dg, dbeta = _part_call(
         functools.partial(_grads_kernel, C=C, scale=scale, mm_dtype=mm_dtype, BK=BK),
@@ -627,8 +648,8 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
         + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
         "gdn_grads", q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
         num_warps=GRADS_NUM_WARPS, nK=nK if nK > 1 else None)
-  if nK > 1:
-    dg, dbeta = dg.sum(0), dbeta.sum(0)
+    if nK > 1:
+      dg, dbeta = dg.sum(0), dbeta.sum(0)
   if H != Hk:  # value heads of one group share their q/k head: sum their gradients
     dq, dk = (x.reshape(B, Tp, Hk, H // Hk, K).sum(3) for x in (dq, dk))
   return dq, dk, dv, dg, dbeta

@@ -207,6 +207,11 @@ def test_lr_overrides_scale_one_group_and_keep_the_base_model():
   assert all(lr == 1.0 for _, lr, _ in at_base.values())
   with pytest.raises(ValueError, match="matches no parameter"):
     get(lr_overrides={"nope": mup.Scaling(fan_in=-1)})
-  for bad in ("g_proj", "g_proj:x", ":-1"):
+  assert mup.parse_lr_overrides(["conv:out:-0.5", "g_proj:in:1"]) == {
+      "conv": mup.Scaling(fan_out=-0.5), "g_proj": mup.Scaling(fan_in=1.0)}
+  conv = {k: v for k, v in get(lr_overrides=mup.parse_lr_overrides(["conv:out:-0.5"])).items()
+          if "conv" in k}
+  assert conv and all(lr == plain[k][1] / 2 for k, (_, lr, _) in conv.items())   # m_out = 4
+  for bad in ("g_proj", "g_proj:x", ":-1", ":out:-1"):
     with pytest.raises(ValueError, match="NAME:POWER"):
       mup.parse_lr_overrides([bad])

@@ -136,9 +136,10 @@ def _abstract_h100_mesh():
     ("walks+pallas_parts+ksplit", True, 5, jnp.bfloat16, 128, 128),
     ("walks+pallas_parts+split", True, 6, jnp.bfloat16, 128, 128),   # GRADS_SPLIT: two kernels
     ("walks+pallas_parts+split+ksplit", True, 6, jnp.bfloat16, 128, 128),
+    ("walks+pallas_parts+split", True, 6, jnp.float32, 32, 32),
     ("walks+pallas_parts+split", True, 6, jnp.bfloat16, 256, 512),
-    ("walks+auto", True, 5, jnp.bfloat16, 128, 128),         # auto: Pallas parts up to 128 ...
-    ("walks+auto", True, 2, jnp.bfloat16, 256, 512),         # ... XLA parts above
+    ("walks+auto+split", True, 6, jnp.bfloat16, 128, 128),   # auto: Pallas parts up to 128 ...
+    ("walks+auto+split", True, 2, jnp.bfloat16, 256, 512),   # ... XLA parts above
     ("fused", False, 1, jnp.bfloat16, 128, 128),    # fwd
     ("fused", True, 3, jnp.bfloat16, 128, 128)])    # + bwd walk + bwd chunks
 def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kernels, dtype, K, V):
@@ -187,3 +188,16 @@ def test_xla_chunk_parallel_backward_matches_recurrent(monkeypatch):
       q, k, v, g, beta, h0)
   for name, got, want in zip(("q", "k", "v", "g", "beta", "h0"), grads, grads_ref):
     assert _rel(got, want) < 1e-4, (name, _rel(got, want))
+
+
+def test_walk_block_v_keeps_enough_programs(monkeypatch):
+  """Walk programs = B·H·V/BV: BV is halved (to 16 at least) while they are < WALK_MIN_PROGRAMS."""
+  monkeypatch.setattr(gpu, "WALK_MIN_PROGRAMS", 256)
+  assert gpu._block_v(128, 128, heads=8 * 16) == 64        # 256 programs already
+  assert gpu._block_v(128, 128, heads=2 * 16) == 16        # B2 H16: 32 → 128 → 256 programs
+  assert gpu._block_v(128, 128, heads=1) == 16             # never below 16
+  assert gpu._block_v(512, 256, heads=8 * 6) == 32         # K > 128 starts at 32
+  assert gpu._block_v(8, 8, heads=1) == 8                  # never above V
+  assert gpu._block_v(128, 128) == 64                      # no head count: the fixed BLOCK_V
+  monkeypatch.setattr(gpu, "WALK_MIN_PROGRAMS", 0)
+  assert gpu._block_v(128, 128, heads=2 * 16) == 64

@@ -68,3 +68,43 @@ def test_window_sampler_is_deterministic_and_in_range():
   assert not np.array_equal(a(5), a(6))
   windows = a(7)
   assert np.all((windows[:, 1:] - windows[:, :-1]) % 256 == 1)   # contiguous windows
+
+
+def test_gradient_norm_and_clipping():
+  """grad_norm is the global norm of the raw gradient (checked at step 0 against nnx.grad of the
+  same model); a threshold above every norm changes nothing, one below the norms changes the run."""
+  import jax
+  import optax
+  from flax import nnx
+  from gdn_jax import mup
+  from gdn_jax.loss import cross_entropy
+
+  tokens = np.random.default_rng(2).integers(0, 256, size=5000).astype(np.uint8)
+  batches = sweep.window_sampler(tokens, batch_size=2, seq_len=16, seed=0)
+  val = sweep.fixed_windows(tokens, batch_size=2, seq_len=16, num_batches=1)
+  kw = dict(steps=3, parametrization="mup", optimizer="sgd", base_config=tiny_config(32),
+            warmup_steps=1, momentum=0.9, seed=0)
+  free = sweep.train_learning_rates(tiny_config(64), [0.1], batches, val, **kw)
+  model = mup.build_model(tiny_config(64), parametrization="mup", base_config=tiny_config(32),
+                          rngs=nnx.Rngs(0))
+  b0 = batches(0)
+  grads = nnx.grad(lambda m: cross_entropy(m(b0[:, :-1]), b0[:, 1:]))(model)
+  assert free.grad_norm[0, 0] == pytest.approx(float(optax.global_norm(jax.tree.leaves(grads))),
+                                               rel=1e-4)
+  loose = sweep.train_learning_rates(tiny_config(64), [0.1], batches, val,
+                                     grad_clip=10 * free.grad_norm.max(), **kw)
+  np.testing.assert_allclose(loose.train_loss, free.train_loss, rtol=1e-6)
+  tight = sweep.train_learning_rates(tiny_config(64), [0.1], batches, val,
+                                     grad_clip=0.1 * free.grad_norm.min(), **kw)
+  assert tight.grad_norm[0, 0] == pytest.approx(free.grad_norm[0, 0], rel=1e-6)  # before clipping
+  assert abs(tight.train_loss[0, -1] - free.train_loss[0, -1]) > 1e-4
+
+
+def test_loss_spike():
+  falling = np.linspace(3.0, 1.0, 50)
+  assert sweep.loss_spike(falling, window=1) == 0.0
+  spiked = falling.copy()
+  spiked[30:35] += 2.0                       # up by 2 above the running minimum, then back
+  assert sweep.loss_spike(spiked, window=1) == pytest.approx(2.0 - (falling[29] - falling[30]))
+  assert 0.7 < sweep.loss_spike(spiked, window=10) < 1.0      # smoothed: 5 of 10 steps are up
+  assert np.isnan(sweep.loss_spike(np.array([1.0, np.nan, 1.0])))
