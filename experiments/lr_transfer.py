@@ -74,7 +74,8 @@ _MAX_LRS = flags.DEFINE_integer("max_lrs_per_program", None, "With vectorize: vm
                                 "many LRs at once (memory grows with it; default: all).")
 _LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Rule ablations: NAME:POWER multiplies the "
                                    "LR of parameters whose path contains NAME by m_in^POWER "
-                                   "(e.g. g_proj:-0.5). Runs are keyed and plotted by this variant.")
+                                   "(e.g. g_proj:-0.5); NAME:out:POWER by m_out^POWER (e.g. "
+                                   "conv:out:-0.5). Runs are keyed and plotted by this variant.")
 _OUT_EPS = flags.DEFINE_float("output_norm_eps", None, "eps of the mixer's output norm (default: "
                                "norm_eps, 1e-5). Runs are keyed and plotted by this variant.")
 _CLIP = flags.DEFINE_float("grad_clip", None, "Global-norm gradient clipping threshold (default: "
@@ -180,7 +181,8 @@ def run_sweep(cfg):
                   val_loss=None if math.isnan(result.val_loss[i]) else float(result.val_loss[i]),
                   train_loss_tail=float(np.mean(tail)),
                   loss_spike=sweep.loss_spike(result.train_loss[i]),
-                  grad_norm_median=float(np.median(norms)), **clip, steps=cfg["steps"], batch=cfg["batch"],
+                  grad_norm_median=float(np.median(norms)), **clip, steps=cfg["steps"],
+                  batch=cfg["batch"],
                   seq_len=cfg["seq_len"], layers=cfg["layers"], seconds=result.seconds,
                   params=model_lib.num_params(config), **env)) + "\n")
           print(f"{parametrization:>4} {optimizer:>5} width {width:5d} seed {seed}: "

@@ -28,11 +28,11 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
   kernel (one program per chunk, `chunk_math.chunk_bwd`) forms the gradients; for K or V > 128 XLA
   differentiates the vmapped `chunk_math` instead. 2.6× slower than "walks" with XLA parts.
 
-Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v7.md; log and earlier
-versions in NOTES_gpu.md), fwd+bwd against fla, all shapes in one run: 2.59 vs 3.49 ms at B8 T2048
-H16 K=V=128 (0.74×), 3.20 vs 2.79 at B2 T8192 (0.93× and 0.95× in two other runs), 9.34 vs 8.26 at
-B16 T4096; memory 804 / 804 / 3216 MiB against fla's 932 / 932 / 3728. At K = 256, V = 512 (XLA
-parts) 6.00 vs 4.14 ms, 1983 vs 1502 MiB.
+Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v7b.md; log and earlier
+versions in NOTES_gpu.md), fwd+bwd against fla, all shapes in one run: 2.76 vs 4.08 ms at B8 T2048
+H16 K=V=128 (0.68×; 0.74× in the run before), 3.26 vs 3.63 at B2 T8192 (0.90×), 9.64 vs 8.32 at
+B16 T4096 (1.16×); memory 804 / 804 / 3216 MiB against fla's 932 / 932 / 3728. At K = 256, V = 512
+(XLA parts) 6.03 vs 4.52 ms (1.33×), 1983 vs 1502 MiB.
 Errors equal or beat fla's (o 3.3e-3, gradients ≤ 3.3e-3 against an fp32 reference).
 The Pallas chunk-parallel parts halved the forward (1.74 → 0.86 ms in one run) and the memory (1416
 → 690 MiB): the XLA parts sent ~20 fp32 [B, H, N, C, ·] intermediates and two layout transposes
