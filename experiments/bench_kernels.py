@@ -45,6 +45,9 @@ _KNOBS = flags.DEFINE_string("knob_variants", "", "Extra pallas rows, each setti
                              "knobs (defaults restored after each): semicolon-separated NAME=VALUE,... "
                              "(e.g. 'CHUNK_PARALLEL=pallas,PART_NUM_WARPS=8;WALK_NUM_STAGES=2').")
 _CHECK_ERR = flags.DEFINE_bool("errors", True, "Compute errors against the fp32 reference.")
+_PROFILE = flags.DEFINE_bool("profile_once", False, "After timing, run one more forward+backward of each "
+                             "row between cudaProfilerStart/Stop, for `ncu --profile-from-start off` "
+                             "(experiments/ncu_table.py turns its CSV into a per-kernel table).")
 _STAGES = flags.DEFINE_bool("stages", False, "Also time each stage of the 'walks' schedule on its own "
                             "(XLA operators, forward walk, output, backward locals, backward walk, grads).")
 
@@ -75,6 +78,23 @@ def time_calls(fn, repeats, warmup):
   return statistics.median(times), min(times)
 
 
+@contextlib.contextmanager
+def cuda_profiler_range():
+  """cudaProfilerStart/Stop around the block (through torch's cudart; a no-op without --profile_once):
+  under `ncu --profile-from-start off` only the kernels launched inside are profiled."""
+  if not _PROFILE.value:
+    yield
+    return
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.cuda.synchronize()
+  torch.cuda.cudart().cudaProfilerStart()
+  try:
+    yield
+  finally:
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def rel_err(x, ref):
   x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
@@ -98,6 +118,10 @@ def bench_jax(impl, inputs, do, C, repeats, warmup):
       lambda: jax.block_until_ready(fwd(*inputs)), repeats, warmup)
   res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = time_calls(
       lambda: jax.block_until_ready(fwd_bwd(*inputs, do)), repeats, warmup)
+  if _PROFILE.value:
+    jax.block_until_ready(fwd_bwd(*inputs, do))
+    with cuda_profiler_range():
+      jax.block_until_ready(fwd_bwd(*inputs, do))
   mem = fwd_bwd.lower(*inputs, do).compile().memory_analysis()
   if mem is not None:
     res["fwd_bwd_extra_bytes"] = int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
@@ -137,6 +161,8 @@ def bench_fla(inputs, do, repeats, warmup):
   res = {}
   res["fwd_ms"], res["fwd_min_ms"] = time_calls(sync(fwd), repeats, warmup)
   res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = time_calls(sync(fwd_bwd), repeats, warmup)
+  with cuda_profiler_range():
+    sync(fwd_bwd)()
   torch.cuda.synchronize()
   for x in leaves:
     x.grad = None
@@ -159,22 +185,23 @@ def walks_stage_times(inputs, do, C, repeats, warmup):
   V, N, scale, mm = v.shape[-1], T // C, K ** -0.5, gpu._mm_dtype(q.dtype)
   state_dtype = q.dtype if mm is not None else jnp.float32
   h0 = jnp.zeros((B, H, K, V), jnp.float32)
+  reset = jnp.zeros((B, T), jnp.float32)
 
   @jax.jit
   def operators(q, k, v, g, beta):
     (qt, kt, vt, gt, bt), seg = gpu._walks_tiles(q, k, v, g, beta, None, C)
     ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm)
-    return (qt, kt, vt, bt), ops, *gpu._walk_operands(ops, qt, kt)
+    return (qt, kt, vt, bt), ops, ops.W.astype(k.dtype)
 
-  walk_fwd = jax.jit(lambda W, U, Kw, lam: gpu._walk_forward(W, U, Kw, lam, h0, mm_dtype=mm,
-                                                             state_dtype=state_dtype))
+  walk_fwd = jax.jit(lambda W, U, k, g: gpu._walk_forward(W, U, k, g, reset, h0, mm_dtype=mm,
+                                                          state_dtype=state_dtype))
   output = jax.jit(lambda qt, ops, hs, v_new: scale * (
       ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm)
       + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm)))
   bwd_local = jax.jit(lambda ops, do: (lambda do_t: (do_t, scale * xc.mm(
       '...ij,...iv->...jv', ops.QK * ops.Gamma, do_t, mm)))(gpu._to_chunks(do, B, N, C, H)))
-  walk_bwd = jax.jit(lambda W, Kw, Qd, do_t, dv_local, lam: gpu._walk_backward(
-      W, Kw, Qd, do_t, dv_local, lam, h0, scale=scale, mm_dtype=mm, state_dtype=state_dtype))
+  walk_bwd = jax.jit(lambda W, k, q, g, do, dv_local: gpu._walk_backward(
+      W, k, q, g, reset, do, dv_local, h0, scale=scale, mm_dtype=mm, state_dtype=state_dtype))
   grads = jax.jit(lambda ops, t, hs, do_t, dhs, dv_new: xc.chunk_grads(  # (grads, dVb)
       ops, t[0], t[1], t[2], t[3], hs.astype(jnp.float32), do_t, dhs.astype(jnp.float32), dv_new,
       scale, mm))
@@ -195,20 +222,20 @@ def walks_stage_times(inputs, do, C, repeats, warmup):
   A = inverse(L)
   w_u = jax.jit(lambda A, kt, vt, bt: (xc.mm('...ij,...jk->...ik', A, bt[..., None] * kt, mm),
                                        xc.mm('...ij,...jv->...iv', A, bt[..., None] * vt, mm)))
-  t, ops, W, Kw, Qd, lam = operators(*inputs)
-  v_new, _, hs = walk_fwd(W, ops.U, Kw, lam)
+  t, ops, W = operators(*inputs)
+  v_new, _, hs = walk_fwd(W, ops.U, k, g)
   do_t, dv_local = bwd_local(ops, do)
-  _, dhs, dv_bwd = walk_bwd(W, Kw, Qd, do_t, dv_local, lam)
+  _, dhs, dv_bwd = walk_bwd(W, k, q, g, do, dv_local)
   calls = {
       "fwd: tiles + chunk operators (XLA)": lambda: operators(*inputs),
       "fwd:   of which: [B,T,H,·] → [B,H,N,C,·] tiles (XLA)": lambda: tiles_only(*inputs),
       "fwd:   of which: QKᵀ, KKᵀ, Γ, L (XLA)": lambda: products(tq, tk, tg, tb),
       "fwd:   of which: A = (I+L)⁻¹ (XLA, fp32 doubling)": lambda: inverse(L),
       "fwd:   of which: W, U (XLA)": lambda: w_u(A, tk, tv, tb),
-      "fwd: state walk (Pallas)": lambda: walk_fwd(W, ops.U, Kw, lam),
+      "fwd: state walk (Pallas)": lambda: walk_fwd(W, ops.U, k, g),
       "fwd: output O (XLA)": lambda: output(t[0], ops, hs, v_new),
       "bwd: dṼ_local (XLA)": lambda: bwd_local(ops, do),
-      "bwd: reverse walk (Pallas)": lambda: walk_bwd(W, Kw, Qd, do_t, dv_local, lam),
+      "bwd: reverse walk (Pallas)": lambda: walk_bwd(W, k, q, g, do, dv_local),
       "bwd: chunk gradients (XLA)": lambda: grads(ops, t, hs, do_t, dhs, dv_bwd),
   }
   return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]
@@ -226,26 +253,26 @@ def pallas_parts_stage_times(inputs, do, C, repeats, warmup):
   h0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
   reset = jnp.zeros((B, T), jnp.float32)
   prep = jax.jit(lambda *x: gpu._prep_pallas(*x, reset, C=C))
-  walk_fwd = jax.jit(lambda W, U, Kw, lam: gpu._walk_forward(W, U, Kw, lam, h0, mm_dtype=mm,
-                                                             state_dtype=op, vnew_dtype=op))
-  output = jax.jit(lambda hs, v_new: gpu._output_pallas(q, k, v, g, reset, hs, v_new, scale=scale,
-                                                        C=C))
-  bwd_prep = jax.jit(lambda A: gpu._bwd_prep_pallas(q, k, v, g, beta, reset, A, do, scale=scale,
-                                                    C=C))
-  walk_bwd = jax.jit(lambda W, Kw, Qd, dvl, lam: gpu._walk_backward(
-      W, Kw, Qd, do, dvl, lam, h0, scale=scale, mm_dtype=mm, state_dtype=op, dvnew_dtype=op))
-  grads = jax.jit(lambda A, hs, v_new, dhs, dv_new: gpu._grads_pallas(
+  walk_fwd = jax.jit(lambda W, U, k, g: gpu._walk_forward(W, U, k, g, reset, h0, mm_dtype=mm,
+                                                          state_dtype=op, vnew_dtype=op))
+  output = jax.jit(lambda q, k, v, g, hs, v_new: gpu._output_pallas(q, k, v, g, reset, hs, v_new,
+                                                                    scale=scale, C=C))
+  dv_local = jax.jit(lambda q, k, v, g, do: gpu._dv_local_pallas(q, k, v, g, reset, do,
+                                                                 scale=scale, C=C))
+  walk_bwd = jax.jit(lambda W, k, q, g, do, dvl: gpu._walk_backward(
+      W, k, q, g, reset, do, dvl, h0, scale=scale, mm_dtype=mm, state_dtype=op, dvnew_dtype=op))
+  grads = jax.jit(lambda q, k, v, g, beta, do, A, hs, v_new, dhs, dv_new: gpu._grads_pallas(
       q, k, v, g, beta, reset, A, hs, v_new, do, dhs, dv_new, scale=scale, C=C))
-  A, W, U, Kw, lam = prep(*inputs)
-  v_new, _, hs = walk_fwd(W, U, Kw, lam)
-  Wb, Kwb, Qd, dvl, lamb = bwd_prep(A)
-  _, dhs, dv_new = walk_bwd(Wb, Kwb, Qd, dvl, lamb)
-  calls = {"parts fwd: prep (A, W, U, K̃)": lambda: prep(*inputs),
-           "parts fwd: state walk": lambda: walk_fwd(W, U, Kw, lam),
-           "parts fwd: output": lambda: output(hs, v_new),
-           "parts bwd: prep (W, K̃, Q̃, dṼ_local)": lambda: bwd_prep(A),
-           "parts bwd: reverse walk": lambda: walk_bwd(Wb, Kwb, Qd, dvl, lamb),
-           "parts bwd: gradients": lambda: grads(A, hs, v_new, dhs, dv_new)}
+  A, W, U = prep(*inputs)
+  v_new, _, hs = walk_fwd(W, U, k, g)
+  dvl = dv_local(q, k, v, g, do)
+  _, dhs, dv_new = walk_bwd(W, k, q, g, do, dvl)
+  calls = {"parts fwd: prep (A, W, U)": lambda: prep(*inputs),
+           "parts fwd: state walk": lambda: walk_fwd(W, U, k, g),
+           "parts fwd: output": lambda: output(q, k, v, g, hs, v_new),
+           "parts bwd: dṼ_local": lambda: dv_local(q, k, v, g, do),
+           "parts bwd: reverse walk": lambda: walk_bwd(W, k, q, g, do, dvl),
+           "parts bwd: gradients": lambda: grads(q, k, v, g, beta, do, A, hs, v_new, dhs, dv_new)}
   return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]
           for name, f in calls.items()}
 

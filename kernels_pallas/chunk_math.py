@@ -82,25 +82,20 @@ def unit_lower_inverse(L_CxC, C: int):
   return A
 
 
-def chunk_decays(g_C, reset_C, C: int):
-  """Decays and masks of one chunk.
+def chunk_vector_decays(g_C, reset_C, C: int):
+  """The per-token decays of one chunk, without the C×C matrix (what the state walks need).
 
   Args:
     g_C: float32 [C] log decays g_i (≤ 0).
     reset_C: float32 [C], 1.0 where a new document starts (state zeroed before that token), else 0.
   Returns:
-    Gamma_CxC: Γ_ij = e^{γ_i−γ_j} [j ≤ i][s_i = s_j], with Γ_ii = 1 exactly (its e^{γ_i−γ_i} form would
-      give O(1) gradients that cancel only after rounding, swamping dg under strong decay).
+    gamma_C: γ_i = Σ_{j≤i} g_j;  seg_C: s_i = Σ_{j≤i} reset_j (the token's document in the chunk).
     decay_in_C: e^{γ_i} [s_i = 0] (how much of the carry-in state token i sees).
     k_write_C: e^{γ_C−γ_j} [s_j = s_C] (how token j's write survives to the chunk end); 1 at j = C−1.
     decay_last: scalar e^{γ_C} [s_C = 0] (how much of h survives the chunk).
   """
-  rows, cols = _iota2(C)
   gamma_C = inclusive_cumsum(g_C, C)
   seg_C = inclusive_cumsum(reset_C, C)
-  same = (cols <= rows) & (seg_C[:, None] == seg_C[None, :])
-  diff = jnp.where(same & (cols < rows), gamma_C[:, None] - gamma_C[None, :], -jnp.inf)
-  Gamma_CxC = jnp.where(rows == cols, 1.0, jnp.exp(diff))
   decay_in_C = jnp.where(seg_C == 0.0, jnp.exp(gamma_C), 0.0)
   gamma_last = jnp.sum(g_C)
   seg_last = jnp.sum(reset_C)
@@ -109,6 +104,22 @@ def chunk_decays(g_C, reset_C, C: int):
   k_write_C = jnp.where(idx == C - 1, 1.0,
                         jnp.exp(jnp.where(writes, gamma_last - gamma_C, -jnp.inf)))
   decay_last = jnp.where(seg_last == 0.0, jnp.exp(gamma_last), 0.0)
+  return gamma_C, seg_C, decay_in_C, k_write_C, decay_last
+
+
+def chunk_decays(g_C, reset_C, C: int):
+  """Decays and masks of one chunk (arguments as `chunk_vector_decays`).
+
+  Returns:
+    Gamma_CxC: Γ_ij = e^{γ_i−γ_j} [j ≤ i][s_i = s_j], with Γ_ii = 1 exactly (its e^{γ_i−γ_i} form would
+      give O(1) gradients that cancel only after rounding, swamping dg under strong decay).
+    decay_in_C, k_write_C, decay_last: as `chunk_vector_decays`.
+  """
+  rows, cols = _iota2(C)
+  gamma_C, seg_C, decay_in_C, k_write_C, decay_last = chunk_vector_decays(g_C, reset_C, C)
+  same = (cols <= rows) & (seg_C[:, None] == seg_C[None, :])
+  diff = jnp.where(same & (cols < rows), gamma_C[:, None] - gamma_C[None, :], -jnp.inf)
+  Gamma_CxC = jnp.where(rows == cols, 1.0, jnp.exp(diff))
   return Gamma_CxC, decay_in_C, k_write_C, decay_last
 
 

@@ -5,21 +5,25 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
 "walks" (the default; fla's decomposition): everything that does not depend on the carry-in state
   runs once per chunk, in parallel over all chunks; two Pallas kernels per direction walk the chunks
   in order doing only the state recursion. Who runs the chunk-parallel parts is `CHUNK_PARALLEL`
-  ("auto": Pallas for K, V ≤ 128, XLA above; `_chunk_parallel` has the numbers):
+  ("auto": Pallas; `_chunk_parallel` has the numbers):
   forward  prep (`gdn_prep`, grid (B, H, N)): γ, Γ, A = (I+L)⁻¹ (fp32), W = A diag(βd) K,
-           U = A diag(β) V, K̃, λ; walk (`gdn_walk_fwd`, grid (B, H, V/BV)):
-           Ṽ_r = U_r − W_r h_r,  h_{r+1} = λ_r h_r + K̃_rᵀ Ṽ_r  (two C×K×BV matmuls per chunk), writing
+           U = A diag(β) V; walk (`gdn_walk_fwd`, grid (V/BV, B, H)):
+           Ṽ_r = U_r − W_r h_r,  h_{r+1} = λ_r h_r + K_rᵀ diag(w_r) Ṽ_r  (two C×K×BV matmuls per
+           chunk; w_r, λ_r from the chunk's g inside the loop, k read in token layout), writing
            Ṽ and h_r (bf16 for bf16 inputs, as fla); output (`gdn_output`, grid (B, H, N)):
-           O = scale (diag(d) Q h_r + ((Q Kᵀ) ⊙ Γ) Ṽ). The forward keeps the inputs, A, h_r and Ṽ:
-           no per-token state.
-  backward prep (`gdn_bwd_prep`) from the stored A: W, K̃, Q̃ = diag(d) Q and dṼ^local = scale Pᵀ dO;
-           the reverse walk (`gdn_walk_bwd`):  dṼ_r = dṼ_r^local + K̃_r dh_{r+1},
-           dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r − W_rᵀ dṼ_r (writes dh_{r+1} and dṼ per chunk,
-           returns dh_0); gradients in two kernels, split as fla's backward (`GRADS_SPLIT`):
-           `gdn_grads_key`, grid (B, H, N, K/BK), everything that contracts over V into K (dq final,
+           O = scale (diag(d) Q h_r + ((Q Kᵀ) ⊙ Γ) Ṽ). The forward keeps the inputs, A, W, h_r and
+           Ṽ: no per-token state.
+  backward dṼ^local = scale Pᵀ dO (`gdn_dv_local`, grid (B, H, N)); the reverse walk
+           (`gdn_walk_bwd`, W as the forward stored it, q, k, g, dO in token layout):
+           dṼ_r = dṼ_r^local + diag(w_r) K_r dh_{r+1},
+           dh_r = λ_r dh_{r+1} + scale Q_rᵀ diag(d_r) dO_r − W_rᵀ dṼ_r (writes dh_{r+1} and dṼ per
+           chunk, returns dh_0); gradients in two kernels, split as fla's backward (`GRADS_SPLIT`):
+           `gdn_grads_key`, grid (K/BK, B, H, N), everything that contracts over V into K (dq final,
            dk₁; `chunk_math.chunk_key_grads`), then `gdn_grads_wy`, grid (B, H, N), dv and the UT
            transform's part (dk = dk₁ + (dKK + dKKᵀ) K; `chunk_math.chunk_wy_grads`). The
            identities are those of `chunked.chunk_grads`.
+  Grid order (`SIBLINGS_FIRST`): Triton launches grid axis 0 fastest, so the programs that read the
+  same tiles (a walk's V-blocks, the key gradients' K-blocks) come first and share them through L2.
   With CHUNK_PARALLEL = "xla" the chunk-parallel parts are batched XLA ops instead
   (`chunked.chunk_ops` forward and backward, `chunked.chunk_grads`); only h_r is kept and A is
   recomputed in the backward.
@@ -28,11 +32,12 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
   kernel (one program per chunk, `chunk_math.chunk_bwd`) forms the gradients; for K or V > 128 XLA
   differentiates the vmapped `chunk_math` instead. 2.6× slower than "walks" with XLA parts.
 
-Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v7b.md; log and earlier
-versions in NOTES_gpu.md), fwd+bwd against fla, all shapes in one run: 2.76 vs 4.08 ms at B8 T2048
-H16 K=V=128 (0.68×; 0.74× in the run before), 3.26 vs 3.63 at B2 T8192 (0.90×), 9.64 vs 8.32 at
-B16 T4096 (1.16×); memory 804 / 804 / 3216 MiB against fla's 932 / 932 / 3728. At K = 256, V = 512
-(XLA parts) 6.03 vs 4.52 ms (1.33×), 1983 vs 1502 MiB.
+Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v8b.md; log and earlier
+versions in NOTES_gpu.md), fwd+bwd against fla, all shapes in one run: 2.21 vs 3.59 ms at B8 T2048
+H16 K=V=128 (0.62×), 2.48 vs 3.85 at B2 T8192 (0.64×), 7.72 vs 8.57 at B16 T4096 (0.90×), 5.42 vs
+4.49 at K = 256, V = 512 (1.21×: still slower); memory 742 / 742 / 2968 / 1264 MiB against fla's
+932 / 932 / 3728 / 1502. fla's own time moves by up to 25 % between runs (B8 T2048: 2.87-3.59 ms
+this session; ours 2.18-2.21 in the two runs of this configuration).
 Errors equal or beat fla's (o 3.3e-3, gradients ≤ 3.3e-3 against an fp32 reference).
 The Pallas chunk-parallel parts halved the forward (1.74 → 0.86 ms in one run) and the memory (1416
 → 690 MiB): the XLA parts sent ~20 fp32 [B, H, N, C, ·] intermediates and two layout transposes
@@ -85,8 +90,10 @@ CHUNK_PARALLEL = "auto"   # who does the walks' chunk-parallel parts: "pallas" (
                           # pallas for K, V <= 128, xla above (`_chunk_parallel`)
 PART_BLOCK_V = 64         # V columns per step of the chunk-parallel kernels' V loops
 PART_NUM_WARPS = 4        # warps of the forward's prep and output kernels
-BWD_PART_NUM_WARPS = 8    # ... of the backward's prep kernel
-GRADS_NUM_WARPS = 4       # ... of the gradients kernel
+BWD_PART_NUM_WARPS = 4    # ... of the backward's dṼ^local kernel
+GRADS_NUM_WARPS = 4       # ... of the gradients kernel (the key-gradients one with GRADS_SPLIT)
+GRADS_NUM_WARPS_LARGE_K = 8  # ... for K > 128: K = 256, V = 512 fwd+bwd 5.69 against 6.21 ms at 4
+                             # warps in one run (bench_kernels_h100_v8_k256c)
 GRADS_BLOCK_V = 128       # V columns per step of the gradients kernel's V loop
 GRADS_BLOCK_K = 64        # K columns per program of the gradients kernel (< K: K split over programs)
 GRADS_SPLIT = True        # two kernels, split as fla's backward is: per K-block everything that
@@ -95,23 +102,32 @@ GRADS_SPLIT = True        # two kernels, split as fla's backward is: per K-block
                           # K-block. H100, B8 T2048 H16 K=V=128: fwd+bwd 2.71 ms against 3.48 for
                           # the one-kernel version (False) in one run (bench_kernels_h100_v7)
 GRADS_WY_NUM_WARPS = 4    # warps of the split's second kernel
-WALK_NUM_STAGES = 1       # Triton software-pipelining depth of the walks' chunk loop
+WALK_NUM_STAGES = 3       # Triton software-pipelining depth of the walks' chunk loop (loads of chunk
+                          # r+1, r+2 overlap chunk r's matmuls); B16 T4096: fwd+bwd 7.84 / 8.28 ms at
+                          # 3 / 2 stages in one run (bench_kernels_h100_v8_b16), 2.36 / 2.43 at 2 / 1
+                          # at B8 T2048 (_v8_k128)
+WALK_NUM_STAGES_LARGE_K = 2  # ... for K > 128 (three stages of C×256 tiles exceed the 227 KB of smem)
 BLOCK_V_LARGE_K = 32      # BLOCK_V of the walks when K > 128
-WALK_MIN_PROGRAMS = 256   # walks of the "walks" schedule: halve BV (to 16 at least) while B·H·V/BV is
-                          # below this (~2 programs per SM); B2 T8192 H16: 3.14 ms (BV 16) against
-                          # 3.35 (BV 64) in one run (bench_kernels_h100_v7_stages_t8192). 0: off
+WALK_MIN_PROGRAMS = 128   # walks of the "walks" schedule: halve BV (to 16 at least) while B·H·V/BV is
+                          # below this; B2 T8192 H16 (three pipeline stages): fwd+bwd 2.42 ms at 128
+                          # (BV 32) against 2.78 at 256 (BV 16) in one run (bench_kernels_h100_v8_t8192;
+                          # at one stage BV 16 had been best). 0: off
 WALK_BWD_DO_TOKENS = True  # the reverse walk reads dO in token layout (False: XLA makes [B,H,N,C,V] tiles)
+SIBLINGS_FIRST = True     # grid axis 0 (CUDA's x, launched fastest) is the one whose programs read the
+                          # same tiles: the walks' V-blocks (W, K̃ of a chunk) and the key-gradient
+                          # kernel's K-blocks (dO, Ṽ, dṼ, A of a chunk). Launched side by side, they
+                          # share those reads through L2 instead of each fetching them from HBM in
+                          # another wave. False: (B, H, ·) first, as before
 
 
 def _chunk_parallel(K: int, V: int) -> str:
-  """Resolves CHUNK_PARALLEL. Measured on the H100 (bench_kernels_h100_v5*, _v7): at K = V = 128 the
-  Pallas parts give fwd+bwd 3.25-3.39 ms against 4.46 ms with xla (different runs) and memory 690
-  against 1416 MiB; at K = 256, V = 512 they make fwd+bwd 6.61 ms against 5.98 ms with xla
-  (different runs of one session; 10.5 ms before the split gradients kernel) at 1360 against 1983
-  MiB, so "auto" keeps xla there (fla: 4.1-4.3 ms, 1502 MiB)."""
-  if CHUNK_PARALLEL != "auto":
-    return CHUNK_PARALLEL
-  return "pallas" if K <= 128 and V <= 128 else "xla"
+  """Resolves CHUNK_PARALLEL: "auto" is "pallas" at every head size. Measured on the H100: at K = V =
+  128 the Pallas parts gave fwd+bwd 3.25-3.39 ms against 4.46 ms with xla (bench_kernels_h100_v5*)
+  and memory 690 against 1416 MiB; at K = 256, V = 512 they give 6.11 ms against 5.91 with xla in one
+  run (bench_kernels_h100_v8_k256b; fla 4.11) at 1264 against 1982 MiB (fla 1502), and a forward of
+  1.48 against 2.00 ms (fla 1.44): the memory and the forward decide."""
+  del K, V
+  return CHUNK_PARALLEL if CHUNK_PARALLEL != "auto" else "pallas"
 
 
 def _block_v(V: int, K: int = 0, heads: int = 0) -> int:
@@ -124,6 +140,26 @@ def _block_v(V: int, K: int = 0, heads: int = 0) -> int:
   while heads and BV > 16 and heads * (V // BV) < WALK_MIN_PROGRAMS:
     BV //= 2
   return BV
+
+
+def _walk_stages(K: int) -> int:
+  return WALK_NUM_STAGES if K <= 128 else WALK_NUM_STAGES_LARGE_K
+
+
+def _siblings_first(grid, index_map=None):
+  """With SIBLINGS_FIRST, moves the last grid axis (the programs that share their inputs) to the
+  front, so that the Triton launch (axis 0 → CUDA x, the fastest) runs them side by side; returns
+  the grid, or the index map rewritten for it (its arguments stay in the original order)."""
+  if not SIBLINGS_FIRST:
+    return grid if index_map is None else index_map
+  if index_map is None:
+    return (grid[-1], *grid[:-1])
+  return lambda j, *rest: index_map(*rest, j)
+
+
+def _spec(block_shape, index_map):
+  """A BlockSpec over a grid whose last axis `_siblings_first` may move to the front."""
+  return pl.BlockSpec(block_shape, _siblings_first(None, index_map))
 
 
 def _compiler_params(num_warps: int, num_stages: int = 1):
@@ -321,89 +357,108 @@ def _use_pallas_chunk_bwd(K: int, V: int) -> bool:
 # ----------------------------------------------------- "walks": XLA chunk operators + Pallas walks
 
 
-def _walk_fwd_kernel(w_ref, u_ref, kw_ref, lam_ref, h0_ref, vnew_ref, ht_ref, hs_ref, *, N,
-                     mm_dtype):
-  """h_r → Ṽ_r = U_r − W_r h_r → h_{r+1} = λ_r h_r + K̃_rᵀ Ṽ_r, for r = 0 … N−1 (one V-block)."""
+def _walk_fwd_kernel(w_ref, u_ref, k_ref, g_ref, reset_ref, h0_ref, vnew_ref, ht_ref, hs_ref, *,
+                     N, C, mm_dtype):
+  """h_r → Ṽ_r = U_r − W_r h_r → h_{r+1} = λ_r h_r + K_rᵀ diag(w_r) Ṽ_r, for r = 0 … N−1 (one V-block).
+  w_r (how each write survives to the chunk end) and λ_r come from the chunk's g inside the loop: no
+  K̃ = diag(w) K goes through HBM, and the C×BV Ṽ is scaled rather than the C×K keys."""
   def body(r, h_KxV):
+    rows = pl.ds(pl.multiple_of(r * C, C), C)
+    _, _, _, k_write, lam = cm.chunk_vector_decays(g_ref[rows], reset_ref[rows], C)
     hs_ref[r] = h_KxV.astype(hs_ref.dtype)
     v_new = u_ref[r].astype(jnp.float32) - cm.dot(w_ref[r], h_KxV, mm_dtype=mm_dtype)
     vnew_ref[r] = v_new.astype(vnew_ref.dtype)
-    lam = jnp.max(lam_ref[r])                       # λ_r, broadcast over the chunk's C slots
-    return lam * h_KxV + cm.dot(kw_ref[r], v_new, trans_a=True, mm_dtype=mm_dtype)
+    return lam * h_KxV + cm.dot(k_ref[rows, :], k_write[:, None] * v_new, trans_a=True,
+                                mm_dtype=mm_dtype)
 
   ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...].astype(jnp.float32))
 
 
-def _walk_bwd_kernel(w_ref, kw_ref, qd_ref, do_ref, dvl_ref, lam_ref, dht_ref,
-                     dh0_ref, dhs_ref, dvnew_ref, *, N, scale, mm_dtype, do_rows):
-  """dh_{r+1} → dṼ_r = dṼ_r^local + K̃_r dh_{r+1} → dh_r = λ_r dh_{r+1} + scale Q̃_rᵀ dO_r − W_rᵀ dṼ_r,
-  for r = N−1 … 0 (dṼ^local = scale Pᵀ dO and Q̃ = diag(d) Q come from XLA)."""
+def _walk_bwd_kernel(w_ref, k_ref, q_ref, g_ref, reset_ref, do_ref, dvl_ref, dht_ref,
+                     dh0_ref, dhs_ref, dvnew_ref, *, N, C, scale, mm_dtype, do_tokens):
+  """dh_{r+1} → dṼ_r = dṼ_r^local + diag(w_r) K_r dh_{r+1} →
+  dh_r = λ_r dh_{r+1} + scale Q_rᵀ diag(d_r) dO_r − W_rᵀ dṼ_r, for r = N−1 … 0; d, w, λ from the
+  chunk's g in the loop (no Q̃ or K̃ through HBM); dṼ^local = scale Pᵀ dO comes precomputed."""
   def body(i, dh_KxV):
     r = N - 1 - i
+    rows = pl.ds(pl.multiple_of(r * C, C), C)
+    _, _, d, k_write, lam = cm.chunk_vector_decays(g_ref[rows], reset_ref[rows], C)
     dhs_ref[r] = dh_KxV.astype(dhs_ref.dtype)
-    dv_new = dvl_ref[r].astype(jnp.float32) + cm.dot(kw_ref[r], dh_KxV, mm_dtype=mm_dtype)
+    dv_new = dvl_ref[r].astype(jnp.float32) + k_write[:, None] * cm.dot(
+        k_ref[rows, :], dh_KxV, mm_dtype=mm_dtype)
     dvnew_ref[r] = dv_new.astype(dvnew_ref.dtype)
-    lam = jnp.max(lam_ref[r])
-    do = do_ref[pl.ds(pl.multiple_of(r * do_rows, do_rows), do_rows), :] if do_rows else do_ref[r]
-    return (lam * dh_KxV + scale * cm.dot(qd_ref[r], do, trans_a=True, mm_dtype=mm_dtype)
+    do = (do_ref[rows, :] if do_tokens else do_ref[r]).astype(jnp.float32)
+    return (lam * dh_KxV
+            + cm.dot(q_ref[rows, :], (scale * d)[:, None] * do, trans_a=True, mm_dtype=mm_dtype)
             - cm.dot(w_ref[r], dv_new, trans_a=True, mm_dtype=mm_dtype))
 
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
 
 
 def _tile_specs(N, C, K, BV):
-  """BlockSpecs over [B, H, N, C, ·] tiles for a grid (B, H, V/BV): every program sees all N chunks
-  of its (batch, value head) and indexes chunk r inside (`ref[r]`)."""
-  return (pl.BlockSpec((None, None, N, C, K), lambda b, h, j: (b, h, 0, 0, 0)),     # [C, K] rows
-          pl.BlockSpec((None, None, N, C, BV), lambda b, h, j: (b, h, 0, 0, j)),   # [C, BV] rows
-          pl.BlockSpec((None, None, N, C), lambda b, h, j: (b, h, 0, 0)),          # λ per chunk
-          pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),         # a state
-          pl.BlockSpec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))   # a state per chunk
+  """BlockSpecs over [B, H, N, C, ·] tiles for a grid (B, H, V/BV) (axis order as `_siblings_first`
+  makes it): every program sees all N chunks of its (batch, value head) and indexes chunk r inside
+  (`ref[r]`)."""
+  return (_spec((None, None, N, C, K), lambda b, h, j: (b, h, 0, 0, 0)),     # [C, K] rows
+          _spec((None, None, N, C, BV), lambda b, h, j: (b, h, 0, 0, j)),   # [C, BV] rows
+          _spec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),         # a state
+          _spec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))   # a state per chunk
 
 
-def _walk_forward(W, U, Kw, lam, h0, *, mm_dtype, state_dtype, vnew_dtype=jnp.float32):
-  """W, Kw [B,H,N,C,K]; U [B,H,N,C,V]; lam [B,H,N,C]; h0 [B,H,K,V] f32.
-  Returns (Ṽ [B,H,N,C,V] f32, final state f32, states before each chunk [B,H,N,K,V])."""
+def _token_specs(Tp, K, G, BV):
+  """BlockSpecs of the walks' inputs in token layout, a whole sequence per program: q/k rows
+  [B, Tp, Hk, K] (value head h reads q/k head h // G), value columns [B, Tp, H, V], g [B, Tp, H] and
+  the reset flags [B, Tp]; chunk r is `ref[pl.ds(r·C, C)]`."""
+  return (_spec((None, Tp, None, K), lambda b, h, j: (b, 0, h // G, 0)),
+          _spec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)),
+          _spec((None, Tp, None), lambda b, h, j: (b, 0, h)),
+          _spec((None, Tp), lambda b, h, j: (b, 0)))
+
+
+def _walk_forward(W, U, k, g, reset_f, h0, *, mm_dtype, state_dtype, vnew_dtype=jnp.float32):
+  """W [B,H,N,C,K], U [B,H,N,C,V] tiles; k [B,Tp,Hk,K], g [B,Tp,H], reset_f [B,Tp] tokens;
+  h0 [B,H,K,V] f32. Returns (Ṽ [B,H,N,C,V], final state f32, states before each chunk [B,H,N,K,V])."""
   B, H, N, C, K = W.shape
   V = U.shape[-1]
   BV = _block_v(V, K, B * H)
-  rows_k, rows_v, lam_spec, st_spec, hs_spec = _tile_specs(N, C, K, BV)
-  kernel = functools.partial(_walk_fwd_kernel, N=N, mm_dtype=mm_dtype)
+  rows_k, rows_v, st_spec, hs_spec = _tile_specs(N, C, K, BV)
+  k_spec, _, g_spec, r_spec = _token_specs(N * C, K, H // k.shape[2], BV)
+  kernel = functools.partial(_walk_fwd_kernel, N=N, C=C, mm_dtype=mm_dtype)
   return pl.pallas_call(
-      kernel, grid=(B, H, V // BV),
-      in_specs=[rows_k, rows_v, rows_k, lam_spec, st_spec],
+      kernel, grid=_siblings_first((B, H, V // BV)),
+      in_specs=[rows_k, rows_v, k_spec, g_spec, r_spec, st_spec],
       out_specs=[rows_v, st_spec, hs_spec],
       out_shape=[jax.ShapeDtypeStruct(U.shape, vnew_dtype),
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, H, N, K, V), state_dtype)],
-      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS, WALK_NUM_STAGES),
+      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS, _walk_stages(K)),
       name="gdn_walk_fwd",
-  )(W, U, Kw, lam, h0)
+  )(W, U, k, g, reset_f, h0)
 
 
-def _walk_backward(W, Kw, Qd, do, dv_local, lam, dht, *, scale, mm_dtype, state_dtype,
+def _walk_backward(W, k, q, g, reset_f, do, dv_local, dht, *, scale, mm_dtype, state_dtype,
                    dvnew_dtype=jnp.float32):
-  """do: [B,H,N,C,V] tiles or [B,N·C,H,V] tokens. Returns (dh0 [B,H,K,V] f32, dh_{r+1} per chunk
-  [B,H,N,K,V], dṼ [B,H,N,C,V])."""
+  """W, dv_local tiles; k, q, g, reset_f tokens; do: [B,H,N,C,V] tiles or [B,Tp,H,V] tokens.
+  Returns (dh0 [B,H,K,V] f32, dh_{r+1} per chunk [B,H,N,K,V], dṼ [B,H,N,C,V])."""
   B, H, N, C, K = W.shape
   V = do.shape[-1]
   BV = _block_v(V, K, B * H)
-  rows_k, rows_v, lam_spec, st_spec, hs_spec = _tile_specs(N, C, K, BV)
+  rows_k, rows_v, st_spec, hs_spec = _tile_specs(N, C, K, BV)
+  qk_spec, do_tok_spec, g_spec, r_spec = _token_specs(N * C, K, H // k.shape[2], BV)
   do_tokens = do.ndim == 4
-  do_spec = (pl.BlockSpec((None, N * C, None, BV), lambda b, h, j: (b, 0, h, j)) if do_tokens
-             else rows_v)
-  kernel = functools.partial(_walk_bwd_kernel, N=N, scale=scale, mm_dtype=mm_dtype,
-                             do_rows=C if do_tokens else 0)
+  kernel = functools.partial(_walk_bwd_kernel, N=N, C=C, scale=scale, mm_dtype=mm_dtype,
+                             do_tokens=do_tokens)
   return pl.pallas_call(
-      kernel, grid=(B, H, V // BV),
-      in_specs=[rows_k, rows_k, rows_k, do_spec, rows_v, lam_spec, st_spec],
+      kernel, grid=_siblings_first((B, H, V // BV)),
+      in_specs=[rows_k, qk_spec, qk_spec, g_spec, r_spec, do_tok_spec if do_tokens else rows_v,
+                rows_v, st_spec],
       out_specs=[st_spec, hs_spec, rows_v],
       out_shape=[jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, H, N, K, V), state_dtype),
                  jax.ShapeDtypeStruct(dv_local.shape, dvnew_dtype)],
-      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS, WALK_NUM_STAGES),
+      interpret=_interpret(), compiler_params=_compiler_params(NUM_WARPS, _walk_stages(K)),
       name="gdn_walk_bwd",
-  )(W, Kw, Qd, do, dv_local, lam, dht)
+  )(W, k, q, g, reset_f, do, dv_local, dht)
 
 
 def _v_blocks(V: int, block=None):
@@ -412,21 +467,18 @@ def _v_blocks(V: int, block=None):
   return [pl.ds(j * BV, BV) for j in range(V // BV)]
 
 
-def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, w_ref, u_ref, kw_ref, lam_ref,
-                 *, C, mm_dtype):
+def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, w_ref, u_ref, *, C, mm_dtype):
   """Forward, one chunk of one value head: A = (I + L)⁻¹ (masked doubling, fp32), W = A diag(βd) K,
-  U = A diag(β) V (by V-blocks), K̃ = diag(w) K and λ; A is kept for the backward."""
+  U = A diag(β) V (by V-blocks). A and W are kept for the backward."""
   k, beta = k_ref[...], beta_ref[...]
-  Gamma, d, w, lam = cm.chunk_decays(g_ref[...], reset_ref[...], C)
+  Gamma, d, _, _ = cm.chunk_decays(g_ref[...], reset_ref[...], C)
   A = cm.ut_inverse(k, beta, Gamma, C)
-  kf = k.astype(jnp.float32)
   a_ref[...] = A.astype(a_ref.dtype)
-  w_ref[...] = cm.dot(A, (beta * d)[:, None] * kf, mm_dtype=mm_dtype).astype(w_ref.dtype)
-  kw_ref[...] = (w[:, None] * kf).astype(kw_ref.dtype)
+  w_ref[...] = cm.dot(A, (beta * d)[:, None] * k.astype(jnp.float32),
+                      mm_dtype=mm_dtype).astype(w_ref.dtype)
   for blk in _v_blocks(v_ref.shape[-1]):
     vb = beta[:, None] * v_ref[:, blk].astype(jnp.float32)
     u_ref[:, blk] = cm.dot(A, vb, mm_dtype=mm_dtype).astype(u_ref.dtype)
-  lam_ref[...] = jnp.full((C,), lam, jnp.float32)
 
 
 def _output_kernel(q_ref, k_ref, g_ref, reset_ref, h_ref, vnew_ref, o_ref, *, C, scale, mm_dtype):
@@ -441,20 +493,13 @@ def _output_kernel(q_ref, k_ref, g_ref, reset_ref, h_ref, vnew_ref, o_ref, *, C,
     o_ref[:, blk] = (scale * o).astype(o_ref.dtype)
 
 
-def _bwd_prep_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, do_ref,
-                     w_ref, kw_ref, qd_ref, dvl_ref, lam_ref, *, C, scale, mm_dtype):
-  """Backward, one chunk, from the stored A: W, K̃, Q̃ = diag(d) Q, λ and dṼ^local = scale Pᵀ dO."""
-  q, k, beta = q_ref[...], k_ref[...], beta_ref[...]
-  Gamma, d, w, lam = cm.chunk_decays(g_ref[...], reset_ref[...], C)
-  kf = k.astype(jnp.float32)
-  w_ref[...] = cm.dot(a_ref[...], (beta * d)[:, None] * kf, mm_dtype=mm_dtype).astype(w_ref.dtype)
-  kw_ref[...] = (w[:, None] * kf).astype(kw_ref.dtype)
-  qd_ref[...] = (d[:, None] * q.astype(jnp.float32)).astype(qd_ref.dtype)
-  P = cm.dot(q, k, trans_b=True) * Gamma
+def _dv_local_kernel(q_ref, k_ref, g_ref, reset_ref, do_ref, dvl_ref, *, C, scale, mm_dtype):
+  """Backward, one chunk: dṼ^local = scale Pᵀ dO with P = (Q Kᵀ) ⊙ Γ (by V-blocks)."""
+  Gamma, _, _, _ = cm.chunk_decays(g_ref[...], reset_ref[...], C)
+  P = cm.dot(q_ref[...], k_ref[...], trans_b=True) * Gamma
   for blk in _v_blocks(do_ref.shape[-1]):
     dvl_ref[:, blk] = (scale * cm.dot(P, do_ref[:, blk], trans_a=True, mm_dtype=mm_dtype)
                        ).astype(dvl_ref.dtype)
-  lam_ref[...] = jnp.full((C,), lam, jnp.float32)
 
 
 def _k_block(K: int, BK: int):
@@ -463,7 +508,7 @@ def _k_block(K: int, BK: int):
   contract over K; else the whole of K."""
   if BK >= K:
     return False, True, slice(None)
-  kb = pl.program_id(3)
+  kb = pl.program_id(0 if SIBLINGS_FIRST else 3)
   return True, kb == 0, pl.ds(pl.multiple_of(kb * BK, BK), BK)
 
 
@@ -559,21 +604,22 @@ def _per_chunk(v, C, *tail, dtype):
 def _part_call(kernel, q, v, C, in_specs, out_specs, out_shape, name, *args, num_warps, nK=None):
   B, Tp, H = v.shape[:3]
   grid = (B, H, Tp // C) + ((nK,) if nK else ())
+  grid = _siblings_first(grid) if nK else grid
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=_interpret(), compiler_params=_compiler_params(num_warps), name=name)(*args)
 
 
 def _prep_pallas(q, k, v, g, beta, reset_f, *, C):
-  """Forward prep kernel: A [B,H,N,C,C], W, K̃ [B,H,N,C,K], U [B,H,N,C,V] (bf16 for bf16 inputs),
-  λ [B,H,N,C] f32. reset_f: [B,Tp] float32 (zeros without packed documents)."""
+  """Forward prep kernel: A [B,H,N,C,C], W [B,H,N,C,K], U [B,H,N,C,V] (bf16 for bf16 inputs).
+  reset_f: [B,Tp] float32 (zeros without packed documents)."""
   K, V, op = q.shape[3], v.shape[3], _op_dtype(q.dtype)
-  qk_s, v_s, gb_s, r_s, tile, lam_s, _, _ = _part_specs(q, v, C)
+  qk_s, v_s, gb_s, r_s, tile, _, _, _ = _part_specs(q, v, C)
   tiles = lambda d: _per_chunk(v, C, C, d, dtype=op)
   return _part_call(
       functools.partial(_prep_kernel, C=C, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
-      [qk_s, v_s, gb_s, gb_s, r_s], [tile(C), tile(K), tile(V), tile(K), lam_s],
-      [tiles(C), tiles(K), tiles(V), tiles(K), _per_chunk(v, C, C, dtype=jnp.float32)],
+      [qk_s, v_s, gb_s, gb_s, r_s], [tile(C), tile(K), tile(V)],
+      [tiles(C), tiles(K), tiles(V)],
       "gdn_prep", k, v, g, beta, reset_f, num_warps=PART_NUM_WARPS)
 
 
@@ -586,17 +632,14 @@ def _output_pallas(q, k, v, g, reset_f, hs, v_new, *, scale, C):
       "gdn_output", q, k, g, reset_f, hs, v_new, num_warps=PART_NUM_WARPS)
 
 
-def _bwd_prep_pallas(q, k, v, g, beta, reset_f, A, do, *, scale, C):
-  """Backward prep kernel: W, K̃, Q̃ [B,H,N,C,K], dṼ^local [B,H,N,C,V], λ [B,H,N,C]."""
-  K, V, op = q.shape[3], v.shape[3], _op_dtype(q.dtype)
-  qk_s, v_s, gb_s, r_s, tile, lam_s, _, _ = _part_specs(q, v, C)
-  tiles = lambda d: _per_chunk(v, C, C, d, dtype=op)
+def _dv_local_pallas(q, k, v, g, reset_f, do, *, scale, C):
+  """Backward's chunk-parallel kernel before the reverse walk: dṼ^local [B,H,N,C,V]."""
+  qk_s, v_s, gb_s, r_s, tile, _, _, _ = _part_specs(q, v, C)
   return _part_call(
-      functools.partial(_bwd_prep_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
-      [qk_s, qk_s, gb_s, gb_s, r_s, tile(C), v_s],
-      [tile(K), tile(K), tile(K), tile(V), lam_s],
-      [tiles(K), tiles(K), tiles(K), tiles(V), _per_chunk(v, C, C, dtype=jnp.float32)],
-      "gdn_bwd_prep", q, k, g, beta, reset_f, A, do, num_warps=BWD_PART_NUM_WARPS)
+      functools.partial(_dv_local_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
+      [qk_s, qk_s, gb_s, r_s, v_s], tile(v.shape[3]),
+      _per_chunk(v, C, C, v.shape[3], dtype=_op_dtype(q.dtype)),
+      "gdn_dv_local", q, k, g, reset_f, do, num_warps=BWD_PART_NUM_WARPS)
 
 
 def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, scale, C):
@@ -611,12 +654,12 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
               tile(v.shape[3])]
   out_specs = [dqk_s, dqk_s, v_s, gb_s, gb_s]
   partial_shape = (B, Tp, H)
-  with_k = lambda spec: pl.BlockSpec(spec.block_shape,  # the same block for every K-block
-                                     lambda b, h, n, kb, f=spec.index_map: f(b, h, n))
+  with_k = lambda spec: _spec(spec.block_shape,  # the same block for every K-block
+                              lambda b, h, n, kb, f=spec.index_map: f(b, h, n))
   if nK > 1:  # grid (B, H, N, K/BK): dq, dk by column block; dg, dβ partial sums per K-block
     in_specs = [with_k(x) for x in in_specs]
-    out_specs = [pl.BlockSpec((None, C, None, BK), lambda b, h, n, kb: (b, n, h, kb))] * 2 + [
-        with_k(v_s)] + [pl.BlockSpec((None, None, C, None), lambda b, h, n, kb: (kb, b, n, h))] * 2
+    out_specs = [_spec((None, C, None, BK), lambda b, h, n, kb: (b, n, h, kb))] * 2 + [
+        with_k(v_s)] + [_spec((None, None, C, None), lambda b, h, n, kb: (kb, b, n, h))] * 2
     partial_shape = (nK, B, Tp, H)
   mm_dtype = _mm_dtype(q.dtype)
   if GRADS_SPLIT:
@@ -627,7 +670,8 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
         [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), jnp.float32)]
         + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
         "gdn_grads_key", q, k, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
-        num_warps=GRADS_NUM_WARPS, nK=nK if nK > 1 else None)
+        num_warps=GRADS_NUM_WARPS if K <= 128 else GRADS_NUM_WARPS_LARGE_K,
+        nK=nK if nK > 1 else None)
     if nK > 1:
       dg, dbeta = dg.sum(0), dbeta.sum(0)
     dk, dv, dg2, dbeta2 = _part_call(
@@ -647,7 +691,8 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
         + [jax.ShapeDtypeStruct(v.shape, v.dtype)]
         + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
         "gdn_grads", q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
-        num_warps=GRADS_NUM_WARPS, nK=nK if nK > 1 else None)
+        num_warps=GRADS_NUM_WARPS if K <= 128 else GRADS_NUM_WARPS_LARGE_K,
+        nK=nK if nK > 1 else None)
     if nK > 1:
       dg, dbeta = dg.sum(0), dbeta.sum(0)
   if H != Hk:  # value heads of one group share their q/k head: sum their gradients
@@ -656,27 +701,27 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
 
 
 def _walks_forward_pallas(q, k, v, g, beta, reset_f, h0, *, scale, C):
-  """The "walks" forward with its chunk-parallel parts as Pallas kernels: prep (A, W, U, K̃, λ),
-  the state walk, the output. Returns (O, final state, saved = (A, h_r, Ṽ))."""
+  """The "walks" forward with its chunk-parallel parts as Pallas kernels: prep (A, W, U), the state
+  walk, the output. Returns (O, final state, saved = (A, W, h_r, Ṽ))."""
   mm_dtype, op = _mm_dtype(q.dtype), _op_dtype(q.dtype)
   reset_f = _zeros_if_none(reset_f, q)
-  A, W, U, Kw, lam = _prep_pallas(q, k, v, g, beta, reset_f, C=C)
-  v_new, ht, hs = _walk_forward(W, U, Kw, lam, h0, mm_dtype=mm_dtype, state_dtype=op,
+  A, W, U = _prep_pallas(q, k, v, g, beta, reset_f, C=C)
+  v_new, ht, hs = _walk_forward(W, U, k, g, reset_f, h0, mm_dtype=mm_dtype, state_dtype=op,
                                 vnew_dtype=op)
   o = _output_pallas(q, k, v, g, reset_f, hs, v_new, scale=scale, C=C)
-  return o, ht, (A, hs, v_new)
+  return o, ht, (A, W, hs, v_new)
 
 
 def _walks_backward_pallas(q, k, v, g, beta, reset_f, saved, do, dht, *, scale, C):
-  """Backward of `_walks_forward_pallas`: prep from the stored A (W, K̃, Q̃, λ, dṼ^local), the
-  reverse walk (reads dO in token layout), the chunk gradients."""
-  A, hs, v_new = saved
+  """Backward of `_walks_forward_pallas`: dṼ^local, the reverse walk (reads q, k, g and dO in token
+  layout, W as stored by the forward), the chunk gradients."""
+  A, W, hs, v_new = saved
   mm_dtype = _mm_dtype(q.dtype)
   reset_f = _zeros_if_none(reset_f, q)
-  W, Kw, Qd, dv_local, lam = _bwd_prep_pallas(q, k, v, g, beta, reset_f, A, do, scale=scale, C=C)
+  dv_local = _dv_local_pallas(q, k, v, g, reset_f, do, scale=scale, C=C)
   B, Tp, H = v.shape[:3]
   do_walk = do if WALK_BWD_DO_TOKENS else _to_chunks(do, B, Tp // C, C, H)
-  dh0, dhs, dv_new = _walk_backward(W, Kw, Qd, do_walk, dv_local, lam, dht, scale=scale,
+  dh0, dhs, dv_new = _walk_backward(W, k, q, g, reset_f, do_walk, dv_local, dht, scale=scale,
                                     mm_dtype=mm_dtype, state_dtype=hs.dtype,
                                     dvnew_dtype=dv_local.dtype)
   grads = _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, scale=scale, C=C)
@@ -698,14 +743,6 @@ def _walks_tiles(q, k, v, g, beta, reset_f, C):
   return tiles, seg
 
 
-def _walk_operands(ops, qt, kt):
-  """What the walks read from XLA's chunk operators, in the input dtype: W, K̃ = diag(w) K,
-  Q̃ = diag(d) Q [B,H,N,C,K] and λ broadcast over each chunk's C slots [B,H,N,C]."""
-  return (ops.W.astype(kt.dtype), (ops.k_write[..., None] * kt).astype(kt.dtype),
-          (ops.decay_in[..., None] * qt).astype(qt.dtype),
-          jnp.broadcast_to(ops.decay_last[..., None], ops.decay_in.shape))
-
-
 def _walks_forward(q, k, v, g, beta, reset_f, h0, *, scale, C):
   """Returns (O [B,Tp,H,V] in v's dtype, final state, states before each chunk)."""
   B, Tp, _, _ = q.shape
@@ -714,8 +751,8 @@ def _walks_forward(q, k, v, g, beta, reset_f, h0, *, scale, C):
   mm_dtype = _mm_dtype(q.dtype)
   (qt, kt, vt, gt, bt), seg = _walks_tiles(q, k, v, g, beta, reset_f, C)
   ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)
-  W, Kw, _, lam = _walk_operands(ops, qt, kt)
-  v_new, ht, hs = _walk_forward(W, ops.U, Kw, lam, h0, mm_dtype=mm_dtype,
+  v_new, ht, hs = _walk_forward(ops.W.astype(k.dtype), ops.U, k, g, _zeros_if_none(reset_f, q), h0,
+                                mm_dtype=mm_dtype,
                                 state_dtype=q.dtype if mm_dtype is not None else jnp.float32)
   o = scale * (ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm_dtype)
                + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm_dtype))
@@ -731,9 +768,9 @@ def _walks_backward(q, k, v, g, beta, reset_f, hs, do, dht, *, scale, C):
   do_t = _to_chunks(do, B, N, C, H)
   ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm_dtype)       # recomputed, parallel over chunks
   dv_local = scale * xc.mm('...ij,...iv->...jv', ops.QK * ops.Gamma, do_t, mm_dtype)
-  W, Kw, Qd, lam = _walk_operands(ops, qt, kt)
-  dh0, dhs, dv_new = _walk_backward(W, Kw, Qd, do_t, dv_local, lam, dht,
-                                    scale=scale, mm_dtype=mm_dtype, state_dtype=hs.dtype)
+  dh0, dhs, dv_new = _walk_backward(ops.W.astype(k.dtype), k, q, g, _zeros_if_none(reset_f, q),
+                                    do if WALK_BWD_DO_TOKENS else do_t, dv_local, dht, scale=scale,
+                                    mm_dtype=mm_dtype, state_dtype=hs.dtype)
   grads, _ = xc.chunk_grads(ops, qt, kt, vt, bt, hs.astype(jnp.float32), do_t,
                             dhs.astype(jnp.float32), dv_new, scale, mm_dtype)
   dq, dk, dv, dg, dbeta = (_from_chunks(x, B, N, C, H) for x in grads)

@@ -28,3 +28,26 @@ def test_gpu_knobs_restore_after_an_error_and_name_unknown_knobs():
   with pytest.raises(ValueError, match="no knob 'GRADS_BLOK_K'"):
     with bench_kernels.gpu_knobs("GRADS_BLOK_K=16"):
       pass
+
+
+_NCU_CSV = '''==PROF== Connected to process 123
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","1","python","h","gdn_prep","1","7","(128, 1, 1)","(16, 16, 64)","0","9.0","GPU Speed Of Light Throughput","Duration","ms","1.25"
+"0","1","python","h","gdn_prep","1","7","(128, 1, 1)","(16, 16, 64)","0","9.0","GPU Speed Of Light Throughput","Compute (SM) Throughput","%","41.0"
+"0","1","python","h","gdn_prep","1","7","(128, 1, 1)","(16, 16, 64)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","255"
+"1","1","python","h","gdn_walk_fwd","1","7","(128, 1, 1)","(2, 16, 16)","0","9.0","GPU Speed Of Light Throughput","Duration","ns","750,000"
+"1","1","python","h","gdn_walk_fwd","1","7","(128, 1, 1)","(2, 16, 16)","0","9.0","GPU Speed Of Light Throughput","DRAM Throughput","%","59.3"
+'''
+
+
+def test_ncu_table_parses_units_and_thousands_separators():
+  import ncu_table  # pylint: disable=import-outside-toplevel
+  launches = ncu_table.parse(_NCU_CSV)
+  assert [k["name"] for k in launches] == ["gdn_prep", "gdn_walk_fwd"]
+  assert launches[0]["duration_us"] == pytest.approx(1250.0)     # ms → µs
+  assert launches[1]["duration_us"] == pytest.approx(750.0)      # "750,000" ns → µs
+  assert launches[0]["registers"] == 255 and launches[1]["dram_pct"] == pytest.approx(59.3)
+  md = ncu_table.markdown(launches, "t")
+  assert "2.000 ms of kernel time" in md and "| 62.5 |" in md   # 1250 of 2000 µs
+  with pytest.raises(ValueError, match="--csv"):
+    ncu_table.parse("==PROF== no kernels were profiled\n")

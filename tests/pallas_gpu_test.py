@@ -130,7 +130,7 @@ def _abstract_h100_mesh():
     ("walks", True, 2, jnp.float32, 32, 32),        # the models' head dims, fp32 training
     ("walks", True, 2, jnp.bfloat16, 256, 512),     # several V-blocks, K > 128
     ("walks+pallas_parts", False, 3, jnp.bfloat16, 128, 128),  # prep + fwd walk + output
-    ("walks+pallas_parts", True, 5, jnp.bfloat16, 128, 128),   # - output (dead) + bwd prep, walk, grads
+    ("walks+pallas_parts", True, 5, jnp.bfloat16, 128, 128),   # - output (dead) + dṼ^local, bwd walk, grads
     ("walks+pallas_parts", True, 5, jnp.float32, 32, 32),
     ("walks+pallas_parts", True, 5, jnp.bfloat16, 256, 512),
     ("walks+pallas_parts+ksplit", True, 5, jnp.bfloat16, 128, 128),
@@ -138,8 +138,9 @@ def _abstract_h100_mesh():
     ("walks+pallas_parts+split+ksplit", True, 6, jnp.bfloat16, 128, 128),
     ("walks+pallas_parts+split", True, 6, jnp.float32, 32, 32),
     ("walks+pallas_parts+split", True, 6, jnp.bfloat16, 256, 512),
-    ("walks+auto+split", True, 6, jnp.bfloat16, 128, 128),   # auto: Pallas parts up to 128 ...
-    ("walks+auto+split", True, 2, jnp.bfloat16, 256, 512),   # ... XLA parts above
+    ("walks+auto+split", True, 6, jnp.bfloat16, 128, 128),   # auto: Pallas parts ...
+    ("walks+auto+split", True, 6, jnp.bfloat16, 256, 512),   # ... at every head size
+    ("walks+xla+split", True, 2, jnp.bfloat16, 256, 512),    # the XLA parts: only the two walks
     ("fused", False, 1, jnp.bfloat16, 128, 128),    # fwd
     ("fused", True, 3, jnp.bfloat16, 128, 128)])    # + bwd walk + bwd chunks
 def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kernels, dtype, K, V):
@@ -201,3 +202,24 @@ def test_walk_block_v_keeps_enough_programs(monkeypatch):
   assert gpu._block_v(128, 128) == 64                      # no head count: the fixed BLOCK_V
   monkeypatch.setattr(gpu, "WALK_MIN_PROGRAMS", 0)
   assert gpu._block_v(128, 128, heads=2 * 16) == 64
+
+
+def test_row_major_grid_order_gives_the_same_result(monkeypatch):
+  """SIBLINGS_FIRST=False (grid (B, H, ·) instead of the sharing axis first) is the same math: the
+  index maps and the K-block program id must follow the grid order either way."""
+  monkeypatch.setattr(gpu, "SIBLINGS_FIRST", False)
+  monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas")
+  monkeypatch.setattr(gpu, "BLOCK_V", 16)         # two V-blocks in the walks
+  monkeypatch.setattr(gpu, "GRADS_BLOCK_K", 16)   # two K-blocks in the key gradients
+  q, k, v, g, beta, h0 = _inputs(1, 48, 1, 2, 32, 32, seed=5)
+
+  def loss(impl, *args):
+    o, s = gated_delta_rule(*args[:5], initial_state=args[5], output_final_state=True,
+                            chunk_size=16, impl=impl)
+    return jnp.sum(jnp.sin(o)) + jnp.sum(s * s)
+
+  grads = jax.jit(jax.grad(lambda *a: loss("pallas", *a), argnums=range(6)))(q, k, v, g, beta, h0)
+  grads_ref = jax.jit(jax.grad(lambda *a: loss("recurrent", *a), argnums=range(6)))(
+      q, k, v, g, beta, h0)
+  for name, got, want in zip(("q", "k", "v", "g", "beta", "h0"), grads, grads_ref):
+    assert _rel(got, want) < 1e-4, (name, _rel(got, want))
