@@ -19,10 +19,6 @@ import os
 
 from absl import app, flags
 
-_CSV = flags.DEFINE_string("csv", None, "ncu --csv --page details output (--log-file).", required=True)
-_OUT = flags.DEFINE_string("out", None, "Markdown path (a .json goes beside it).", required=True)
-_TITLE = flags.DEFINE_string("title", "", "First line of the Markdown.")
-
 _TIME_UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,
                "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
 _COLUMNS = {  # our key: ncu metric name (SpeedOfLight, Occupancy and LaunchStats sections)
@@ -55,7 +51,8 @@ def parse(text: str) -> list[dict]:
     k = launches.setdefault(row["ID"], dict(id=int(row["ID"]), name=row["Kernel Name"],
                                             grid=row["Grid Size"], block=row["Block Size"]))
     for key, metric in _COLUMNS.items():
-      if row["Metric Name"] == metric:
+      # (MemoryWorkloadAnalysis has a "Memory Throughput" in bytes/s too: take the percentage)
+      if row["Metric Name"] == metric and (not key.endswith("_pct") or row["Metric Unit"] == "%"):
         value = _number(row["Metric Value"])
         if key == "duration_us":
           value *= _TIME_UNITS.get(row["Metric Unit"], float("nan"))
@@ -80,16 +77,20 @@ def markdown(launches: list[dict], title: str) -> str:
 
 def main(argv):
   del argv
-  with open(_CSV.value) as f:
+  csv_path, out = flags.FLAGS.csv, flags.FLAGS.out
+  with open(csv_path) as f:
     launches = parse(f.read())
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  md = markdown(launches, _TITLE.value or f"Nsight Compute: {os.path.basename(_CSV.value)}")
-  with open(_OUT.value, "w") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  md = markdown(launches, flags.FLAGS.title or f"Nsight Compute: {os.path.basename(csv_path)}")
+  with open(out, "w") as f:
     f.write(md)
-  with open(os.path.splitext(_OUT.value)[0] + ".json", "w") as f:
-    json.dump(dict(source=os.path.basename(_CSV.value), kernels=launches), f, indent=1)
+  with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    json.dump(dict(source=os.path.basename(csv_path), kernels=launches), f, indent=1)
   print(md)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only as a script: the tests import this beside bench_kernels
+  flags.DEFINE_string("csv", None, "ncu --csv --page details output (--log-file).", required=True)
+  flags.DEFINE_string("out", None, "Markdown path (a .json goes beside it).", required=True)
+  flags.DEFINE_string("title", "", "First line of the Markdown.")
   app.run(main)

@@ -340,11 +340,26 @@ def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, s
 # linear in dγ, so each part is reverse-cumsummed on its own).
 
 
+def fold_blocks(blocks, step, init):
+  """step(carry, block) folded over `blocks`: an iterable (unrolled at trace time), or a pair
+  (n, block_fn) with block_fn(j) the j-th block for a traced j, folded by `fori_loop`. The loop keeps
+  one block's tiles live at a time: unrolled, a GPU kernel's compiler may hoist every block's loads
+  and spill registers (K = 256, V = 512: four 128-wide V-blocks)."""
+  if isinstance(blocks, tuple) and len(blocks) == 2 and callable(blocks[1]):
+    n, block_fn = blocks
+    return jax.lax.fori_loop(0, n, lambda j, carry: step(carry, block_fn(j)), init)
+  carry = init
+  for block in blocks:
+    carry = step(carry, block)
+  return carry
+
+
 def chunk_key_grads(q_cols, k_cols, g_C, beta_C, reset_C, A_CxC, blocks, C: int, scale: float,
                     mm_dtype=None):
   r"""First half: one chunk, one block of K columns (`q_cols`, `k_cols`: C×BK; BK = K allowed).
 
-  `blocks` yields per V-block (h, Ṽ, dO, dh', dṼ) with h, dh' holding the state rows of these columns:
+  `blocks` (see `fold_blocks`) gives per V-block (h, Ṽ, dO, dh', dṼ) with h, dh' holding the state
+  rows of these columns:
 
       dQd = scale Σ dO hᵀ    dK̃ = Σ Ṽ dh'ᵀ    X = Σ dṼ hᵀ    dP = scale Σ dO Ṽᵀ    dλ = Σ h ⊙ dh'
       dKb = −Aᵀ X            (= −dVb hᵀ with dVb = Aᵀ dṼ, without forming the C×V dVb)
@@ -362,15 +377,20 @@ def chunk_key_grads(q_cols, k_cols, g_C, beta_C, reset_C, A_CxC, blocks, C: int,
   qf, kf = q_cols.astype(jnp.float32), k_cols.astype(jnp.float32)
   Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
   idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
-  dQd = dKw = X = jnp.zeros((C, BK), jnp.float32)
-  dP = jnp.zeros((C, C), jnp.float32)
-  dlam = jnp.zeros((), jnp.float32)
-  for h, v_new, do, dh, dv_new in blocks:
-    dQd = dQd + scale * dot(do, h, trans_b=True, mm_dtype=mm_dtype)
-    dKw = dKw + dot(v_new, dh, trans_b=True, mm_dtype=mm_dtype)
-    X = X + dot(dv_new, h, trans_b=True, mm_dtype=mm_dtype)
-    dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
-    dlam = dlam + jnp.sum(jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1))
+
+  def step(carry, block):
+    dQd, dKw, X, dP, dlam = carry
+    h, v_new, do, dh, dv_new = block
+    return (dQd + scale * dot(do, h, trans_b=True, mm_dtype=mm_dtype),
+            dKw + dot(v_new, dh, trans_b=True, mm_dtype=mm_dtype),
+            X + dot(dv_new, h, trans_b=True, mm_dtype=mm_dtype),
+            dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype),
+            dlam + jnp.sum(jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1)))
+
+  zeros_cols = jnp.zeros((C, BK), jnp.float32)
+  dQd, dKw, X, dP, dlam = fold_blocks(
+      blocks, step, (zeros_cols, zeros_cols, zeros_cols, jnp.zeros((C, C), jnp.float32),
+                     jnp.zeros((), jnp.float32)))
   dKb = -dot(A_CxC, X, trans_a=True, mm_dtype=mm_dtype)
   dQK = dP * Gamma
   dq_P = dot(dQK, k_cols, mm_dtype=mm_dtype)
@@ -388,7 +408,7 @@ def chunk_key_grads(q_cols, k_cols, g_C, beta_C, reset_C, A_CxC, blocks, C: int,
 def chunk_wy_grads(k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, mm_dtype=None):
   r"""Second half: one chunk, all of K; the UT transform's part of the gradients.
 
-  `blocks` yields per V-block (v, Ṽ, dṼ) and a `write_dv` callback:
+  `blocks` (see `fold_blocks`) gives per V-block ((v, Ṽ, dṼ), a `write_dv` callback):
 
       dVb = Aᵀ dṼ    dv = β dVb (per block)    dL = −strict(Σ dVb Ṽᵀ)    dKK = β Γ ⊙ dL
       dk₂ = (dKK + dKKᵀ) K                     (the caller forms it by column blocks of K)
@@ -398,13 +418,17 @@ def chunk_wy_grads(k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, mm_dtype=
   Returns (dKK + dKKᵀ [C×C], dg₂, dβ₂ [C]), float32.
   """
   rows, cols = _iota2(C)
-  dL = jnp.zeros((C, C), jnp.float32)
-  dbeta_v = jnp.zeros((C,), jnp.float32)
-  for (v, v_new, dv_new), write_dv in blocks:
+
+  def step(carry, block):
+    dL, dbeta_v = carry
+    (v, v_new, dv_new), write_dv = block
     dVb = dot(A_CxC, dv_new, trans_a=True, mm_dtype=mm_dtype)
-    dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
-    dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
     write_dv(beta_C[:, None] * dVb)
+    return (dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype),
+            dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1))
+
+  dL, dbeta_v = fold_blocks(blocks, step, (jnp.zeros((C, C), jnp.float32),
+                                           jnp.zeros((C,), jnp.float32)))
   Gamma, _, _, _ = chunk_decays(g_C, reset_C, C)
   KK = dot(k_CxK, k_CxK, trans_b=True)
   dLG = jnp.where(cols < rows, dL, 0.0) * Gamma

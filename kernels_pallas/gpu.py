@@ -32,12 +32,12 @@ Two schedules of the same math (symbols as in `chunk_math` and `gdn_jax.ops.chun
   kernel (one program per chunk, `chunk_math.chunk_bwd`) forms the gradients; for K or V > 128 XLA
   differentiates the vmapped `chunk_math` instead. 2.6× slower than "walks" with XLA parts.
 
-Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v8b.md; log and earlier
-versions in NOTES_gpu.md), fwd+bwd against fla, all shapes in one run: 2.21 vs 3.59 ms at B8 T2048
-H16 K=V=128 (0.62×), 2.48 vs 3.85 at B2 T8192 (0.64×), 7.72 vs 8.57 at B16 T4096 (0.90×), 5.42 vs
-4.49 at K = 256, V = 512 (1.21×: still slower); memory 742 / 742 / 2968 / 1264 MiB against fla's
-932 / 932 / 3728 / 1502. fla's own time moves by up to 25 % between runs (B8 T2048: 2.87-3.59 ms
-this session; ours 2.18-2.21 in the two runs of this configuration).
+Measured on the H100 (bf16, C = 64, experiments/results/bench_kernels_h100_v8c.md; log and earlier
+versions in NOTES_gpu.md), fwd+bwd against fla, all shapes in one run: 2.25 vs 2.86 ms at B8 T2048
+H16 K=V=128 (0.79×), 2.36 vs 3.01 at B2 T8192 (0.78×), 7.73 vs 8.29 at B16 T4096 (0.93×), 3.96 vs
+4.01 at K = 256, V = 512 (0.99×; 0.89× in the run before); memory 742 / 742 / 2968 / 1264 MiB against
+fla's 932 / 932 / 3728 / 1502. fla's own time moves by up to 25 % between runs (B8 T2048: 2.86-3.59
+ms this session; ours 2.18-2.25).
 Errors equal or beat fla's (o 3.3e-3, gradients ≤ 3.3e-3 against an fp32 reference).
 The Pallas chunk-parallel parts halved the forward (1.74 → 0.86 ms in one run) and the memory (1416
 → 690 MiB): the XLA parts sent ~20 fp32 [B, H, N, C, ·] intermediates and two layout transposes
@@ -93,7 +93,7 @@ PART_NUM_WARPS = 4        # warps of the forward's prep and output kernels
 BWD_PART_NUM_WARPS = 4    # ... of the backward's dṼ^local kernel
 GRADS_NUM_WARPS = 4       # ... of the gradients kernel (the key-gradients one with GRADS_SPLIT)
 GRADS_NUM_WARPS_LARGE_K = 8  # ... for K > 128: K = 256, V = 512 fwd+bwd 5.69 against 6.21 ms at 4
-                             # warps in one run (bench_kernels_h100_v8_k256c)
+                             # warps in one run (bench_kernels_h100_v8_k256c, V loop still unrolled)
 GRADS_BLOCK_V = 128       # V columns per step of the gradients kernel's V loop
 GRADS_BLOCK_K = 64        # K columns per program of the gradients kernel (< K: K split over programs)
 GRADS_SPLIT = True        # two kernels, split as fla's backward is: per K-block everything that
@@ -102,6 +102,10 @@ GRADS_SPLIT = True        # two kernels, split as fla's backward is: per K-block
                           # K-block. H100, B8 T2048 H16 K=V=128: fwd+bwd 2.71 ms against 3.48 for
                           # the one-kernel version (False) in one run (bench_kernels_h100_v7)
 GRADS_WY_NUM_WARPS = 4    # warps of the split's second kernel
+GRADS_V_LOOP = True       # the split gradients kernels walk V in a fori_loop when V > GRADS_BLOCK_V.
+                          # Unrolled (False), every V-block's tiles were live at once: at K = 256,
+                          # V = 512 the key kernel spilled (24 M local requests, ncu_pallas_k256_v8)
+                          # and the gradients took 3.88 ms against 1.59 in the loop (one session)
 WALK_NUM_STAGES = 3       # Triton software-pipelining depth of the walks' chunk loop (loads of chunk
                           # r+1, r+2 overlap chunk r's matmuls); B16 T4096: fwd+bwd 7.84 / 8.28 ms at
                           # 3 / 2 stages in one run (bench_kernels_h100_v8_b16), 2.36 / 2.43 at 2 / 1
@@ -123,9 +127,9 @@ SIBLINGS_FIRST = True     # grid axis 0 (CUDA's x, launched fastest) is the one 
 def _chunk_parallel(K: int, V: int) -> str:
   """Resolves CHUNK_PARALLEL: "auto" is "pallas" at every head size. Measured on the H100: at K = V =
   128 the Pallas parts gave fwd+bwd 3.25-3.39 ms against 4.46 ms with xla (bench_kernels_h100_v5*)
-  and memory 690 against 1416 MiB; at K = 256, V = 512 they give 6.11 ms against 5.91 with xla in one
+  and memory 690 against 1416 MiB; at K = 256, V = 512 they gave 6.11 ms against 5.91 with xla in one
   run (bench_kernels_h100_v8_k256b; fla 4.11) at 1264 against 1982 MiB (fla 1502), and a forward of
-  1.48 against 2.00 ms (fla 1.44): the memory and the forward decide."""
+  1.48 against 2.00 ms (fla 1.44); with the gradients' V loop (GRADS_V_LOOP) 3.82 ms (_v8_k256d)."""
   del K, V
   return CHUNK_PARALLEL if CHUNK_PARALLEL != "auto" else "pallas"
 
@@ -540,6 +544,15 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref,
     ref[...] = x.astype(ref.dtype)
 
 
+def _grads_v_blocks(V: int, block_fn):
+  """The V-blocks of the split gradients kernels for `chunk_math.fold_blocks`: block_fn(cols) for
+  each GRADS_BLOCK_V-wide column slice, as a (count, fn) loop (GRADS_V_LOOP) or unrolled."""
+  BV = min(V, GRADS_BLOCK_V)
+  if GRADS_V_LOOP and V > BV:
+    return V // BV, lambda j: block_fn(pl.ds(pl.multiple_of(j * BV, BV), BV))
+  return (block_fn(blk) for blk in _v_blocks(V, GRADS_BLOCK_V))
+
+
 def _grads_key_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vnew_ref, do_ref,
                       dh_ref, dvnew_ref, dq_ref, dk_ref, dg_ref, dbeta_ref, *, C, scale, mm_dtype,
                       BK):
@@ -547,13 +560,11 @@ def _grads_key_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vn
   dq (final), dk₁ (float32) and the partial sums of dg, dβ through P, d, w, λ."""
   split, _, cols = _k_block(q_ref.shape[-1], BK)
 
-  def blocks():
-    for blk in _v_blocks(vnew_ref.shape[-1], GRADS_BLOCK_V):
-      yield (h_ref[cols, blk], vnew_ref[:, blk], do_ref[:, blk], dh_ref[cols, blk],
-             dvnew_ref[:, blk])
+  blocks = _grads_v_blocks(vnew_ref.shape[-1], lambda blk: (
+      h_ref[cols, blk], vnew_ref[:, blk], do_ref[:, blk], dh_ref[cols, blk], dvnew_ref[:, blk]))
   q_cols, k_cols = (q_ref[:, cols], k_ref[:, cols]) if split else (q_ref[...], k_ref[...])
   dq, dk, dg, dbeta = cm.chunk_key_grads(q_cols, k_cols, g_ref[...], beta_ref[...], reset_ref[...],
-                                         a_ref[...], blocks(), C, scale, mm_dtype)
+                                         a_ref[...], blocks, C, scale, mm_dtype)
   for ref, x in ((dq_ref, dq), (dk_ref, dk), (dg_ref, dg), (dbeta_ref, dbeta)):
     ref[...] = x.astype(ref.dtype)
 
@@ -562,13 +573,13 @@ def _grads_wy_kernel(k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, vnew_ref, 
                      dk_ref, dv_ref, dg_ref, dbeta_ref, *, C, mm_dtype):
   """GRADS_SPLIT, second kernel, one chunk (`chunk_math.chunk_wy_grads`): dv, dk = dk₁ + (dKK + dKKᵀ) K
   by column blocks of K, and dg, dβ through L and Vb."""
-  def blocks():
-    for blk in _v_blocks(v_ref.shape[-1], GRADS_BLOCK_V):
-      def write_dv(x, blk=blk):
-        dv_ref[:, blk] = x.astype(dv_ref.dtype)
-      yield (v_ref[:, blk], vnew_ref[:, blk], dvnew_ref[:, blk]), write_dv
+  def block(blk):
+    def write_dv(x):
+      dv_ref[:, blk] = x.astype(dv_ref.dtype)
+    return (v_ref[:, blk], vnew_ref[:, blk], dvnew_ref[:, blk]), write_dv
   dKK, dg, dbeta = cm.chunk_wy_grads(k_ref[...], g_ref[...], beta_ref[...], reset_ref[...],
-                                     a_ref[...], blocks(), C, mm_dtype)
+                                     a_ref[...], _grads_v_blocks(v_ref.shape[-1], block), C,
+                                     mm_dtype)
   for blk in _v_blocks(k_ref.shape[-1], GRADS_BLOCK_V):      # column blocks of K
     dk_ref[:, blk] = (dk1_ref[:, blk] + cm.dot(dKK, k_ref[:, blk], mm_dtype=mm_dtype)
                       ).astype(dk_ref.dtype)

@@ -204,10 +204,13 @@ def test_walk_block_v_keeps_enough_programs(monkeypatch):
   assert gpu._block_v(128, 128, heads=2 * 16) == 64
 
 
-def test_row_major_grid_order_gives_the_same_result(monkeypatch):
-  """SIBLINGS_FIRST=False (grid (B, H, ·) instead of the sharing axis first) is the same math: the
-  index maps and the K-block program id must follow the grid order either way."""
+def test_row_major_grid_order_and_unrolled_v_blocks_give_the_same_result(monkeypatch):
+  """The non-default knobs are the same math: SIBLINGS_FIRST=False (grid (B, H, ·) instead of the
+  sharing axis first: the index maps and the K-block program id follow the grid order either way)
+  and GRADS_V_LOOP=False (the gradients kernels' V-blocks unrolled instead of a fori_loop)."""
   monkeypatch.setattr(gpu, "SIBLINGS_FIRST", False)
+  monkeypatch.setattr(gpu, "GRADS_V_LOOP", False)
+  monkeypatch.setattr(gpu, "GRADS_BLOCK_V", 16)   # V = 32: two unrolled V-blocks
   monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas")
   monkeypatch.setattr(gpu, "BLOCK_V", 16)         # two V-blocks in the walks
   monkeypatch.setattr(gpu, "GRADS_BLOCK_K", 16)   # two K-blocks in the key gradients
