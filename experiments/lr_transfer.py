@@ -258,6 +258,7 @@ def analyze(path, out_prefix):
       curves[w] = dict(log2_lr=xs, val_loss=ys)
       optima[w] = dict(zip(("log2_lr", "how"), optimum(xs, ys)))
     drift = _drift([o["log2_lr"] for o in optima.values() if o["log2_lr"] is not None])
+    trend = optimum_trend({w: o["log2_lr"] for w, o in optima.items()})
     # Wider is better at the base width's optimal learning rate (nearest grid point).
     base_opt = optima[widths[0]]["log2_lr"]
     at_transfer = {}
@@ -274,7 +275,7 @@ def analyze(path, out_prefix):
     monotone = bool(vals and all(np.isfinite(vals)) and all(a > b for a, b in zip(vals, vals[1:])))
     name = f"{scheme}/{param}/{opt}" + (f"[{variant}]" if variant else "")
     summary[name] = dict(
-        widths=widths, optimum=optima, drift_log2=drift,
+        widths=widths, optimum=optima, drift_log2=drift, **trend,
         width_range=widths[-1] / widths[0], loss_at_transferred_lr=at_transfer,
         wider_is_better=monotone, transfer_regret=regret, curves=curves,
         optimum_per_seed=per_seed["optima"], drift_log2_per_seed=per_seed["drift"],
@@ -289,7 +290,8 @@ def analyze(path, out_prefix):
           f"optima {[(w, None if o['log2_lr'] is None else round(o['log2_lr'], 2)) for w, o in s['optimum'].items()]}; "
           f"wider-is-better {s['wider_is_better']}; diverged {s['diverged_runs']}; "
           f"regret {({w: round(r, 4) for w, r in s['transfer_regret'].items()})}; "
-          f"per-seed drift {({k: round(d, 2) for k, d in s['drift_log2_per_seed'].items()})}")
+          f"per-seed drift {({k: round(d, 2) for k, d in s['drift_log2_per_seed'].items()})}; "
+          f"trend {_fmt_trend(s)}")
   return summary
 
 
@@ -308,6 +310,34 @@ def _per_seed_optima(sel, widths):
     if all(o is not None for o in found) and _drift(found) is not None:
       drift[seed] = _drift(found)
   return dict(optima=optima, drift=drift)
+
+
+def optimum_trend(optima_by_width):
+  """The systematic part of the drift: least-squares line through the optima against log2 width.
+
+  max − min of noisy optima grows with the noise alone; the fitted slope separates a trend from
+  scatter. Returns the slope (log2 LR per width doubling), the trend drift (slope × log2 of the
+  width range) and its standard error from the residuals (None with fewer than three widths)."""
+  pts = [(math.log2(w), o) for w, o in sorted(optima_by_width.items()) if o is not None]
+  none = dict(trend_log2_per_doubling=None, trend_drift_log2=None, trend_drift_se=None)
+  if len(pts) < 2:
+    return none
+  x, y = np.array(pts).T
+  span = x[-1] - x[0]
+  slope, intercept = np.polyfit(x, y, 1)
+  se = None
+  if len(x) > 2:
+    resid = y - (slope * x + intercept)
+    se = float(np.sqrt(resid @ resid / (len(x) - 2) / np.sum((x - x.mean()) ** 2)) * span)
+  return dict(trend_log2_per_doubling=float(slope), trend_drift_log2=float(slope * span),
+              trend_drift_se=se)
+
+
+def _fmt_trend(s):
+  if s.get("trend_drift_log2") is None:
+    return "-"
+  se = s["trend_drift_se"]
+  return f"{s['trend_drift_log2']:+.2f}" + ("" if se is None else f" ± {se:.2f}") + " log2"
 
 
 def _drift(optima):

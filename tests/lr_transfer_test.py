@@ -57,3 +57,25 @@ def test_per_seed_drift_and_regret(tmp_path):
   # Width 64 averaged: 1 + 0.05·((x+2)² + (x+4)²)/2 − c is 0.10 at the transferred −2, 0.05 at −3.
   assert s["transfer_regret"][16] == pytest.approx(0.0, abs=1e-9)
   assert s["transfer_regret"][64] == pytest.approx(0.05, abs=1e-9)
+
+
+def test_optimum_trend_separates_a_trend_from_scatter():
+  line = lr_transfer.optimum_trend({128: -1.0, 256: -1.4, 512: -1.8, 1024: -2.2})
+  assert line["trend_log2_per_doubling"] == pytest.approx(-0.4)
+  assert line["trend_drift_log2"] == pytest.approx(-1.2)       # over 3 doublings
+  assert line["trend_drift_se"] == pytest.approx(0.0, abs=1e-9)
+  # Scatter without a trend: max − min is 0.6, the fitted trend ~0 with a large error.
+  scatter = lr_transfer.optimum_trend({128: -1.0, 256: -1.6, 512: -1.0, 1024: -1.6})
+  assert abs(scatter["trend_drift_log2"]) < scatter["trend_drift_se"]   # -0.36 ± 0.51
+  assert scatter["trend_drift_se"] > 0.3
+  assert lr_transfer.optimum_trend({128: -1.0, 256: -2.0})["trend_drift_se"] is None
+  assert lr_transfer.optimum_trend({128: None, 256: -2.0})["trend_drift_log2"] is None
+
+
+def test_analyze_reports_the_trend(tmp_path):
+  rows = _rows("", {16: -2.0, 32: -3.0, 64: -4.0})
+  path = tmp_path / "sweep.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  s = lr_transfer.analyze(str(path), str(tmp_path / "sweep"))["heads/mup/sgd"]
+  assert s["trend_drift_log2"] == pytest.approx(-2.0, abs=1e-6)
+  assert s["trend_log2_per_doubling"] == pytest.approx(-1.0, abs=1e-6)

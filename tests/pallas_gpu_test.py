@@ -175,18 +175,20 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kern
 def test_xla_chunk_parallel_backward_matches_recurrent(monkeypatch):
   """The fallback backward (XLA autodiff of the vmapped chunk math, used for K or V > 128)."""
   monkeypatch.setattr(gpu, "PALLAS_CHUNK_BWD", False)
-  q, k, v, g, beta, h0 = _inputs(1, 24, 1, 2, 16, 16, seed=7)
   seg = np.zeros((1, 24), np.int32)
   seg[0, 10:] = 1
+  _assert_grads_match_recurrent(_inputs(1, 24, 1, 2, 16, 16, seed=7), seg)
 
+
+def _assert_grads_match_recurrent(inputs, seg=None, chunk_size=16):
+  """All six gradients of a nonlinear loss of (o, final state): pallas against recurrent autodiff."""
   def loss(impl, *args):
     o, s = gated_delta_rule(*args[:5], initial_state=args[5], output_final_state=True,
-                            segment_ids=seg, chunk_size=16, impl=impl)
+                            segment_ids=seg, chunk_size=chunk_size, impl=impl)
     return jnp.sum(jnp.sin(o)) + jnp.sum(s * s)
 
-  grads = jax.jit(jax.grad(lambda *a: loss("pallas", *a), argnums=range(6)))(q, k, v, g, beta, h0)
-  grads_ref = jax.jit(jax.grad(lambda *a: loss("recurrent", *a), argnums=range(6)))(
-      q, k, v, g, beta, h0)
+  grads = jax.jit(jax.grad(lambda *a: loss("pallas", *a), argnums=range(6)))(*inputs)
+  grads_ref = jax.jit(jax.grad(lambda *a: loss("recurrent", *a), argnums=range(6)))(*inputs)
   for name, got, want in zip(("q", "k", "v", "g", "beta", "h0"), grads, grads_ref):
     assert _rel(got, want) < 1e-4, (name, _rel(got, want))
 
@@ -214,15 +216,4 @@ def test_row_major_grid_order_and_unrolled_v_blocks_give_the_same_result(monkeyp
   monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas")
   monkeypatch.setattr(gpu, "BLOCK_V", 16)         # two V-blocks in the walks
   monkeypatch.setattr(gpu, "GRADS_BLOCK_K", 16)   # two K-blocks in the key gradients
-  q, k, v, g, beta, h0 = _inputs(1, 48, 1, 2, 32, 32, seed=5)
-
-  def loss(impl, *args):
-    o, s = gated_delta_rule(*args[:5], initial_state=args[5], output_final_state=True,
-                            chunk_size=16, impl=impl)
-    return jnp.sum(jnp.sin(o)) + jnp.sum(s * s)
-
-  grads = jax.jit(jax.grad(lambda *a: loss("pallas", *a), argnums=range(6)))(q, k, v, g, beta, h0)
-  grads_ref = jax.jit(jax.grad(lambda *a: loss("recurrent", *a), argnums=range(6)))(
-      q, k, v, g, beta, h0)
-  for name, got, want in zip(("q", "k", "v", "g", "beta", "h0"), grads, grads_ref):
-    assert _rel(got, want) < 1e-4, (name, _rel(got, want))
+  _assert_grads_match_recurrent(_inputs(1, 48, 1, 2, 32, 32, seed=5))
