@@ -118,7 +118,7 @@ WALK_MIN_PROGRAMS = 128   # walks of the "walks" schedule: halve BV (to 16 at le
                           # at one stage BV 16 had been best). 0: off
 WALK_BWD_DO_TOKENS = True  # the reverse walk reads dO in token layout (False: XLA makes [B,H,N,C,V] tiles)
 SIBLINGS_FIRST = True     # grid axis 0 (CUDA's x, launched fastest) is the one whose programs read the
-                          # same tiles: the walks' V-blocks (W, K̃ of a chunk) and the key-gradient
+                          # same tiles: the walks' V-blocks (W, k of a chunk) and the key-gradient
                           # kernel's K-blocks (dO, Ṽ, dṼ, A of a chunk). Launched side by side, they
                           # share those reads through L2 instead of each fetching them from HBM in
                           # another wave. False: (B, H, ·) first, as before
@@ -589,14 +589,13 @@ def _grads_wy_kernel(k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, vnew_ref, 
 def _part_specs(q, v, C):
   """BlockSpecs of the chunk-parallel kernels, grid (B, H, N): one chunk of one value head.
   Returns (q/k tokens, v tokens [C, V], g/β tokens, reset, [C, d] tiles of [B,H,N,C,d] arrays as a
-  function of d, λ tile, state tile [K, V], value-head [C, K] tokens)."""
+  function of d, state tile [K, V], value-head [C, K] tokens)."""
   K, V, G = q.shape[3], v.shape[3], v.shape[2] // q.shape[2]
   return (pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h // G, 0)),
           pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0)),
           pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h)),
           pl.BlockSpec((None, C), lambda b, h, n: (b, n)),
           lambda d: pl.BlockSpec((None, None, None, C, d), lambda b, h, n: (b, h, n, 0, 0)),
-          pl.BlockSpec((None, None, None, C), lambda b, h, n: (b, h, n, 0)),
           pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0)),
           pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0)))
 
@@ -625,7 +624,7 @@ def _prep_pallas(q, k, v, g, beta, reset_f, *, C):
   """Forward prep kernel: A [B,H,N,C,C], W [B,H,N,C,K], U [B,H,N,C,V] (bf16 for bf16 inputs).
   reset_f: [B,Tp] float32 (zeros without packed documents)."""
   K, V, op = q.shape[3], v.shape[3], _op_dtype(q.dtype)
-  qk_s, v_s, gb_s, r_s, tile, _, _, _ = _part_specs(q, v, C)
+  qk_s, v_s, gb_s, r_s, tile, _, _ = _part_specs(q, v, C)
   tiles = lambda d: _per_chunk(v, C, C, d, dtype=op)
   return _part_call(
       functools.partial(_prep_kernel, C=C, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
@@ -636,7 +635,7 @@ def _prep_pallas(q, k, v, g, beta, reset_f, *, C):
 
 def _output_pallas(q, k, v, g, reset_f, hs, v_new, *, scale, C):
   """Forward output kernel: O [B,Tp,H,V] in v's dtype from h_r and Ṽ."""
-  qk_s, v_s, gb_s, r_s, tile, _, st_s, _ = _part_specs(q, v, C)
+  qk_s, v_s, gb_s, r_s, tile, st_s, _ = _part_specs(q, v, C)
   return _part_call(
       functools.partial(_output_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
       [qk_s, qk_s, gb_s, r_s, st_s, tile(v.shape[3])], v_s, jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -645,7 +644,7 @@ def _output_pallas(q, k, v, g, reset_f, hs, v_new, *, scale, C):
 
 def _dv_local_pallas(q, k, v, g, reset_f, do, *, scale, C):
   """Backward's chunk-parallel kernel before the reverse walk: dṼ^local [B,H,N,C,V]."""
-  qk_s, v_s, gb_s, r_s, tile, _, _, _ = _part_specs(q, v, C)
+  qk_s, v_s, gb_s, r_s, tile, _, _ = _part_specs(q, v, C)
   return _part_call(
       functools.partial(_dv_local_kernel, C=C, scale=scale, mm_dtype=_mm_dtype(q.dtype)), q, v, C,
       [qk_s, qk_s, gb_s, r_s, v_s], tile(v.shape[3]),
@@ -657,7 +656,7 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
   """Gradients kernel: dq, dk [B,Tp,H,K] (value heads; f32 under GVA), dv, dg, dβ."""
   B, Tp, Hk, K = q.shape
   H = v.shape[2]
-  qk_s, v_s, gb_s, r_s, tile, lam_s, st_s, dqk_s = _part_specs(q, v, C)
+  qk_s, v_s, gb_s, r_s, tile, st_s, dqk_s = _part_specs(q, v, C)
   dqk_dtype = jnp.float32 if H != Hk else q.dtype
   BK = min(K, GRADS_BLOCK_K)
   nK = K // BK
