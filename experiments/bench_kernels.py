@@ -78,18 +78,17 @@ def time_calls(fn, repeats, warmup):
   return statistics.median(times), min(times)
 
 
-@contextlib.contextmanager
-def cuda_profiler_range():
-  """cudaProfilerStart/Stop around the block (through torch's cudart; a no-op without --profile_once):
-  under `ncu --profile-from-start off` only the kernels launched inside are profiled."""
+def profile_once(call):
+  """With --profile_once: a warm call, then one call between cudaProfilerStart/Stop (through torch's
+  cudart), so that under `ncu --profile-from-start off` only its kernels are profiled. `call` must
+  wait for its results."""
   if not _PROFILE.value:
-    yield
     return
   import torch  # pylint: disable=import-outside-toplevel
-  torch.cuda.synchronize()
+  call()
   torch.cuda.cudart().cudaProfilerStart()
   try:
-    yield
+    call()
   finally:
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
@@ -118,10 +117,7 @@ def bench_jax(impl, inputs, do, C, repeats, warmup):
       lambda: jax.block_until_ready(fwd(*inputs)), repeats, warmup)
   res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = time_calls(
       lambda: jax.block_until_ready(fwd_bwd(*inputs, do)), repeats, warmup)
-  if _PROFILE.value:
-    jax.block_until_ready(fwd_bwd(*inputs, do))
-    with cuda_profiler_range():
-      jax.block_until_ready(fwd_bwd(*inputs, do))
+  profile_once(lambda: jax.block_until_ready(fwd_bwd(*inputs, do)))
   mem = fwd_bwd.lower(*inputs, do).compile().memory_analysis()
   if mem is not None:
     res["fwd_bwd_extra_bytes"] = int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
@@ -161,8 +157,7 @@ def bench_fla(inputs, do, repeats, warmup):
   res = {}
   res["fwd_ms"], res["fwd_min_ms"] = time_calls(sync(fwd), repeats, warmup)
   res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = time_calls(sync(fwd_bwd), repeats, warmup)
-  with cuda_profiler_range():
-    sync(fwd_bwd)()
+  profile_once(sync(fwd_bwd))
   torch.cuda.synchronize()
   for x in leaves:
     x.grad = None

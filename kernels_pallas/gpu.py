@@ -124,13 +124,12 @@ SIBLINGS_FIRST = True     # grid axis 0 (CUDA's x, launched fastest) is the one 
                           # another wave. False: (B, H, ·) first, as before
 
 
-def _chunk_parallel(K: int, V: int) -> str:
+def _chunk_parallel() -> str:
   """Resolves CHUNK_PARALLEL: "auto" is "pallas" at every head size. Measured on the H100: at K = V =
   128 the Pallas parts gave fwd+bwd 3.25-3.39 ms against 4.46 ms with xla (bench_kernels_h100_v5*)
   and memory 690 against 1416 MiB; at K = 256, V = 512 they gave 6.11 ms against 5.91 with xla in one
   run (bench_kernels_h100_v8_k256b; fla 4.11) at 1264 against 1982 MiB (fla 1502), and a forward of
   1.48 against 2.00 ms (fla 1.44); with the gradients' V loop (GRADS_V_LOOP) 3.82 ms (_v8_k256d)."""
-  del K, V
   return CHUNK_PARALLEL if CHUNK_PARALLEL != "auto" else "pallas"
 
 
@@ -201,13 +200,8 @@ def _walk_specs(q, v, C):
   B, Tp, Hk, K = q.shape
   H, V = v.shape[2], v.shape[3]
   G, N, BV = H // Hk, Tp // C, _block_v(V)
-  return ((B, H, V // BV),
-          pl.BlockSpec((None, Tp, None, K), lambda b, h, j: (b, 0, h // G, 0)),
-          pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)),
-          pl.BlockSpec((None, Tp, None), lambda b, h, j: (b, 0, h)),
-          pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
-          pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),
-          pl.BlockSpec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))
+  return ((B, H, V // BV), *_token_specs(Tp, K, G, BV, spec=pl.BlockSpec),
+          *_state_specs(N, K, BV, spec=pl.BlockSpec))
 
 
 def _forward(q, k, v, g, beta, reset_f, h0, *, scale, C, store_states):
@@ -405,18 +399,24 @@ def _tile_specs(N, C, K, BV):
   (`ref[r]`)."""
   return (_spec((None, None, N, C, K), lambda b, h, j: (b, h, 0, 0, 0)),     # [C, K] rows
           _spec((None, None, N, C, BV), lambda b, h, j: (b, h, 0, 0, j)),   # [C, BV] rows
-          _spec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),         # a state
-          _spec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))   # a state per chunk
+          *_state_specs(N, K, BV))
 
 
-def _token_specs(Tp, K, G, BV):
+def _state_specs(N, K, BV, spec=_spec):
+  """A walk program's [K, BV] state and its [N, K, BV] states per chunk, over a grid (B, H, V/BV)
+  (`spec=pl.BlockSpec`: in that order, as the "fused" schedule launches it)."""
+  return (spec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),
+          spec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)))
+
+
+def _token_specs(Tp, K, G, BV, spec=_spec):
   """BlockSpecs of the walks' inputs in token layout, a whole sequence per program: q/k rows
   [B, Tp, Hk, K] (value head h reads q/k head h // G), value columns [B, Tp, H, V], g [B, Tp, H] and
   the reset flags [B, Tp]; chunk r is `ref[pl.ds(r·C, C)]`."""
-  return (_spec((None, Tp, None, K), lambda b, h, j: (b, 0, h // G, 0)),
-          _spec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)),
-          _spec((None, Tp, None), lambda b, h, j: (b, 0, h)),
-          _spec((None, Tp), lambda b, h, j: (b, 0)))
+  return (spec((None, Tp, None, K), lambda b, h, j: (b, 0, h // G, 0)),
+          spec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)),
+          spec((None, Tp, None), lambda b, h, j: (b, 0, h)),
+          spec((None, Tp), lambda b, h, j: (b, 0)))
 
 
 def _walk_forward(W, U, k, g, reset_f, h0, *, mm_dtype, state_dtype, vnew_dtype=jnp.float32):
@@ -672,6 +672,7 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
         with_k(v_s)] + [_spec((None, None, C, None), lambda b, h, n, kb: (kb, b, n, h))] * 2
     partial_shape = (nK, B, Tp, H)
   mm_dtype = _mm_dtype(q.dtype)
+  grads_warps = GRADS_NUM_WARPS if K <= 128 else GRADS_NUM_WARPS_LARGE_K
   if GRADS_SPLIT:
     key_in = [in_specs[i] for i in (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
     dq, dk1, dg, dbeta = _part_call(
@@ -680,8 +681,7 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
         [jax.ShapeDtypeStruct((B, Tp, H, K), dqk_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), jnp.float32)]
         + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
         "gdn_grads_key", q, k, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
-        num_warps=GRADS_NUM_WARPS if K <= 128 else GRADS_NUM_WARPS_LARGE_K,
-        nK=nK if nK > 1 else None)
+        num_warps=grads_warps, nK=nK if nK > 1 else None)
     if nK > 1:
       dg, dbeta = dg.sum(0), dbeta.sum(0)
     dk, dv, dg2, dbeta2 = _part_call(
@@ -701,8 +701,7 @@ def _grads_pallas(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new, *, s
         + [jax.ShapeDtypeStruct(v.shape, v.dtype)]
         + [jax.ShapeDtypeStruct(partial_shape, jnp.float32)] * 2,
         "gdn_grads", q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
-        num_warps=GRADS_NUM_WARPS if K <= 128 else GRADS_NUM_WARPS_LARGE_K,
-        nK=nK if nK > 1 else None)
+        num_warps=grads_warps, nK=nK if nK > 1 else None)
     if nK > 1:
       dg, dbeta = dg.sum(0), dbeta.sum(0)
   if H != Hk:  # value heads of one group share their q/k head: sum their gradients
@@ -798,7 +797,7 @@ def _gdn(q, k, v, g, beta, reset_f, h0, scale, C):
 
 
 def _gdn_fwd(q, k, v, g, beta, reset_f, h0, scale, C, store_states=True):
-  if SCHEDULE == "walks" and _chunk_parallel(q.shape[3], v.shape[3]) == "pallas":
+  if SCHEDULE == "walks" and _chunk_parallel() == "pallas":
     o, ht, hs = _walks_forward_pallas(q, k, v, g, beta, reset_f, h0, scale=scale, C=C)
   elif SCHEDULE == "walks":
     o, ht, hs = _walks_forward(q, k, v, g, beta, reset_f, h0, scale=scale, C=C)
@@ -814,7 +813,7 @@ def _gdn_bwd(scale, C, res, cts):
   q, k, v, g, beta, reset_f, hs = res
   do, dht = cts
   do = do.astype(v.dtype)
-  if SCHEDULE == "walks" and _chunk_parallel(q.shape[3], v.shape[3]) == "pallas":
+  if SCHEDULE == "walks" and _chunk_parallel() == "pallas":
     dq, dk, dv, dg, dbeta, dh0 = _walks_backward_pallas(q, k, v, g, beta, reset_f, hs, do, dht,
                                                         scale=scale, C=C)
   elif SCHEDULE == "walks":
