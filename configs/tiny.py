@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
       final_lr_fraction=0.1,  # lr at the last step / peak (cosine, linear)
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, momentum=0.0,
       grad_clip=1.0,         # global-norm clipping; 0 = off
+      # Extra μP LR width scalings on top of the rules table, "NAME[:out]:POWER,..." (LR × m^POWER
+      # for parameters whose path contains NAME; 1 at the base width). "" = the table as is.
+      # For SGD, docs/mup.md ("Why the SGD optimum slides") measures "embed:out:-1,q_proj:-1,k_proj:-1".
+      lr_overrides="",
   ))
 
   c.data = ml_collections.ConfigDict(dict(

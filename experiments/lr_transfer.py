@@ -20,6 +20,8 @@ in one vmapped program (`gdn_jax.sweep`). Each finished LR appends one JSON line
 Variants (each keyed and plotted separately, e.g. "heads/mup/sgd[o_eps=0.001]"):
   --output_norm_eps=1e-3     the mixer output norm's eps (SGD needs it; docs/mup.md, item 9)
   --lr_override=g_proj:-0.5  rule ablation: LR × m_in^-0.5 for parameters whose path has g_proj
+                             (identity at the base width: the analysis uses the base-width runs
+                             of the same variant without overrides, and the sweep skips them)
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import datetime
 import json
 import math
 import os
+import textwrap
 import time
 
 from absl import app, flags
@@ -160,6 +163,10 @@ def run_sweep(cfg):
           key = (_SCHEME.value, parametrization, optimizer, width, seed, variant)
           if key in done:
             continue
+          if width == cfg["base_width"] and (*key[:-1], without_lr_overrides(variant)) in done:
+            print(f"{parametrization} {optimizer} width {width} seed {seed}: the LR overrides are "
+                  "1 at the base width; its runs without them are used")
+            continue
           if _MAX_MINUTES.value and time.time() - start > 60 * _MAX_MINUTES.value:
             print("time budget reached; rerun to resume")
             return
@@ -238,13 +245,28 @@ def optimum(log2_lrs, losses):
   return (float(-b / (2 * a)) if a > 0 else float(xs[i])), "quadratic fit"
 
 
-def analyze(path, out_prefix):
+def without_lr_overrides(variant: str) -> str:
+  """The variant with its `--lr_override` entries (NAME[:out]:POWER) dropped: "conv:out:-1,
+  o_eps=0.001" -> "o_eps=0.001". The overrides multiply LRs by m^POWER, which is 1 at the base
+  width, so at the base width both variants are the same model with the same updates."""
+  return ",".join(p for p in variant.split(",") if p and ":" not in p)
+
+
+def analyze(path, out_prefix, base_width=None):
+  """Summary JSON + figure of a sweep's JSONL. A variant with LR overrides that has no runs at
+  `base_width` uses the base-width runs of its variant without overrides (identical there)."""
   rows = [json.loads(l) for l in open(path) if l.strip()]
   rows = [r for r in rows if r.get("kind") == "run"]
   summary = {}
   group_of = lambda r: (r["scheme"], r["parametrization"], r["optimizer"], r.get("variant", ""))
   for scheme, param, opt, variant in sorted({group_of(r) for r in rows}):
     sel = [r for r in rows if group_of(r) == (scheme, param, opt, variant)]
+    shared_from = None
+    if (base_width is not None and without_lr_overrides(variant) != variant
+        and not any(r["width"] == base_width for r in sel)):
+      shared_from = without_lr_overrides(variant)
+      sel += [r for r in rows if r["width"] == base_width
+              and group_of(r) == (scheme, param, opt, shared_from)]
     widths = sorted({r["width"] for r in sel})
     curves, optima = {}, {}
     for w in widths:
@@ -274,8 +296,11 @@ def analyze(path, out_prefix):
     vals = [at_transfer[w] for w in widths] if at_transfer else []
     monotone = bool(vals and all(np.isfinite(vals)) and all(a > b for a, b in zip(vals, vals[1:])))
     name = f"{scheme}/{param}/{opt}" + (f"[{variant}]" if variant else "")
+    best = {w: float(np.nanmin(c["val_loss"])) for w, c in curves.items()
+            if np.isfinite(c["val_loss"]).any()}
     summary[name] = dict(
-        widths=widths, optimum=optima, drift_log2=drift, **trend,
+        widths=widths, optimum=optima, drift_log2=drift, **trend, best_loss=best,
+        base_width_runs_from=shared_from,
         width_range=widths[-1] / widths[0], loss_at_transferred_lr=at_transfer,
         wider_is_better=monotone, transfer_regret=regret, curves=curves,
         optimum_per_seed=per_seed["optima"], drift_log2_per_seed=per_seed["drift"],
@@ -285,13 +310,14 @@ def analyze(path, out_prefix):
                    criterion="muP drift <= 0.5 log2 across >= 8x widths; loss falls with width"),
               f, indent=2)
   plot(summary, out_prefix + ".png")
+  plot_variants(summary, out_prefix + "_variants.png")
   for name, s in summary.items():
     print(f"{name:>18}: drift {s['drift_log2']} log2 over {s['width_range']:.0f}x widths; "
           f"optima {[(w, None if o['log2_lr'] is None else round(o['log2_lr'], 2)) for w, o in s['optimum'].items()]}; "
           f"wider-is-better {s['wider_is_better']}; diverged {s['diverged_runs']}; "
           f"regret {({w: round(r, 4) for w, r in s['transfer_regret'].items()})}; "
           f"per-seed drift {({k: round(d, 2) for k, d in s['drift_log2_per_seed'].items()})}; "
-          f"trend {_fmt_trend(s)}")
+          f"trend {_fmt_trend(s)}; best loss {({w: round(b, 4) for w, b in s['best_loss'].items()})}")
   return summary
 
 
@@ -371,7 +397,8 @@ def plot(summary, path):
       if o is not None:
         ax.axvline(o, color=color, ls=":", lw=0.8)
     drift = s["drift_log2"]
-    ax.set_title(f"{name}: optimum drift {drift:.2f} log2" if drift is not None else name)
+    title = f"{name}: optimum drift {drift:.2f} log2" if drift is not None else name
+    ax.set_title("\n".join(textwrap.wrap(title, 64)), fontsize=9)
     ax.set_xlabel("log2 learning rate")
     ax.set_ylabel("final validation loss (^ off scale, x = diverged)")
     ax.set_ylim(top=top + 0.05)
@@ -382,13 +409,48 @@ def plot(summary, path):
   fig.savefig(path, dpi=110)
 
 
+def plot_variants(summary, path):
+  """Ablation view: per (scheme, parametrization, optimizer) with several variants, each
+  variant's curve at the widest width they all reach, over the base-width curve (dashed)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  groups = {}
+  for name in sorted(summary):
+    groups.setdefault(name.split("[")[0], []).append(name)
+  groups = {g: names for g, names in groups.items() if len(names) > 1}
+  if not groups:
+    return
+  fig, axes = plt.subplots(1, len(groups), figsize=(9 * len(groups), 5.5), squeeze=False)
+  for ax, (group, names) in zip(axes.flat, groups.items()):
+    widest = max(set.intersection(*(set(summary[n]["widths"]) for n in names)), default=None)
+    base = summary[names[0]]["widths"][0]
+    c = summary[names[0]]["curves"][base]
+    ax.plot(c["log2_lr"], c["val_loss"], "k--", label=f"width {base} (base)")
+    for i, n in enumerate(names):
+      c = summary[n]["curves"].get(widest)
+      if c is None:
+        continue
+      label = n[len(group):] or "(no variant)"
+      ax.plot(c["log2_lr"], c["val_loss"], "o-", ms=3, color=plt.get_cmap("tab10")(i % 10),
+              label=f"{label}: best {np.nanmin(c['val_loss']):.4f}")
+    finite = [y for line in ax.get_lines() for y in line.get_ydata() if np.isfinite(y)]
+    ax.set_ylim(min(finite) - 0.01, min(max(finite), min(finite) + 0.2))
+    ax.set_title(f"{group}: variants at width {widest}", fontsize=10)
+    ax.set_xlabel("log2 learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def main(argv):
   del argv
   cfg = settings()
   if not _ANALYZE.value:
     run_sweep(cfg)
   path = results_path()
-  analyze(path, path.replace(".jsonl", ""))
+  analyze(path, path.replace(".jsonl", ""), base_width=cfg["base_width"])
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ from gdn_jax.data import pipeline, prepare, tokenizer
 from gdn_jax.generate import generate
 from gdn_jax.loss import cross_entropy
 from gdn_jax.model import ModelConfig, flops_per_token, num_params
-from gdn_jax.mup import build_model, make_optimizer
+from gdn_jax.model import GatedDeltaNetLM
+from gdn_jax.mup import build_model, make_optimizer, multipliers, parse_lr_overrides
 
 # Peak dense FLOP/s per device for MFU: (device_kind substring, compute dtype) → FLOP/s. float32
 # matmuls run as TF32 on these GPUs by default. CPUs have no entry: MFU is reported as "n/a".
@@ -123,6 +124,22 @@ def validate_config(config: ml_collections.ConfigDict):
            f"one of {ON_NONFINITE}")
   model_config(config)  # ModelConfig validates the model fields
   base_model_config(config)
+  if lr_overrides(config):  # every name must match a parameter (checked on shapes only)
+    shapes = nnx.eval_shape(lambda: GatedDeltaNetLM(model_config(config), rngs=nnx.Rngs(0)))
+    try:
+      multipliers(shapes, parametrization=config.parametrization, optimizer=o.name,
+                  base_config=base_model_config(config), lr_overrides=lr_overrides(config))
+    except ValueError as e:
+      raise ValueError(f"optimizer.lr_overrides={o.lr_overrides!r}: {e}") from None
+
+
+def lr_overrides(config: ml_collections.ConfigDict) -> dict:
+  """`optimizer.lr_overrides` ("embed:out:-1,q_proj:-1"; "" = none) as gdn_jax.mup Scalings."""
+  spec = config.optimizer.get("lr_overrides", "") or ""
+  try:
+    return parse_lr_overrides([s.strip() for s in spec.split(",") if s.strip()])
+  except ValueError as e:
+    raise ValueError(f"optimizer.lr_overrides={spec!r}: {e}") from None
 
 
 def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -149,7 +166,8 @@ def make_tx(model, config: ml_collections.ConfigDict) -> optax.GradientTransform
   base = base_model_config(config) if config.parametrization == "mup" else None
   tx = make_optimizer(model, parametrization=config.parametrization, optimizer=o.name,
                       learning_rate=lr_schedule(config), weight_decay=o.weight_decay,
-                      base_config=base, b1=o.b1, b2=o.b2, eps=o.eps, momentum=o.momentum)
+                      base_config=base, b1=o.b1, b2=o.b2, eps=o.eps, momentum=o.momentum,
+                      lr_overrides=lr_overrides(config))
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip else tx
 
 

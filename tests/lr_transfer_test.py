@@ -79,3 +79,25 @@ def test_analyze_reports_the_trend(tmp_path):
   s = lr_transfer.analyze(str(path), str(tmp_path / "sweep"))["heads/mup/sgd"]
   assert s["trend_drift_log2"] == pytest.approx(-2.0, abs=1e-6)
   assert s["trend_log2_per_doubling"] == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_lr_override_variants_share_the_base_width_runs(tmp_path):
+  """LR overrides are 1 at the base width, so an override variant run only at wider widths uses
+  the base-width runs of the same variant without overrides (and never those of another)."""
+  assert lr_transfer.without_lr_overrides("embed:out:-1,q_proj:-1,o_eps=0.001,clip=1") == \
+      "o_eps=0.001,clip=1"
+  assert lr_transfer.without_lr_overrides("o_eps=0.001") == "o_eps=0.001"
+  rows = (_rows("o_eps=0.001", {16: -2.0, 32: -3.0})
+          + _rows("clip=1", {16: -5.0})                     # same base width, other variant
+          + _rows("embed:out:-1,o_eps=0.001", {32: -2.5}))
+  path = tmp_path / "sweep.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  s = lr_transfer.analyze(str(path), str(tmp_path / "sweep"), base_width=16)
+  ablation = s["heads/mup/sgd[embed:out:-1,o_eps=0.001]"]
+  assert ablation["widths"] == [16, 32]
+  assert ablation["base_width_runs_from"] == "o_eps=0.001"
+  assert ablation["optimum"][16]["log2_lr"] == pytest.approx(-2.0)
+  assert ablation["drift_log2"] == pytest.approx(0.5, abs=1e-6)
+  assert s["heads/mup/sgd[o_eps=0.001]"]["base_width_runs_from"] is None
+  alone = lr_transfer.analyze(str(path), str(tmp_path / "sweep"))   # no base width: no sharing
+  assert alone["heads/mup/sgd[embed:out:-1,o_eps=0.001]"]["widths"] == [32]

@@ -3,6 +3,7 @@ import json
 import math
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,6 +100,8 @@ def test_cli_overrides_reach_the_config():
     ("model.d_model", 0, "d_model"),
     ("model.rule_impl", "magic", "rule_impl"),
     ("model.output_norm_eps", -1e-3, "output_norm_eps"),
+    ("optimizer.lr_overrides", "embed:out:x", "optimizer.lr_overrides"),
+    ("optimizer.lr_overrides", "embed:out:-1,no_such_param:-1", "optimizer.lr_overrides"),
 ])
 def test_bad_config_values_write_nothing(tmp_path, paths, field, value, match):
   c = tiny_config(paths)
@@ -107,6 +110,30 @@ def test_bad_config_values_write_nothing(tmp_path, paths, field, value, match):
   with pytest.raises(ValueError, match=match):
     train_lib.train(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_lr_overrides_scale_only_the_named_parameters(paths):
+  """optimizer.lr_overrides reaches the optimizer: at width 2× the base, "embed:out:-1" halves
+  the embedding's SGD step and leaves every other parameter's step as it was."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  c = tiny_config(paths)
+  c.optimizer.update(name="sgd", momentum=0.0, weight_decay=0.0, warmup_steps=0)
+  c.mup_base.update(d_model=16, num_heads=1)
+  model = train_lib.build_model(train_lib.model_config(c), parametrization="mup",
+                                base_config=train_lib.base_model_config(c), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def steps(spec):
+    c.optimizer.lr_overrides = spec
+    train_lib.validate_config(c)
+    tx = train_lib.make_tx(model, c)
+    return dict(nnx.to_flat_state(tx.update(grads, tx.init(params), params)[0]))
+
+  plain, overridden = steps(""), steps("embed:out:-1")
+  for path, update in plain.items():
+    ratio = np.asarray(overridden[path][...]) / np.asarray(update[...])
+    np.testing.assert_allclose(ratio, 0.5 if "embed" in path else 1.0, rtol=1e-6, err_msg=path)
 
 
 def test_missing_and_corrupt_data_write_nothing(tmp_path, paths):
