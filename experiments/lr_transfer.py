@@ -435,7 +435,8 @@ def plot_variants(summary, path):
       ax.plot(c["log2_lr"], c["val_loss"], "o-", ms=3, color=plt.get_cmap("tab10")(i % 10),
               label=f"{label}: best {np.nanmin(c['val_loss']):.4f}")
     finite = [y for line in ax.get_lines() for y in line.get_ydata() if np.isfinite(y)]
-    ax.set_ylim(min(finite) - 0.01, min(max(finite), min(finite) + 0.2))
+    if finite:
+      ax.set_ylim(min(finite) - 0.01, min(max(finite), min(finite) + 0.2))
     ax.set_title(f"{group}: variants at width {widest}", fontsize=10)
     ax.set_xlabel("log2 learning rate")
     ax.set_ylabel("final validation loss")
