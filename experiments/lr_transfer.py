@@ -262,9 +262,10 @@ def analyze(path, out_prefix, base_width=None):
   for scheme, param, opt, variant in sorted({group_of(r) for r in rows}):
     sel = [r for r in rows if group_of(r) == (scheme, param, opt, variant)]
     shared_from = None
-    if (base_width is not None and without_lr_overrides(variant) != variant
+    plain = without_lr_overrides(variant)
+    if (base_width is not None and plain != variant
         and not any(r["width"] == base_width for r in sel)):
-      shared_from = without_lr_overrides(variant)
+      shared_from = plain
       sel += [r for r in rows if r["width"] == base_width
               and group_of(r) == (scheme, param, opt, shared_from)]
     widths = sorted({r["width"] for r in sel})

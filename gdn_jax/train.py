@@ -43,8 +43,7 @@ from gdn_jax import sharding
 from gdn_jax.data import pipeline, prepare, tokenizer
 from gdn_jax.generate import generate
 from gdn_jax.loss import cross_entropy
-from gdn_jax.model import ModelConfig, flops_per_token, num_params
-from gdn_jax.model import GatedDeltaNetLM
+from gdn_jax.model import GatedDeltaNetLM, ModelConfig, flops_per_token, num_params
 from gdn_jax.mup import build_model, make_optimizer, multipliers, parse_lr_overrides
 
 # Peak dense FLOP/s per device for MFU: (device_kind substring, compute dtype) → FLOP/s. float32
@@ -124,11 +123,12 @@ def validate_config(config: ml_collections.ConfigDict):
            f"one of {ON_NONFINITE}")
   model_config(config)  # ModelConfig validates the model fields
   base_model_config(config)
-  if lr_overrides(config):  # every name must match a parameter (checked on shapes only)
+  overrides = lr_overrides(config)
+  if overrides:  # every name must match a parameter (checked on shapes only)
     shapes = nnx.eval_shape(lambda: GatedDeltaNetLM(model_config(config), rngs=nnx.Rngs(0)))
     try:
       multipliers(shapes, parametrization=config.parametrization, optimizer=o.name,
-                  base_config=base_model_config(config), lr_overrides=lr_overrides(config))
+                  base_config=base_model_config(config), lr_overrides=overrides)
     except ValueError as e:
       raise ValueError(f"optimizer.lr_overrides={o.lr_overrides!r}: {e}") from None
 

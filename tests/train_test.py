@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
 from gdn_jax import train as train_lib
@@ -115,7 +116,6 @@ def test_bad_config_values_write_nothing(tmp_path, paths, field, value, match):
 def test_lr_overrides_scale_only_the_named_parameters(paths):
   """optimizer.lr_overrides reaches the optimizer: at width 2× the base, "embed:out:-1" halves
   the embedding's SGD step and leaves every other parameter's step as it was."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   c = tiny_config(paths)
   c.optimizer.update(name="sgd", momentum=0.0, weight_decay=0.0, warmup_steps=0)
   c.mup_base.update(d_model=16, num_heads=1)
