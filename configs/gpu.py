@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
       num_v_heads=0, mlp_hidden=0, conv_size=4, use_gate=True, use_short_conv=True,
       allow_neg_eigval=False, norm_eps=1e-5, tie_embeddings=False, init_std=0.02,
       output_norm_eps=0.0,       # mixer output norm eps; 0 = norm_eps. ~1e-3 for SGD (docs/mup.md)
+      qk_norm_eps=1e-6,          # eps of the q/k L2 norm (fla's value)
       dtype="bfloat16",          # compute dtype; parameters and optimizer state stay float32
       param_dtype="float32", chunk_size=64,
       rule_impl="auto"))         # Pallas kernels on one GPU, XLA chunked on several (ops.default_impl)

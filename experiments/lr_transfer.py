@@ -19,6 +19,7 @@ in one vmapped program (`gdn_jax.sweep`). Each finished LR appends one JSON line
 
 Variants (each keyed and plotted separately, e.g. "heads/mup/sgd[o_eps=0.001]"):
   --output_norm_eps=1e-3     the mixer output norm's eps (SGD needs it; docs/mup.md, item 9)
+  --qk_norm_eps=1            the q/k L2 norm's eps: caps that norm's gain 1/|k| (docs/mup.md)
   --lr_override=g_proj:-0.5  rule ablation: LR × m_in^-0.5 for parameters whose path has g_proj
                              (identity at the base width: the analysis uses the base-width runs
                              of the same variant without overrides, and the sweep skips them)
@@ -81,6 +82,8 @@ _LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Rule ablations: NAME:POWER
                                    "conv:out:-0.5). Runs are keyed and plotted by this variant.")
 _OUT_EPS = flags.DEFINE_float("output_norm_eps", None, "eps of the mixer's output norm (default: "
                                "norm_eps, 1e-5). Runs are keyed and plotted by this variant.")
+_QK_EPS = flags.DEFINE_float("qk_norm_eps", None, "eps of the q/k L2 norm (default: fla's 1e-6; "
+                              "docs/mup.md). Runs are keyed and plotted by this variant.")
 _CLIP = flags.DEFINE_float("grad_clip", None, "Global-norm gradient clipping threshold (default: "
                             "off). Runs are keyed and plotted by this variant.")
 _VECTORIZE = flags.DEFINE_bool("vectorize", None, "Train the LRs of a width in one vmapped "
@@ -110,7 +113,8 @@ def model_config(width: int, cfg, scheme: str):
   return model_lib.ModelConfig(
       vocab_size=256, d_model=width, num_layers=cfg["layers"], num_heads=num_heads,
       head_k_dim=head_dim, head_v_dim=head_dim, mlp_hidden=4 * width, chunk_size=64,
-      rule_impl=_RULE_IMPL.value, dtype=cfg["dtype"], output_norm_eps=_OUT_EPS.value)
+      rule_impl=_RULE_IMPL.value, dtype=cfg["dtype"], output_norm_eps=_OUT_EPS.value,
+      **({} if _QK_EPS.value is None else dict(qk_norm_eps=_QK_EPS.value)))
 
 
 def load_splits(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +156,7 @@ def run_sweep(cfg):
   lr_overrides = mup.parse_lr_overrides(_LR_OVERRIDES.value)
   variant = ",".join(_LR_OVERRIDES.value
                      + ([f"o_eps={_OUT_EPS.value:g}"] if _OUT_EPS.value is not None else [])
+                     + ([f"qk_eps={_QK_EPS.value:g}"] if _QK_EPS.value is not None else [])
                      + ([f"clip={_CLIP.value:g}"] if _CLIP.value else []))
   for seed in cfg["seeds"]:
     batches = sweep.window_sampler(train_tokens, cfg["batch"], cfg["seq_len"], seed)
@@ -422,8 +427,10 @@ def plot_variants(summary, path):
   groups = {g: names for g, names in groups.items() if len(names) > 1}
   if not groups:
     return
-  fig, axes = plt.subplots(1, len(groups), figsize=(9 * len(groups), 5.5), squeeze=False)
+  fig, axes = plt.subplots(1, len(groups), figsize=(10 * len(groups), 6), squeeze=False)
   for ax, (group, names) in zip(axes.flat, groups.items()):
+    parts = [set(n[len(group):].strip("[]").split(",")) - {""} for n in names]
+    shared = set.intersection(*parts)  # settings every variant has: said once, in the title
     widest = max(set.intersection(*(set(summary[n]["widths"]) for n in names)), default=None)
     base = summary[names[0]]["widths"][0]
     c = summary[names[0]]["curves"][base]
@@ -432,18 +439,20 @@ def plot_variants(summary, path):
       c = summary[n]["curves"].get(widest)
       if c is None:
         continue
-      label = n[len(group):] or "(no variant)"
-      ax.plot(c["log2_lr"], c["val_loss"], "o-", ms=3, color=plt.get_cmap("tab10")(i % 10),
-              label=f"{label}: best {np.nanmin(c['val_loss']):.4f}")
+      own = [p for p in n[len(group):].strip("[]").split(",") if p and p not in shared]
+      ax.plot(c["log2_lr"], c["val_loss"], "os^D"[i // 10 % 4] + "-", ms=3,
+              color=plt.get_cmap("tab10")(i % 10),
+              label=textwrap.fill(f"{','.join(own) or '(table)'}: best "
+                                  f"{np.nanmin(c['val_loss']):.4f}", 70))
     finite = [y for line in ax.get_lines() for y in line.get_ydata() if np.isfinite(y)]
     if finite:
       ax.set_ylim(min(finite) - 0.01, min(max(finite), min(finite) + 0.2))
-    ax.set_title(f"{group}: variants at width {widest}", fontsize=10)
+    ax.set_title(f"{group}: variants at width {widest}"
+                 + (f" (all with {','.join(sorted(shared))})" if shared else ""), fontsize=10)
     ax.set_xlabel("log2 learning rate")
     ax.set_ylabel("final validation loss")
-    ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv):

@@ -235,6 +235,7 @@ class GatedDeltaNet(nnx.Module):
     self.allow_neg_eigval = c.allow_neg_eigval
     self.chunk_size, self.rule_impl = c.chunk_size, c.rule_impl
     self.qk_scale = K ** -0.5
+    self.qk_norm_eps = float(c.qk_norm_eps)
     self.dtype = dtype
     self.record = False
 
@@ -304,7 +305,8 @@ class GatedDeltaNet(nnx.Module):
         q.reshape(B, T, Hk, K), k.reshape(B, T, Hk, K), v.reshape(B, T, H, V), g, beta,
         scale=self.qk_scale, initial_state=None if cache is None else cache['S'],
         output_final_state=return_cache or self.record, use_qk_l2norm=True,
-        segment_ids=segment_ids_BxT, chunk_size=self.chunk_size, impl=self.rule_impl)
+        qk_norm_eps=self.qk_norm_eps, segment_ids=segment_ids_BxT, chunk_size=self.chunk_size,
+        impl=self.rule_impl)
     self._sow('S', S)
     self._sow('o', o)
     y = self._output(o, x_BxTxD)
@@ -323,7 +325,7 @@ class GatedDeltaNet(nnx.Module):
     o, S = gated_delta_rule(
         q.reshape(B, 1, Hk, K), k.reshape(B, 1, Hk, K), v.reshape(B, 1, H, V), g[:, None],
         beta[:, None], scale=self.qk_scale, initial_state=cache['S'], output_final_state=True,
-        use_qk_l2norm=True, impl='recurrent')
+        use_qk_l2norm=True, qk_norm_eps=self.qk_norm_eps, impl='recurrent')
     new_cache['S'] = S
     return self._output(o[:, 0], x_BxD), new_cache
 

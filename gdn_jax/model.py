@@ -55,6 +55,8 @@ class ModelConfig:
     output_norm_eps: eps of the mixer's gated output norm RMSNorm_V(o); None = norm_eps. Its
       size relative to mean(o²) sets how strongly the norm amplifies gradients of a small o
       (docs/mup.md, "the output norm's eps and SGD").
+    qk_norm_eps: eps of the L2 norm of q and k, q / sqrt(Σ q² + eps) (fla: 1e-6). It caps that
+      norm's gain 1/|q| at eps^-1/2 (docs/mup.md, "Bounding the q/k norm's gain").
     tie_embeddings: logits = h Eᵀ instead of a separate LM head.
     init_std: std of every Linear / Embed init at this config (μP rescales it; docs/mup.md).
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
@@ -74,6 +76,7 @@ class ModelConfig:
   allow_neg_eigval: bool = False
   norm_eps: float = 1e-5
   output_norm_eps: float | None = None
+  qk_norm_eps: float = 1e-6
   tie_embeddings: bool = False
   init_std: float = 0.02
   dtype: str = "float32"
@@ -96,7 +99,7 @@ class ModelConfig:
       raise ValueError(f"ModelConfig: `num_v_heads`={self.num_v_heads} is not a multiple of "
                        f"`num_heads`={self.num_heads}; expected num_v_heads % num_heads == 0 "
                        "(each value head reads one q/k head).")
-    for name in ("norm_eps", "init_std", "output_norm_eps"):
+    for name in ("norm_eps", "init_std", "output_norm_eps", "qk_norm_eps"):
       value = getattr(self, name)
       if name == "output_norm_eps" and value is None:
         continue

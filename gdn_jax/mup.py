@@ -102,9 +102,12 @@ RULES: dict[tuple[str, str], dict[str, Rule]] = {
 # The output norm's eps: eps = norm_eps · (K/K_base)^e. At init cos(q, k) = Θ(K^-1/2), so with the
 # μP scale mean(o²) = Θ(1/K); μP scales eps the same way (e = −1) so that the norm's eps regime
 # (how much RMSNorm damps a small o) is width-independent. SP keeps fla's fixed eps (e = 0).
+# The q/k L2 norm's eps: eps_qk = qk_norm_eps · (K/K_base)^f. Pre-norm q, k have Θ(1)
+# coordinates, so |q|² = Θ(K); μP scales eps with it (f = 1) so that the cap eps^-1/2 on the norm's
+# gain stays the same multiple of the typical gain 1/|q|. SP keeps fla's fixed eps (f = 0).
 GDN_RULES: dict[str, dict[str, float]] = {
-    "sp": {"qk_scale_power": -0.5, "o_norm_eps_power": 0.0},
-    "mup": {"qk_scale_power": 0.0, "o_norm_eps_power": -1.0},
+    "sp": {"qk_scale_power": -0.5, "o_norm_eps_power": 0.0, "qk_norm_eps_power": 0.0},
+    "mup": {"qk_scale_power": 0.0, "o_norm_eps_power": -1.0, "qk_norm_eps_power": 1.0},
 }
 
 for _p in PARAMETRIZATIONS:  # init and multipliers do not depend on the optimizer
@@ -234,6 +237,7 @@ def build_model(config: ModelConfig, *, parametrization: str = "sp",
     if isinstance(module, GatedDeltaNet):
       module.qk_scale = k_base ** -0.5 * m_k ** gdn["qk_scale_power"]
       module.o_norm.eps = config.resolved_output_norm_eps * m_k ** gdn["o_norm_eps_power"]
+      module.qk_norm_eps = config.qk_norm_eps * m_k ** gdn["qk_norm_eps_power"]
   return model
 
 

@@ -1,4 +1,5 @@
 """Layers against independent float64 NumPy references (ShortConv, GatedRMSNorm, the whole mixer)."""
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,14 +72,16 @@ def mixer_ref(m: GatedDeltaNet, x, seg):
   beta = 1 / (1 + np.exp(-(x @ p(m.b_proj.kernel))))
   g = -np.exp(p(m.A_log)) * np.log1p(np.exp(x @ p(m.a_proj.kernel) + p(m.dt_bias)))
   o, _ = gated_delta_rule_ref(q, k, v, g, beta, scale=m.qk_scale, use_qk_l2norm=True,
-                              segment_ids=seg)
+                              segment_ids=seg, qk_norm_eps=m.qk_norm_eps)
   y = o / np.sqrt((o ** 2).mean(-1, keepdims=True) + m.o_norm.eps) * p(m.o_norm.weight)
   y = y * silu((x @ p(m.g_proj.kernel)).reshape(B, T, H, V))
   return y.reshape(B, T, H * V) @ p(m.o_proj.kernel)
 
 
-def test_mixer_matches_reference_and_init_ranges():
-  m = GatedDeltaNet(CFG, rngs=nnx.Rngs(3))
+@pytest.mark.parametrize("qk_norm_eps", [1e-6, 0.3])
+def test_mixer_matches_reference_and_init_ranges(qk_norm_eps):
+  m = GatedDeltaNet(dataclasses.replace(CFG, qk_norm_eps=qk_norm_eps), rngs=nnx.Rngs(3))
+  assert m.qk_norm_eps == qk_norm_eps
   # Larger weights than the 0.02 init so every path (gates, conv, delta rule) matters.
   for lin in (m.q_proj, m.k_proj, m.v_proj, m.a_proj, m.b_proj, m.g_proj, m.o_proj):
     lin.kernel[...] = lin.kernel[...] * 20

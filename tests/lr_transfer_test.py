@@ -87,6 +87,9 @@ def test_lr_override_variants_share_the_base_width_runs(tmp_path):
   assert lr_transfer.without_lr_overrides("embed:out:-1,q_proj:-1,o_eps=0.001,clip=1") == \
       "o_eps=0.001,clip=1"
   assert lr_transfer.without_lr_overrides("o_eps=0.001") == "o_eps=0.001"
+  # qk_eps changes the base model too: its base-width runs are its own.
+  assert lr_transfer.without_lr_overrides("q_proj:-1,o_eps=0.001,qk_eps=1,clip=1") == \
+      "o_eps=0.001,qk_eps=1,clip=1"
   rows = (_rows("o_eps=0.001", {16: -2.0, 32: -3.0})
           + _rows("clip=1", {16: -5.0})                     # same base width, other variant
           + _rows("embed:out:-1,o_eps=0.001", {32: -2.5}))

@@ -182,6 +182,7 @@ def test_output_norm_eps_reaches_the_mixer_norm_only():
     ({"norm_eps": 0.0}, "norm_eps"),
     ({"output_norm_eps": -1e-3}, "output_norm_eps"),
     ({"output_norm_eps": True}, "output_norm_eps"),
+    ({"qk_norm_eps": 0.0}, "qk_norm_eps"),
     ({"dtype": "float64"}, "dtype"),
     ({"rule_impl": "fast"}, "rule_impl"),
     ({"chunk_size": 48}, "chunk_size"),

@@ -111,6 +111,9 @@ def test_build_model_init_std_and_forward_multipliers():
   assert mixer_sp.qk_scale == pytest.approx(128 ** -0.5)
   assert mixer_mu.o_norm.eps == pytest.approx(1e-5 / m)
   assert mixer_sp.o_norm.eps == pytest.approx(1e-5)
+  # The q/k L2 norm's eps follows |q|² = Θ(K) in μP and stays fla's in SP.
+  assert mixer_mu.qk_norm_eps == pytest.approx(1e-6 * m)
+  assert mixer_sp.qk_norm_eps == pytest.approx(1e-6)
   # output_norm_eps sets the base value of that eps alone (the other norms keep norm_eps).
   big = mup.build_model(dims_cfg(256, output_norm_eps=1e-3), parametrization="mup",
                         base_config=dims_cfg(32, output_norm_eps=1e-3), rngs=nnx.Rngs(0))

@@ -9,7 +9,7 @@ import numpy as np
 
 
 def gated_delta_rule_ref(q, k, v, g, beta, scale=None, initial_state=None,
-                         use_qk_l2norm=False, segment_ids=None):
+                         use_qk_l2norm=False, segment_ids=None, qk_norm_eps=1e-6):
   q, k, v, g, beta = (np.asarray(x, np.float64) for x in (q, k, v, g, beta))
   B, T, Hk, K = q.shape
   H, V = v.shape[2], v.shape[3]
@@ -17,8 +17,8 @@ def gated_delta_rule_ref(q, k, v, g, beta, scale=None, initial_state=None,
   if scale is None:
     scale = K ** -0.5
   if use_qk_l2norm:
-    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6)
-    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + qk_norm_eps)
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + qk_norm_eps)
   S = np.zeros((B, H, K, V)) if initial_state is None else np.array(initial_state, np.float64)
   o = np.zeros((B, T, H, V))
   for b in range(B):

@@ -75,12 +75,15 @@ def test_matches_float64_reference(impl, shape, with_h0, segments):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_l2norm_and_scale(impl):
+@pytest.mark.parametrize("qk_norm_eps", [None, 0.5])
+def test_l2norm_and_scale(impl, qk_norm_eps):
   x = make_inputs(1, 2, 40, 2, 2, 16, 8)
   q, k = x["q"] * 3.0, x["k"] * 0.2           # not unit norm: the option must normalise
+  eps = {} if qk_norm_eps is None else {"qk_norm_eps": qk_norm_eps}  # 0.5: |k|² ≈ eps, shortened
   o, _ = gated_delta_rule(*(to_jax(a) for a in (q, k, x["v"], x["g"], x["beta"])),
-                          scale=0.37, use_qk_l2norm=True, impl=impl, chunk_size=16)
-  o_ref, _ = gated_delta_rule_ref(q, k, x["v"], x["g"], x["beta"], scale=0.37, use_qk_l2norm=True)
+                          scale=0.37, use_qk_l2norm=True, impl=impl, chunk_size=16, **eps)
+  o_ref, _ = gated_delta_rule_ref(q, k, x["v"], x["g"], x["beta"], scale=0.37, use_qk_l2norm=True,
+                                  **eps)
   assert rel_err(o, o_ref) < 1e-5
 
 
@@ -271,6 +274,8 @@ def _call(overrides=(), **kwargs):
     ({}, {"chunk_size": 48}, r"`chunk_size`=48; expected a power of two in \[16, 128\]"),
     ({}, {"chunk_size": 256}, r"`chunk_size`=256"),
     ({}, {"impl": "triton"}, r"unknown `impl`='triton'"),
+    ({}, {"qk_norm_eps": 0.0}, r"`qk_norm_eps`=0.0; expected a positive Python float"),
+    ({}, {"qk_norm_eps": jnp.float32(1e-6)}, r"`qk_norm_eps`=.*expected a positive Python float"),
 ])
 def test_errors_name_argument_and_expectation(overrides, kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):

@@ -101,6 +101,7 @@ def test_cli_overrides_reach_the_config():
     ("model.d_model", 0, "d_model"),
     ("model.rule_impl", "magic", "rule_impl"),
     ("model.output_norm_eps", -1e-3, "output_norm_eps"),
+    ("model.qk_norm_eps", -1.0, "qk_norm_eps"),
     ("optimizer.lr_overrides", "embed:out:x", "optimizer.lr_overrides"),
     ("optimizer.lr_overrides", "embed:out:-1,no_such_param:-1", "optimizer.lr_overrides"),
 ])

@@ -137,7 +137,8 @@ def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, sc
 
 def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_state=None,
                      output_final_state: bool = False, use_qk_l2norm: bool = False,
-                     segment_ids=None, chunk_size: int = 64, impl: str = "auto"):
+                     qk_norm_eps: float = L2NORM_EPS, segment_ids=None, chunk_size: int = 64,
+                     impl: str = "auto"):
   """Gated delta rule over a sequence (fla's `chunk_gated_delta_rule` semantics).
 
   Args:
@@ -148,7 +149,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
     scale: readout scale; None means K^-1/2.
     initial_state: optional [B, H, K, V] state before the first token.
     output_final_state: return the state after the last token.
-    use_qk_l2norm: L2-normalise q and k over K first (eps 1e-6 inside the sqrt).
+    use_qk_l2norm: L2-normalise q and k over K first: q / sqrt(Σ q² + qk_norm_eps).
+    qk_norm_eps: the eps inside that sqrt (fla's 1e-6). It caps the norm's gain 1/|q| (its
+      Jacobian is (I − q̂q̂ᵀ)/|q|) at qk_norm_eps^-1/2 and shortens q, k with |q|² ≲ eps.
     segment_ids: optional [B, T] integer ids of packed documents. The state is reset to zero
       wherever the id changes (initial_state feeds the first document only).
     chunk_size: chunk length C of the chunked algorithms (power of two in [16, 128]).
@@ -161,6 +164,10 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
   initial_state = None if initial_state is None else jnp.asarray(initial_state)
   segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
   _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale)
+  if (not isinstance(qk_norm_eps, (int, float)) or isinstance(qk_norm_eps, bool)
+      or not qk_norm_eps > 0):
+    raise ValueError(f"gated_delta_rule: `qk_norm_eps`={qk_norm_eps!r}; expected a positive "
+                     "Python float (fla's value is 1e-6).")
   B, T, _, K = q.shape
   H, V = v.shape[2], v.shape[3]
   if impl == "auto":
@@ -172,7 +179,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
       raise ValueError(f"gated_delta_rule: impl='pallas' on {backend}: {why}; use impl='chunked'.")
   scale = K ** -0.5 if scale is None else float(scale)
   if use_qk_l2norm:
-    q, k = l2_normalize(q).astype(q.dtype), l2_normalize(k).astype(k.dtype)
+    q = l2_normalize(q, qk_norm_eps).astype(q.dtype)
+    k = l2_normalize(k, qk_norm_eps).astype(k.dtype)
   h0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
   reset = None
