@@ -97,6 +97,27 @@ def test_mixer_matches_reference_and_init_ranges(qk_norm_eps):
   assert np.all((A > 0) & (A <= 16)) and np.all((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001))
 
 
+def test_readout_scale_and_output_norm_eps_are_one_knob():
+  """o reaches the output only through RMSNorm, and RMSNorm(c·o; eps) = RMSNorm(o; eps/c²): a
+  readout scale c with eps equals scale 1 with eps/c², in the output and in every gradient
+  (docs/mup.md, scheme B)."""
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 12, 16)), jnp.float32)
+  c, eps = 4.0, 1e-2
+
+  def loss_and_grads(scale, o_eps):
+    m = GatedDeltaNet(CFG, rngs=nnx.Rngs(5))
+    m.qk_scale, m.o_norm.eps = scale, o_eps
+    loss = lambda m: jnp.sum(jnp.sin(m(x)))
+    return nnx.value_and_grad(loss)(m)
+
+  (l1, g1), (l2, g2) = loss_and_grads(c, eps), loss_and_grads(1.0, eps / c ** 2)
+  (l3, _) = loss_and_grads(1.0, eps)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  assert abs(float(l1) - float(l3)) > 1e-3       # the eps regime matters here: not a vacuous check
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(b).max() + 1))
+
+
 def test_neg_eigval_doubles_beta():
   cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, head_k_dim=4, head_v_dim=4,
                     allow_neg_eigval=True)
