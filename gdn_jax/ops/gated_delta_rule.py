@@ -94,7 +94,8 @@ def _check_float(name, x):
                      f"(float32, bfloat16, float16). Cast it with `{name}.astype(jnp.float32)`.")
 
 
-def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale):
+def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale,
+              qk_norm_eps):
   if impl not in IMPLS:
     raise ValueError(f"gated_delta_rule: unknown `impl`={impl!r}; expected one of {IMPLS}.")
   for name, x, rank, dims in (("q", q, 4, "[B, T, Hk, K]"), ("k", k, 4, "[B, T, Hk, K]"),
@@ -130,6 +131,10 @@ def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, sc
       or chunk_size & (chunk_size - 1)):
     raise ValueError(f"gated_delta_rule: `chunk_size`={chunk_size!r}; expected a power of two "
                      "in [16, 128] (e.g. 64).")
+  if (not isinstance(qk_norm_eps, (int, float)) or isinstance(qk_norm_eps, bool)
+      or not qk_norm_eps > 0):
+    raise ValueError(f"gated_delta_rule: `qk_norm_eps`={qk_norm_eps!r}; expected a positive "
+                     "Python float (fla's value is 1e-6).")
   if scale is not None and not isinstance(scale, (int, float)):
     raise ValueError(f"gated_delta_rule: `scale`={scale!r}; expected a Python float or None "
                      "(None means K^-1/2).")
@@ -163,11 +168,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
   q, k, v, g, beta = map(jnp.asarray, (q, k, v, g, beta))
   initial_state = None if initial_state is None else jnp.asarray(initial_state)
   segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
-  _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale)
-  if (not isinstance(qk_norm_eps, (int, float)) or isinstance(qk_norm_eps, bool)
-      or not qk_norm_eps > 0):
-    raise ValueError(f"gated_delta_rule: `qk_norm_eps`={qk_norm_eps!r}; expected a positive "
-                     "Python float (fla's value is 1e-6).")
+  _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale, qk_norm_eps)
   B, T, _, K = q.shape
   H, V = v.shape[2], v.shape[3]
   if impl == "auto":
