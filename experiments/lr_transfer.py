@@ -429,8 +429,8 @@ def plot_variants(summary, path):
     return
   fig, axes = plt.subplots(1, len(groups), figsize=(10 * len(groups), 6), squeeze=False)
   for ax, (group, names) in zip(axes.flat, groups.items()):
-    parts = [set(n[len(group):].strip("[]").split(",")) - {""} for n in names]
-    shared = set.intersection(*parts)  # settings every variant has: said once, in the title
+    settings = {n: [p for p in n[len(group):].strip("[]").split(",") if p] for n in names}
+    shared = set.intersection(*map(set, settings.values()))  # said once, in the title
     widest = max(set.intersection(*(set(summary[n]["widths"]) for n in names)), default=None)
     base = summary[names[0]]["widths"][0]
     c = summary[names[0]]["curves"][base]
@@ -439,7 +439,7 @@ def plot_variants(summary, path):
       c = summary[n]["curves"].get(widest)
       if c is None:
         continue
-      own = [p for p in n[len(group):].strip("[]").split(",") if p and p not in shared]
+      own = [p for p in settings[n] if p not in shared]
       ax.plot(c["log2_lr"], c["val_loss"], "os^D"[i // 10 % 4] + "-", ms=3,
               color=plt.get_cmap("tab10")(i % 10),
               label=textwrap.fill(f"{','.join(own) or '(table)'}: best "
