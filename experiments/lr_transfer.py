@@ -440,7 +440,8 @@ def plot_variants(summary, path):
       if c is None:
         continue
       own = [p for p in settings[n] if p not in shared]
-      ax.plot(c["log2_lr"], c["val_loss"], "os^D"[i // 10 % 4] + "-", ms=3,
+      ax.plot(c["log2_lr"], c["val_loss"], "os^D"[i // 10 % 4] + ("-", "--", ":")[i // 10 % 3],
+              ms=3,
               color=plt.get_cmap("tab10")(i % 10),
               label=textwrap.fill(f"{','.join(own) or '(table)'}: best "
                                   f"{np.nanmin(c['val_loss']):.4f}", 70))
