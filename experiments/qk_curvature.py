@@ -1,0 +1,197 @@
+"""Where μP SGD's stability edge sits in GDN: the loss Hessian restricted to one layer's W_q, W_k
+against width, split into its Gauss-Newton part and the rest, and localised on heads or not.
+
+Per width (scheme A: heads ∝ width at a fixed head dim) and seed, trains μP SGD with the
+lr_transfer recipe (momentum 0.9, global-norm clipping at 1, output_norm_eps 1e-3, warm-up then
+cosine) for --steps steps at --log2_lr, then, on a held-out probe batch, runs Lanczos
+(`gdn_jax.curvature`) on
+
+  H   the Hessian of the loss with respect to (W_q, W_k) of one layer, the other weights fixed;
+  G   its Gauss-Newton part Jᵀ H_ℓ J (H − G is the network's own curvature, weighted by p − y).
+
+For W_q, W_k the μP SGD LR multiplier is 1 at every width (hidden class), so the base LR times
+λ_max(H) is the quantity SGD's stability edge compares with 2 (1 + momentum). Tensor-Programs
+bookkeeping keeps G's typical scale width-independent; "super consistency" (Noci et al. 2024,
+arXiv 2402.17457) reports λ_max(H) itself width-independent under μP in MLPs, ResNets, ViTs and
+Transformers. Per layer the JSON records λ_max and λ_min of H, λ_max of G, and for H's top
+eigenvector the share of its squared norm on the largest head (q and k columns of that head
+together) and that head's ranks among the layer's heads by decay rate exp(A_log)·softplus(dt_bias)
+(0 = slowest) and by gradient norm (0 = largest).
+
+  python experiments/qk_curvature.py          # widths 64 → 512, 3 seeds, ~21 min on 2 CPU cores
+
+Writes experiments/results/qk_curvature_cpu.{json,png}. Uses the recurrent rule: forward-mode
+autodiff (the Hessian-vector product) cannot pass the chunked rule's custom VJP.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+from absl import app, flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gdn_jax import curvature, mup, sweep
+from gdn_jax import model as model_lib
+from gdn_jax.data import pipeline, prepare
+from gdn_jax.loss import cross_entropy
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+_WIDTHS = flags.DEFINE_string("widths", "64,128,256,512", "Comma-separated d_model values.")
+_BASE = flags.DEFINE_integer("base_width", 64, "Base width of the μP model.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 16, "Fixed head dim (heads = width / head_dim).")
+_LAYERS = flags.DEFINE_integer("layers", 3, "Blocks.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step (the probe batch has twice this).")
+_SEQ = flags.DEFINE_integer("seq_len", 64, "Tokens per sequence.")
+_STEPS = flags.DEFINE_integer("steps", 150, "SGD steps before the curvature is measured.")
+_LOG2_LR = flags.DEFINE_float("log2_lr", -1.0, "log2 of the base SGD LR (the transferred optimum "
+                              "of the H100 sweeps).")
+_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (init and batches).")
+_LANCZOS = flags.DEFINE_integer("lanczos_steps", 30, "Lanczos steps per operator.")
+_OUT = flags.DEFINE_string("out", os.path.join(RESULTS, "qk_curvature_cpu"),
+                           "Output path without extension.")
+_PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only redraw <out>.png from <out>.json.")
+
+
+def model_config(width: int) -> model_lib.ModelConfig:
+  return model_lib.ModelConfig(
+      vocab_size=256, d_model=width, num_layers=_LAYERS.value, num_heads=width // _HEAD_DIM.value,
+      head_k_dim=_HEAD_DIM.value, head_v_dim=_HEAD_DIM.value, mlp_hidden=4 * width,
+      chunk_size=16, rule_impl="recurrent", dtype="float32", output_norm_eps=1e-3)
+
+
+def train(config, base, batches, seed: int):
+  """μP SGD as in experiments/lr_transfer.py's SGD sweeps; returns (graphdef, params, rest)."""
+  model = mup.build_model(config, parametrization="mup", base_config=base, rngs=nnx.Rngs(seed))
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   mup.make_optimizer(model, parametrization="mup", optimizer="sgd",
+                                      learning_rate=1.0, base_config=base, momentum=0.9))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  lr, steps = 2.0 ** _LOG2_LR.value, _STEPS.value
+
+  @jax.jit
+  def step(params, opt_state, tokens, t):
+    grads = jax.grad(lambda p: cross_entropy(nnx.merge(graphdef, p, rest)(tokens[:, :-1]),
+                                             tokens[:, 1:]))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    factor = lr * sweep.warmup_cosine(t, steps, steps // 10)
+    return optax.apply_updates(params, jax.tree.map(lambda u: factor * u, updates)), opt_state
+
+  opt_state = tx.init(params)
+  for t in range(steps):
+    params, opt_state = step(params, opt_state, jnp.asarray(batches(t)), t)
+  return graphdef, params, rest
+
+
+def layer_curvature(graphdef, params, rest, layer: int, probe, num_heads: int, head_dim: int,
+                    lanczos_steps: int) -> dict:
+  """Lanczos on H and G restricted to (W_q, W_k) of `layer`; see the module docstring."""
+  mixer = params["blocks"][layer]["mixer"]
+  leaves, treedef = jax.tree.flatten(params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  index = {name: paths.index(f"['blocks'][{layer}]['mixer']['{name}']['kernel'].value")
+           for name in ("q_proj", "k_proj")}
+  qk = {name: leaves[i] for name, i in index.items()}
+
+  def with_qk(ws):          # the full parameter State with this layer's W_q, W_k replaced
+    new = list(leaves)
+    for name, i in index.items():
+      new[i] = ws[name]
+    return jax.tree.unflatten(treedef, new)
+
+  logits_fn = lambda ws: nnx.merge(graphdef, with_qk(ws), rest)(probe[:, :-1])
+  loss_fn = lambda ws: cross_entropy(logits_fn(ws), probe[:, 1:])
+  hvp = jax.jit(lambda v: curvature.hvp(loss_fn, qk, v))
+  ggn = jax.jit(lambda v: curvature.ggn_vp(logits_fn, qk, v))
+  v0 = {n: jax.random.normal(jax.random.key(layer), w.shape) for n, w in qk.items()}
+  h_values, top = curvature.lanczos(hvp, v0, steps=lanczos_steps)
+  g_values, _ = curvature.lanczos(ggn, v0, steps=lanczos_steps)
+
+  def per_head(tree):       # [heads]: squared norm of each head's q and k columns together
+    return sum(np.square(np.asarray(x, np.float64).reshape(-1, num_heads, head_dim)).sum((0, 2))
+               for x in tree.values())
+  mass = per_head(top) / per_head(top).sum()
+  head = int(np.argmax(mass))
+  rate = np.exp(np.asarray(mixer["A_log"][...])) * np.asarray(jax.nn.softplus(mixer["dt_bias"][...]))
+  grad_norm = per_head(jax.grad(loss_fn)(qk)) ** 0.5
+  rank = lambda x: int(np.argsort(np.argsort(x))[head])
+  return dict(h_max=float(h_values[-1]), h_min=float(h_values[0]), g_max=float(g_values[-1]),
+              top_head_share=float(mass[head]), participation=float(1 / np.sum(mass ** 2)),
+              top_head_decay_rank=rank(rate), top_head_grad_rank=rank(-grad_norm))
+
+
+def plot(record: dict, path: str):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  runs = record["runs"]
+  layers = sorted({int(k) for r in runs for k in r["layers"]})
+  fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
+  edge = 2 * (1 + 0.9) / 2.0 ** record["settings"]["log2_lr"]
+  for ax, layer in zip(axes.flat, layers):
+    for key, marker, label in (("h_max", "o", "λ_max(H)"), ("g_max", "x", "λ_max(G), Gauss-Newton")):
+      xs = [np.log2(r["width"]) for r in runs]
+      ys = [max(r["layers"][str(layer)][key], 1e-3) for r in runs]
+      ax.scatter(xs, ys, marker=marker, label=label, alpha=0.8)
+      widths = sorted({r["width"] for r in runs})
+      med = [np.median([r["layers"][str(layer)][key] for r in runs if r["width"] == w])
+             for w in widths]
+      ax.plot(np.log2(widths), np.maximum(med, 1e-3), lw=1, alpha=0.6)
+    ax.axhline(edge, color="k", ls=":", lw=1, label=f"2(1+μ)/lr = {edge:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("log2 width (heads = width / %d)" % record["settings"]["head_dim"])
+    ax.set_title(f"layer {layer}: W_q, W_k block", fontsize=9)
+  axes[0][0].set_ylabel("top eigenvalue (dots: seeds, lines: median)")
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(f"μP SGD after {record['settings']['steps']} steps at log2 LR "
+               f"{record['settings']['log2_lr']:g}: curvature of the loss in W_q, W_k", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  out = _OUT.value
+  if _PLOT_ONLY.value:
+    with open(out + ".json") as f:
+      plot(json.load(f), out + ".png")
+    return
+  train_tokens = pipeline.load_tokens(prepare.embedded_corpus()["train"])
+  base = model_config(_BASE.value)
+  settings = dict(widths=_WIDTHS.value, base_width=_BASE.value, head_dim=_HEAD_DIM.value,
+                  layers=_LAYERS.value, batch=_BATCH.value, seq_len=_SEQ.value,
+                  steps=_STEPS.value, log2_lr=_LOG2_LR.value, lanczos_steps=_LANCZOS.value,
+                  momentum=0.9, grad_clip=1.0, output_norm_eps=1e-3)
+  env = dict(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
+             jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+  runs = []
+  for seed in [int(s) for s in _SEEDS.value.split(",")]:
+    batches = sweep.window_sampler(train_tokens, _BATCH.value, _SEQ.value, seed)
+    probe = jnp.asarray(np.concatenate([batches(10_000_000 + i) for i in range(2)]))
+    for width in [int(w) for w in _WIDTHS.value.split(",")]:
+      start = time.time()
+      config = model_config(width)
+      graphdef, params, rest = train(config, base, batches, seed)
+      layers = {str(layer): layer_curvature(graphdef, params, rest, layer, probe,
+                                            config.num_heads, _HEAD_DIM.value, _LANCZOS.value)
+                for layer in range(_LAYERS.value)}
+      runs.append(dict(width=width, heads=config.num_heads, seed=seed, layers=layers,
+                       seconds=time.time() - start))
+      print(f"width {width:4d} seed {seed}: " + "; ".join(
+          f"L{k} H {v['h_min']:+.2f}…{v['h_max']:+.2f} G {v['g_max']:.2f} "
+          f"head share {v['top_head_share']:.2f}" for k, v in layers.items()), flush=True)
+      with open(out + ".json", "w") as f:     # rewritten after every run: a cut-off study keeps
+        json.dump(dict(settings=settings, env=env, runs=runs), f, indent=1)   # what it measured
+  plot(dict(settings=settings, runs=runs), out + ".png")
+
+
+if __name__ == "__main__":
+  app.run(main)

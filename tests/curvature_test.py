@@ -1,0 +1,121 @@
+"""gdn_jax.curvature against dense references: the Hessian from jax.hessian, the Gauss-Newton
+matrix Jᵀ H_ℓ J assembled in float64 numpy from the Jacobian, and eigenvalues from numpy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_jax import curvature
+
+N, D_IN, HIDDEN, VOCAB = 6, 3, 4, 5
+
+
+def _problem(seed=0):
+  """A tanh MLP to logits over 5 classes; params as a dict pytree, loss = mean cross-entropy."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(N, D_IN)), jnp.float32)
+  y = rng.integers(0, VOCAB, size=N)
+  params = {"w1": jnp.asarray(rng.normal(size=(D_IN, HIDDEN)), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(HIDDEN, VOCAB)) / 2, jnp.float32)}
+  logits_fn = lambda p: jnp.tanh(x @ p["w1"]) @ p["w2"]
+  loss_fn = lambda p: -jnp.mean(jax.nn.log_softmax(logits_fn(p))[np.arange(N), y])
+  return params, logits_fn, loss_fn
+
+
+def _flat(tree):
+  return np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(tree)])
+
+
+def _unflat(vec, like):
+  leaves, treedef = jax.tree.flatten(like)
+  out, i = [], 0
+  for a in leaves:
+    out.append(jnp.asarray(vec[i:i + a.size].reshape(a.shape), jnp.float32))
+    i += a.size
+  return jax.tree.unflatten(treedef, out)
+
+
+def _dense_hessian(loss_fn, params):
+  flat0 = _flat(params)
+  return np.asarray(jax.hessian(lambda f: loss_fn(_unflat(f, params)))(
+      jnp.asarray(flat0, jnp.float32)), np.float64)
+
+
+def _dense_ggn(logits_fn, params):
+  """Jᵀ H_ℓ J in float64 from the [N·V, P] Jacobian: H_ℓ = (diag p − p pᵀ) / N per token."""
+  flat0 = jnp.asarray(_flat(params), jnp.float32)
+  jac = np.asarray(jax.jacfwd(lambda f: logits_fn(_unflat(f, params)))(flat0), np.float64)
+  z = np.asarray(logits_fn(params), np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  g = np.zeros((flat0.size, flat0.size))
+  for t in range(N):
+    h_l = (np.diag(p[t]) - np.outer(p[t], p[t])) / N
+    g += jac[t].T @ h_l @ jac[t]
+  return g
+
+
+def test_hvp_matches_the_dense_hessian():
+  params, _, loss_fn = _problem()
+  dense = _dense_hessian(loss_fn, params)
+  for seed in range(3):
+    v = np.random.default_rng(10 + seed).normal(size=dense.shape[0])
+    got = _flat(curvature.hvp(loss_fn, params, _unflat(v, params)))
+    np.testing.assert_allclose(got, dense @ v, rtol=1e-4, atol=1e-5)
+
+
+def test_ggn_vp_matches_jt_h_j_and_differs_from_the_hessian():
+  params, logits_fn, loss_fn = _problem()
+  dense = _dense_ggn(logits_fn, params)
+  v = np.random.default_rng(3).normal(size=dense.shape[0])
+  got = _flat(curvature.ggn_vp(logits_fn, params, _unflat(v, params)))
+  np.testing.assert_allclose(got, dense @ v, rtol=1e-4, atol=1e-5)
+  # The tanh layer's own curvature is what G leaves out: H ≠ G here.
+  assert np.abs(_dense_hessian(loss_fn, params) - dense).max() > 1e-2
+  assert np.linalg.eigvalsh(dense).min() > -1e-6       # G is positive semi-definite
+
+
+def test_ggn_equals_hessian_when_logits_are_linear_in_the_params():
+  params, _, _ = _problem()
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(N, HIDDEN)), jnp.float32)
+  y = rng.integers(0, VOCAB, size=N)
+  w = {"w2": params["w2"]}
+  logits_fn = lambda p: x @ p["w2"]
+  loss_fn = lambda p: -jnp.mean(jax.nn.log_softmax(logits_fn(p))[np.arange(N), y])
+  v = _unflat(rng.normal(size=HIDDEN * VOCAB), w)
+  np.testing.assert_allclose(_flat(curvature.ggn_vp(logits_fn, w, v)),
+                             _flat(curvature.hvp(loss_fn, w, v)), rtol=1e-4, atol=1e-6)
+
+
+def _symmetric(eigenvalues, seed=0):
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(eigenvalues),) * 2))
+  return q @ np.diag(eigenvalues) @ q.T
+
+
+def test_lanczos_finds_both_ends_of_the_spectrum_and_the_top_vector():
+  eig = np.concatenate([[-6.0, 4.0], np.random.default_rng(2).uniform(-1, 1, size=48)])
+  a = _symmetric(eig, seed=1)
+  matvec = lambda v: {"x": jnp.asarray(a, jnp.float32) @ v["x"]}
+  values, v = curvature.lanczos(matvec, {"x": jnp.ones(50)}, steps=25)
+  assert len(values) == 25
+  assert values[0] == pytest.approx(-6.0, rel=1e-4)   # the most negative
+  assert values[-1] == pytest.approx(4.0, rel=1e-4)   # the most positive: the SGD edge
+  top = np.linalg.eigh(a)[1][:, -1]
+  assert abs(np.dot(np.asarray(v["x"], np.float64), top)) == pytest.approx(1.0, abs=1e-3)
+  assert float(jnp.linalg.norm(v["x"])) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_lanczos_is_exact_on_an_invariant_subspace_and_stops_there():
+  a = _symmetric([3.0, -1.0, 0.5, 2.0, 7.0], seed=3)
+  _, vecs = np.linalg.eigh(a)
+  v0 = jnp.asarray(vecs[:, 1] + vecs[:, 4], jnp.float32)    # spans 2 eigenvectors only
+  values, _ = curvature.lanczos(lambda v: jnp.asarray(a, jnp.float32) @ v, v0, steps=5)
+  np.testing.assert_allclose(values, [0.5, 7.0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("v0, kwargs, match", [(jnp.ones(3), dict(steps=0), "`steps`"),
+                                               (jnp.zeros(3), {}, "`v0` is zero")])
+def test_lanczos_rejects_bad_input(v0, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    curvature.lanczos(lambda v: v, v0, **kwargs)
