@@ -16,7 +16,7 @@ arXiv 2402.17457) reports λ_max(H) itself width-independent under μP in MLPs, 
 Transformers. Per layer the JSON records λ_max and λ_min of H, λ_max of G, and for H's top
 eigenvector the share of its squared norm on the largest head (q and k columns of that head
 together) and that head's ranks among the layer's heads by decay rate exp(A_log)·softplus(dt_bias)
-(0 = slowest) and by gradient norm (0 = largest).
+(the gate's data-independent part; 0 = slowest) and by gradient norm (0 = largest).
 
   python experiments/qk_curvature.py          # widths 64 → 512, 3 seeds, ~21 min on 2 CPU cores
 
