@@ -4,7 +4,7 @@ against width, split into its Gauss-Newton part and the rest, and localised on h
 Per width (scheme A: heads ∝ width at a fixed head dim) and seed, trains μP SGD with the
 lr_transfer recipe (momentum 0.9, global-norm clipping at 1, output_norm_eps 1e-3, warm-up then
 cosine) for --steps steps at --log2_lr, then, on a held-out probe batch, runs Lanczos
-(`gdn_jax.curvature`) on
+(`gdn_jax.curvature.qk_layer_curvature`) on
 
   H   the Hessian of the loss with respect to (W_q, W_k) of one layer, the other weights fixed;
   G   its Gauss-Newton part Jᵀ H_ℓ J (H − G is the network's own curvature, weighted by p − y).
@@ -13,10 +13,9 @@ For W_q, W_k the μP SGD LR multiplier is 1 at every width (hidden class), so th
 λ_max(H) is the quantity SGD's stability edge compares with 2 (1 + momentum). Tensor-Programs
 bookkeeping keeps G's typical scale width-independent; "super consistency" (Noci et al. 2024,
 arXiv 2402.17457) reports λ_max(H) itself width-independent under μP in MLPs, ResNets, ViTs and
-Transformers. Per layer the JSON records λ_max and λ_min of H, λ_max of G, and for H's top
-eigenvector the share of its squared norm on the largest head (q and k columns of that head
-together) and that head's ranks among the layer's heads by decay rate exp(A_log)·softplus(dt_bias)
-(the gate's data-independent part; 0 = slowest) and by gradient norm (0 = largest).
+Transformers. Per layer the JSON records λ_max and λ_min of H, λ_max of G, and where H's top
+eigenvector sits: its share on the largest head and that head's ranks by decay rate and by
+gradient norm (`qk_layer_curvature`'s docstring).
 
   python experiments/qk_curvature.py          # widths 64 → 512, 3 seeds, ~21 min on 2 CPU cores
 
@@ -90,43 +89,6 @@ def train(config, base, batches, seed: int):
   return graphdef, params, rest
 
 
-def layer_curvature(graphdef, params, rest, layer: int, probe, num_heads: int, head_dim: int,
-                    lanczos_steps: int) -> dict:
-  """Lanczos on H and G restricted to (W_q, W_k) of `layer`; see the module docstring."""
-  mixer = params["blocks"][layer]["mixer"]
-  leaves, treedef = jax.tree.flatten(params)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  index = {name: paths.index(f"['blocks'][{layer}]['mixer']['{name}']['kernel'].value")
-           for name in ("q_proj", "k_proj")}
-  qk = {name: leaves[i] for name, i in index.items()}
-
-  def with_qk(ws):          # the full parameter State with this layer's W_q, W_k replaced
-    new = list(leaves)
-    for name, i in index.items():
-      new[i] = ws[name]
-    return jax.tree.unflatten(treedef, new)
-
-  logits_fn = lambda ws: nnx.merge(graphdef, with_qk(ws), rest)(probe[:, :-1])
-  loss_fn = lambda ws: cross_entropy(logits_fn(ws), probe[:, 1:])
-  hvp = jax.jit(lambda v: curvature.hvp(loss_fn, qk, v))
-  ggn = jax.jit(lambda v: curvature.ggn_vp(logits_fn, qk, v))
-  v0 = {n: jax.random.normal(jax.random.key(layer), w.shape) for n, w in qk.items()}
-  h_values, top = curvature.lanczos(hvp, v0, steps=lanczos_steps)
-  g_values, _ = curvature.lanczos(ggn, v0, steps=lanczos_steps)
-
-  def per_head(tree):       # [heads]: squared norm of each head's q and k columns together
-    return sum(np.square(np.asarray(x, np.float64).reshape(-1, num_heads, head_dim)).sum((0, 2))
-               for x in tree.values())
-  mass = per_head(top) / per_head(top).sum()
-  head = int(np.argmax(mass))
-  rate = np.exp(np.asarray(mixer["A_log"][...])) * np.asarray(jax.nn.softplus(mixer["dt_bias"][...]))
-  grad_norm = per_head(jax.grad(loss_fn)(qk)) ** 0.5
-  rank = lambda x: int(np.argsort(np.argsort(x))[head])
-  return dict(h_max=float(h_values[-1]), h_min=float(h_values[0]), g_max=float(g_values[-1]),
-              top_head_share=float(mass[head]), participation=float(1 / np.sum(mass ** 2)),
-              top_head_decay_rank=rank(rate), top_head_grad_rank=rank(-grad_norm))
-
-
 def plot(record: dict, path: str):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -180,8 +142,9 @@ def main(argv):
       start = time.time()
       config = model_config(width)
       graphdef, params, rest = train(config, base, batches, seed)
-      layers = {str(layer): layer_curvature(graphdef, params, rest, layer, probe,
-                                            config.num_heads, _HEAD_DIM.value, _LANCZOS.value)
+      layers = {str(layer): curvature.qk_layer_curvature(
+                    graphdef, params, rest, layer=layer, tokens=probe, head_k_dim=_HEAD_DIM.value,
+                    lanczos_steps=_LANCZOS.value, seed=layer)
                 for layer in range(_LAYERS.value)}
       runs.append(dict(width=width, heads=config.num_heads, seed=seed, layers=layers,
                        seconds=time.time() - start))

@@ -12,17 +12,21 @@ need not be. Gradient descent with momentum μ on a quadratic is stable while lr
 for every eigenvalue λ of the (LR-preconditioned) Hessian, so the largest *positive* eigenvalue
 sets the edge; `lanczos` finds both ends of the spectrum, the positive and the negative one.
 
-All functions take the parameters as a pytree and return pytrees of the same structure, so
-callers restrict the study to a subset (e.g. one layer's W_q, W_k) by closing over the rest.
+`hvp`, `ggn_vp` and `lanczos` take the parameters as a pytree and return pytrees of the same
+structure, so callers restrict a study to a subset by closing over the rest; `qk_layer_curvature`
+does that for one GDN layer's W_q, W_k.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+from flax import nnx
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
+
+from gdn_jax.loss import cross_entropy
 
 PyTree = object
 
@@ -82,3 +86,54 @@ def lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, *, steps: int = 30
   values, vectors = np.linalg.eigh(t)
   top = np.stack(basis[:len(alpha)], axis=1) @ vectors[:, -1]
   return values, unravel(jnp.asarray(top / np.linalg.norm(top), dtype))
+
+
+def qk_layer_curvature(graphdef, params, rest, *, layer: int, tokens, head_k_dim: int,
+                       lanczos_steps: int = 30, seed: int = 0) -> dict:
+  """Curvature of the LM loss on `tokens` ([B, T + 1]) in (W_q, W_k) of block `layer` of an
+  `nnx.split(model, nnx.Param, ...)` GatedDeltaNetLM, every other weight fixed.
+
+  Returns λ_max and λ_min of that Hessian block H and λ_max of its Gauss-Newton part G (Lanczos
+  from a random start drawn with `seed`), and for H's top eigenvector: the share of its squared
+  norm on the largest q/k head (that head's W_q and W_k columns together), the participation
+  ratio 1 / Σ share² over heads, and that head's rank among the layer's q/k heads by decay rate
+  exp(A_log)·softplus(dt_bias) (the gate's data-independent part, slowest of the head's value
+  heads; 0 = slowest) and by gradient norm (0 = largest). Needs a model whose rule supports
+  forward-mode autodiff (`rule_impl="recurrent"`; the chunked rule's custom VJP does not).
+  """
+  num_layers = len(params["blocks"])
+  if not 0 <= layer < num_layers:
+    raise ValueError(f"`layer`={layer}; expected a block index in [0, {num_layers}).")
+  mixer = params["blocks"][layer]["mixer"]
+  leaves, treedef = jax.tree.flatten(params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  index = {name: paths.index(f"['blocks'][{layer}]['mixer']['{name}']['kernel'].value")
+           for name in ("q_proj", "k_proj")}
+  qk = {name: leaves[i] for name, i in index.items()}
+  num_heads = qk["q_proj"].shape[1] // head_k_dim
+
+  def with_qk(ws):          # the full parameter State with this layer's W_q, W_k replaced
+    new = list(leaves)
+    for name, i in index.items():
+      new[i] = ws[name]
+    return jax.tree.unflatten(treedef, new)
+
+  logits_fn = lambda ws: nnx.merge(graphdef, with_qk(ws), rest)(tokens[:, :-1])
+  loss_fn = lambda ws: cross_entropy(logits_fn(ws), tokens[:, 1:])
+  v0 = {n: jax.random.normal(jax.random.key(seed), w.shape) for n, w in qk.items()}
+  h_values, top = lanczos(jax.jit(lambda v: hvp(loss_fn, qk, v)), v0, steps=lanczos_steps)
+  g_values, _ = lanczos(jax.jit(lambda v: ggn_vp(logits_fn, qk, v)), v0, steps=lanczos_steps)
+
+  def per_head(tree):       # [heads]: squared norm of each head's q and k columns together
+    return sum(np.square(np.asarray(x, np.float64).reshape(-1, num_heads, head_k_dim)).sum((0, 2))
+               for x in tree.values())
+  mass = per_head(top) / per_head(top).sum()
+  head = int(np.argmax(mass))
+  rate = (np.exp(np.asarray(mixer["A_log"][...], np.float64))
+          * np.asarray(jax.nn.softplus(mixer["dt_bias"][...]), np.float64))
+  rate = rate.reshape(num_heads, -1).min(axis=1)     # value heads i use q/k head i // group
+  grad_norm = per_head(jax.grad(loss_fn)(qk)) ** 0.5
+  rank = lambda x: int(np.argsort(np.argsort(x))[head])
+  return dict(h_max=float(h_values[-1]), h_min=float(h_values[0]), g_max=float(g_values[-1]),
+              top_head_share=float(mass[head]), participation=float(1 / np.sum(mass ** 2)),
+              top_head_decay_rank=rank(rate), top_head_grad_rank=rank(-grad_norm))

@@ -1,11 +1,15 @@
 """gdn_jax.curvature against dense references: the Hessian from jax.hessian, the Gauss-Newton
-matrix Jᵀ H_ℓ J assembled in float64 numpy from the Jacobian, and eigenvalues from numpy."""
+matrix Jᵀ H_ℓ J assembled in float64 numpy from the Jacobian, and eigenvalues from numpy; on a
+tanh MLP and on a small GDN language model."""
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_jax import curvature
+from gdn_jax import curvature, mup
+from gdn_jax import model as model_lib
+from gdn_jax.loss import cross_entropy
 
 N, D_IN, HIDDEN, VOCAB = 6, 3, 4, 5
 
@@ -119,3 +123,52 @@ def test_lanczos_is_exact_on_an_invariant_subspace_and_stops_there():
 def test_lanczos_rejects_bad_input(v0, kwargs, match):
   with pytest.raises(ValueError, match=match):
     curvature.lanczos(lambda v: v, v0, **kwargs)
+
+
+def _gdn(num_layers=2):
+  config = model_lib.ModelConfig(
+      vocab_size=32, d_model=16, num_layers=num_layers, num_heads=2, head_k_dim=8, head_v_dim=8,
+      mlp_hidden=32, chunk_size=16, rule_impl="recurrent", dtype="float32", output_norm_eps=1e-3)
+  model = mup.build_model(config, parametrization="mup", rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, size=(2, 9)))
+  return config, model, tokens
+
+
+def test_qk_layer_curvature_matches_the_dense_hessian_of_that_layers_wq_wk():
+  """Against a dense Hessian built by another route: W_q, W_k assigned on the merged module."""
+  config, model, tokens = _gdn()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  layer, size = 1, config.d_model * config.num_heads * config.head_k_dim
+  got = curvature.qk_layer_curvature(graphdef, params, rest, layer=layer, tokens=tokens,
+                                     head_k_dim=config.head_k_dim, lanczos_steps=60)
+
+  def logits(flat):
+    m = nnx.merge(graphdef, jax.tree.map(lambda x: x, params), rest)   # Params of this trace
+    m.blocks[layer].mixer.q_proj.kernel[...] = flat[:size].reshape(config.d_model, -1)
+    m.blocks[layer].mixer.k_proj.kernel[...] = flat[size:].reshape(config.d_model, -1)
+    return m(tokens[:, :-1])
+
+  mixer = model.blocks[layer].mixer
+  flat0 = jnp.concatenate([mixer.q_proj.kernel[...].ravel(), mixer.k_proj.kernel[...].ravel()])
+  hessian = np.asarray(jax.hessian(lambda f: cross_entropy(logits(f), tokens[:, 1:]))(flat0),
+                       np.float64)
+  eig = np.linalg.eigvalsh((hessian + hessian.T) / 2)
+  jac = np.asarray(jax.jacfwd(logits)(flat0), np.float64).reshape(-1, config.vocab_size, 2 * size)
+  p = np.asarray(jax.nn.softmax(logits(flat0)), np.float64).reshape(-1, config.vocab_size)
+  ggn = sum(j.T @ (np.diag(pt) - np.outer(pt, pt)) @ j for j, pt in zip(jac, p)) / len(p)
+
+  assert got["h_max"] == pytest.approx(eig[-1], rel=2e-3)
+  assert got["h_min"] == pytest.approx(eig[0], rel=2e-3)
+  assert got["g_max"] == pytest.approx(np.linalg.eigvalsh(ggn)[-1], rel=2e-3)
+  assert eig[0] < -1e-3 < 1e-3 < eig[-1]          # H is indefinite here: both ends matter
+  assert 1 / config.num_heads <= got["top_head_share"] <= 1
+  assert 0 <= got["top_head_decay_rank"] < config.num_heads
+  assert 0 <= got["top_head_grad_rank"] < config.num_heads
+
+
+def test_qk_layer_curvature_rejects_a_missing_layer():
+  config, model, tokens = _gdn(num_layers=1)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  with pytest.raises(ValueError, match="`layer`=1"):
+    curvature.qk_layer_curvature(graphdef, params, rest, layer=1, tokens=tokens,
+                                 head_k_dim=config.head_k_dim)
