@@ -39,13 +39,12 @@ def hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> Py
 def ggn_vp(logits_fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
   """G v for the Gauss-Newton matrix of the mean softmax cross-entropy of `logits_fn(params)`
   ([..., vocab]; the mean runs over all leading axes, as in `gdn_jax.loss.cross_entropy`)."""
-  logits, jv = jax.jvp(logits_fn, (params,), (v,))
+  logits, jvp_fn = jax.linearize(logits_fn, params)     # one forward pass serves J and Jᵀ
   p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  jv = jv.astype(jnp.float32)
+  jv = jvp_fn(v).astype(jnp.float32)
   num_tokens = logits.size // logits.shape[-1]
   h_jv = (p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)) / num_tokens
-  _, pullback = jax.vjp(logits_fn, params)
-  return pullback(h_jv.astype(logits.dtype))[0]
+  return jax.linear_transpose(jvp_fn, params)(h_jv.astype(logits.dtype))[0]
 
 
 def lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, *, steps: int = 30
@@ -127,7 +126,8 @@ def qk_layer_curvature(graphdef, params, rest, *, layer: int, tokens, head_k_dim
   def per_head(tree):       # [heads]: squared norm of each head's q and k columns together
     return sum(np.square(np.asarray(x, np.float64).reshape(-1, num_heads, head_k_dim)).sum((0, 2))
                for x in tree.values())
-  mass = per_head(top) / per_head(top).sum()
+  mass = per_head(top)
+  mass = mass / mass.sum()
   head = int(np.argmax(mass))
   rate = (np.exp(np.asarray(mixer["A_log"][...], np.float64))
           * np.asarray(jax.nn.softplus(mixer["dt_bias"][...]), np.float64))

@@ -3,6 +3,7 @@ matrix Jᵀ H_ℓ J assembled in float64 numpy from the Jacobian, and eigenvalue
 tanh MLP and on a small GDN language model."""
 from flax import nnx
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,16 +28,11 @@ def _problem(seed=0):
 
 
 def _flat(tree):
-  return np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(tree)])
+  return np.asarray(ravel_pytree(tree)[0], np.float64)
 
 
 def _unflat(vec, like):
-  leaves, treedef = jax.tree.flatten(like)
-  out, i = [], 0
-  for a in leaves:
-    out.append(jnp.asarray(vec[i:i + a.size].reshape(a.shape), jnp.float32))
-    i += a.size
-  return jax.tree.unflatten(treedef, out)
+  return ravel_pytree(like)[1](jnp.asarray(vec, jnp.float32))
 
 
 def _dense_hessian(loss_fn, params):
