@@ -7,23 +7,41 @@
 Saves are asynchronous (the arrays are copied off the accelerator before `save` returns, then
 written in a background thread) and atomic: orbax writes into a temporary directory and renames it
 when complete, so a run killed mid-save leaves the previous checkpoint as the latest one.
+
+Another mesh or device count: `restore` reads every array straight into the sharding of its
+target (the ShapeDtypeStructs of `abstract_like`, built from the new mesh's arrays), whatever
+mesh wrote it; orbax reads only the slices each device needs, so 8 devices → 1, 1 → 8 and
+4×2 → 2×2 need no conversion step. The saved arrays come back bit for bit. The config guard lets
+the layout (`LAYOUT_KEYS`) change between reruns. The grain state is one file per process; with
+one process (any number of devices) it is the same file; `DataHandler` also restores it under
+another process count.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
+from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
 
-def check_or_write_config(workdir: str | os.PathLike, config_json: str) -> bool:
+# Top-level config keys that say where a run executes, not what it computes: a rerun may change
+# them (its checkpoint restores onto the new mesh; the losses agree to float rounding).
+LAYOUT_KEYS = ("mesh",)
+
+
+def check_or_write_config(workdir: str | os.PathLike, config_json: str, *,
+                          layout_keys: tuple[str, ...] = LAYOUT_KEYS) -> bool:
   """Writes workdir/config.json, or checks that the one there equals `config_json`.
 
-  Returns True when the workdir already held this config (a rerun). Raises ValueError naming the
-  differing keys when it held another one; nothing in the workdir is touched then.
+  Returns True when the workdir already held this config (a rerun). Keys in `layout_keys` may
+  differ: config.json is then rewritten with the new layout (it records the latest run's).
+  Raises ValueError naming the differing keys when any other key differs; nothing in the
+  workdir is touched then.
   """
   path = pathlib.Path(workdir) / "config.json"
   new = json.loads(config_json)
@@ -33,17 +51,26 @@ def check_or_write_config(workdir: str | os.PathLike, config_json: str) -> bool:
     except json.JSONDecodeError as e:
       raise ValueError(f"workdir: {str(path)!r} is not valid JSON ({e}); expected the config "
                        "of the run in this workdir.") from None
-    if old != new:
-      diffs = _diff(old, new)
+    strip = lambda c: ({k: v for k, v in c.items() if k not in layout_keys}
+                       if isinstance(c, dict) else c)
+    if strip(old) != strip(new):
+      diffs = _diff(strip(old), strip(new))
       raise ValueError(f"workdir: {str(path.parent)!r} holds a run with a different config "
-                       f"({'; '.join(diffs[:8])}); expected the same config to resume, or a new "
-                       "--workdir. Nothing was overwritten.")
+                       f"({'; '.join(diffs[:8])}); expected the same config to resume (the "
+                       f"layout {', '.join(layout_keys)} may change), or a new --workdir. "
+                       "Nothing was overwritten.")
+    if old != new:
+      _write_json(path, new)
     return True
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f"config.json.tmp{os.getpid()}")
-  tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  _write_json(path, new)
   return False
+
+
+def _write_json(path: pathlib.Path, obj):
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
 
 
 def _diff(old, new, prefix="") -> list[str]:
@@ -53,6 +80,47 @@ def _diff(old, new, prefix="") -> list[str]:
       out += _diff(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{prefix}{k}.")
     return out
   return [] if old == new else [f"{prefix[:-1]}: {old!r} in the workdir, {new!r} now"]
+
+
+class DataHandler(grain.checkpoint.CheckpointHandler):
+  """grain's iterator handler, which also restores under another process count.
+
+  grain writes one `process_<i>-of-<n>.json` per process and reads back only this process' own
+  file, so a multi-host run restarted on a different number of hosts could not resume. Our
+  iterator's state is the index of the next batch, the same integer on every process (they step
+  together), so any saved file gives the position: it is used when the saved files agree, and
+  the restore fails naming them when they do not. (The windows a process reads depend on the
+  process count in `gdn_jax.data.pipeline`, so across process counts the position is kept but
+  not the order of the examples that follow it.)
+  """
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    own = pathlib.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+      return super().restore(directory, item=item)
+    files = sorted(pathlib.Path(directory).glob("process_*-of-*.json"))
+    states = {json.dumps(json.loads(f.read_text()), sort_keys=True) for f in files}
+    if len(states) != 1:
+      raise ValueError(f"checkpoint: {str(directory)!r} holds data-iterator states "
+                       f"{[f.name for f in files]} that {'differ' if files else 'are missing'}; "
+                       f"expected {own.name}, or files of another process count that agree.")
+    item.set_state(json.loads(states.pop()))
+    item.start_prefetch()
+    return item
+
+
+# orbax picks an item's handler by the type of its args: ours need their own args types.
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 class Checkpointer:
@@ -68,7 +136,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+                       "data": DataHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -79,7 +147,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator) -> bool:
     """Starts an (async) save of `state` and the iterator's position at `step`."""
     return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
+        state=ocp.args.StandardSave(state), data=DataSave(data_iterator)),
         force=True)
 
   def restore(self, step: int, abstract_state, data_iterator):
@@ -89,7 +157,7 @@ class Checkpointer:
     """
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data=DataRestore(data_iterator)))
     return restored["state"]
 
   def wait(self):
