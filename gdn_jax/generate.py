@@ -1,10 +1,23 @@
 """Sampling from a GatedDeltaNetLM: chunked prefill, then one recurrent step per new token.
 
-    generate(model, prompt_BxT, max_new_tokens, *, temperature=1.0, top_k=None, rng) -> tokens
+    generate(model, prompt_BxT, max_new_tokens, *, temperature=1.0, top_k=None, rng,
+             state_dtype=None, impl="xla") -> tokens [B, T + max_new_tokens]
 
-Decoding costs O(1) per token (a K×V state and W−1 conv inputs per head), whatever the
-prompt length. The model's own `init_cache` / `prefill` / `decode_step` do the work; this module
-only jit-compiles them and samples.
+Two compiled programs per call, each cached by jax across calls:
+
+  * `prefill_program` (`model.prefill`, the chunked rule), keyed on (batch, bucket): the prompt is
+    left-padded to a bucket length (powers of two from 16, then multiples of 1024) as a separate
+    packed document (segment id 0; the prompt is segment 1), so the state resets at the prompt and
+    the short conv never reads the padding: any prompt length in a bucket reuses one program.
+    Only the last position's logits are formed.
+  * `decode_program`, keyed on (batch, max_new_tokens, sampling): the weights are cast to the
+    compute dtype and fused (`model.decode_weights()`) once, before a `lax.scan` of
+    `model.decode_step`; the prefill cache is donated to it, so the loop updates the states in
+    place. No host work per token.
+
+Decoding costs O(1) per token (a K×V state and W−1 conv inputs per value head), whatever the
+prompt length. `state_dtype=jnp.bfloat16` stores the decode state in bfloat16 (half the state's
+memory traffic, which dominates at large batch; the update itself is float32).
 """
 from __future__ import annotations
 
@@ -13,6 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+IMPLS = ("xla", "pallas")
 
 
 def sample_logits(logits_BxV, rng, *, temperature: float = 1.0, top_k: int | None = None):
@@ -26,27 +41,73 @@ def sample_logits(logits_BxV, rng, *, temperature: float = 1.0, top_k: int | Non
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k'))
-def _generate(graphdef, state, prompt_BxT, rng, *, max_new_tokens, temperature, top_k):
+def bucket_length(T: int) -> int:
+  """The padded prompt length: the next power of two ≥ max(T, 16) up to 1024, then the next
+  multiple of 1024 (at most 2× the work below 1024 tokens, < 1024 extra tokens above)."""
+  if T <= 1024:
+    return max(16, 1 << (T - 1).bit_length())
+  return -(-T // 1024) * 1024
+
+
+def pad_prompt(prompt_BxT, length: int):
+  """(tokens [B, length], segment ids [B, length]): the prompt at the right end as segment 1,
+  zeros before it as segment 0 (a separate packed document the prompt never sees)."""
+  B, T = prompt_BxT.shape
+  tokens = jnp.zeros((B, length), jnp.int32).at[:, length - T:].set(prompt_BxT.astype(jnp.int32))
+  segments = jnp.broadcast_to((jnp.arange(length) >= length - T).astype(jnp.int32), (B, length))
+  return tokens, segments
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'state_dtype'))
+def prefill_program(graphdef, state, tokens_BxP, segment_ids_BxP, *, state_dtype):
+  """(the last position's logits [B, V] float32, the decode cache)."""
   model = nnx.merge(graphdef, state)
-  logits_BxTxV, cache = model.prefill(prompt_BxT)
+  logits_Bx1xV, cache = model.prefill(tokens_BxP, segment_ids_BxP, last_only=True,
+                                      state_dtype=state_dtype)
+  return logits_Bx1xV[:, 0], cache
+
+
+@functools.partial(jax.jit, donate_argnames=('cache',),
+                   static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'impl'))
+def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, temperature,
+                   top_k, impl):
+  """(the max_new_tokens tokens sampled after the prompt [B, N], the final cache)."""
+  model = nnx.merge(graphdef, state)
+  weights = model.decode_weights()            # cast and fused once, outside the loop
   rng, first_rng = jax.random.split(rng)
-  token_B = sample_logits(logits_BxTxV[:, -1], first_rng, temperature=temperature, top_k=top_k)
+  token_B = sample_logits(logits_BxV, first_rng, temperature=temperature, top_k=top_k)
 
   def step(carry, step_rng):
     token_B, cache = carry
-    logits_BxV, cache = model.decode_step(token_B, cache)
-    next_B = sample_logits(logits_BxV, step_rng, temperature=temperature, top_k=top_k)
+    logits_BxV, cache = model.decode_step(token_B, cache, weights, impl=impl)
+    with jax.named_scope("sample"):
+      next_B = sample_logits(logits_BxV, step_rng, temperature=temperature, top_k=top_k)
     return (next_B, cache), token_B
 
   rngs = jax.random.split(rng, max_new_tokens - 1)
-  (last_B, _), tokens_NxB = jax.lax.scan(step, (token_B, cache), rngs)
-  new_BxN = jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1)
-  return jnp.concatenate([prompt_BxT.astype(jnp.int32), new_BxN], axis=1)
+  (last_B, cache), tokens_NxB = jax.lax.scan(step, (token_B, cache), rngs)
+  # The final cache is returned so that it can alias the donated one (the loop then works in the
+  # prefill's buffers, without a copy of the states).
+  return jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1), cache
+
+
+def check_sampling(vocab_size: int, max_new_tokens, temperature, top_k, where="generate"):
+  """Raises ValueError naming a bad sampling argument (shared with the sampling CLI)."""
+  if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    raise ValueError(f"{where}: `max_new_tokens`={max_new_tokens!r}; expected an int ≥ 1.")
+  if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+      or not temperature >= 0):
+    raise ValueError(f"{where}: `temperature`={temperature!r}; expected a float ≥ 0 "
+                     "(0 = greedy).")
+  if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                            or not 1 <= top_k <= vocab_size):
+    raise ValueError(f"{where}: `top_k`={top_k!r}; expected None or an int in "
+                     f"[1, {vocab_size}] (the vocabulary size).")
 
 
 def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, rng) -> jax.Array:
+             top_k: int | None = None, rng, state_dtype=None, impl: str = "xla",
+             bucket: bool = True) -> jax.Array:
   """Returns [B, T + max_new_tokens] int32: the prompt followed by the sampled tokens.
 
   Args:
@@ -56,20 +117,28 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
     temperature: softmax temperature; 0 means greedy.
     top_k: sample among the k most likely tokens only (None: all).
     rng: a jax PRNG key.
+    state_dtype: dtype of the decode state S (None: float32).
+    impl: the rule's single-token update, "xla" (fused jnp) or "pallas" (one kernel per layer
+      that reads and writes the state once; kernels_pallas/decode_step.py).
+    bucket: pad the prompt to `bucket_length(T)` (one prefill program per bucket); False
+      compiles the prefill for the exact length.
   """
   prompt_BxT = jnp.asarray(prompt_BxT)
   if (prompt_BxT.ndim != 2 or prompt_BxT.shape[1] < 1
       or not jnp.issubdtype(prompt_BxT.dtype, jnp.integer)):
     raise ValueError(f"generate: `prompt_BxT` has shape {tuple(prompt_BxT.shape)} and dtype "
                      f"{prompt_BxT.dtype}; expected integer tokens [B, T] with T ≥ 1.")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"generate: `max_new_tokens`={max_new_tokens!r}; expected an int ≥ 1.")
-  if not isinstance(temperature, (int, float)) or temperature < 0:
-    raise ValueError(f"generate: `temperature`={temperature!r}; expected a float ≥ 0 "
-                     "(0 = greedy).")
-  vocab = model.config.vocab_size
-  if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab):
-    raise ValueError(f"generate: `top_k`={top_k!r}; expected None or an int in [1, {vocab}].")
+  check_sampling(model.config.vocab_size, max_new_tokens, temperature, top_k)
+  if impl not in IMPLS:
+    raise ValueError(f"generate: `impl`={impl!r}; expected one of {IMPLS}.")
+  state_dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
+  if state_dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"generate: `state_dtype`={state_dtype}; expected float32 or bfloat16.")
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompt_BxT, rng, max_new_tokens=max_new_tokens,
-                   temperature=float(temperature), top_k=top_k)
+  T = prompt_BxT.shape[1]
+  tokens, segments = pad_prompt(prompt_BxT, bucket_length(T) if bucket else T)
+  logits_BxV, cache = prefill_program(graphdef, state, tokens, segments, state_dtype=state_dtype)
+  new_BxN, _ = decode_program(graphdef, state, logits_BxV, cache, rng,
+                              max_new_tokens=max_new_tokens, temperature=float(temperature),
+                              top_k=top_k, impl=impl)
+  return jnp.concatenate([prompt_BxT.astype(jnp.int32), new_BxN], axis=1)

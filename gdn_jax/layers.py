@@ -162,11 +162,21 @@ class ShortConv(nnx.Module):
 
   def step(self, x_BxC, state_BxWxC):
     """One token: window = [state, x]; returns (y [B, C], window without its oldest input)."""
-    window_BxWxC = jnp.concatenate([state_BxWxC.astype(self.dtype),
-                                    x_BxC.astype(self.dtype)[:, None]], axis=1)
-    y = jnp.einsum('bwc,wc->bc', window_BxWxC.astype(jnp.float32),
-                   self.weight[...].astype(jnp.float32))
-    return jax.nn.silu(y).astype(self.dtype), window_BxWxC[:, 1:]
+    return short_conv_step(x_BxC, state_BxWxC.astype(self.dtype),
+                           self.weight[...].astype(self.dtype))
+
+
+def short_conv_step(x_BxC, state_BxWxC, w_WxC):
+  """One decode token of `ShortConv`: y = SiLU(Σ_i w_i ⊙ window_i), window = [state, x].
+
+  Returns (y [B, C] in the state's dtype, the window without its oldest input). The taps are
+  summed in float32 in the forward's order (w given in the compute dtype, as the forward rounds it).
+  """
+  window_BxWxC = jnp.concatenate([state_BxWxC, x_BxC.astype(state_BxWxC.dtype)[:, None]], axis=1)
+  y = jnp.zeros(x_BxC.shape, jnp.float32)
+  for i in range(w_WxC.shape[0]):
+    y = y + window_BxWxC[:, i].astype(jnp.float32) * w_WxC[i].astype(jnp.float32)
+  return jax.nn.silu(y).astype(state_BxWxC.dtype), window_BxWxC[:, 1:]
 
 
 def _stratified_uniform(key, n: int):
@@ -239,14 +249,32 @@ class GatedDeltaNet(nnx.Module):
     self.dtype = dtype
     self.record = False
 
-  def init_cache(self, batch: int) -> dict:
-    """Decode cache: conv inputs (the last W−1 pre-conv q/k/v features) and the state S."""
+  def init_cache(self, batch: int, state_dtype=jnp.float32) -> dict:
+    """Empty decode cache: {'S': state [B, H, K, V] (float32, or `state_dtype`), 'conv': the
+    last W−1 pre-conv inputs of q | k | v side by side [B, W−1, 2·Hk·K + H·V] (compute dtype;
+    only with the short conv)}. `__call__` takes its cache in another form (`call_cache`)."""
     cache = {'S': jnp.zeros((batch, self.num_v_heads, self.head_k_dim, self.head_v_dim),
-                            jnp.float32)}
+                            state_dtype)}
     if self.use_short_conv:
-      for name in ('q', 'k', 'v'):
-        cache[f'{name}_conv'] = getattr(self, f'{name}_conv').init_state(batch)
+      cache['conv'] = jnp.concatenate(
+          [getattr(self, f'{name}_conv').init_state(batch) for name in ('q', 'k', 'v')], axis=-1)
     return cache
+
+  def call_cache(self, cache: dict) -> dict:
+    """A decode cache in `__call__`'s form: S (float32) and one conv state per q, k, v."""
+    out = {'S': cache['S'].astype(jnp.float32)}
+    if self.use_short_conv:
+      QK = self.num_heads * self.head_k_dim
+      conv = cache['conv']
+      out.update(q_conv=conv[..., :QK], k_conv=conv[..., QK:2 * QK], v_conv=conv[..., 2 * QK:])
+    return out
+
+  def decode_cache(self, call_cache: dict, state_dtype=jnp.float32) -> dict:
+    """`__call__`'s returned cache in the decode form of `init_cache`."""
+    out = {'S': call_cache['S'].astype(state_dtype)}
+    if self.use_short_conv:
+      out['conv'] = jnp.concatenate([call_cache[f'{n}_conv'] for n in ('q', 'k', 'v')], axis=-1)
+    return out
 
   def _sow(self, name, value):
     if self.record:
@@ -316,18 +344,101 @@ class GatedDeltaNet(nnx.Module):
     new_cache['S'] = S
     return y, new_cache
 
-  def step(self, x_BxD, cache):
-    """One decode token with the recurrent update; returns (y [B, D], new cache)."""
-    B = x_BxD.shape[0]
+  def _in_projs(self):
+    """The input projections in the column order of `decode_weights()['in']`."""
+    return ([self.q_proj, self.k_proj, self.v_proj] + ([self.g_proj] if self.use_gate else [])
+            + [self.a_proj, self.b_proj])
+
+  def decode_weights(self) -> dict:
+    """The weights of `step`, built once per generation (outside its loop): 'in', the input
+    projections side by side [D, 2·Hk·K + H·V (+ H·V gate) + 2H] (columns q | k | v | gate | a |
+    b, one matmul per token instead of six), 'conv', the three conv filters [W, 2·Hk·K + H·V],
+    and 'o', W_o, all in the compute dtype (the forward casts them to it on every call)."""
+    w = {'in': jnp.concatenate([p.kernel[...].astype(self.dtype) for p in self._in_projs()], 1),
+         'o': self.o_proj.kernel[...].astype(self.dtype)}
+    if self.use_short_conv:
+      w['conv'] = jnp.concatenate([getattr(self, f'{n}_conv').weight[...].astype(self.dtype)
+                                   for n in ('q', 'k', 'v')], axis=1)
+    return w
+
+  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla"):
+    """One decode token; returns (y [B, D], new cache), what `__call__` gives for this token.
+
+    `cache` as `init_cache` makes it; `weights` from `decode_weights()` (None: built here). The
+    rule's update is `gated_delta_rule_step` (impl "xla") or its Pallas kernel (impl "pallas",
+    `kernels_pallas/decode_step.py`).
+    """
+    w = self.decode_weights() if weights is None else weights
+    B, dt = x_BxD.shape[0], self.dtype
     Hk, H, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-    (q, k, v), new_cache = self._features(x_BxD, None, cache, single_token=True)
-    beta, g = self._gates(x_BxD)
-    o, S = gated_delta_rule(
-        q.reshape(B, 1, Hk, K), k.reshape(B, 1, Hk, K), v.reshape(B, 1, H, V), g[:, None],
-        beta[:, None], scale=self.qk_scale, initial_state=cache['S'], output_final_state=True,
-        use_qk_l2norm=True, qk_norm_eps=self.qk_norm_eps, impl='recurrent')
-    new_cache['S'] = S
-    return self._output(o[:, 0], x_BxD), new_cache
+    C = 2 * Hk * K + H * V
+    projs = self._in_projs()
+    new_cache = {}
+    with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
+      y = jnp.dot(x_BxD.astype(dt), w['in'])
+      if any(p.multiplier != 1.0 for p in projs):  # each Linear's forward multiplier, per column
+        y = y * jnp.concatenate([jnp.full((p.kernel.shape[1],), p.multiplier, dt) for p in projs])
+    with jax.named_scope("conv_gates"):
+      if self.use_short_conv:
+        f, new_cache['conv'] = short_conv_step(y[:, :C], cache['conv'], w['conv'])
+      else:
+        f = jax.nn.silu(y[:, :C])
+      l2 = lambda x: (x.astype(jnp.float32) * jax.lax.rsqrt(
+          jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + self.qk_norm_eps)
+                      ).astype(dt)   # as gated_delta_rule's use_qk_l2norm
+      q = l2(f[:, :Hk * K].reshape(B, Hk, K))
+      k = l2(f[:, Hk * K:2 * Hk * K].reshape(B, Hk, K))
+      v = f[:, 2 * Hk * K:].reshape(B, H, V)
+      beta = (jax.nn.sigmoid(y[:, -H:].astype(jnp.float32))
+              * (2.0 if self.allow_neg_eigval else 1.0))
+      g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
+          y[:, -2 * H:-H].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+    with jax.named_scope("rule"):
+      if impl == "xla":
+        o, new_cache['S'] = gated_delta_rule_step(q, k, v, g, beta, cache['S'],
+                                                  scale=self.qk_scale)
+      elif impl == "pallas":  # imported lazily: kernels are an optional layer
+        from kernels_pallas.decode_step import gated_delta_rule_step_pallas
+        o, new_cache['S'] = gated_delta_rule_step_pallas(q, k, v, g, beta, cache['S'],
+                                                         scale=self.qk_scale)
+      else:
+        raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla' or 'pallas'.")
+    with jax.named_scope("out_proj"):
+      gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
+      out = jnp.dot(self.o_norm(o.astype(dt), gate).reshape(B, H * V), w['o'])
+      if self.o_proj.multiplier != 1.0:
+        out = out * jnp.asarray(self.o_proj.multiplier, dt)
+    return out, new_cache
+
+
+def gated_delta_rule_step(q_BxHkxK, k_BxHkxK, v_BxHxV, g_BxH, beta_BxH, S_BxHxKxV, *,
+                          scale: float):
+  """One token of the gated delta rule, fused (no scan over a length-1 sequence):
+
+      a = Sᵀk,  c = Sᵀq                        (one pass over S: one two-output reduction)
+      δ = β (v − e^g a)
+      S' = e^g S + k δᵀ                         (= e^g (I − β k kᵀ) S + β k vᵀ; a second pass)
+      o = scale (e^g c + (kᵀq) δ)               (= scale S'ᵀ q, without a third pass over S')
+
+  q, k: [B, Hk, K], L2-normalised; value head h reads q/k head h // (H / Hk). v: [B, H, V];
+  g, β: [B, H]; S: [B, H, K, V] (float32 or bfloat16 storage; the math is float32).
+  Returns (o [B, H, V] float32, S' in S's dtype).
+  """
+  f32 = jnp.float32
+  G = v_BxHxV.shape[1] // q_BxHkxK.shape[1]
+  expand = lambda x: jnp.repeat(x.astype(f32), G, axis=1) if G > 1 else x.astype(f32)
+  q, k = expand(q_BxHkxK), expand(k_BxHkxK)
+  S = S_BxHxKxV.astype(f32)
+  e = jnp.exp(g_BxH.astype(f32))[..., None]                              # [B, H, 1]
+  # One reduction with two outputs, not two sums: the update below then depends on every read of
+  # the old S, so XLA updates the loop-carried S in place (two independent sums left their order
+  # against the write open and made XLA copy S on every step).
+  a, c = jax.lax.reduce((S * k[..., None], S * q[..., None]), (f32(0), f32(0)),
+                        lambda x, y: (x[0] + y[0], x[1] + y[1]), (2,))           # [B, H, V]
+  delta = beta_BxH.astype(f32)[..., None] * (v_BxHxV.astype(f32) - e * a)
+  o = scale * (e * c + jnp.sum(k * q, axis=-1, keepdims=True) * delta)
+  S_new = e[..., None] * S + k[..., :, None] * delta[..., None, :]
+  return o, S_new.astype(S_BxHxKxV.dtype)
 
 
 class SwiGLU(nnx.Module):

@@ -157,10 +157,28 @@ class Block(nnx.Module):
     x = self._mlp(x_BxTxD + y)
     return (x, new_cache) if return_cache else x
 
-  def step(self, x_BxD, cache):
-    y, new_cache = self.mixer.step(self.mixer_norm(x_BxD), cache)
+  def decode_weights(self) -> dict:
+    """`step`'s weights in the compute dtype, built once per generation: the mixer's, and the
+    MLP's gate and up projections side by side [D, 2F] (one matmul) and its down projection."""
+    mlp, dt = self.mlp, self.mlp.down_proj.dtype
+    return {'mixer': self.mixer.decode_weights(),
+            'gate_up': jnp.concatenate([mlp.gate_proj.kernel[...].astype(dt),
+                                        mlp.up_proj.kernel[...].astype(dt)], axis=1),
+            'down': mlp.down_proj.kernel[...].astype(dt)}
+
+  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla"):
+    """One decode token: (x [B, D], new cache); `weights` from `decode_weights()` (None: here)."""
+    w = self.decode_weights() if weights is None else weights
+    y, new_cache = self.mixer.step(self.mixer_norm(x_BxD), cache, w['mixer'], impl=impl)
     x = x_BxD + y
-    return x + self.mlp(self.mlp_norm(x)), new_cache
+    mlp = self.mlp
+    dt = mlp.down_proj.dtype
+    scale = lambda y, lin: y if lin.multiplier == 1.0 else y * jnp.asarray(lin.multiplier, dt)
+    with jax.named_scope("mlp"):
+      gu = jnp.dot(self.mlp_norm(x).astype(dt), w['gate_up'])
+      F = w['down'].shape[0]
+      h = jax.nn.silu(scale(gu[:, :F], mlp.gate_proj)) * scale(gu[:, F:], mlp.up_proj)
+      return x + scale(jnp.dot(h, w['down']), mlp.down_proj), new_cache
 
 
 class GatedDeltaNetLM(nnx.Module):
@@ -211,33 +229,60 @@ class GatedDeltaNetLM(nnx.Module):
       x = block(x, segment_ids_BxT)
     return self._logits(x)
 
-  def init_cache(self, batch: int) -> list[dict]:
-    """Empty decode cache: per block the conv inputs and the state S (float32)."""
-    return [block.mixer.init_cache(batch) for block in self.blocks]
+  def init_cache(self, batch: int, state_dtype=jnp.float32) -> list[dict]:
+    """Empty decode cache: per block the conv inputs and the state S (float32 or `state_dtype`;
+    `GatedDeltaNet.init_cache`)."""
+    return [block.mixer.init_cache(batch, state_dtype) for block in self.blocks]
 
-  def prefill(self, tokens_BxT, segment_ids_BxT=None, cache=None):
+  def prefill(self, tokens_BxT, segment_ids_BxT=None, cache=None, *, last_only: bool = False,
+              state_dtype=jnp.float32):
     """Chunked forward over a prompt that also returns the decode cache: (logits, cache).
 
     With `cache`, the prompt continues the cached sequence. With packed `segment_ids`, the
-    returned cache belongs to the last document.
+    returned cache belongs to the last document. `last_only`: logits of the last position only
+    ([B, 1, V]; a long prompt's [B, T, V] float32 logits can outweigh the model). The cache's
+    state S is stored in `state_dtype`.
     """
     self._check_tokens(tokens_BxT, segment_ids_BxT)
     x = self.embed(tokens_BxT)
     new_cache = []
     for i, block in enumerate(self.blocks):
-      x, c = block(x, segment_ids_BxT, cache=None if cache is None else cache[i],
+      x, c = block(x, segment_ids_BxT,
+                   cache=None if cache is None else block.mixer.call_cache(cache[i]),
                    return_cache=True)
-      new_cache.append(c)
-    return self._logits(x), new_cache
+      new_cache.append(block.mixer.decode_cache(c, state_dtype))
+    return self._logits(x[:, -1:] if last_only else x), new_cache
 
-  def decode_step(self, token_B, cache):
-    """One token with the recurrent update: (logits [B, V] float32, new cache)."""
+  def decode_weights(self) -> dict:
+    """The weights of `decode_step` in the compute dtype, fused per block (`Block.decode_weights`)
+    and the read-out matrix; built once per generation so that no step re-casts a parameter."""
+    dt = jnp.dtype(self.config.dtype)
+    head = (self.embed.embedding if self.config.tie_embeddings else self.lm_head.kernel)
+    return {'blocks': [block.decode_weights() for block in self.blocks],
+            'head': head[...].astype(dt)}
+
+  def decode_step(self, token_B, cache, weights=None, *, impl: str = "xla"):
+    """One token with the recurrent update: (logits [B, V] float32, new cache).
+
+    `weights` from `decode_weights()` (None: built in this call); `impl` "xla" or "pallas"
+    (the rule's single-token update, `GatedDeltaNet.step`).
+    """
+    w = self.decode_weights() if weights is None else weights
     x = self.embed(token_B)
     new_cache = []
     for i, block in enumerate(self.blocks):
-      x, c = block.step(x, cache[i])
+      x, c = block.step(x, cache[i], w['blocks'][i], impl=impl)
       new_cache.append(c)
-    return self._logits(x), new_cache
+    with jax.named_scope("head"):
+      h = self.final_norm(x).astype(w['head'].dtype)
+      if self.config.tie_embeddings:  # h Eᵀ, contracting E's feature axis (no transpose)
+        logits = jax.lax.dot_general(h, w['head'], (((1,), (1,)), ((), ())))
+        m = self.embed.attend_multiplier
+      else:
+        logits, m = jnp.dot(h, w['head']), self.lm_head.multiplier
+      if m != 1.0:
+        logits = logits * (m if self.config.tie_embeddings else jnp.asarray(m, logits.dtype))
+      return logits.astype(jnp.float32), new_cache
 
 
 def _param_counts(config: ModelConfig) -> dict[str, int]:

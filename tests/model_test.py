@@ -78,13 +78,74 @@ def test_flops_per_token_counts_matmuls_conv_and_rule():
     flops_per_token(cfg, 0)
 
 
-def test_decode_steps_equal_forward():
-  model = make()
+def with_multipliers(model):
+  """Forward multipliers ≠ 1 on every Linear and the embedding (as μP sets some of them), so the
+  decode path must apply each one where the forward does."""
+  for i, (_, module) in enumerate(nnx.iter_modules(model)):
+    if hasattr(module, "multiplier"):
+      module.multiplier = 0.5 + 0.1 * (i % 7)
+    if hasattr(module, "attend_multiplier"):
+      module.attend_multiplier = 0.7
+  return model
+
+
+DECODE_CONFIGS = {  # name: (config changes, forward multipliers ≠ 1)
+    "gva": ({}, False),                                     # CFG: 4 value heads on 2 q/k heads
+    "gva_multipliers": ({}, True),
+    "no_conv": ({"use_short_conv": False}, True),
+    "no_gate_neg_eigval": ({"use_gate": False, "allow_neg_eigval": True}, True),
+    "tied_no_gva": ({"tie_embeddings": True, "num_v_heads": None}, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_CONFIGS))
+def test_decode_steps_equal_forward(name):
+  changes, multipliers = DECODE_CONFIGS[name]
+  model = make(dataclasses.replace(CFG, **changes))
+  if multipliers:
+    with_multipliers(model)
   tok = tokens(2, 32)
   full = forward(model, tok)                 # chunked rule
-  stepped = decode_all(model, tok)           # conv cache + recurrent state, one token at a time
+  stepped = decode_all(model, tok)           # conv cache + fused single-token rule
   assert float(jnp.abs(full).max()) > 1.0    # the test can see differences
   np.testing.assert_allclose(stepped, full, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_equals_forward_for_a_mup_model():
+  from gdn_jax.mup import build_model
+  base = dataclasses.replace(CFG, d_model=16, num_heads=1, num_v_heads=2, mlp_hidden=24)
+  model = build_model(CFG, parametrization="mup", base_config=base, rngs=nnx.Rngs(3))
+  tok = tokens(2, 24, seed=3)
+  np.testing.assert_allclose(decode_all(model, tok), forward(model, tok), atol=1e-4, rtol=1e-4)
+
+
+@nnx.jit(static_argnames=("state_dtype",))
+def decode_all_cast(model, tok, state_dtype):
+  def body(cache, t_B):
+    logits, cache = model.decode_step(t_B, cache, model.decode_weights())
+    return cache, logits
+  _, logits_TxBxV = jax.lax.scan(body, model.init_cache(tok.shape[0], state_dtype), tok.T)
+  return jnp.moveaxis(logits_TxBxV, 0, 1)
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_bf16_decode_error_is_the_forwards_own(param_dtype, state_dtype):
+  """bf16 compute: decoding is as far from an fp32 forward of the same weights as the bf16
+  forward is (its own rounding error, measured here, sets the bound), also with a bf16 state."""
+  bf16 = make(dataclasses.replace(CFG, dtype="bfloat16", param_dtype=param_dtype), scale=1.0)
+  fp32 = make(CFG, scale=1.0)
+  nnx.update(fp32, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(bf16)))
+  tok = tokens(2, 64, seed=7)
+  ref = forward(fp32, tok)
+  fwd_err = ref - forward(bf16, tok)
+  dec_err = ref - decode_all_cast(bf16, tok, jnp.dtype(state_dtype))
+  rms = lambda x: float(jnp.sqrt(jnp.mean(jnp.square(x))))
+  assert 0 < rms(fwd_err) < 0.01 * float(jnp.abs(ref).max())
+  # Measured on CPU: ratios 1.00 (float32 state; the logits equal the bf16 forward's) and
+  # ≤ 1.12 (max) / 1.07 (rms) with a bf16 state.
+  assert float(jnp.abs(dec_err).max()) <= 1.5 * float(jnp.abs(fwd_err).max())
+  assert rms(dec_err) <= 1.25 * rms(fwd_err)
 
 
 def test_prefill_then_decode_equals_forward():
@@ -102,6 +163,24 @@ def test_prefill_then_decode_equals_forward():
 
   np.testing.assert_allclose(prefill_decode(model, tok), forward(model, tok), atol=1e-4,
                              rtol=1e-4)
+
+
+def test_prefill_continues_a_cache_and_gives_last_logits():
+  model = make(seed=4)
+  tok = tokens(2, 40, seed=4)
+
+  @nnx.jit
+  def two_prefills(model, tok):
+    _, cache = model.prefill(tok[:, :17])                 # decode-form cache ...
+    last, cache = model.prefill(tok[:, 17:], cache=cache, last_only=True)   # ... continued
+    logits, _ = model.decode_step(tok[:, -1], model.prefill(tok[:, :-1])[1])
+    return last, logits
+
+  last, stepped = two_prefills(model, tok)
+  full = forward(model, tok)
+  assert last.shape == (2, 1, 64)
+  np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(stepped, full[:, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_packed_segments_equal_separate_runs():

@@ -1,0 +1,115 @@
+"""gdn_jax.generate: bucketed prefill == exact prefill, greedy == argmax of the forward, one
+compiled prefill per bucket and one decode program for every prompt length, state dtypes."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gdn_jax import generate as gen
+from gdn_jax.model import GatedDeltaNetLM, ModelConfig
+
+CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_k_dim=8,
+                  head_v_dim=12, num_v_heads=4, mlp_hidden=48, chunk_size=16,
+                  rule_impl="chunked")
+
+
+def make(cfg=CFG, seed=0, scale=5.0):
+  model = GatedDeltaNetLM(cfg, rngs=nnx.Rngs(seed))
+  for path, v in nnx.iter_graph(model):
+    if isinstance(v, nnx.Param) and path[-1] in ("kernel", "embedding"):
+      v[...] = v[...] * scale
+  return model
+
+
+@nnx.jit
+def forward(model, tok):
+  return model(tok)
+
+
+def test_bucket_lengths():
+  assert [gen.bucket_length(t) for t in (1, 16, 17, 100, 1024, 1025, 4096, 5000)] == [
+      16, 16, 32, 128, 1024, 2048, 4096, 5120]
+
+
+def test_padded_prefill_equals_exact_prefill():
+  """The left padding is a separate packed document: logits and cache equal the unpadded ones."""
+  model = make(seed=1)
+  graphdef, state = nnx.split(model)
+  prompt = jax.random.randint(jax.random.key(1), (2, 11), 0, 64)
+  run = lambda length: gen.prefill_program(graphdef, state, *gen.pad_prompt(prompt, length),
+                                           state_dtype=jnp.float32)
+  exact, padded = run(11), run(32)
+  for x, y in zip(jax.tree.leaves(exact), jax.tree.leaves(padded)):
+    np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(exact[0], forward(model, prompt)[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_equals_forward_argmax_for_many_prompt_lengths_with_one_decode_program():
+  model = make(seed=5)
+  gen.decode_program.clear_cache()
+  gen.prefill_program.clear_cache()
+  for T in (1, 5, 16, 17, 30):
+    prompt = jax.random.randint(jax.random.key(T), (2, T), 0, 64)
+    out = gen.generate(model, prompt, 12, temperature=0.0, rng=jax.random.key(0))
+    assert out.shape == (2, T + 12) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(out[:, :T], prompt)
+    # Each new token is the argmax of a full causal forward over the output so far.
+    np.testing.assert_array_equal(out[:, T:], jnp.argmax(forward(model, out)[:, T - 1:-1], -1))
+    exact = gen.generate(model, prompt, 12, temperature=0.0, rng=jax.random.key(0), bucket=False)
+    np.testing.assert_array_equal(exact, out)
+  assert gen.decode_program._cache_size() == 1          # one decode program for every prompt length
+  # Buckets 16 and 32, plus the exact lengths 1, 5, 17 and 30 of bucket=False (16 is a bucket).
+  assert gen.prefill_program._cache_size() == 2 + 4
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy():
+  model = make(seed=2)
+  prompt = jax.random.randint(jax.random.key(2), (3, 4), 0, 64)
+  a = gen.generate(model, prompt, 10, temperature=1.0, top_k=8, rng=jax.random.key(3))
+  b = gen.generate(model, prompt, 10, temperature=1.0, top_k=8, rng=jax.random.key(3))
+  np.testing.assert_array_equal(a, b)
+  greedy = gen.generate(model, prompt, 10, temperature=0.0, rng=jax.random.key(0))
+  top1 = gen.generate(model, prompt, 10, temperature=0.7, top_k=1, rng=jax.random.key(4))
+  np.testing.assert_array_equal(top1, greedy)
+
+
+def test_bf16_state_is_stored_in_bf16_and_decodes():
+  """The accuracy of a bf16 state is tested in model_test (within the bf16 forward's error)."""
+  model = make(dataclasses.replace(CFG, dtype="bfloat16", param_dtype="bfloat16"), seed=6)
+  graphdef, state = nnx.split(model)
+  prompt = jax.random.randint(jax.random.key(6), (2, 9), 0, 64)
+  _, cache = gen.prefill_program(graphdef, state, *gen.pad_prompt(prompt, 16),
+                                 state_dtype=jnp.bfloat16)
+  assert all(c['S'].dtype == jnp.bfloat16 for c in cache)
+  kw = dict(temperature=0.0, rng=jax.random.key(0))
+  f32 = gen.generate(model, prompt, 4, **kw)
+  b16 = gen.generate(model, prompt, 4, state_dtype=jnp.bfloat16, **kw)
+  np.testing.assert_array_equal(b16[:, :11], f32[:, :11])   # the prefill's token, one step
+
+
+def test_pallas_step_generates_what_the_xla_step_does():
+  model = make(seed=8)          # K = 8, V = 12: interpret mode on CPU takes any head dims
+  prompt = jax.random.randint(jax.random.key(8), (2, 6), 0, 64)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(1))
+  np.testing.assert_array_equal(gen.generate(model, prompt, 10, impl="pallas", **kw),
+                                gen.generate(model, prompt, 10, impl="xla", **kw))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": 65}, "top_k"),
+    ({"impl": "cuda"}, "impl"),
+    ({"state_dtype": jnp.float16}, "state_dtype"),
+])
+def test_generate_errors(kwargs, match):
+  args = {"max_new_tokens": 2, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    gen.generate(make(), jnp.zeros((1, 3), jnp.int32), args.pop("max_new_tokens"),
+                 rng=jax.random.key(0), **args)
+  with pytest.raises(ValueError, match="prompt_BxT"):
+    gen.generate(make(), jnp.zeros((1, 0), jnp.int32), 2, rng=jax.random.key(0))
