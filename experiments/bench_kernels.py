@@ -12,7 +12,7 @@ DLPack. Writes JSON and a Markdown table.
 fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (its issue 640); for TIMING only
 the guard is lifted (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`); its errors are reported too.
 """
-import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -28,28 +28,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdn_jax.ops import gated_delta_rule
+from kernels_pallas import GpuConfig
 
 ISSUE_SHAPES = "8,2048,16,128,128;2,8192,16,128,128;8,2048,6,256,512;16,4096,16,128,128"
 
 _SHAPES = flags.DEFINE_string("shapes", ISSUE_SHAPES, "Semicolon-separated B,T,H,K,V.")
-_IMPLS = flags.DEFINE_string("impls", "pallas,chunked,fla", "Comma-separated: pallas (default schedule), "
-                             "pallas-walks, pallas-walks+pallas_parts, pallas-fused (one schedule of "
-                             "kernels_pallas.gpu), chunked, fla.")
+_IMPLS = flags.DEFINE_string("impls", "pallas,chunked,fla", "Comma-separated: pallas (the default "
+                             "GpuConfig), chunked, fla.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of pallas/chunked.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_kernels_gpu.json", "JSON path (.md beside).")
-_VARIANTS = flags.DEFINE_string("pallas_variants", "", "Extra pallas rows: semicolon-separated "
-                                "BLOCK_V,NUM_WARPS[,BWD_NUM_WARPS[,BWD_BLOCK_V]] (e.g. '128,4;64,8,4,32').")
-_KNOBS = flags.DEFINE_string("knob_variants", "", "Extra pallas rows, each setting kernels_pallas.gpu "
-                             "knobs (defaults restored after each): semicolon-separated NAME=VALUE,... "
-                             "(e.g. 'CHUNK_PARALLEL=pallas,PART_NUM_WARPS=8;WALK_NUM_STAGES=2').")
+_CONFIGS = flags.DEFINE_string("config_variants", "", "Extra pallas rows, one per kernels_pallas."
+                               "GpuConfig: semicolon-separated field=value,... (unset fields keep "
+                               "their defaults; e.g. 'grads_block_k=128,grads_key_num_warps=8;"
+                               "walk_block_v=32').")
 _CHECK_ERR = flags.DEFINE_bool("errors", True, "Compute errors against the fp32 reference.")
 _PROFILE = flags.DEFINE_bool("profile_once", False, "After timing, run one more forward+backward of each "
                              "row between cudaProfilerStart/Stop, for `ncu --profile-from-start off` "
                              "(experiments/ncu_table.py turns its CSV into a per-kernel table).")
-_STAGES = flags.DEFINE_bool("stages", False, "Also time each stage of the 'walks' schedule on its own "
-                            "(XLA operators, forward walk, output, backward locals, backward walk, grads).")
+_STAGES = flags.DEFINE_bool("stages", False, "Also time each GPU kernel on its own (prep, forward "
+                            "walk, output, dṼ^local, reverse walk, gradients), default config.")
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta")
 
@@ -99,9 +98,25 @@ def rel_err(x, ref):
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def jax_fns(impl, C):
+def parse_config(spec: str) -> GpuConfig:
+  """A GpuConfig from "field=value,..." (ints; True/False; None for a per-shape default)."""
+  fields = {f.name for f in dataclasses.fields(GpuConfig)}
+  values = {}
+  for item in filter(None, (x.strip() for x in spec.split(","))):
+    name, sep, text = item.partition("=")
+    if not sep or name not in fields:
+      raise ValueError(f"--config_variants: {item!r} is not field=value with a GpuConfig field; "
+                       f"fields: {sorted(fields)}")
+    if text in ("None", "True", "False"):
+      values[name] = {"None": None, "True": True, "False": False}[text]
+    else:
+      values[name] = int(text)
+  return GpuConfig(**values)
+
+
+def jax_fns(impl, C, config=None):
   def fwd(q, k, v, g, beta):
-    return gated_delta_rule(q, k, v, g, beta, chunk_size=C, impl=impl)[0]
+    return gated_delta_rule(q, k, v, g, beta, chunk_size=C, impl=impl, kernel_config=config)[0]
 
   def fwd_bwd(q, k, v, g, beta, do):
     o, vjp = jax.vjp(fwd, q, k, v, g, beta)
@@ -110,8 +125,8 @@ def jax_fns(impl, C):
   return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
-def bench_jax(impl, inputs, do, C, repeats, warmup):
-  fwd, fwd_bwd = jax_fns(impl, C)
+def bench_jax(impl, inputs, do, C, repeats, warmup, config=None):
+  fwd, fwd_bwd = jax_fns(impl, C, config)
   res = {}
   res["fwd_ms"], res["fwd_min_ms"] = time_calls(
       lambda: jax.block_until_ready(fwd(*inputs)), repeats, warmup)
@@ -170,104 +185,36 @@ def bench_fla(inputs, do, repeats, warmup):
   return res, to_np(o), [to_np(x.grad) for x in leaves]
 
 
-def walks_stage_times(inputs, do, C, repeats, warmup):
-  """Median ms of each stage of kernels_pallas.gpu's "walks" schedule, each jitted on its own with
-  its inputs precomputed (T a multiple of C, no packed documents): where fwd+bwd time goes."""
-  from gdn_jax.ops import chunked as xc  # pylint: disable=import-outside-toplevel
+def stage_times(inputs, do, C, repeats, warmup):
+  """Median ms of each GPU kernel (`kernels_pallas.gpu`'s stages, default config), each jitted alone
+  on precomputed inputs (T a multiple of C, no packed documents): where fwd+bwd time goes."""
   from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
   q, k, v, g, beta = inputs
   B, T, H, K = q.shape
-  V, N, scale, mm = v.shape[-1], T // C, K ** -0.5, gpu._mm_dtype(q.dtype)
-  state_dtype = q.dtype if mm is not None else jnp.float32
-  h0 = jnp.zeros((B, H, K, V), jnp.float32)
-  reset = jnp.zeros((B, T), jnp.float32)
-
-  @jax.jit
-  def operators(q, k, v, g, beta):
-    (qt, kt, vt, gt, bt), seg = gpu._walks_tiles(q, k, v, g, beta, None, C)
-    ops = xc.chunk_ops(qt, kt, vt, gt, bt, seg, mm)
-    return (qt, kt, vt, bt), ops, ops.W.astype(k.dtype)
-
-  walk_fwd = jax.jit(lambda W, U, k, g: gpu._walk_forward(W, U, k, g, reset, h0, mm_dtype=mm,
-                                                          state_dtype=state_dtype))
-  output = jax.jit(lambda qt, ops, hs, v_new: scale * (
-      ops.decay_in[..., None] * xc.mm('...ck,...kv->...cv', qt, hs, mm)
-      + xc.mm('...ij,...jv->...iv', ops.QK * ops.Gamma, v_new, mm)))
-  bwd_local = jax.jit(lambda ops, do: (lambda do_t: (do_t, scale * xc.mm(
-      '...ij,...iv->...jv', ops.QK * ops.Gamma, do_t, mm)))(gpu._to_chunks(do, B, N, C, H)))
-  walk_bwd = jax.jit(lambda W, k, q, g, do, dv_local: gpu._walk_backward(
-      W, k, q, g, reset, do, dv_local, h0, scale=scale, mm_dtype=mm, state_dtype=state_dtype))
-  grads = jax.jit(lambda ops, t, hs, do_t, dhs, dv_new: xc.chunk_grads(  # (grads, dVb)
-      ops, t[0], t[1], t[2], t[3], hs.astype(jnp.float32), do_t, dhs.astype(jnp.float32), dv_new,
-      scale, mm))
-
-  tiles_only = jax.jit(lambda q, k, v, g, beta: gpu._walks_tiles(q, k, v, g, beta, None, C)[0])
-  tq, tk, tv, tg, tb = tiles_only(*inputs)
-
-  @jax.jit
-  def products(qt, kt, gt, bt):      # QKᵀ, KKᵀ, Γ and L: the inputs of the inverse
-    gamma, strict, *_ = xc._decays(gt, None)
-    KK = xc.mm('...ik,...jk->...ij', kt, kt, mm)
-    Gamma = xc._gamma_matrix(gamma, strict)
-    return (xc.mm('...ik,...jk->...ij', qt, kt, mm), Gamma,
-            jnp.where(strict, bt[..., :, None] * KK * Gamma, 0.0))
-
-  _, _, L = products(tq, tk, tg, tb)
-  inverse = jax.jit(xc.unit_lower_inverse)
-  A = inverse(L)
-  w_u = jax.jit(lambda A, kt, vt, bt: (xc.mm('...ij,...jk->...ik', A, bt[..., None] * kt, mm),
-                                       xc.mm('...ij,...jv->...iv', A, bt[..., None] * vt, mm)))
-  t, ops, W = operators(*inputs)
-  v_new, _, hs = walk_fwd(W, ops.U, k, g)
-  do_t, dv_local = bwd_local(ops, do)
-  _, dhs, dv_bwd = walk_bwd(W, k, q, g, do, dv_local)
-  calls = {
-      "fwd: tiles + chunk operators (XLA)": lambda: operators(*inputs),
-      "fwd:   of which: [B,T,H,·] → [B,H,N,C,·] tiles (XLA)": lambda: tiles_only(*inputs),
-      "fwd:   of which: QKᵀ, KKᵀ, Γ, L (XLA)": lambda: products(tq, tk, tg, tb),
-      "fwd:   of which: A = (I+L)⁻¹ (XLA, fp32 doubling)": lambda: inverse(L),
-      "fwd:   of which: W, U (XLA)": lambda: w_u(A, tk, tv, tb),
-      "fwd: state walk (Pallas)": lambda: walk_fwd(W, ops.U, k, g),
-      "fwd: output O (XLA)": lambda: output(t[0], ops, hs, v_new),
-      "bwd: dṼ_local (XLA)": lambda: bwd_local(ops, do),
-      "bwd: reverse walk (Pallas)": lambda: walk_bwd(W, k, q, g, do, dv_local),
-      "bwd: chunk gradients (XLA)": lambda: grads(ops, t, hs, do_t, dhs, dv_bwd),
-  }
-  return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]
-          for name, f in calls.items()}
-
-
-def pallas_parts_stage_times(inputs, do, C, repeats, warmup):
-  """Median ms of each kernel of the walks schedule with CHUNK_PARALLEL="pallas", each jitted alone
-  on precomputed inputs (T a multiple of C, no packed documents)."""
-  from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
-  q, k, v, g, beta = inputs
-  B, T, H, K = q.shape
-  scale, mm = K ** -0.5, gpu._mm_dtype(q.dtype)
-  op = gpu._op_dtype(q.dtype)
+  scale, config = K ** -0.5, GpuConfig()
   h0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
   reset = jnp.zeros((B, T), jnp.float32)
-  prep = jax.jit(lambda *x: gpu._prep_pallas(*x, reset, C=C))
-  walk_fwd = jax.jit(lambda W, U, k, g: gpu._walk_forward(W, U, k, g, reset, h0, mm_dtype=mm,
-                                                          state_dtype=op, vnew_dtype=op))
-  output = jax.jit(lambda q, k, v, g, hs, v_new: gpu._output_pallas(q, k, v, g, reset, hs, v_new,
-                                                                    scale=scale, C=C))
-  dv_local = jax.jit(lambda q, k, v, g, do: gpu._dv_local_pallas(q, k, v, g, reset, do,
-                                                                 scale=scale, C=C))
-  walk_bwd = jax.jit(lambda W, k, q, g, do, dvl: gpu._walk_backward(
-      W, k, q, g, reset, do, dvl, h0, scale=scale, mm_dtype=mm, state_dtype=op, dvnew_dtype=op))
-  grads = jax.jit(lambda q, k, v, g, beta, do, A, hs, v_new, dhs, dv_new: gpu._grads_pallas(
-      q, k, v, g, beta, reset, A, hs, v_new, do, dhs, dv_new, scale=scale, C=C))
+  prep = jax.jit(lambda *x: gpu.prep(*x, reset, C=C, config=config))
+  walk_fwd = jax.jit(lambda W, U, k, g: gpu.walk_forward(W, U, k, g, reset, h0, config=config))
+  output = jax.jit(lambda q, k, v, g, hs, v_new: gpu.output(q, k, v, g, reset, hs, v_new,
+                                                            scale=scale, C=C, config=config))
+  dv_local = jax.jit(lambda q, k, v, g, do: gpu.dv_local(q, k, v, g, reset, do, scale=scale, C=C,
+                                                         config=config))
+  walk_bwd = jax.jit(lambda W, k, q, g, do, dvl: gpu.walk_backward(
+      W, k, q, g, reset, do, dvl, h0, scale=scale, config=config))
+  grads = jax.jit(lambda q, k, v, g, beta, do, A, hs, v_new, dhs, dv_new: gpu.grads(
+      q, k, v, g, beta, reset, A, hs, v_new, do, dhs, dv_new, scale=scale, C=C, config=config))
   A, W, U = prep(*inputs)
   v_new, _, hs = walk_fwd(W, U, k, g)
   dvl = dv_local(q, k, v, g, do)
   _, dhs, dv_new = walk_bwd(W, k, q, g, do, dvl)
-  calls = {"parts fwd: prep (A, W, U)": lambda: prep(*inputs),
-           "parts fwd: state walk": lambda: walk_fwd(W, U, k, g),
-           "parts fwd: output": lambda: output(q, k, v, g, hs, v_new),
-           "parts bwd: dṼ_local": lambda: dv_local(q, k, v, g, do),
-           "parts bwd: reverse walk": lambda: walk_bwd(W, k, q, g, do, dvl),
-           "parts bwd: gradients": lambda: grads(q, k, v, g, beta, do, A, hs, v_new, dhs, dv_new)}
+  calls = {"fwd: prep (A, W, U)": lambda: prep(*inputs),
+           "fwd: state walk": lambda: walk_fwd(W, U, k, g),
+           "fwd: output": lambda: output(q, k, v, g, hs, v_new),
+           "bwd: dṼ_local": lambda: dv_local(q, k, v, g, do),
+           "bwd: reverse walk": lambda: walk_bwd(W, k, q, g, do, dvl),
+           "bwd: gradients (key + WY)": lambda: grads(q, k, v, g, beta, do, A, hs, v_new, dhs,
+                                                      dv_new)}
   return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]
           for name, f in calls.items()}
 
@@ -280,28 +227,6 @@ def reference(inputs, do, C):
     return np.asarray(o), [np.asarray(x) for x in grads]
 
 
-@contextlib.contextmanager
-def gpu_knobs(spec: str = ""):
-  """Sets upper-case knobs of kernels_pallas.gpu from "NAME=VALUE,..." for the duration of the block
-  and restores every knob afterwards (a variant must not leak into the next row or shape)."""
-  from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
-  saved = {name: getattr(gpu, name) for name in dir(gpu) if name.isupper()}
-  try:
-    for item in filter(None, spec.split(",")):
-      name, value = item.split("=")
-      if name not in saved:
-        raise ValueError(f"--knob_variants: kernels_pallas.gpu has no knob {name!r}; "
-                         f"knobs: {sorted(saved)}")
-      kind = type(saved[name])
-      setattr(gpu, name, value == "True" if kind is bool else kind(value))
-    jax.clear_caches()
-    yield gpu
-  finally:
-    for name, value in saved.items():
-      setattr(gpu, name, value)
-    jax.clear_caches()
-
-
 def main(argv):
   del argv
   C = _CHUNK.value
@@ -311,16 +236,12 @@ def main(argv):
     B, T, H, K, V = map(int, shape_str.split(","))
     inputs, do = make_inputs(B, T, H, K, V)
     ref = reference(inputs, do, C) if _CHECK_ERR.value else None
-    variants = [(impl, None) for impl in impls] + [
-        ("pallas", tuple(map(int, v.split(",")))) for v in _VARIANTS.value.split(";") if v] + [
-        ("pallas", v) for v in _KNOBS.value.split(";") if v]
-    for impl, knobs in variants:
-      label = (impl if knobs is None else knobs if isinstance(knobs, str)
-               else "pallas_" + "_".join(map(str, knobs)))
+    variants = [(impl, None, impl) for impl in impls] + [
+        ("pallas", parse_config(spec), spec) for spec in _CONFIGS.value.split(";") if spec]
+    for impl, config, label in variants:
       row = dict(impl=label, B=B, T=T, H=H, K=K, V=V)
       try:
-        with gpu_knobs(knobs if isinstance(knobs, str) else "") as gpu:
-          bench_row(row, impl, None if isinstance(knobs, str) else knobs, gpu, inputs, do, ref, C)
+        bench_row(row, impl, config, inputs, do, ref, C)
       except Exception as e:  # keep the other rows: one failing impl must not lose the run
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         traceback.print_exc()
@@ -328,9 +249,7 @@ def main(argv):
       rows.append(row)
     if _STAGES.value:
       try:
-        with gpu_knobs():
-          st = walks_stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value)
-          st.update(pallas_parts_stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value))
+        st = stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value)
         stages.append(dict(B=B, T=T, H=H, K=K, V=V, stages_ms=st))
         print(json.dumps(stages[-1]), flush=True)
       except Exception:  # keep the timed rows
@@ -339,23 +258,13 @@ def main(argv):
   write_results(rows, stages, C)
 
 
-def bench_row(row, impl, knobs, gpu, inputs, do, ref, C):
-  """Times one row into `row`: `impl` (pallas-<schedule>[+pallas_parts] picks one schedule of
-  kernels_pallas.gpu), or "pallas" with the BLOCK_V,NUM_WARPS[,BWD_NUM_WARPS[,BWD_BLOCK_V]] tuple
-  `knobs`; adds the errors against `ref` when given."""
-  if knobs is not None:
-    gpu.BLOCK_V, gpu.NUM_WARPS = knobs[:2]
-    gpu.BWD_NUM_WARPS = knobs[2] if len(knobs) > 2 else gpu.BWD_NUM_WARPS
-    gpu.BWD_BLOCK_V = knobs[3] if len(knobs) > 3 else gpu.BWD_BLOCK_V
-  if impl.startswith("pallas-"):
-    schedule, _, parts = impl.split("-", 1)[1].partition("+")
-    gpu.SCHEDULE = schedule
-    gpu.CHUNK_PARALLEL = "pallas" if parts == "pallas_parts" else "xla"
-  jax.clear_caches()
+def bench_row(row, impl, config, inputs, do, ref, C):
+  """Times one row into `row`: `impl`, with the `GpuConfig` `config` for "pallas" (None: the
+  defaults); adds the errors against `ref` when given."""
   if impl == "fla":
     res, o, grads = bench_fla(inputs, do, _REPEATS.value, _WARMUP.value)
   else:
-    res, o, grads = bench_jax(impl.split("-")[0], inputs, do, C, _REPEATS.value, _WARMUP.value)
+    res, o, grads = bench_jax(impl, inputs, do, C, _REPEATS.value, _WARMUP.value, config)
   row.update(res)
   if ref is not None:
     row["err_o"] = rel_err(o, ref[0])
@@ -395,7 +304,7 @@ def write_results(rows, stages, C):
               f"{row.get('fwd_bwd_extra_bytes', 0) / 2**20:.0f} | {row.get('err_o', float('nan')):.1e} | "
               f"{gerr:.1e} |")
   for st in stages:
-    md += ["", f"walks stages at {st['B']},{st['T']},{st['H']},{st['K']},{st['V']} (each jitted alone, ms):",
+    md += ["", f"kernels at {st['B']},{st['T']},{st['H']},{st['K']},{st['V']} (each jitted alone, ms):",
            ""] + [f"- {name}: {ms:.3f}" for name, ms in st["stages_ms"].items()]
   with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
     f.write("\n".join(md) + "\n")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdn_jax.ops.chunked import chunked_gated_delta_rule
+from kernels_pallas import TpuConfig
 from kernels_pallas.tpu import gated_delta_rule_tpu
 
 _SHAPES = flags.DEFINE_string(
@@ -63,9 +64,10 @@ def make_inputs(B, T, H, K, V, dtype, seed=0):
 def impls(chunk_sizes, interpret):
   """name → f(q, k, v, g, β, h0, reset) -> (o, S), every one on the same validated inputs."""
   out = {}
+  config = TpuConfig(interpret=interpret)
   for C in chunk_sizes:
     out[f"pallas_tpu_C{C}"] = (lambda C: lambda q, k, v, g, b, h0, r: gated_delta_rule_tpu(
-        q, k, v, g, b, q.shape[-1] ** -0.5, h0, r, C, interpret=interpret or None))(C)
+        q, k, v, g, b, q.shape[-1] ** -0.5, h0, r, C, config))(C)
   # Nothing is packed here: the chunked algorithm's mask-free path (reset None) is its fastest.
   out["chunked_xla_C64"] = lambda q, k, v, g, b, h0, r: chunked_gated_delta_rule(
       q, k, v, g, b, q.shape[-1] ** -0.5, h0, None, 64)

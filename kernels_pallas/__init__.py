@@ -1,22 +1,24 @@
 """Pallas kernels for the chunked gated delta rule (GPU and TPU), with custom VJPs.
 
-`gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size) -> (o, final_state)` dispatches
-on `jax.default_backend()`: TPU → `kernels_pallas.tpu` (Mosaic), anything else → `kernels_pallas.gpu`
-(Triton on GPU, interpret mode on CPU). Per-chunk math shared by both lives in `chunk_math`.
-"""
-import importlib
-import os
+A leaf package: it imports jax and its own modules, never `gdn_jax` (whose op module loads it on
+first use, `gdn_jax.ops.gated_delta_rule`). Map of the files: README.md.
 
+`gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size, config) -> (o, final_state)`
+picks the backend from `config` (`GpuConfig` → `gpu/`, `TpuConfig` → `tpu.py`) or, with config None,
+from `jax.default_backend()`: TPU → `tpu.py` (Mosaic), anything else → `gpu/` (Triton on GPU,
+interpret mode on CPU). Per-chunk math shared by both lives in `chunk_math.py`.
+"""
 import jax
 
-_HAS_TPU = os.path.exists(os.path.join(os.path.dirname(__file__), "tpu.py"))
+from kernels_pallas.config import GpuConfig, TpuConfig
+
+__all__ = ["GpuConfig", "TpuConfig", "gated_delta_rule_pallas", "supports_backend",
+           "unsupported_shape"]
 
 
 def supports_backend(backend: str) -> bool:
   """Whether a compiled (non-interpret) Pallas kernel exists for `backend`."""
-  if backend in ("gpu", "cuda"):
-    return True
-  return backend == "tpu" and _HAS_TPU
+  return backend in ("gpu", "cuda", "tpu")
 
 
 def unsupported_shape(backend: str, K: int, V: int) -> str | None:
@@ -29,14 +31,18 @@ def unsupported_shape(backend: str, K: int, V: int) -> str | None:
   return None
 
 
-def gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size):
+def gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size, config=None):
   """See `gdn_jax.ops.gated_delta_rule`; q,k [B,T,Hk,K], v [B,T,H,V], g,beta [B,T,H] f32,
-  h0 [B,H,K,V] f32, reset [B,T] bool or None (no packed documents).
+  h0 [B,H,K,V] f32, reset [B,T] bool or None (no packed documents); config: a `GpuConfig`, a
+  `TpuConfig` or None (the backend's defaults).
   Returns (o [B,T,H,V], final state [B,H,K,V] f32)."""
-  if jax.default_backend() == "tpu":
+  if config is not None and not isinstance(config, (GpuConfig, TpuConfig)):
+    raise ValueError(f"gated_delta_rule: `kernel_config`={config!r}; expected a "
+                     "kernels_pallas.GpuConfig, a kernels_pallas.TpuConfig or None.")
+  if isinstance(config, TpuConfig) or (config is None and jax.default_backend() == "tpu"):
+    from kernels_pallas import tpu  # pylint: disable=import-outside-toplevel
     if reset is None:
       reset = jax.numpy.zeros(v.shape[:2], bool)
-    tpu = importlib.import_module("kernels_pallas.tpu")
-    return tpu.gated_delta_rule_tpu(q, k, v, g, beta, scale, h0, reset, chunk_size)
-  from kernels_pallas import gpu
-  return gpu.gated_delta_rule_gpu(q, k, v, g, beta, scale, h0, reset, chunk_size)
+    return tpu.gated_delta_rule_tpu(q, k, v, g, beta, scale, h0, reset, chunk_size, config)
+  from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
+  return gpu.gated_delta_rule_gpu(q, k, v, g, beta, scale, h0, reset, chunk_size, config)

@@ -5,7 +5,7 @@ and uses only what both Pallas lowerings accept: 2-D `lax.dot_general` with fp32
 (`dot` below), `iota` masks, `exp`, `where`, elementwise arithmetic, broadcasts of 1-D vectors
 (`x[:, None]`, `x[None, :]`) and reductions along one axis at a time. No cumsum (a masked row-sum instead),
 no triangular solve (block doubling with masks instead), no value slicing (`x[i]` is a masked sum).
-Under `jax.vmap` the same functions run as batched XLA ops (the GPU backward uses them that way).
+Under `jax.vmap` the same functions run as batched XLA ops.
 
 Symbols (as in `gdn_jax/ops/chunked.py` and `docs/`), for one chunk with carry-in state h (K×V):
 
@@ -22,13 +22,34 @@ Every exponent is ≤ 0 (masked before `exp`), so strong decay underflows to 0 a
 Padding tokens (g = β = k = v = 0, reset = 0) leave the state unchanged.
 
 Dtypes: q, k, v may be bf16; everything returned is float32. `dot` casts both operands to
-`mm_dtype` (None: keep them, after promoting mixed dtypes to float32) and accumulates in float32.
-On Triton a float32 dot runs in TF32 (≈3e-4 relative), like fla's kernels.
+`mm_dtype` (None: keep them, after promoting mixed dtypes to float32) and accumulates in float32;
+`mm_dtype_for(dtype)` is the one policy both backends use for it. On Triton a float32 dot runs in TF32
+(≈3e-4 relative), like fla's kernels.
+
+Who uses what: the forward (`chunk_decays`, `ut_inverse`, the W, U, O and state products) is shared;
+the GPU backward is the hand-written pair `chunk_key_grads` + `chunk_wy_grads`, the TPU backward is
+AD of `chunk_forward` (`chunk_forward_vjp`). The XLA path (`gdn_jax.ops.chunked`) has its own batched
+forms of the same identities (its `unit_lower_inverse` and `chunk_grads`): the two are exact in real
+arithmetic but round differently, and the training runs' numbers are pinned to that path's rounding.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def mm_dtype_for(dtype):
+  """Operand dtype of the state and UT-transform matmuls for q, k, v of `dtype`: bfloat16 for
+  bfloat16 inputs (fp32 accumulation; as fla does, the tensor cores' and MXU's native type), None
+  (operands as given) for every other dtype.
+
+  Only bf16 is narrowed because it keeps fp32's 8-bit exponent: the intermediates cast to it (A, W,
+  the states h and the cotangents dṼ, dh) keep their range. float16 (5-bit exponent: |x| ≤ 65504,
+  normal |x| ≥ 6e-5) would overflow or flush them, so fp16 inputs multiply as given (promoted to
+  fp32 where mixed). The TPU kernel used to narrow to any input dtype below fp32, fp16 included;
+  it accepts only float32 and bfloat16, where the two rules agree.
+  """
+  return jnp.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else None
 
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, mm_dtype=None):
@@ -70,6 +91,9 @@ def unit_lower_inverse(L_CxC, C: int):
 
   i//b = j//b ⟺ (i XOR j) < b for powers of two, so M_b = L ⊙ [b ≤ i⊕j < 2b]. A_2 = I − M_1 needs no
   matmul; then 2 (log₂C − 1) C×C matmuls. Exact (no Neumann series, whose powers of L can overflow).
+  This is the in-kernel form of `gdn_jax.ops.chunked.unit_lower_inverse` (the same merges, done there
+  on reshaped blocks after a substitution on the diagonal blocks): masks instead of reshapes and
+  concatenations, which Triton and Mosaic tiles do not allow.
   """
   rows, cols = _iota2(C)
   x = rows ^ cols
@@ -164,18 +188,24 @@ def chunk_step(h_KxV, P_CxC, W_CxK, U_CxV, Qd_CxK, Kw_CxK, decay_last, scale: fl
   return o, h_next, v_new
 
 
-def chunk_step_bwd(dh_next_KxV, do_CxV, P_CxC, W_CxK, Qd_CxK, Kw_CxK, decay_last, scale: float,
-                   mm_dtype=None):
-  """Reverse of `chunk_step` w.r.t. h only: the cotangent of h given those of O and h'.
+def chunk_forward(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, *, scale: float, C: int,
+                  mm_dtype=None):
+  """(O [C×V], h' [K×V]) of one chunk from its inputs and carry-in state h: `chunk_operators` then
+  `chunk_step` (the TPU kernel's step)."""
+  P, W, U, Qd, Kw, decay_last = chunk_operators(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, C,
+                                                mm_dtype)
+  o_CxV, h_next_KxV, _ = chunk_step(h_KxV, P, W, U, Qd, Kw, decay_last, scale, mm_dtype)
+  return o_CxV, h_next_KxV
 
-      dṼ = scale Pᵀ dO + K̃ dh'
-      dh = e^{γ_C} dh' + scale Qdᵀ dO − Wᵀ dṼ
-  """
-  dv_new = (scale * dot(P_CxC, do_CxV, trans_a=True, mm_dtype=mm_dtype)
-            + dot(Kw_CxK, dh_next_KxV, mm_dtype=mm_dtype))
-  dh = (decay_last * dh_next_KxV + scale * dot(Qd_CxK, do_CxV, trans_a=True, mm_dtype=mm_dtype)
-        - dot(W_CxK, dv_new, trans_a=True, mm_dtype=mm_dtype))
-  return dh
+
+def chunk_forward_vjp(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_KxV, *,
+                      scale: float, C: int, mm_dtype=None):
+  """(dq, dk, dv, dg, dβ, dh) of one chunk given the cotangents dO, dh' of (O, h'): AD of
+  `chunk_forward` (recompute the chunk, pull back; the TPU kernel's backward step)."""
+  f = lambda q, k, v, g, b, h: chunk_forward(q, k, v, g, b, reset_C, h, scale=scale, C=C,
+                                             mm_dtype=mm_dtype)
+  _, vjp = jax.vjp(f, q_CxK, k_CxK, v_CxV, g_C, beta_C, h_KxV)
+  return vjp((do_CxV, dh_next_KxV))
 
 
 def reverse_cumsum(x_C, C: int):
@@ -184,160 +214,21 @@ def reverse_cumsum(x_C, C: int):
   return jnp.sum(jnp.where(rows >= cols, x_C[:, None], 0.0), axis=0)
 
 
-def _gradients_from_products(q, k, KK, QK, Gamma, d, w, lam, beta, dP, dL, dq_state, dk_state,
-                             qd_dot, kw_dot, kb_dot, dbeta_v, dlam, C: int, mm_dtype=None,
-                             first=1.0):
-  r"""The last step of a chunk's backward, shared by `chunk_bwd` and `chunk_gradients`: from
-  dP, the strict-lower dL and the state-facing products (dq_state = d ⊙ dQd, dk_state = w ⊙ dK̃ +
-  βd ⊙ dKb, the row sums Σ dQd ⊙ q, Σ dK̃ ⊙ k, Σ dKb ⊙ k, Σ dVb ⊙ v and dλ) to dq, dk (for the
-  columns of `q`, `k`), dg and dβ, through L = strict(β_i (KKᵀ)_ij Γ_ij) and P = (QKᵀ) ⊙ Γ:
-
-      dKK = β Γ ⊙ dL,  dq = dq_state + (dP ⊙ Γ) K,  dk = dk_state + (dP ⊙ Γ)ᵀ Q + (dKK + dKKᵀ) K
-      dγ_i = Σ_j (Γ ⊙ dΓ)_ij − Σ_j (Γ ⊙ dΓ)_ji + d_i dd_i − w_i dw_i,  dγ_C = Σ_j w_j dw_j + λ dλ
-      dg = reverse_cumsum(dγ) + dγ_C
-
-  `first` (1.0/0.0 or a bool) gates the terms that do not contract over K (see `chunk_gradients`).
-  """
-  rows, cols = _iota2(C)
-  strict = cols < rows
-  idx = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
-  first = jnp.asarray(first, jnp.float32)
-  dKK = beta[:, None] * Gamma * dL
-  dQK = dP * Gamma
-  dq = dq_state + dot(dQK, k, mm_dtype=mm_dtype)
-  dk = (dk_state + dot(dQK, q, trans_a=True, mm_dtype=mm_dtype)
-        + dot(dKK, k, mm_dtype=mm_dtype) + dot(dKK, k, trans_a=True, mm_dtype=mm_dtype))
-  dbeta = first * (jnp.sum(KK * Gamma * dL, axis=1) + dbeta_v) + d * kb_dot
-  dd = beta * kb_dot + qd_dot
-  dw = jnp.where(idx < C - 1, kw_dot, 0.0)                             # w_{C−1} = 1 is a constant
-  GdG = jnp.where(strict, Gamma * (beta[:, None] * KK * dL + dP * QK), 0.0)
-  dgamma = first * (jnp.sum(GdG, axis=1) - jnp.sum(GdG, axis=0)) + d * dd - w * dw
-  dgamma_last = jnp.sum(w * dw) + lam * dlam
-  dg = reverse_cumsum(dgamma, C) + dgamma_last
-  return dq, dk, dg, dbeta
-
-
-def chunk_bwd(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_KxV, C: int,
-              scale: float, mm_dtype=None):
-  r"""Gradients of one chunk's (q, k, v, g, β) given its carry-in state h and the cotangents dO, dh'.
-
-  The hand-written reverse of `chunk_operators` + `chunk_step` (h treated as an input; its own
-  cotangent is `chunk_step_bwd`'s job). With Kb = diag(β d) K, Vb = diag(β) V, d = e^γ[s=0],
-  w = e^{γ_C−γ}[s=s_C], λ = e^{γ_C}[s_C=0]:
-
-      dṼ = scale Pᵀ dO + K̃ dh'           dP = scale dO Ṽᵀ        dQd = scale dO hᵀ     dK̃ = Ṽ dh'ᵀ
-      dA = dṼ Vbᵀ − dṼ hᵀ Kbᵀ             dVb = Aᵀ dṼ             dKb = −Aᵀ dṼ hᵀ
-      dL = −Aᵀ dA Aᵀ  (strict lower)      L = strict(diag(β)(K Kᵀ) ⊙ Γ),  P = (Q Kᵀ) ⊙ Γ
-      dγ_i = Σ_j (Γ ⊙ dΓ)_ij − Σ_j (Γ ⊙ dΓ)_ji + d_i dd_i − w_i dw_i,   dγ_C = Σ_j w_j dw_j + λ dλ
-      dg = reverse_cumsum(dγ) + dγ_C     (γ = cumsum g, γ_C = Σ g)
-
-  Returns (dq [C×K], dk [C×K], dv [C×V], dg [C], dβ [C]), float32.
-  """
-  rows, cols = _iota2(C)
-  strict = cols < rows
-  qf, kf, vf = (x.astype(jnp.float32) for x in (q_CxK, k_CxK, v_CxV))
-  Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
-  KK = dot(k_CxK, k_CxK, trans_b=True)
-  QK = dot(q_CxK, k_CxK, trans_b=True)
-  L = jnp.where(strict, beta_C[:, None] * KK * Gamma, 0.0)
-  A = unit_lower_inverse(L, C)
-  Kb = (beta_C * d)[:, None] * kf
-  Vb = beta_C[:, None] * vf
-  W = dot(A, Kb, mm_dtype=mm_dtype)
-  U = dot(A, Vb, mm_dtype=mm_dtype)
-  v_new = U - dot(W, h_KxV, mm_dtype=mm_dtype)
-  P = QK * Gamma
-  Kw = w[:, None] * kf
-  # --- the state-facing products
-  dv_new = (scale * dot(P, do_CxV, trans_a=True, mm_dtype=mm_dtype)
-            + dot(Kw, dh_next_KxV, mm_dtype=mm_dtype))
-  dP = scale * dot(do_CxV, v_new, trans_b=True, mm_dtype=mm_dtype)
-  dQd = scale * dot(do_CxV, h_KxV, trans_b=True, mm_dtype=mm_dtype)
-  dKw = dot(v_new, dh_next_KxV, trans_b=True, mm_dtype=mm_dtype)
-  dlam = jnp.sum(jnp.sum(h_KxV * dh_next_KxV, axis=1))   # two 1-axis sums: Triton lowers those
-  dW = -dot(dv_new, h_KxV, trans_b=True, mm_dtype=mm_dtype)
-  # --- UT transform: W = A Kb, U = A Vb, A = (I + L)⁻¹
-  dA = dot(dv_new, Vb, trans_b=True) + dot(dW, Kb, trans_b=True)
-  dVb = dot(A, dv_new, trans_a=True)
-  dKb = dot(A, dW, trans_a=True)
-  dL = jnp.where(strict, -dot(dot(A, dA, trans_a=True), A, trans_b=True), 0.0)
-  dv = beta_C[:, None] * dVb
-  dq, dk, dg, dbeta = _gradients_from_products(
-      qf, kf, KK, QK, Gamma, d, w, lam, beta_C, dP, dL, d[:, None] * dQd,
-      w[:, None] * dKw + (beta_C * d)[:, None] * dKb, jnp.sum(dQd * qf, axis=1),
-      jnp.sum(dKw * kf, axis=1), jnp.sum(dKb * kf, axis=1), jnp.sum(dVb * vf, axis=1), dlam, C)
-  return dq, dk, dv, dg, dbeta
-
-
 # ------------------------------------------------------------------------------------------------
-# The chunk-parallel parts of the "walks" schedule when they run as Pallas kernels
-# (`kernels_pallas.gpu.CHUNK_PARALLEL = "pallas"`): A is formed once, in the forward, and stored;
-# the backward reads it. V-wide tiles are handled by the caller in blocks of V columns (the rule is
-# separable in the value columns), so these functions take one V-block at a time where V appears.
-
-
-def chunk_gradients(q_CxK, k_CxK, g_C, beta_C, reset_C, A_CxC, blocks, C: int, scale: float,
-                    mm_dtype=None, qk_cols=None, first=True):
-  r"""Gradients of one chunk given A = (I + L)⁻¹ from the forward and, per V-block, the walks' results.
-
-  `blocks` yields, per V-block, (v, h, Ṽ, dO, dh', dṼ) tiles (C×BV, K×BV, C×BV, C×BV, K×BV, C×BV)
-  and a `write_dv(dv_block)` callback. The math is `gdn_jax.ops.chunked.chunk_grads` (the same
-  identities: dVb = Aᵀ dṼ, dKb = −dVb hᵀ, dL = −strict(dVb Ṽᵀ)), with every product that contracts
-  over V accumulated block by block:
-
-      dP = scale Σ dO Ṽᵀ     d(dQd) = scale Σ dO hᵀ      dK̃ = Σ Ṽ dh'ᵀ      dλ = Σ h ⊙ dh'
-      dKb = −Σ dVb hᵀ        dL = −strict(Σ dVb Ṽᵀ)      dv = β dVb (per block)
-
-  then dq = (dP ⊙ Γ) K + d ⊙ dQd, dk = (dP ⊙ Γ)ᵀ Q + (dKK + dKKᵀ) K + w ⊙ dK̃ + βd ⊙ dKb with
-  dKK = β Γ ⊙ dL, and dβ, dg as in `chunk_bwd`. Returns (dq, dk [C×K], dg, dβ [C]) float32.
-
-  K split over programs (`qk_cols` = the q, k tiles of one block of K columns): q, k are the full
-  C×K tiles (Q Kᵀ and K Kᵀ need all of K), the h, dh blocks hold only the matching rows of the
-  state, and dq, dk are returned for those columns.
-  dg and dβ are then partial sums over the K-blocks (the caller adds them up): the terms that do not
-  contract over K are counted only where `first` is true (a traced bool or 1.0/0.0).
-  """
-  rows, cols = _iota2(C)
-  strict = cols < rows
-  q_cols, k_cols_ = (q_CxK, k_CxK) if qk_cols is None else qk_cols
-  qf, kf = q_cols.astype(jnp.float32), k_cols_.astype(jnp.float32)
-  Gamma, d, w, lam = chunk_decays(g_C, reset_C, C)
-  K = q_cols.shape[1]
-  dP = jnp.zeros((C, C), jnp.float32)
-  dL = jnp.zeros((C, C), jnp.float32)
-  dbeta_v = jnp.zeros((C,), jnp.float32)
-  dq_state = jnp.zeros((C, K), jnp.float32)     # d ⊙ dQd
-  dk_state = jnp.zeros((C, K), jnp.float32)     # w ⊙ dK̃ + βd ⊙ dKb
-  qd_dot = kw_dot = kb_dot = jnp.zeros((C,), jnp.float32)
-  dlam = jnp.zeros((), jnp.float32)
-  for (v, h, v_new, do, dh, dv_new), write_dv in blocks:
-    dQd = scale * dot(do, h, trans_b=True, mm_dtype=mm_dtype)
-    dKw = dot(v_new, dh, trans_b=True, mm_dtype=mm_dtype)
-    dlam = dlam + jnp.sum(jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1))
-    dVb = dot(A_CxC, dv_new, trans_a=True, mm_dtype=mm_dtype)
-    dKb = -dot(dVb, h, trans_b=True, mm_dtype=mm_dtype)
-    dP = dP + scale * dot(do, v_new, trans_b=True, mm_dtype=mm_dtype)
-    dL = dL - dot(dVb, v_new, trans_b=True, mm_dtype=mm_dtype)
-    dbeta_v = dbeta_v + jnp.sum(dVb * v.astype(jnp.float32), axis=1)
-    write_dv(beta_C[:, None] * dVb)
-    dq_state = dq_state + d[:, None] * dQd
-    dk_state = dk_state + w[:, None] * dKw + (beta_C * d)[:, None] * dKb
-    qd_dot = qd_dot + jnp.sum(dQd * qf, axis=1)
-    kw_dot = kw_dot + jnp.sum(dKw * kf, axis=1)
-    kb_dot = kb_dot + jnp.sum(dKb * kf, axis=1)
-  KK = dot(k_CxK, k_CxK, trans_b=True)
-  QK = dot(q_CxK, k_CxK, trans_b=True)
-  return _gradients_from_products(
-      q_cols, k_cols_, KK, QK, Gamma, d, w, lam, beta_C, dP, jnp.where(strict, dL, 0.0), dq_state,
-      dk_state, qd_dot, kw_dot, kb_dot, dbeta_v, dlam, C, mm_dtype=mm_dtype, first=first)
-
-
-# ------------------------------------------------------------------------------------------------
-# The gradients in two kernels (`kernels_pallas.gpu.GRADS_SPLIT`), split as fla splits its backward:
-# one program per (chunk, block of K columns) for everything that contracts over V into K, then one
+# The GPU backward's gradients, in two kernels split as fla splits its backward (`gpu/grads.py`): one
+# program per (chunk, block of K columns) for everything that contracts over V into K, then one
 # program per chunk for the UT transform's part (dv and the gradient through L = strict(β KKᵀ ⊙ Γ)).
-# dq is final after the first; dk = dk₁ + dk₂; dg and dβ are sums of the two kernels' parts (dg is
-# linear in dγ, so each part is reverse-cumsummed on its own).
+# A = (I + L)⁻¹ comes stored from the forward. V-wide tiles come in blocks of columns (the rule is
+# separable in the value columns). dq is final after the first; dk = dk₁ + dk₂; dg and dβ are sums of
+# the two kernels' parts (dg is linear in dγ, so each part is reverse-cumsummed on its own).
+#
+# The identities (as in `gdn_jax.ops.chunked.chunk_grads`), with Kb = diag(β d) K, Vb = diag(β) V,
+# d = e^γ[s=0], w = e^{γ_C−γ}[s=s_C], λ = e^{γ_C}[s_C=0]:
+#     dP = scale dO Ṽᵀ   dQd = scale dO hᵀ   dK̃ = Ṽ dh'ᵀ   dλ = Σ h ⊙ dh'
+#     dVb = Aᵀ dṼ,  dKb = −Aᵀ dṼ hᵀ,  dL = −strict(dVb Ṽᵀ)   (Aᵀ dA Aᵀ = dVb Ṽᵀ as Ṽ = A (Vb − Kb h))
+#     through L = strict(β_i (KKᵀ)_ij Γ_ij) and P = (QKᵀ) ⊙ Γ to dq, dk, dv = β dVb, dβ and
+#     dγ_i = Σ_j (Γ ⊙ dΓ)_ij − Σ_j (Γ ⊙ dΓ)_ji + d_i dd_i − w_i dw_i,  dγ_C = Σ_j w_j dw_j + λ dλ,
+#     dg = reverse_cumsum(dγ) + dγ_C       (γ = cumsum g; Γ_ii = w_C = 1 are constants)
 
 
 def fold_blocks(blocks, step, init):

@@ -20,15 +20,16 @@ out head-major so every block's last two dims obey Mosaic's (8, 128) rule:
 (C, K) and (C, V) use the full K / V extent, so every K, V lowers; sizes below 128 pad the lanes
 (speed only). The time axis is padded to N·C with g = β = k = v = 0 tokens, which leave S unchanged.
 
-Forward: for each chunk, `chunk_operators` (Γ, the UT transform W, U, ...) and `chunk_step`
-(Ṽ = U − W S, O = scale (Qd S + P Ṽ), S' = e^{γ_C} S + K̃ᵀ Ṽ). Under differentiation the forward also
+Forward: for each chunk, `chunk_math.chunk_forward`: `chunk_operators` (Γ, the UT transform W, U,
+...) and `chunk_step` (Ṽ = U − W S, O = scale (Qd S + P Ṽ), S' = e^{γ_C} S + K̃ᵀ Ṽ). Under
+differentiation the forward also
 writes the state entering every chunk, S_n [B, H, N, K, V] (O(T/C · K · V) per head, in the matmul
 dtype: bf16 for bf16 inputs; no per-token state is ever stored).
 
 Backward: the same grid with the chunk axis walked in reverse (index map n → N−1−n), carrying dS
 (K×V, float32) in VMEM scratch, initialised with the cotangent of the final state. Each step
-recomputes the chunk from (q, k, v, g, β, S_n) and applies the VJP of the shared chunk math to
-(dO, dS'), which yields dq, dk, dv, dg, dβ of the chunk and dS_n = e^{γ_C} dS' + scale Qdᵀ dO − Wᵀ dṼ.
+recomputes the chunk from (q, k, v, g, β, S_n) and applies the VJP of the shared chunk math
+(`chunk_math.chunk_forward_vjp`) to (dO, dS'), which yields dq, dk, dv, dg, dβ of the chunk and dS_n = e^{γ_C} dS' + scale Qdᵀ dO − Wᵀ dṼ.
 The within-chunk reverse cumsum of dg is the transpose of the shared masked row-sum (a reduction,
 not a cumsum op). For grouped value heads the per-value-head dq, dk are summed over the group
 outside the kernel.
@@ -37,9 +38,12 @@ Matmul precision, explicit per dot (`_explicit_precision` re-emits every dot of 
 math): float32 × float32 dots (the UT inverse A = (I + L)⁻¹ and the decay-weighted products and
 their transposes, which carry the gate gradients) run at `lax.Precision.HIGHEST` (Mosaic contract
 precision fp32); dots with a bf16 operand (K Kᵀ, Q Kᵀ, the W/U and state matmuls that the shared
-`mm_dtype` casts to the input dtype, and their VJP transposes, whose fp32 cotangent is rounded to
-bf16 as in fla's backward) run on the MXU in bf16 with fp32 accumulation. With float32 inputs
-every dot is fp32.
+policy `chunk_math.mm_dtype_for` casts to bf16 for bf16 inputs, and their VJP transposes, whose fp32
+cotangent is rounded to bf16 as in fla's backward) run on the MXU in bf16 with fp32 accumulation.
+With float32 inputs every dot is fp32.
+
+Settings: a `TpuConfig` (`config.py`: interpret mode, the grid's dimension semantics), a static
+argument of `gated_delta_rule_tpu`.
 
 Cost: the backward recomputes the chunk and differentiates it (about 3× the forward's chunk
 work), and the UT inverse by doubling is 2 (log₂C − 1) fp32 C×C matmuls per chunk. Both are
@@ -61,9 +65,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import chunk_math
+from kernels_pallas.config import TpuConfig
 
 _SQ = pl.Squeezed()  # a block dimension of size 1, dropped from the kernel's view of the ref
-_SEMANTICS = ("parallel", "parallel", "arbitrary")
 
 
 # --- explicit matmul precision ---------------------------------------------------------------
@@ -125,27 +129,6 @@ def _explicit_precision(fn):
   return wrapped
 
 
-# --- candidates for chunk_math ---------------------------------------------------------------
-# Backend-neutral compositions of the shared per-chunk math (the whole chunk, and its VJP by
-# recomputation); a GPU backward kernel could use the same pair.
-
-def _chunk_forward(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, *, scale, C, mm_dtype):
-  """(O [C×V], S' [K×V]) of one chunk from its inputs and the carry-in state (shared chunk math)."""
-  P, W, U, Qd, Kw, decay_last = chunk_math.chunk_operators(q_CxK, k_CxK, v_CxV, g_C, beta_C,
-                                                           reset_C, C, mm_dtype)
-  o_CxV, h_next_KxV, _ = chunk_math.chunk_step(h_KxV, P, W, U, Qd, Kw, decay_last, scale, mm_dtype)
-  return o_CxV, h_next_KxV
-
-
-def _chunk_backward(q_CxK, k_CxK, v_CxV, g_C, beta_C, reset_C, h_KxV, do_CxV, dh_next_KxV, *,
-                    scale, C, mm_dtype):
-  """VJP of `_chunk_forward` w.r.t. (q, k, v, g, β, S): recompute the chunk, pull (dO, dS') back."""
-  f = lambda q, k, v, g, b, h: _chunk_forward(q, k, v, g, b, reset_C, h, scale=scale, C=C,
-                                              mm_dtype=mm_dtype)
-  _, vjp = jax.vjp(f, q_CxK, k_CxK, v_CxV, g_C, beta_C, h_KxV)
-  return vjp((do_CxV, dh_next_KxV))
-
-
 # --- kernels ---------------------------------------------------------------------------------
 
 def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, h0_ref, *refs, scale, C,
@@ -164,7 +147,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, h0_ref, *re
   h_KxV = h_scr[...]
   if save_states:
     hn_ref[...] = h_KxV.astype(hn_ref.dtype)                # S entering chunk n, for the backward
-  step = _explicit_precision(functools.partial(_chunk_forward, scale=scale, C=C, mm_dtype=mm_dtype))
+  step = _explicit_precision(functools.partial(chunk_math.chunk_forward, scale=scale, C=C,
+                                              mm_dtype=mm_dtype))
   o_CxV, h_next_KxV = step(q_ref[...], k_ref[...], v_ref[...], g_ref[...], beta_ref[...],
                            reset_ref[...], h_KxV)
   o_ref[...] = o_CxV.astype(o_ref.dtype)
@@ -185,7 +169,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, reset_ref, hn_ref, do
   def _():
     dh_scr[...] = dhT_ref[...]
 
-  step = _explicit_precision(functools.partial(_chunk_backward, scale=scale, C=C,
+  step = _explicit_precision(functools.partial(chunk_math.chunk_forward_vjp, scale=scale, C=C,
                                               mm_dtype=mm_dtype))
   dq, dk, dv, dg, dbeta, dh = step(q_ref[...], k_ref[...], v_ref[...], g_ref[...], beta_ref[...],
                                    reset_ref[...], hn_ref[...].astype(jnp.float32),
@@ -221,16 +205,12 @@ def _specs(H, Hk, N, C, K, V, reverse):
   return per_chunk, state, chunk_state
 
 
-def _mm_dtype(dtype):
-  """Operand dtype of the state / UT matmuls: the input dtype when narrower than fp32, else None."""
-  return None if jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
-
-
-def _forward_call(q, k, v, g, beta, reset, h0, *, scale, C, interpret, save_states):
+def _forward_call(q, k, v, g, beta, reset, h0, *, scale, C, config, save_states):
   B, Hk, Tp, K = q.shape
   H, V = v.shape[1], v.shape[3]
   N = Tp // C
   per_chunk, state, chunk_state = _specs(H, Hk, N, C, K, V, reverse=False)
+  mm_dtype = chunk_math.mm_dtype_for(q.dtype)
   out_specs = [pl.BlockSpec((_SQ, _SQ, C, V), lambda b, h, n: (b, h, n, 0)), state]
   out_shape = [jax.ShapeDtypeStruct((B, H, Tp, V), v.dtype),
                jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)]
@@ -238,17 +218,17 @@ def _forward_call(q, k, v, g, beta, reset, h0, *, scale, C, interpret, save_stat
     out_specs.append(chunk_state)
     # Saved in the matmul dtype: the backward only feeds S_n to bf16 matmuls (and to the gradient
     # of e^{γ_C}), so bf16 inputs keep bf16 states, halving the O(T/C · K · V) residual like fla.
-    out_shape.append(jax.ShapeDtypeStruct((B, H, N, K, V), _mm_dtype(q.dtype) or jnp.float32))
-  kernel = functools.partial(_forward_kernel, scale=scale, C=C, mm_dtype=_mm_dtype(q.dtype),
+    out_shape.append(jax.ShapeDtypeStruct((B, H, N, K, V), mm_dtype or jnp.float32))
+  kernel = functools.partial(_forward_kernel, scale=scale, C=C, mm_dtype=mm_dtype,
                              save_states=save_states)
   return pl.pallas_call(
       kernel, grid=(B, H, N), in_specs=[*per_chunk, state], out_specs=out_specs,
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
-      interpret=interpret, name="gdn_chunk_fwd_tpu")(q, k, v, g, beta, reset, h0)
+      compiler_params=pltpu.CompilerParams(dimension_semantics=config.dimension_semantics),
+      interpret=config.interpret, name="gdn_chunk_fwd_tpu")(q, k, v, g, beta, reset, h0)
 
 
-def _backward_call(q, k, v, g, beta, reset, h_chunks, do, dhT, *, scale, C, interpret):
+def _backward_call(q, k, v, g, beta, reset, h_chunks, do, dhT, *, scale, C, config):
   B, Hk, Tp, K = q.shape
   H, V = v.shape[1], v.shape[3]
   N = Tp // C
@@ -266,36 +246,37 @@ def _backward_call(q, k, v, g, beta, reset, h_chunks, do, dhT, *, scale, C, inte
                jax.ShapeDtypeStruct((B, H, Tp, K), dqk_dtype),
                jax.ShapeDtypeStruct((B, H, Tp, V), v.dtype), jax.ShapeDtypeStruct(g.shape, f32),
                jax.ShapeDtypeStruct(beta.shape, f32), jax.ShapeDtypeStruct((B, H, K, V), f32)]
-  kernel = functools.partial(_backward_kernel, scale=scale, C=C, mm_dtype=_mm_dtype(q.dtype))
+  kernel = functools.partial(_backward_kernel, scale=scale, C=C,
+                             mm_dtype=chunk_math.mm_dtype_for(q.dtype))
   do_spec = pl.BlockSpec((_SQ, _SQ, C, V), rev)
   return pl.pallas_call(
       kernel, grid=(B, H, N), in_specs=[*per_chunk, chunk_state, do_spec, state],
       out_specs=out_specs, out_shape=out_shape,
       scratch_shapes=[pltpu.VMEM((K, V), f32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
-      interpret=interpret, name="gdn_chunk_bwd_tpu")(q, k, v, g, beta, reset, h_chunks, do, dhT)
+      compiler_params=pltpu.CompilerParams(dimension_semantics=config.dimension_semantics),
+      interpret=config.interpret, name="gdn_chunk_bwd_tpu")(q, k, v, g, beta, reset, h_chunks, do, dhT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _gdn_tpu(q, k, v, g, beta, reset, h0, scale, C, interpret):
+def _gdn_tpu(q, k, v, g, beta, reset, h0, scale, C, config):
   """The rule on the kernel layout (see the module docstring); reset is not differentiated."""
-  o, hT = _forward_call(q, k, v, g, beta, reset, h0, scale=scale, C=C, interpret=interpret,
+  o, hT = _forward_call(q, k, v, g, beta, reset, h0, scale=scale, C=C, config=config,
                         save_states=False)
   return o, hT
 
 
-def _gdn_tpu_fwd(q, k, v, g, beta, reset, h0, scale, C, interpret):
+def _gdn_tpu_fwd(q, k, v, g, beta, reset, h0, scale, C, config):
   o, hT, h_chunks = _forward_call(q, k, v, g, beta, reset, h0, scale=scale, C=C,
-                                  interpret=interpret, save_states=True)
+                                  config=config, save_states=True)
   return (o, hT), (q, k, v, g, beta, reset, h_chunks)
 
 
-def _gdn_tpu_bwd(scale, C, interpret, residuals, cotangents):
+def _gdn_tpu_bwd(scale, C, config, residuals, cotangents):
   q, k, v, g, beta, reset, h_chunks = residuals
   do, dhT = cotangents
   dq, dk, dv, dg, dbeta, dh0 = _backward_call(q, k, v, g, beta, reset, h_chunks, do,
                                               dhT.astype(jnp.float32), scale=scale, C=C,
-                                              interpret=interpret)
+                                              config=config)
   B, Hk, Tp, K = q.shape
   H = v.shape[1]
   if H != Hk:  # grouped value heads: q/k head j fed value heads j·G … j·G + G − 1 (float32 sum)
@@ -331,7 +312,9 @@ def _check(q, k, v, g, beta, h0, reset, chunk_size):
       raise ValueError(f"gated_delta_rule_tpu: `{name}` has shape {x.shape}; expected {shape}.")
 
 
-def gated_delta_rule_tpu(q, k, v, g, beta, scale, h0, reset, chunk_size, *, interpret=None):
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "config"))
+def gated_delta_rule_tpu(q, k, v, g, beta, scale, h0, reset, chunk_size,
+                         config: TpuConfig | None = None):
   """Chunked gated delta rule with the Mosaic TPU kernels (differentiable: custom VJP).
 
   Args:
@@ -342,8 +325,9 @@ def gated_delta_rule_tpu(q, k, v, g, beta, scale, h0, reset, chunk_size, *, inte
     h0: [B, H, K, V] float32 initial state.
     reset: [B, T] bool, True where a packed document starts (state zeroed before that token).
     chunk_size: C, a power of two in [16, 128].
-    interpret: None/False to compile for TPU; True or `pltpu.InterpretParams(...)` to interpret
-      (CPU tests).
+    config: `TpuConfig` (None: the default, compiled for the TPU; `TpuConfig(interpret=True)` or
+      `TpuConfig(interpret=pltpu.InterpretParams(...))` runs the interpreter, e.g. in CPU tests).
+      scale, chunk_size and config are static: they key the jit cache.
 
   Returns:
     (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32).
@@ -362,9 +346,9 @@ def gated_delta_rule_tpu(q, k, v, g, beta, scale, h0, reset, chunk_size, *, inte
     x = jnp.pad(x_BxTxH.astype(jnp.float32), [(0, 0), (0, Tp - T), (0, 0)])
     return jnp.moveaxis(x, 2, 1).reshape(B, H, N, 1, C)
 
-  interpret = False if interpret is None else interpret
+  config = TpuConfig() if config is None else config
   reset_l = jnp.pad(reset.astype(jnp.float32), [(0, 0), (0, Tp - T)]).reshape(B, N, 1, C)
   o, hT = _gdn_tpu(heads_major(q), heads_major(k), heads_major(v), chunk_vectors(g),
                    chunk_vectors(beta), reset_l, h0.astype(jnp.float32), float(scale), C,
-                   interpret)
+                   config)
   return jnp.swapaxes(o, 1, 2)[:, :T], hT

@@ -6,6 +6,9 @@ Tolerances (relative, ‖x − ref‖ / ‖ref‖):
     final state of the (exactly representable) bf16-rounded inputs.
 """
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -237,6 +240,21 @@ def test_pallas_on_gpu_rejects_head_dims_it_cannot_compile(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   with pytest.raises(ValueError, match=r"impl='pallas' on gpu: head dim K=8.*impl='chunked'"):
     gated_delta_rule(*args, impl="pallas", chunk_size=16)
+
+
+def test_kernels_are_a_leaf_package_loaded_on_first_use():
+  """Dependencies point one way: `kernels_pallas` imports nothing from `gdn_jax`, and the op module
+  loads the kernels only when an implementation needs them (fresh processes: nothing preloaded)."""
+  checks = [
+      "import sys, kernels_pallas, kernels_pallas.gpu, kernels_pallas.tpu\n"
+      "assert not [m for m in sys.modules if m.startswith('gdn_jax')], 'a kernel imports gdn_jax'",
+      "import sys, gdn_jax.ops\n"
+      "assert 'kernels_pallas' not in sys.modules, 'gdn_jax.ops imports the kernels eagerly'"]
+  for code in checks:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_final_state_is_none_unless_asked():

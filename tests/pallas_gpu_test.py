@@ -2,11 +2,13 @@
 
 * interpret mode against the float64 NumPy reference (forward, final state) and against autodiff of the
   independent recurrent implementation (every gradient), with GVA, h0, packed documents, T not a
-  multiple of the chunk;
+  multiple of the chunk, for the default `GpuConfig` and one that splits every loop into blocks;
+* the per-shape defaults of `GpuConfig.resolve`, and that a config keys the jit cache;
 * the shared per-chunk math (`chunk_math`) against NumPy;
 * lowering for an abstract H100: the kernels must lower to Triton IR (what interpret mode cannot
-  check: Triton rejects value slicing, non-2-D dots, dims < 16 ...). The last step, Triton IR → PTX,
-  runs inside XLA's GPU compiler and needs a GPU; experiments/bench_kernels.py covers it.
+  check: Triton rejects value slicing, non-2-D dots, dims < 16 ...), with the config's warps, stages
+  and grids. The last step, Triton IR → PTX, runs inside XLA's GPU compiler and needs a GPU;
+  experiments/bench_kernels.py covers it.
 """
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from gdn_jax.ops import gated_delta_rule
-from kernels_pallas import chunk_math, gpu
+from kernels_pallas import GpuConfig, chunk_math, gpu
 from tests.np_reference import gated_delta_rule_ref
 
 
@@ -52,26 +54,21 @@ def _segments(B, T):
   return seg
 
 
-@pytest.mark.parametrize("schedule", ["walks", "walks+pallas_parts", "walks+pallas_parts+split",
-                                      "fused"])
+# V = 32 → two V-blocks in the walks, in the prep / output / dṼ^local loops and in the gradients'
+# fori_loop over V; K = 32 → the key gradients split over two programs (partial sums of dg, dβ).
+SMALL_BLOCKS = GpuConfig(walk_block_v=16, part_block_v=16, grads_block_v=16, grads_block_k=16)
+
+
+@pytest.mark.parametrize("config", [GpuConfig(), SMALL_BLOCKS], ids=["default", "small_blocks"])
 @pytest.mark.parametrize("B,T,Hk,H,K,V,C,segments,g_scale", CASES)
-def test_pallas_matches_references(monkeypatch, B, T, Hk, H, K, V, C, segments, g_scale, schedule):
-  monkeypatch.setattr(gpu, "SCHEDULE", schedule.split("+")[0])
-  monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas" if "pallas_parts" in schedule
-                      else "auto" if "auto" in schedule else "xla")
-  monkeypatch.setattr(gpu, "GRADS_SPLIT", schedule.endswith("+split"))
-  monkeypatch.setattr(gpu, "BWD_BLOCK_V", 16)   # V = 32 → two V-blocks: exercises the partial sums
-  monkeypatch.setattr(gpu, "BLOCK_V", 16)       # ... and two V-blocks in the walks
-  monkeypatch.setattr(gpu, "PART_BLOCK_V", 16)  # ... and in the chunk-parallel kernels' V loops
-  monkeypatch.setattr(gpu, "GRADS_BLOCK_V", 16)
-  monkeypatch.setattr(gpu, "GRADS_BLOCK_K", 16)  # K = 32 → K split over two programs
+def test_pallas_matches_references(B, T, Hk, H, K, V, C, segments, g_scale, config):
   q, k, v, g, beta, h0 = _inputs(B, T, Hk, H, K, V, seed=T + C, g_scale=g_scale)
   seg = _segments(B, T) if segments else None
 
   def run(impl, *args):
-    o, s = gated_delta_rule(*args[:5], initial_state=args[5], output_final_state=True,
-                            segment_ids=seg, chunk_size=C, impl=impl)
-    return o, s
+    return gated_delta_rule(*args[:5], initial_state=args[5], output_final_state=True,
+                            segment_ids=seg, chunk_size=C, impl=impl,
+                            kernel_config=config if impl == "pallas" else None)
 
   o, s = jax.jit(lambda *a: run("pallas", *a))(q, k, v, g, beta, h0)
   o_ref, s_ref = gated_delta_rule_ref(q, k, v, g, beta, initial_state=h0, segment_ids=seg)
@@ -102,6 +99,71 @@ def test_pallas_bf16_inputs_close_to_float32():
   assert _rel(np.asarray(o, np.float32), o_ref) < 2e-2
 
 
+# --- the config -------------------------------------------------------------------------------
+
+def test_resolve_fills_the_per_shape_defaults():
+  """Walk programs = B·H·V/BV: BV is halved (to 16 at least) while they are < walk_min_programs;
+  K > 128 starts at BV 32, with 2 pipeline stages and 8 warps for the key gradients."""
+  bv = lambda config, B, H, K, V: config.resolve(B, H, K, V).walk_block_v
+  assert bv(GpuConfig(), 8, 16, 128, 128) == 64                   # 256 programs already
+  assert bv(GpuConfig(), 2, 16, 128, 128) == 32                   # B2 H16: 32 → 128 programs
+  wide = GpuConfig(walk_min_programs=256)
+  assert bv(wide, 2, 16, 128, 128) == 16                          # ... → 256 programs
+  assert bv(wide, 1, 1, 128, 128) == 16                           # never below 16
+  assert bv(wide, 8, 6, 256, 512) == 32                           # K > 128 starts at 32
+  assert bv(wide, 1, 1, 16, 8) == 8                               # never above V
+  assert bv(GpuConfig(walk_min_programs=0), 2, 16, 128, 128) == 64
+  assert bv(GpuConfig(walk_block_v=64), 1, 1, 128, 128) == 64     # an explicit value is kept
+  assert bv(GpuConfig(walk_block_v=64), 1, 1, 128, 32) == 32      # ... capped at V
+  large, small = GpuConfig().resolve(8, 6, 256, 512), GpuConfig().resolve(8, 16, 128, 128)
+  assert (large.walk_num_stages, large.grads_key_num_warps) == (2, 8)
+  assert (small.walk_num_stages, small.grads_key_num_warps) == (3, 4)
+  assert small.interpret is True                                   # on CPU
+  assert small.resolve(8, 16, 128, 128) == small                  # idempotent
+  assert GpuConfig(walk_num_stages=4).resolve(8, 6, 256, 512).walk_num_stages == 4
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(grads_block_k=-1), r"`grads_block_k`=-1; expected a non-negative int\."),
+    (dict(walk_block_v=32.0), r"`walk_block_v`=32.0; expected a non-negative int or None"),
+    (dict(interpret="yes"), r"`interpret`='yes'; expected True, False or None"),
+])
+def test_config_errors_name_the_field(kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    GpuConfig(**kwargs)
+
+
+def test_kernel_config_is_checked():
+  q, k, v, g, beta, _ = _inputs(1, 16, 1, 1, 16, 16, seed=2)
+  with pytest.raises(ValueError, match=r"`kernel_config`=\{'grads_block_k': 16\}; expected a "
+                                       r"kernels_pallas.GpuConfig"):
+    gated_delta_rule(q, k, v, g, beta, chunk_size=16, impl="pallas",
+                     kernel_config={"grads_block_k": 16})
+  with pytest.raises(ValueError, match=r"`kernel_config`=GpuConfig.* with impl='chunked'"):
+    gated_delta_rule(q, k, v, g, beta, chunk_size=16, impl="chunked", kernel_config=GpuConfig())
+
+
+def test_another_config_compiles_other_kernels():
+  """A config is a static argument of the jitted entry point: after a call with one, a call with
+  another must compile anew, not reuse the first kernels (as module-global knobs did). Four K-blocks
+  sum the key gradients' partial dg in another order than one block, so the bits differ."""
+  q, k, v, g, beta, h0 = _inputs(1, 32, 1, 1, 64, 16, seed=11)
+  w_o = np.random.default_rng(12).standard_normal((1, 32, 1, 16)).astype(np.float32)
+
+  def dg(config):
+    def loss(g):
+      o, s = gpu.gated_delta_rule_gpu(q, k, v, g, beta, 0.125, h0, None, 16, config)
+      return jnp.sum(o * w_o) + jnp.sum(jnp.sin(s))
+    return np.asarray(jax.grad(loss)(jnp.asarray(g)))
+
+  one, four = dg(GpuConfig(grads_block_k=64)), dg(GpuConfig(grads_block_k=16))
+  assert not np.array_equal(one, four)
+  assert _rel(one, four) < 1e-5
+  assert np.array_equal(dg(GpuConfig(grads_block_k=64)), one)      # the cache serves it again
+
+
+# --- shared chunk math ------------------------------------------------------------------------
+
 @pytest.mark.parametrize("C", [16, 64])
 def test_unit_lower_inverse_matches_numpy(C):
   rng = np.random.default_rng(C)
@@ -118,39 +180,22 @@ def test_cumsum_and_last_match_numpy():
   assert float(chunk_math.last(jnp.asarray(x), 32)) == x[-1]
 
 
+def test_mm_dtype_narrows_only_bfloat16():
+  assert chunk_math.mm_dtype_for(jnp.bfloat16) == jnp.bfloat16
+  for dtype in (jnp.float32, jnp.float16):   # fp16's range would not hold fp32 intermediates
+    assert chunk_math.mm_dtype_for(dtype) is None
+
+
+# --- lowering to Triton for an abstract H100 --------------------------------------------------
+
 def _abstract_h100_mesh():
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
   return jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
                                    abstract_device=device)
 
 
-@pytest.mark.parametrize("schedule,with_grad,kernels,dtype,K,V", [
-    ("walks", False, 1, jnp.bfloat16, 128, 128),    # fwd walk
-    ("walks", True, 2, jnp.bfloat16, 128, 128),     # + bwd walk
-    ("walks", True, 2, jnp.float32, 32, 32),        # the models' head dims, fp32 training
-    ("walks", True, 2, jnp.bfloat16, 256, 512),     # several V-blocks, K > 128
-    ("walks+pallas_parts", False, 3, jnp.bfloat16, 128, 128),  # prep + fwd walk + output
-    ("walks+pallas_parts", True, 5, jnp.bfloat16, 128, 128),   # - output (dead) + dṼ^local, bwd walk, grads
-    ("walks+pallas_parts", True, 5, jnp.float32, 32, 32),
-    ("walks+pallas_parts", True, 5, jnp.bfloat16, 256, 512),
-    ("walks+pallas_parts+ksplit", True, 5, jnp.bfloat16, 128, 128),
-    ("walks+pallas_parts+split", True, 6, jnp.bfloat16, 128, 128),   # GRADS_SPLIT: two kernels
-    ("walks+pallas_parts+split+ksplit", True, 6, jnp.bfloat16, 128, 128),
-    ("walks+pallas_parts+split", True, 6, jnp.float32, 32, 32),
-    ("walks+pallas_parts+split", True, 6, jnp.bfloat16, 256, 512),
-    ("walks+auto+split", True, 6, jnp.bfloat16, 128, 128),   # auto: Pallas parts ...
-    ("walks+auto+split", True, 6, jnp.bfloat16, 256, 512),   # ... at every head size
-    ("walks+xla+split", True, 2, jnp.bfloat16, 256, 512),    # the XLA parts: only the two walks
-    ("fused", False, 1, jnp.bfloat16, 128, 128),    # fwd
-    ("fused", True, 3, jnp.bfloat16, 128, 128)])    # + bwd walk + bwd chunks
-def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kernels, dtype, K, V):
-  monkeypatch.setattr(gpu, "_interpret", lambda: False)
-  if schedule.endswith("+ksplit"):    # the gradients kernel with K split over two programs
-    monkeypatch.setattr(gpu, "GRADS_BLOCK_K", K // 2)
-  monkeypatch.setattr(gpu, "GRADS_SPLIT", "+split" in schedule)
-  monkeypatch.setattr(gpu, "SCHEDULE", schedule.split("+")[0])
-  monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas" if "pallas_parts" in schedule
-                      else "auto" if "auto" in schedule else "xla")
+def _export_for_h100(config, with_grad, dtype, K, V):
+  """The exported StableHLO text of the forward (or forward+backward) for an abstract H100."""
   B, T, Hk, H, C = 1, 200, 1, 2, 64                     # GVA, ragged T: the real layout
   sds = jax.ShapeDtypeStruct
   args = (sds((B, T, Hk, K), dtype), sds((B, T, Hk, K), dtype),
@@ -158,7 +203,7 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kern
           sds((B, T, H), jnp.float32), sds((B, H, K, V), jnp.float32), sds((B, T), jnp.bool_))
 
   def fwd(q, k, v, g, beta, h0, reset):
-    return gpu.gated_delta_rule_gpu(q, k, v, g, beta, K ** -0.5, h0, reset, C)
+    return gpu.gated_delta_rule_gpu(q, k, v, g, beta, K ** -0.5, h0, reset, C, config)
 
   def loss(*a):
     o, s = fwd(*a)
@@ -168,52 +213,46 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch, schedule, with_grad, kern
   triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   with jax.sharding.use_abstract_mesh(_abstract_h100_mesh()):
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
-  text = exported.mlir_module()
-  assert text.count("__gpu$xla.gpu.triton") == kernels
+  return exported.mlir_module()
 
 
-def test_xla_chunk_parallel_backward_matches_recurrent(monkeypatch):
-  """The fallback backward (XLA autodiff of the vmapped chunk math, used for K or V > 128)."""
-  monkeypatch.setattr(gpu, "PALLAS_CHUNK_BWD", False)
-  seg = np.zeros((1, 24), np.int32)
-  seg[0, 10:] = 1
-  _assert_grads_match_recurrent(_inputs(1, 24, 1, 2, 16, 16, seed=7), seg)
+COMPILED = GpuConfig(interpret=False)
 
 
-def _assert_grads_match_recurrent(inputs, seg=None, chunk_size=16):
-  """All six gradients of a nonlinear loss of (o, final state): pallas against recurrent autodiff."""
-  def loss(impl, *args):
-    o, s = gated_delta_rule(*args[:5], initial_state=args[5], output_final_state=True,
-                            segment_ids=seg, chunk_size=chunk_size, impl=impl)
-    return jnp.sum(jnp.sin(o)) + jnp.sum(s * s)
-
-  grads = jax.jit(jax.grad(lambda *a: loss("pallas", *a), argnums=range(6)))(*inputs)
-  grads_ref = jax.jit(jax.grad(lambda *a: loss("recurrent", *a), argnums=range(6)))(*inputs)
-  for name, got, want in zip(("q", "k", "v", "g", "beta", "h0"), grads, grads_ref):
-    assert _rel(got, want) < 1e-4, (name, _rel(got, want))
-
-
-def test_walk_block_v_keeps_enough_programs(monkeypatch):
-  """Walk programs = B·H·V/BV: BV is halved (to 16 at least) while they are < WALK_MIN_PROGRAMS."""
-  monkeypatch.setattr(gpu, "WALK_MIN_PROGRAMS", 256)
-  assert gpu._block_v(128, 128, heads=8 * 16) == 64        # 256 programs already
-  assert gpu._block_v(128, 128, heads=2 * 16) == 16        # B2 H16: 32 → 128 → 256 programs
-  assert gpu._block_v(128, 128, heads=1) == 16             # never below 16
-  assert gpu._block_v(512, 256, heads=8 * 6) == 32         # K > 128 starts at 32
-  assert gpu._block_v(8, 8, heads=1) == 8                  # never above V
-  assert gpu._block_v(128, 128) == 64                      # no head count: the fixed BLOCK_V
-  monkeypatch.setattr(gpu, "WALK_MIN_PROGRAMS", 0)
-  assert gpu._block_v(128, 128, heads=2 * 16) == 64
+@pytest.mark.parametrize("config,with_grad,kernels,dtype,K,V", [
+    (COMPILED, False, 3, jnp.bfloat16, 128, 128),   # prep + fwd walk + output
+    (COMPILED, True, 6, jnp.bfloat16, 128, 128),    # prep, fwd walk, dṼ^local, bwd walk, key + WY
+                                                    # gradients (K split in two); output is dead
+    (COMPILED, True, 6, jnp.float32, 32, 32),       # the models' head dims, fp32 training
+    (COMPILED, True, 6, jnp.bfloat16, 256, 512),    # K > 128; the gradients' V loop
+    (GpuConfig(interpret=False, grads_block_k=128), True, 6, jnp.bfloat16, 128, 128),  # no K split
+    (GpuConfig(interpret=False, walk_block_v=16, part_block_v=16, grads_block_v=16,
+               grads_block_k=16), True, 6, jnp.float32, 32, 32)])
+def test_kernels_lower_to_triton_for_h100(config, with_grad, kernels, dtype, K, V):
+  assert _export_for_h100(config, with_grad, dtype, K, V).count("__gpu$xla.gpu.triton") == kernels
 
 
-def test_row_major_grid_order_and_unrolled_v_blocks_give_the_same_result(monkeypatch):
-  """The non-default knobs are the same math: SIBLINGS_FIRST=False (grid (B, H, ·) instead of the
-  sharing axis first: the index maps and the K-block program id follow the grid order either way)
-  and GRADS_V_LOOP=False (the gradients kernels' V-blocks unrolled instead of a fori_loop)."""
-  monkeypatch.setattr(gpu, "SIBLINGS_FIRST", False)
-  monkeypatch.setattr(gpu, "GRADS_V_LOOP", False)
-  monkeypatch.setattr(gpu, "GRADS_BLOCK_V", 16)   # V = 32: two unrolled V-blocks
-  monkeypatch.setattr(gpu, "CHUNK_PARALLEL", "pallas")
-  monkeypatch.setattr(gpu, "BLOCK_V", 16)         # two V-blocks in the walks
-  monkeypatch.setattr(gpu, "GRADS_BLOCK_K", 16)   # two K-blocks in the key gradients
-  _assert_grads_match_recurrent(_inputs(1, 48, 1, 2, 32, 32, seed=5))
+def _launch(text, name):
+  """(grid, num_stages, num_warps) of the Triton launch named `name` in an exported module."""
+  i = text.index(f'name = "{name}"')
+  config = text[text.rindex("mhlo.backend_config", 0, i):text.index("}", i)]
+  field = lambda key: int(config.split(f"{key} = ")[1].split(" ")[0])
+  return ((field("grid_x"), field("grid_y"), field("grid_z")), field("num_stages"),
+          field("num_warps"))
+
+
+def test_config_fields_reach_the_launches():
+  """Warps, stages and grids in the lowered module follow the config and its per-shape rules."""
+  default = _export_for_h100(COMPILED, True, jnp.bfloat16, 256, 512)
+  assert _launch(default, "gdn_walk_bwd") == ((32, 1, 2), 2, 4)   # K > 128: 2 stages; BV 16 (B·H 2)
+  key_grid, _, key_warps = _launch(default, "gdn_grads_key")
+  assert key_grid[0] == 4 and key_warps == 8                       # K/BK = 4 blocks first; 8 warps
+  tuned = GpuConfig(interpret=False, walk_block_v=64, walk_num_stages=1, walk_num_warps=8,
+                    part_num_warps=8, dv_local_num_warps=2, grads_key_num_warps=2,
+                    grads_wy_num_warps=8)
+  text = _export_for_h100(tuned, True, jnp.bfloat16, 256, 512)
+  assert _launch(text, "gdn_walk_fwd") == ((8, 1, 2), 1, 8)        # V/BV = 512/64, B, H
+  assert _launch(text, "gdn_walk_bwd") == ((8, 1, 2), 1, 8)
+  for name, warps in (("gdn_prep", 8), ("gdn_dv_local", 2), ("gdn_grads_key", 2),
+                      ("gdn_grads_wy", 8)):
+    assert _launch(text, name)[1:] == (1, warps), name

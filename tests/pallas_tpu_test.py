@@ -21,10 +21,10 @@ from jax._src.mesh import AbstractDevice
 from jax.experimental.pallas import tpu as pltpu
 
 from gdn_jax.ops.chunked import chunked_gated_delta_rule
-from kernels_pallas import tpu
+from kernels_pallas import TpuConfig, tpu
 from tests.np_reference import gated_delta_rule_ref
 
-INTERPRET = pltpu.InterpretParams(random_seed=0)
+INTERPRET = TpuConfig(interpret=pltpu.InterpretParams(random_seed=0))
 ARGS = ("q", "k", "v", "g", "beta", "h0")
 
 
@@ -46,12 +46,12 @@ def make_inputs(seed, B, T, Hk, H, K, V, *, segments=False):
   return x, seg, reset
 
 
-def kernel_fn(reset, C, dtype=jnp.float32, interpret=INTERPRET):
+def kernel_fn(reset, C, dtype=jnp.float32, config=INTERPRET):
   """(q, k, v, g, β, h0) ↦ (o, S) through the TPU kernels, scale K^-1/2."""
   def f(q, k, v, g, beta, h0):
     cast = lambda a: a.astype(dtype)
     return tpu.gated_delta_rule_tpu(cast(q), cast(k), cast(v), g, beta, q.shape[-1] ** -0.5, h0,
-                                    jnp.asarray(reset), C, interpret=interpret)
+                                    jnp.asarray(reset), C, config)
   return f
 
 
@@ -139,15 +139,17 @@ def test_bfloat16_inputs():
     assert rel_err(a, b) < 2e-2, name
 
 
-def test_random_order_interpreter_catches_a_parallel_chunk_axis(monkeypatch):
+def test_random_order_interpreter_catches_a_parallel_chunk_axis():
   """Marking the sequential chunk axis "parallel" is caught by the random-order interpreter (and
   would be by a multi-core TPU), not by the in-order one: the guard the tests above rely on."""
   B, T, Hk, H, K, V, C = 1, 64, 1, 2, 8, 8, 16
   x, _, reset = make_inputs(5, B, T, Hk, H, K, V)
   o_ref, _ = gated_delta_rule_ref(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"])
-  monkeypatch.setattr(tpu, "_SEMANTICS", ("parallel", "parallel", "parallel"))
-  o_in_order, _ = kernel_fn(reset, C, interpret=True)(*as_f32(x))
-  o_shuffled, _ = kernel_fn(reset, C)(*as_f32(x))
+  wrong = ("parallel", "parallel", "parallel")
+  o_in_order, _ = kernel_fn(reset, C, config=TpuConfig(interpret=True,
+                                                       dimension_semantics=wrong))(*as_f32(x))
+  o_shuffled, _ = kernel_fn(reset, C, config=TpuConfig(interpret=INTERPRET.interpret,
+                                                       dimension_semantics=wrong))(*as_f32(x))
   assert rel_err(o_in_order, o_ref) < 1e-5
   assert not rel_err(o_shuffled, o_ref) < 1e-3
 
@@ -256,4 +258,4 @@ def test_errors_name_argument_and_expectation(overrides, pattern):
   h0 = jnp.zeros(overrides.get("h0_shape", (B, H, K, K)))
   with pytest.raises(ValueError, match=pattern):
     tpu.gated_delta_rule_tpu(q, q, v, g, g, 1.0, h0, jnp.zeros((B, T), bool),
-                             overrides.get("C", 16), interpret=True)
+                             overrides.get("C", 16), TpuConfig(interpret=True))

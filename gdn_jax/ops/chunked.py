@@ -49,8 +49,9 @@ Two schedules of the same math (`fused`):
     fused scan over two head groups; C = 128 (fwd+bwd 1.5× C = 64's).
 
 `chunk_ops` (the UT transform) and `chunk_grads` (a chunk's gradients) work on tiles with any
-leading dims and optional bf16 matmul operands; the GPU Pallas kernels (`kernels_pallas.gpu`) run
-them as the chunk-parallel XLA part around their state walks.
+leading dims. The Pallas kernels have their own per-tile forms of the same identities
+(`kernels_pallas/chunk_math.py`): exact in real arithmetic, rounded differently, and this module
+imports nothing from them (the kernels are an optional leaf package).
 
 Layout: every tile is [N, Z, C, ·] with Z = batch × value heads, so each matmul is a plain
 batched 2-D product (q/k heads are repeated for grouped value heads).
@@ -149,11 +150,8 @@ def _gamma_matrix(gamma, strict):
 _FUSED_MIN_CHUNKS = 8
 
 
-def mm(spec, a, b, mm_dtype=None):
-  """einsum over any leading (batch) dims with float32 accumulation; operands cast to `mm_dtype`
-  first when given (bf16 operands on GPU, as fla's kernels)."""
-  if mm_dtype is not None:
-    a, b = a.astype(mm_dtype), b.astype(mm_dtype)
+def mm(spec, a, b):
+  """einsum over any leading (batch) dims with float32 accumulation."""
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
@@ -171,29 +169,28 @@ class ChunkOps(NamedTuple):
   U: jax.Array           # A diag(β) V
 
 
-def chunk_ops(q, k, v, g, beta, seg, mm_dtype=None) -> ChunkOps:
+def chunk_ops(q, k, v, g, beta, seg) -> ChunkOps:
   """The UT transform: A = (I + L)⁻¹, L = strict(diag(β)(K Kᵀ) ⊙ Γ); W = A diag(β d) K; U = A diag(β) V.
 
-  Tiles [..., C, ·] with any leading dims. `mm_dtype`: operand dtype of the matmuls (None: as
-  given); the inverse is always formed in float32. Also used by `kernels_pallas.gpu`."""
+  Tiles [..., C, ·] with any leading dims, float32."""
   gamma, strict, decay_in, k_write, decay_last = _decays(g, seg)
-  QK = mm('...ik,...jk->...ij', q, k, mm_dtype)
-  KK = mm('...ik,...jk->...ij', k, k, mm_dtype)
+  QK = mm('...ik,...jk->...ij', q, k)
+  KK = mm('...ik,...jk->...ij', k, k)
   Gamma = _gamma_matrix(gamma, strict)
   A = unit_lower_inverse(jnp.where(strict, beta[..., :, None] * KK * Gamma, 0.0))
-  W = mm('...ij,...jk->...ik', A, (beta * decay_in)[..., None] * k, mm_dtype)
-  U = mm('...ij,...jv->...iv', A, beta[..., None] * v, mm_dtype)
+  W = mm('...ij,...jk->...ik', A, (beta * decay_in)[..., None] * k)
+  U = mm('...ij,...jv->...iv', A, beta[..., None] * v)
   return ChunkOps(Gamma, strict, decay_in, k_write, decay_last, QK, KK, A, W, U)
 
 
-def _pseudo_values(ops: ChunkOps, k, h, direct=None, mm_dtype=None):
+def _pseudo_values(ops: ChunkOps, k, h, direct=None):
   """Ṽ = U − W h, or with `direct` = (v, β) the same Ṽ as A (diag(β) V − diag(β d) K h): one
   matmul fewer where W and U are not needed otherwise (the fused schedule; XLA then drops them)."""
   if direct is None:
-    return ops.U - mm('...ck,...kv->...cv', ops.W, h, mm_dtype)
+    return ops.U - mm('...ck,...kv->...cv', ops.W, h)
   v, beta = direct
-  Kb_h = mm('...ck,...kv->...cv', (beta * ops.decay_in)[..., None] * k, h, mm_dtype)
-  return mm('...ij,...jv->...iv', ops.A, beta[..., None] * v - Kb_h, mm_dtype)
+  Kb_h = mm('...ck,...kv->...cv', (beta * ops.decay_in)[..., None] * k, h)
+  return mm('...ij,...jv->...iv', ops.A, beta[..., None] * v - Kb_h)
 
 
 def _state_step(ops: ChunkOps, q, k, h, scale, direct=None):
@@ -206,8 +203,7 @@ def _state_step(ops: ChunkOps, q, k, h, scale, direct=None):
   return o, h_next
 
 
-def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_dtype=None,
-                direct=False):
+def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, direct=False):
   r"""Gradients of a chunk's (q, k, v, g, β) given h, dO, dh' and dṼ (Kb = diag(β d) K, Vb = diag(β) V):
 
       dP = scale dO Ṽᵀ   d(DQ) = scale dO hᵀ   dK̃ = Ṽ dh'ᵀ   dλ = Σ h ⊙ dh'
@@ -224,20 +220,20 @@ def chunk_grads(ops: ChunkOps, q, k, v, beta, h, do, dh_next, dv_new, scale, mm_
   Wᵀ dṼ = Kbᵀ dVb without W.
   """
   A, Gamma, d, w = ops.A, ops.Gamma, ops.decay_in, ops.k_write
-  v_new = _pseudo_values(ops, k, h, (v, beta) if direct else None, mm_dtype)
-  dP = scale * mm('...iv,...jv->...ij', do, v_new, mm_dtype)
-  dQd = scale * mm('...cv,...kv->...ck', do, h, mm_dtype)
-  dKw = mm('...cv,...kv->...ck', v_new, dh_next, mm_dtype)
+  v_new = _pseudo_values(ops, k, h, (v, beta) if direct else None)
+  dP = scale * mm('...iv,...jv->...ij', do, v_new)
+  dQd = scale * mm('...cv,...kv->...ck', do, h)
+  dKw = mm('...cv,...kv->...ck', v_new, dh_next)
   dlam = jnp.sum(h * dh_next, axis=(-2, -1))
-  dVb = mm('...ji,...jv->...iv', A, dv_new, mm_dtype)
-  dKb = -mm('...cv,...kv->...ck', dVb, h, mm_dtype)           # Aᵀ dW with dW = −dṼ hᵀ
+  dVb = mm('...ji,...jv->...iv', A, dv_new)
+  dKb = -mm('...cv,...kv->...ck', dVb, h)           # Aᵀ dW with dW = −dṼ hᵀ
   # dL = −strict(Aᵀ dA Aᵀ), dA = dṼ (Vb − Kb h)ᵀ; as Ṽ = A (Vb − Kb h) this is −strict(dVb Ṽᵀ).
-  dL = jnp.where(ops.strict, -mm('...iv,...jv->...ij', dVb, v_new, mm_dtype), 0.0)
+  dL = jnp.where(ops.strict, -mm('...iv,...jv->...ij', dVb, v_new), 0.0)
   dKK = beta[..., :, None] * Gamma * dL
   dQK = dP * Gamma
-  dq = mm('...ij,...jk->...ik', dQK, k, mm_dtype) + d[..., None] * dQd
+  dq = mm('...ij,...jk->...ik', dQK, k) + d[..., None] * dQd
   dKK_sym = dKK + dKK.swapaxes(-1, -2)                                    # KKᵀ is symmetric
-  dk = (mm('...ij,...ik->...jk', dQK, q, mm_dtype) + mm('...ij,...jk->...ik', dKK_sym, k, mm_dtype)
+  dk = (mm('...ij,...ik->...jk', dQK, q) + mm('...ij,...jk->...ik', dKK_sym, k)
         + w[..., None] * dKw + (beta * d)[..., None] * dKb)
   dv = beta[..., None] * dVb
   kb_dot = jnp.sum(dKb * k, axis=-1)

@@ -6,16 +6,16 @@
 Layout is fla's: [batch, time, heads, dim]. Value heads may outnumber q/k heads
 (grouped value attention, GVA): value head h reads q/k head h // (H / Hk).
 
-Implementations (all take the same validated, pre-processed inputs):
+Implementations (all take the same validated, pre-processed inputs), in the registry `_REGISTRY`:
   * "recurrent": `lax.scan` over time, the readable reference (`recurrent.py`).
   * "chunked":   chunkwise-parallel WY / UT-transform algorithm in pure JAX (`chunked.py`).
-  * "pallas":    the Pallas kernels in `kernels_pallas` (GPU: Triton; TPU: Mosaic).
-  * "auto":      the fastest correct one for the default backend.
+  * "pallas":    the Pallas kernels in `kernels_pallas` (GPU: Triton; TPU: Mosaic), a leaf package
+                 loaded on first use (it imports nothing from `gdn_jax`, so nothing cycles).
+  * "auto":      the fastest correct one for the default backend (`default_impl`).
 """
 from __future__ import annotations
 
-import importlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from gdn_jax.ops.chunked import chunked_gated_delta_rule
 from gdn_jax.ops.recurrent import recurrent_gated_delta_rule
 
-IMPLS = ("auto", "recurrent", "chunked", "pallas")
 L2NORM_EPS = 1e-6
 
 
@@ -39,24 +38,58 @@ def _expand_heads(x_BxTxHkxD, num_heads: int):
   return x_BxTxHkxD if group == 1 else jnp.repeat(x_BxTxHkxD, group, axis=2)
 
 
-def _recurrent(q, k, v, g, beta, scale, h0, reset, chunk_size):
-  del chunk_size
+def _recurrent(q, k, v, g, beta, scale, h0, reset, chunk_size, kernel_config):
+  del chunk_size, kernel_config
   H = v.shape[2]
   return recurrent_gated_delta_rule(_expand_heads(q, H), _expand_heads(k, H), v, g, beta,
                                     scale, h0, reset)
 
 
-def _pallas(q, k, v, g, beta, scale, h0, reset, chunk_size):
-  # Imported lazily: the kernels are an optional layer above the pure-JAX ops.
-  kernels = importlib.import_module("kernels_pallas")
-  return kernels.gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size)
+def _chunked(q, k, v, g, beta, scale, h0, reset, chunk_size, kernel_config):
+  del kernel_config
+  return chunked_gated_delta_rule(q, k, v, g, beta, scale, h0, reset, chunk_size)
 
 
-_DISPATCH: dict[str, Callable] = {
-    "recurrent": _recurrent,
-    "chunked": chunked_gated_delta_rule,
-    "pallas": _pallas,
+def _kernels():
+  """The `kernels_pallas` package, imported on first use (None when it is not installed)."""
+  try:
+    import kernels_pallas  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return kernels_pallas
+
+
+def _pallas(q, k, v, g, beta, scale, h0, reset, chunk_size, kernel_config):
+  return _kernels().gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size,
+                                            kernel_config)
+
+
+def _runs_anywhere(backend: str, K: int | None, V: int | None) -> str | None:
+  del backend, K, V
+  return None
+
+
+def _pallas_unsupported(backend: str, K: int | None, V: int | None) -> str | None:
+  kernels = _kernels()
+  if kernels is None:
+    return "the kernels_pallas package is not installed"
+  if backend != "cpu" and not kernels.supports_backend(backend):   # CPU: interpret mode
+    return f"no Pallas kernel for backend {backend!r}"
+  return None if K is None or V is None else kernels.unsupported_shape(backend, K, V)
+
+
+class _Impl(NamedTuple):
+  """One implementation of the rule in the registry."""
+  run: Callable          # (q, k, v, g, beta, scale, h0, reset, chunk_size, kernel_config) -> (o, S)
+  unsupported: Callable  # (backend, K or None, V or None) -> why it cannot compile there, or None
+
+
+_REGISTRY: dict[str, _Impl] = {
+    "recurrent": _Impl(_recurrent, _runs_anywhere),
+    "chunked": _Impl(_chunked, _runs_anywhere),
+    "pallas": _Impl(_pallas, _pallas_unsupported),
 }
+IMPLS = ("auto", *_REGISTRY)
 
 
 def default_impl(backend: str | None = None, K: int | None = None, V: int | None = None,
@@ -64,23 +97,19 @@ def default_impl(backend: str | None = None, K: int | None = None, V: int | None
   """The implementation "auto" resolves to on `backend` (default: jax's default backend), for
   head dims K, V when given, in a program over `num_devices` devices.
 
-  TPU: the Mosaic kernel (`kernels_pallas/tpu.py`). GPU: the Pallas kernels (XLA chunk operators
-  + Triton state walks), measured 1.7–1.8× faster than "chunked" for forward+backward on the H100
-  (experiments/results/bench_kernels_h100_v4c.md), unless K or V is not a power of two ≥ 16.
+  TPU: the Mosaic kernel (`kernels_pallas/tpu.py`). GPU: the Triton kernels (`kernels_pallas/gpu/`),
+  unless K or V is not a power of two ≥ 16: 1.7–1.8× faster than "chunked" for forward+backward on
+  the H100 already in their first decomposition (experiments/results/bench_kernels_h100_v4c.md);
+  2.25 ms at B8 T2048 H16 K=V=128 bf16 now (`_v8c`), against chunked's 8.38 (bench_ops).
   On several devices: "chunked", because XLA cannot partition a Pallas custom call over a
   batch- or head-sharded program (it would gather the inputs onto every device); the kernels
   need a `jax.shard_map` around them there, which the layer does not do yet.
   CPU: "chunked" (the recurrent scan is faster forward-only, chunked is faster for training).
   """
   backend = backend or jax.default_backend()
-  if backend in ("tpu", "gpu", "cuda") and num_devices == 1:
-    try:
-      kernels = importlib.import_module("kernels_pallas")
-    except ImportError:
-      return "chunked"
-    fits = K is None or V is None or kernels.unsupported_shape(backend, K, V) is None
-    if kernels.supports_backend(backend) and fits:
-      return "pallas"
+  if (backend in ("tpu", "gpu", "cuda") and num_devices == 1
+      and _REGISTRY["pallas"].unsupported(backend, K, V) is None):
+    return "pallas"
   return "chunked"
 
 
@@ -95,9 +124,12 @@ def _check_float(name, x):
 
 
 def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale,
-              qk_norm_eps):
+              qk_norm_eps, kernel_config):
   if impl not in IMPLS:
     raise ValueError(f"gated_delta_rule: unknown `impl`={impl!r}; expected one of {IMPLS}.")
+  if kernel_config is not None and impl in ("recurrent", "chunked"):
+    raise ValueError(f"gated_delta_rule: `kernel_config`={kernel_config!r} with impl={impl!r}; "
+                     "kernel settings are for impl='pallas' (or 'auto'): pass None.")
   for name, x, rank, dims in (("q", q, 4, "[B, T, Hk, K]"), ("k", k, 4, "[B, T, Hk, K]"),
                               ("v", v, 4, "[B, T, H, V]"), ("g", g, 3, "[B, T, H]"),
                               ("beta", beta, 3, "[B, T, H]")):
@@ -143,7 +175,7 @@ def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, sc
 def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_state=None,
                      output_final_state: bool = False, use_qk_l2norm: bool = False,
                      qk_norm_eps: float = L2NORM_EPS, segment_ids=None, chunk_size: int = 64,
-                     impl: str = "auto"):
+                     impl: str = "auto", kernel_config=None):
   """Gated delta rule over a sequence (fla's `chunk_gated_delta_rule` semantics).
 
   Args:
@@ -161,6 +193,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
       wherever the id changes (initial_state feeds the first document only).
     chunk_size: chunk length C of the chunked algorithms (power of two in [16, 128]).
     impl: "auto", "recurrent", "chunked" or "pallas".
+    kernel_config: settings of the Pallas kernels, `kernels_pallas.GpuConfig` or `TpuConfig`
+      (hashable values: they key the jit cache). None: the measured defaults. Used when the
+      implementation is "pallas" (also when "auto" picks it); an error with "recurrent"/"chunked".
 
   Returns:
     (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None).
@@ -168,14 +203,15 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
   q, k, v, g, beta = map(jnp.asarray, (q, k, v, g, beta))
   initial_state = None if initial_state is None else jnp.asarray(initial_state)
   segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
-  _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale, qk_norm_eps)
+  _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale, qk_norm_eps,
+            kernel_config)
   B, T, _, K = q.shape
   H, V = v.shape[2], v.shape[3]
   if impl == "auto":
     impl = default_impl(K=K, V=V, num_devices=jax.device_count())
   elif impl == "pallas":
     backend = jax.default_backend()
-    why = importlib.import_module("kernels_pallas").unsupported_shape(backend, K, V)
+    why = _REGISTRY["pallas"].unsupported(backend, K, V)
     if why is not None:
       raise ValueError(f"gated_delta_rule: impl='pallas' on {backend}: {why}; use impl='chunked'.")
   scale = K ** -0.5 if scale is None else float(scale)
@@ -188,6 +224,6 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
   if segment_ids is not None:  # a new document starts wherever the id changes (never at t = 0: h0 feeds it)
     reset = jnp.concatenate([jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
                             axis=1)
-  o, final_state = _DISPATCH[impl](q, k, v, g.astype(jnp.float32), beta.astype(jnp.float32),
-                                   scale, h0, reset, chunk_size)
+  o, final_state = _REGISTRY[impl].run(q, k, v, g.astype(jnp.float32), beta.astype(jnp.float32),
+                                      scale, h0, reset, chunk_size, kernel_config)
   return o.astype(v.dtype), (final_state if output_final_state else None)

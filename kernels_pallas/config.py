@@ -1,0 +1,95 @@
+"""Kernel settings as values: frozen dataclasses passed as static arguments, so that a change recompiles.
+
+A setting read from a module global while tracing is invisible to the jit cache (changing it after a
+compile silently keeps the old kernel); these values are hashed into it instead. `None` fields take
+the per-shape default of `GpuConfig.resolve`, the one place where those defaults live. Timings
+behind each default: `NOTES_gpu.md` (H100, bf16, C = 64).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+  """Launch settings of the GPU (Triton) kernels; `resolve` fills the `None` fields for a shape.
+
+  walk_block_v: V columns per program of the two state walks. None: 64, or 32 for K > 128 (the
+    K×BV state tiles and C×K operands must fit the H100's 227 KB of shared memory), then halved down
+    to 16 while the walks have fewer than `walk_min_programs` programs (B·H·V/BV): each walk is
+    sequential over chunks, so at small B·H the GPU needs more of them in flight. B2 T8192 H16:
+    fwd+bwd 2.42 ms at 128 (BV 32) against 2.78 at 256 (BV 16) in one run (`_v8_t8192`).
+  walk_num_stages: Triton software-pipelining depth of the walks' chunk loop (chunk r+1, r+2 load
+    while chunk r multiplies). None: 3, or 2 for K > 128 (three stages of C×256 tiles exceed shared
+    memory). B16 T4096: 7.84 / 8.28 ms at 3 / 2 stages (`_v8_b16`).
+  part_block_v: V columns per step of the prep, output and dṼ^local kernels' V loops.
+  part_num_warps: warps of the forward's prep and output kernels (8: B16 9.54 vs 8.28 ms).
+  dv_local_num_warps: warps of the backward's dṼ^local kernel.
+  grads_block_k: K columns per program of the key-gradients kernel (< K: K split over programs;
+    BK = 64 at K = 128: 3.25-3.39 ms against 3.66-3.71 for 128 at 8 warps, `_v5*`).
+  grads_block_v: V columns per step of both gradients kernels' V loops (a `fori_loop` when V is
+    wider; unrolled, every block's tiles were live at once and the K = 256, V = 512 key kernel spilled:
+    3.88 vs 1.59 ms, `_v8_k256d`), and the column blocks of dk in the WY-gradients kernel.
+  grads_key_num_warps: warps of the key-gradients kernel. None: 4, or 8 for K > 128 (K = 256,
+    V = 512 fwd+bwd 5.69 against 6.21 ms at 4 warps, `_v8_k256c`).
+  grads_wy_num_warps: warps of the WY-gradients kernel.
+  interpret: run the kernels in the Pallas interpreter. None: on CPU (tests), compiled elsewhere.
+  """
+  walk_block_v: int | None = None
+  walk_min_programs: int = 128
+  walk_num_warps: int = 4
+  walk_num_stages: int | None = None
+  part_block_v: int = 64
+  part_num_warps: int = 4
+  dv_local_num_warps: int = 4
+  grads_block_k: int = 64
+  grads_block_v: int = 128
+  grads_key_num_warps: int | None = None
+  grads_wy_num_warps: int = 4
+  interpret: bool | None = None
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name == "interpret":
+        if value is not None and not isinstance(value, bool):
+          raise ValueError(f"GpuConfig: `interpret`={value!r}; expected True, False or None.")
+      elif value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+        raise ValueError(f"GpuConfig: `{field.name}`={value!r}; expected a non-negative int"
+                         + (" or None (the per-shape default)." if field.default is None else "."))
+
+  def resolve(self, B: int, H: int, K: int, V: int) -> GpuConfig:
+    """This config with every `None` replaced by its default for B·H value heads and head dims K, V
+    (see the field docs); explicit values are kept (block sizes capped at the head dim).
+    Idempotent: a resolved config resolves to itself."""
+    large_k = K > 128
+    BV = self.walk_block_v
+    if BV is None:
+      BV = min(V, 32 if large_k else 64)
+      while BV > 16 and B * H * (V // BV) < self.walk_min_programs:
+        BV //= 2
+    return dataclasses.replace(
+        self, walk_block_v=min(V, BV),
+        walk_num_stages=(2 if large_k else 3) if self.walk_num_stages is None
+        else self.walk_num_stages,
+        grads_key_num_warps=(8 if large_k else 4) if self.grads_key_num_warps is None
+        else self.grads_key_num_warps,
+        interpret=(jax.default_backend() == "cpu") if self.interpret is None else self.interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuConfig:
+  """Settings of the Mosaic TPU kernels.
+
+  interpret: False compiles for the TPU; True or a `pltpu.InterpretParams(...)` runs the Pallas
+    interpreter (CPU tests; `InterpretParams(random_seed=s)` runs parallel grid axes in a random order).
+  dimension_semantics: Mosaic's semantics of the grid (B, H, N chunks). The chunk axis carries the
+    state across grid steps and must stay "arbitrary" (sequential); the tests set it to "parallel"
+    once, to show that the random-order interpreter catches that mistake.
+  """
+  interpret: Any = False
+  dimension_semantics: tuple[str, str, str] = ("parallel", "parallel", "arbitrary")

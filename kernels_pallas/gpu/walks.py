@@ -1,0 +1,154 @@
+r"""The two sequential state walks over chunks (`gdn_walk_fwd`, `gdn_walk_bwd`): all that is sequential.
+
+Grid (V/BV, B, H): one program per (V-block, batch row, value head) walks all N chunks in a
+`fori_loop`, carrying its K×BV block of the state in registers. The V-blocks of one head come first
+(`layout` explains why: they read the same W and k tiles). k, q, g, dO are read in token layout and
+the per-token decays (w, d, λ) are formed from g inside the loop (`chunk_math.chunk_vector_decays`):
+no K̃ = diag(w) K or Q̃ goes through HBM, and the C×BV values are scaled rather than the C×K keys.
+
+    forward, r = 0 … N−1:   Ṽ_r = U_r − W_r h_r,   h_{r+1} = λ_r h_r + K_rᵀ diag(w_r) Ṽ_r
+    reverse, r = N−1 … 0:   dṼ_r = dṼ_r^local + diag(w_r) K_r dh_{r+1},
+                            dh_r = λ_r dh_{r+1} + scale Q_rᵀ diag(d_r) dO_r − W_rᵀ dṼ_r
+
+The dtype of W (as `prep` stores it: bf16 for bf16 inputs) is the dtype of the stored states, Ṽ and
+dṼ, and picks the matmul operands (`chunk_math.mm_dtype_for`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels_pallas import chunk_math as cm
+from kernels_pallas.config import GpuConfig
+from kernels_pallas.gpu import layout
+
+
+def _walk_fwd_kernel(w_ref, u_ref, k_ref, g_ref, reset_ref, h0_ref, vnew_ref, ht_ref, hs_ref, *,
+                     N, C, mm_dtype):
+  """h_r → Ṽ_r = U_r − W_r h_r → h_{r+1} = λ_r h_r + K_rᵀ diag(w_r) Ṽ_r, for r = 0 … N−1 (one V-block)."""
+  def body(r, h_KxV):
+    rows = pl.ds(pl.multiple_of(r * C, C), C)
+    _, _, _, k_write, lam = cm.chunk_vector_decays(g_ref[rows], reset_ref[rows], C)
+    hs_ref[r] = h_KxV.astype(hs_ref.dtype)
+    v_new = u_ref[r].astype(jnp.float32) - cm.dot(w_ref[r], h_KxV, mm_dtype=mm_dtype)
+    vnew_ref[r] = v_new.astype(vnew_ref.dtype)
+    return lam * h_KxV + cm.dot(k_ref[rows, :], k_write[:, None] * v_new, trans_a=True,
+                                mm_dtype=mm_dtype)
+
+  ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...].astype(jnp.float32))
+
+
+def _walk_bwd_kernel(w_ref, k_ref, q_ref, g_ref, reset_ref, do_ref, dvl_ref, dht_ref,
+                     dh0_ref, dhs_ref, dvnew_ref, *, N, C, scale, mm_dtype):
+  """dh_{r+1} → dṼ_r = dṼ_r^local + diag(w_r) K_r dh_{r+1} →
+  dh_r = λ_r dh_{r+1} + scale Q_rᵀ diag(d_r) dO_r − W_rᵀ dṼ_r, for r = N−1 … 0 (one V-block)."""
+  def body(i, dh_KxV):
+    r = N - 1 - i
+    rows = pl.ds(pl.multiple_of(r * C, C), C)
+    _, _, d, k_write, lam = cm.chunk_vector_decays(g_ref[rows], reset_ref[rows], C)
+    dhs_ref[r] = dh_KxV.astype(dhs_ref.dtype)
+    dv_new = dvl_ref[r].astype(jnp.float32) + k_write[:, None] * cm.dot(
+        k_ref[rows, :], dh_KxV, mm_dtype=mm_dtype)
+    dvnew_ref[r] = dv_new.astype(dvnew_ref.dtype)
+    do = do_ref[rows, :].astype(jnp.float32)
+    return (lam * dh_KxV
+            + cm.dot(q_ref[rows, :], (scale * d)[:, None] * do, trans_a=True, mm_dtype=mm_dtype)
+            - cm.dot(w_ref[r], dv_new, trans_a=True, mm_dtype=mm_dtype))
+
+  dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
+
+
+class WalkSpecs(NamedTuple):
+  """BlockSpecs of a walk program, grid (V/BV, B, H): it sees the whole sequence of its head."""
+  tile_k: pl.BlockSpec   # W tiles [N, C, K] of its head (chunk r: ref[r])
+  tile_v: pl.BlockSpec   # [N, C, BV] tiles of its V-block: U, Ṽ, dṼ^local, dṼ
+  state: pl.BlockSpec    # [K, BV]: h0, the final state, its cotangent, dh0
+  states: pl.BlockSpec   # [N, K, BV], one state per chunk: h_r, dh_{r+1}
+  qk: pl.BlockSpec       # q or k [Tp, K], token layout, q/k head h // G (chunk r: ref[pl.ds(r·C, C)])
+  v: pl.BlockSpec        # [Tp, BV] value columns in token layout: dO
+  gate: pl.BlockSpec     # g [Tp]
+  reset: pl.BlockSpec    # reset flags [Tp]
+
+
+def walk_specs(N: int, C: int, K: int, BV: int, G: int) -> WalkSpecs:
+  """`WalkSpecs` for N chunks of C tokens, head dim K, BV value columns per program and G value
+  heads per q/k head."""
+  Tp = N * C
+  return WalkSpecs(
+      tile_k=pl.BlockSpec((None, None, N, C, K), lambda j, b, h: (b, h, 0, 0, 0)),
+      tile_v=pl.BlockSpec((None, None, N, C, BV), lambda j, b, h: (b, h, 0, 0, j)),
+      state=pl.BlockSpec((None, None, K, BV), lambda j, b, h: (b, h, 0, j)),
+      states=pl.BlockSpec((None, None, N, K, BV), lambda j, b, h: (b, h, 0, 0, j)),
+      qk=pl.BlockSpec((None, Tp, None, K), lambda j, b, h: (b, 0, h // G, 0)),
+      v=pl.BlockSpec((None, Tp, None, BV), lambda j, b, h: (b, 0, h, j)),
+      gate=pl.BlockSpec((None, Tp, None), lambda j, b, h: (b, 0, h)),
+      reset=pl.BlockSpec((None, Tp), lambda j, b, h: (b, 0)))
+
+
+def _walk_call(kernel, W, V: int, cfg: GpuConfig, name: str, *, in_specs, out_specs, out_shape):
+  B, H, _, _, K = W.shape
+  return pl.pallas_call(
+      kernel, grid=(V // cfg.walk_block_v, B, H), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, interpret=cfg.interpret,
+      compiler_params=layout.compiler_params(cfg.walk_num_warps, cfg.walk_num_stages), name=name)
+
+
+def walk_forward(W, U, k, g, reset_f, h0, *, config: GpuConfig):
+  """The forward walk. W [B,H,N,C,K], U [B,H,N,C,V] tiles (as `prep` wrote them); k [B,Tp,Hk,K],
+  g [B,Tp,H], reset_f [B,Tp] in token layout; h0 [B,H,K,V] f32.
+  Returns (Ṽ [B,H,N,C,V], final state [B,H,K,V] f32, state before each chunk [B,H,N,K,V]); Ṽ and the
+  states in W's dtype."""
+  B, H, N, C, K = W.shape
+  V = U.shape[-1]
+  cfg = config.resolve(B, H, K, V)
+  specs = walk_specs(N, C, K, cfg.walk_block_v, H // k.shape[2])
+  kernel = functools.partial(_walk_fwd_kernel, N=N, C=C, mm_dtype=cm.mm_dtype_for(W.dtype))
+  return _walk_call(
+      kernel, W, V, cfg, "gdn_walk_fwd",
+      in_specs=[specs.tile_k,    # W
+                specs.tile_v,    # U
+                specs.qk,        # k
+                specs.gate,      # g
+                specs.reset,     # reset
+                specs.state],    # h0
+      out_specs=[specs.tile_v,   # Ṽ
+                 specs.state,    # final state
+                 specs.states],  # h_r
+      out_shape=[jax.ShapeDtypeStruct(U.shape, W.dtype),
+                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, H, N, K, V), W.dtype)],
+  )(W, U, k, g, reset_f, h0)
+
+
+def walk_backward(W, k, q, g, reset_f, do, dv_local, dht, *, scale: float, config: GpuConfig):
+  """The reverse walk. W, dṼ^local [B,H,N,C,·] tiles; k, q [B,Tp,Hk,K], g [B,Tp,H], reset_f [B,Tp],
+  dO [B,Tp,H,V] in token layout; dht [B,H,K,V] f32, the final state's cotangent.
+  Returns (dh0 [B,H,K,V] f32, dh_{r+1} per chunk [B,H,N,K,V], dṼ [B,H,N,C,V]); the last two in W's
+  dtype."""
+  B, H, N, C, K = W.shape
+  V = do.shape[-1]
+  cfg = config.resolve(B, H, K, V)
+  specs = walk_specs(N, C, K, cfg.walk_block_v, H // k.shape[2])
+  kernel = functools.partial(_walk_bwd_kernel, N=N, C=C, scale=scale,
+                             mm_dtype=cm.mm_dtype_for(W.dtype))
+  return _walk_call(
+      kernel, W, V, cfg, "gdn_walk_bwd",
+      in_specs=[specs.tile_k,    # W
+                specs.qk,        # k
+                specs.qk,        # q
+                specs.gate,      # g
+                specs.reset,     # reset
+                specs.v,         # dO
+                specs.tile_v,    # dṼ^local
+                specs.state],    # dht
+      out_specs=[specs.state,    # dh0
+                 specs.states,   # dh_{r+1}
+                 specs.tile_v],  # dṼ
+      out_shape=[jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, H, N, K, V), W.dtype),
+                 jax.ShapeDtypeStruct(dv_local.shape, W.dtype)],
+  )(W, k, q, g, reset_f, do, dv_local, dht)
