@@ -169,12 +169,14 @@ class Block(nnx.Module):
   def step(self, x_BxD, cache, weights=None, *, impl: str = "xla"):
     """One decode token: (x [B, D], new cache); `weights` from `decode_weights()` (None: here)."""
     w = self.decode_weights() if weights is None else weights
-    y, new_cache = self.mixer.step(self.mixer_norm(x_BxD), cache, w['mixer'], impl=impl)
-    x = x_BxD + y
+    with jax.named_scope("in_proj"):   # the scopes name the parts in profiles (bench_decode.py)
+      h = self.mixer_norm(x_BxD)
+    y, new_cache = self.mixer.step(h, cache, w['mixer'], impl=impl)
     mlp = self.mlp
     dt = mlp.down_proj.dtype
     scale = lambda y, lin: y if lin.multiplier == 1.0 else y * jnp.asarray(lin.multiplier, dt)
     with jax.named_scope("mlp"):
+      x = x_BxD + y
       gu = jnp.dot(self.mlp_norm(x).astype(dt), w['gate_up'])
       F = w['down'].shape[0]
       h = jax.nn.silu(scale(gu[:, :F], mlp.gate_proj)) * scale(gu[:, F:], mlp.up_proj)
@@ -268,7 +270,8 @@ class GatedDeltaNetLM(nnx.Module):
     (the rule's single-token update, `GatedDeltaNet.step`).
     """
     w = self.decode_weights() if weights is None else weights
-    x = self.embed(token_B)
+    with jax.named_scope("embed"):
+      x = self.embed(token_B)
     new_cache = []
     for i, block in enumerate(self.blocks):
       x, c = block.step(x, cache[i], w['blocks'][i], impl=impl)

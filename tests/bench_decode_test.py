@@ -1,0 +1,41 @@
+"""experiments/bench_decode.py: its tiny CPU path runs and writes JSON + Markdown; the profile
+summary maps kernels to the decode step's named scopes."""
+import json
+import types
+
+from experiments import bench_decode
+
+
+def test_tiny_run_writes_rows(tmp_path):
+  opts = bench_decode.Options(config="tiny", batches=(2,), prompts=(8,), new_tokens=4,
+                              variants=(), xla_flags_variants=(), fla=False, profile=False,
+                              repeats=1, out_dir=str(tmp_path))
+  res = bench_decode.run(opts, log=lambda *a: None)
+  (row,) = res["rows"]
+  assert row["impl"] == "gdn-jax xla" and "error" not in row, row
+  assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0 and row["deterministic"]
+  assert row["floor_weights_state_ms"] > row["floor_weights_ms"] > 0
+  stem = f"bench_decode_{bench_decode.device_slug(bench_decode.jax.devices()[0])}_tiny"
+  assert json.loads((tmp_path / f"{stem}.json").read_text())["rows"][0]["batch"] == 2
+  md = (tmp_path / f"{stem}.md").read_text()
+  assert "| gdn-jax xla | 2 | 8 |" in md and "fla: --nofla" in md
+
+
+def test_trace_summary_groups_kernels_by_scope():
+  hlo = '''
+  %fusion.1 = f32[2] fusion(%p), kind=kLoop, metadata={op_name="jit(decode_program)/while/body/rule/mul"}
+  ROOT %dot.2 = bf16[2,9] dot(%a, %b), metadata={op_name="jit(decode_program)/while/body/in_proj/dot_general"}
+  %fusion.3 = f32[2] fusion(%q), metadata={op_name="jit(decode_program)/while/body/add"}
+  '''
+  scope_of = bench_decode.hlo_scopes(hlo)
+  assert scope_of == {"fusion.1": "rule", "dot.2": "in_proj", "fusion.3": "other"}
+  ev = lambda start, dur, op: types.SimpleNamespace(start_ns=start, duration_ns=dur,
+                                                    name=f"kernel_{op}", stats=[("hlo_op", op)])
+  line = types.SimpleNamespace(name="Stream #7", events=[ev(0, 4000, "dot.2"),
+                                                         ev(5000, 2000, "fusion.1"),
+                                                         ev(8000, 2000, "fusion.1")])
+  data = types.SimpleNamespace(planes=[types.SimpleNamespace(name="/device:GPU:0", lines=[line]),
+                                       types.SimpleNamespace(name="/host:CPU", lines=[])])
+  s = bench_decode.summarize_trace(data, scope_of, steps=2, wall_s=1e-5)
+  assert s["us_per_step_by_scope"] == {"rule": 2.0, "in_proj": 2.0}
+  assert s["kernels_per_step"] == 1.5 and s["idle_gap_us_per_step"] == 1.0
