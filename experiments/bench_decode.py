@@ -23,12 +23,14 @@ device time per step by part of the step (the named scopes of the decode step: e
 sample), the kernels per step, the idle gap between kernels, and the top kernels.
 
 Writes bench_decode_<device>.json and .md into $OUT if set, else experiments/results/. Rows run in
-priority order (gdn-jax at the first prompt, fla there, the other prompts, then --variants) and a
-row is skipped once --time_budget_s is spent; results are rewritten after every row.
+priority order (gdn-jax at the first prompt, its profiles, fla there, the first two --variants, the
+other prompts, the other variants, the --xla_flags_variants) and a row is skipped once
+--time_budget_s is spent; results are rewritten after every row.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -66,7 +68,7 @@ class Options:
   batches: tuple = (1, 8, 64)
   prompts: tuple = (128, 4096)
   new_tokens: int = 256
-  fla_new_tokens: int = 64
+  fla_new_tokens: int = 32
   main: str = "xla:float32"            # impl:state_dtype of the rows at every (batch, prompt)
   variants: tuple = ("pallas:float32", "xla:bfloat16", "pallas:bfloat16")  # first prompt only
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
@@ -75,7 +77,7 @@ class Options:
   fla: bool = True
   profile: bool = True
   repeats: int = 2
-  time_budget_s: float = 330.0
+  time_budget_s: float = 300.0
   out_dir: str = ""
 
 
@@ -150,17 +152,19 @@ class GdnBench:
     prompt = jnp.asarray(rng.integers(0, self.model.config.vocab_size, (batch, prompt_len)),
                          jnp.int32)
     tokens, segments = gen.pad_prompt(prompt, gen.bucket_length(prompt_len))
-    key_p = ("prefill", batch, tokens.shape[1], state_dtype)
+    # One prefill program per shape, float32 state; a bf16 state is cast from it (`cast`).
+    key_p = ("prefill", batch, tokens.shape[1])
     fresh_p = key_p not in self.compiled
     if fresh_p:
       t0 = time.perf_counter()
-      exe = self._compile_prefill(tokens, segments, state_dtype)
+      exe = self._compile_prefill(tokens, segments, jnp.dtype(jnp.float32))
       self.compiled[key_p] = (exe, time.perf_counter() - t0)
     prefill, c_p = self.compiled[key_p]
     key_d = ("decode", batch, new_tokens, impl, state_dtype)
     fresh_d = key_d not in self.compiled
     if fresh_d:
-      logits, cache = prefill.out_info
+      logits, cache = jax.eval_shape(functools.partial(cast, state_dtype=state_dtype),
+                                     prefill.out_info)
       t0 = time.perf_counter()
       exe = gen.decode_program.lower(self.graphdef, self.state, logits, cache,
                                      jax.random.key(0), max_new_tokens=new_tokens,
@@ -179,10 +183,12 @@ class GdnBench:
       t0 = time.perf_counter()
       logits, cache = jax.block_until_ready(prefill(self.state, tokens, segments))
       t1 = time.perf_counter()
+      logits, cache = jax.block_until_ready(cast((logits, cache), state_dtype=state_dtype))
+      t1b = time.perf_counter()
       out, cache = jax.block_until_ready(decode(self.state, logits, cache, jax.random.key(0)))
       t2 = time.perf_counter()
       t_pre.append(t1 - t0)
-      t_dec.append(t2 - t1)
+      t_dec.append(t2 - t1b)
       outs.append(np.asarray(out))
       del cache
     return {"prefill_ms": 1e3 * min(t_pre[1:]), "decode_s": min(t_dec[1:]),
@@ -196,7 +202,8 @@ class GdnBench:
     (prefill, _), (decode, _), (tokens, segments) = self.programs(
         batch, prompt_len, new_tokens, impl, state_dtype)
     scope_of = hlo_scopes(decode.as_text())
-    logits, cache = jax.block_until_ready(prefill(self.state, tokens, segments))
+    logits, cache = jax.block_until_ready(
+        cast(prefill(self.state, tokens, segments), state_dtype=state_dtype))
     with tempfile.TemporaryDirectory() as tmp:
       with jax.profiler.trace(tmp):
         t0 = time.perf_counter()
@@ -207,6 +214,13 @@ class GdnBench:
         return {"error": "no trace file written"}
       data = ProfileData.from_file(files[0])
     return summarize_trace(data, scope_of, steps=new_tokens - 1, wall_s=wall)
+
+
+@functools.partial(jax.jit, static_argnames="state_dtype")
+def cast(logits_cache, *, state_dtype):
+  """(logits, cache) with the caches' states S in `state_dtype`."""
+  logits, cache = logits_cache
+  return logits, [{**c, "S": c["S"].astype(state_dtype)} for c in cache]
 
 
 def hlo_scopes(hlo_text: str) -> dict:
@@ -421,9 +435,9 @@ def run(opts: Options, log=print) -> dict:
   else:
     res["fla"] = {"error": "--nofla"}
 
-  def fla_rows(prompt_len):
+  def fla_rows(prompt_len, modes):
     for batch in opts.batches:
-      for mode in ("fla-loop", "fla-hf"):
+      for mode in modes:
         if fla is None or over_budget(f"{mode} B{batch} P{prompt_len}"):
           continue
         row = {"impl": mode, "batch": batch, "prompt": prompt_len,
@@ -439,11 +453,16 @@ def run(opts: Options, log=print) -> dict:
         res["rows"].append(row)
         save()
 
+  # Priority order: each later group is what a spent budget drops first.
   first, *rest = opts.prompts
-  for batch in opts.batches:
+  small, large = min(opts.batches), max(opts.batches)
+  by_size = sorted(opts.batches, key=lambda b: (b not in (small, large), b))    # 1, 64, 8
+  variants = [parse_variant(v) for v in opts.variants]
+  variant_batches = opts.variant_batches or sorted({small, large})
+  for batch in by_size:
     gdn_row(batch, first, impl, sd)
   if opts.profile:
-    for batch in sorted({min(opts.batches), max(opts.batches)}):
+    for batch in sorted({small, large}):
       if over_budget(f"profile B{batch}"):
         continue
       try:
@@ -452,19 +471,24 @@ def run(opts: Options, log=print) -> dict:
       except Exception as e:  # pylint: disable=broad-except
         res["profiles"][f"B{batch}"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
       save()
-  fla_rows(first)
+  fla_rows(first, ("fla-loop", "fla-hf"))
+  for v_impl, v_sd in variants[:2]:            # the Pallas step, the bf16 state
+    for batch in variant_batches:
+      gdn_row(batch, first, v_impl, v_sd)
   for prompt_len in rest:
-    for batch in opts.batches:
+    for batch in by_size:
       gdn_row(batch, prompt_len, impl, sd)
-    fla_rows(prompt_len)
-  for spec in opts.variants:
-    v_impl, v_sd = parse_variant(spec)
-    for batch in opts.variant_batches or sorted({min(opts.batches), max(opts.batches)}):
+    fla_rows(prompt_len, ("fla-loop",))        # HF generate's steps are the loop's steps
+  for v_impl, v_sd in variants[2:]:
+    for batch in variant_batches:
       gdn_row(batch, first, v_impl, v_sd)
   for xla_flags in opts.xla_flags_variants if device.platform == "gpu" else ():
-    if over_budget(f"XLA_FLAGS={xla_flags}"):
+    left = opts.time_budget_s - (time.perf_counter() - start)
+    if left < 60:
+      res["skipped"].append(f"XLA_FLAGS={xla_flags}: {left:.0f} s of the budget left")
       continue
-    res["rows"] += flags_variant(opts, xla_flags, min(opts.batches), first, out_dir, log)
+    res["rows"] += flags_variant(opts, xla_flags, small, first, out_dir, log,
+                                 timeout=left + 30)
     save()
   save()
   log(table(res))
@@ -472,7 +496,8 @@ def run(opts: Options, log=print) -> dict:
   return res
 
 
-def flags_variant(opts: Options, xla_flags: str, batch: int, prompt_len: int, out_dir, log):
+def flags_variant(opts: Options, xla_flags: str, batch: int, prompt_len: int, out_dir, log,
+                  timeout: float):
   """The main gdn-jax row at one shape, in a subprocess whose XLA_FLAGS add `xla_flags` (XLA reads
   them once per process). A flag this XLA does not know fails that row only."""
   import subprocess  # pylint: disable=import-outside-toplevel
@@ -485,7 +510,7 @@ def flags_variant(opts: Options, xla_flags: str, batch: int, prompt_len: int, ou
   base = {"impl": f"gdn-jax {opts.main} [XLA_FLAGS {xla_flags}]", "batch": batch,
           "prompt": prompt_len, "new_tokens": opts.new_tokens}
   try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     files = sorted(sub.glob("bench_decode_*.json"))
     if proc.returncode or not files:
       tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
