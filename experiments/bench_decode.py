@@ -77,7 +77,7 @@ class Options:
   fla: bool = True
   profile: bool = True
   repeats: int = 2
-  time_budget_s: float = 300.0
+  time_budget_s: float = 270.0
   out_dir: str = ""
 
 
