@@ -22,13 +22,16 @@ device time per step by part of the step (the named scopes of the decode step: e
 (with the mixer's norm), conv_gates, rule, out_proj, mlp (with the residuals and its norm), head,
 sample), the kernels per step, the idle gap between kernels, and the top kernels.
 
-Writes bench_decode_<device>.json and .md into $OUT if set, else experiments/results/. Rows run in
-priority order (gdn-jax at the first prompt, its profiles, fla there, the first two --variants, the
-other prompts, the other variants, the --xla_flags_variants) and a row is skipped once
---time_budget_s is spent; results are rewritten after every row.
+Writes bench_decode_<device>.json and .md into $OUT if set, else experiments/results/. All gdn-jax
+programs are compiled first (the first row's alone, for a clean compile time; the others in
+--compile_workers threads), then the rows run in priority order: gdn-jax at the first prompt, the
+first two --variants, the other prompts, the other variants, the loop before issue 22
+("before #22"), the profiles, fla, the --xla_flags_variants. A row is skipped once
+--time_budget_s is spent; the results are rewritten after every row.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import glob
@@ -39,6 +42,7 @@ import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -74,8 +78,10 @@ class Options:
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
+  baseline: bool = True                # the decode loop before issue 22, for a before/after
   fla: bool = True
   profile: bool = True
+  compile_workers: int = 6
   repeats: int = 2
   time_budget_s: float = 270.0
   out_dir: str = ""
@@ -121,63 +127,94 @@ def step_bytes(config: ModelConfig, batch: int, state_dtype) -> dict:
 
 
 class GdnBench:
-  """The compiled prefill / decode programs of one model, cached per shape."""
+  """The compiled prefill / decode programs of one model, cached per shape; compiled ahead of the
+  timed runs (`precompile`, several at once in threads: XLA compiles without the GIL)."""
 
-  def __init__(self, model):
-    self.model = model
+  def __init__(self, model, new_tokens: int):
+    self.model, self.new_tokens = model, new_tokens
     self.graphdef, self.state = nnx.split(model)
-    self.compiled = {}
+    self.prefill_graphdef = self.graphdef
+    self.compiled = {}                # key → (executable, compile s, compiled alone?)
+    self.errors = {}                  # key → why it did not compile
     self.prefill_fallback = None      # why the prefill left rule_impl "auto", if it did
+    self.lock = threading.Lock()
 
-  def _compile_prefill(self, tokens, segments, state_dtype):
-    lower = lambda graphdef: gen.prefill_program.lower(
-        graphdef, self.state, tokens, segments, state_dtype=state_dtype).compile()
-    try:
-      return lower(self.graphdef)
-    except Exception as e:  # pylint: disable=broad-except
-      if self.model.config.rule_impl == "chunked":
-        raise
-      # The prefill's Pallas chunk kernels are not what this benchmark measures: fall back to
-      # the chunked XLA rule (same weights) and say so in the results.
-      self.prefill_fallback = f"{type(e).__name__}: {str(e)[:300]}"
-      chunked = dataclasses.replace(self.model.config, rule_impl="chunked")
-      self.graphdef = nnx.split(nnx.eval_shape(lambda: GatedDeltaNetLM(chunked,
-                                                                      rngs=nnx.Rngs(0))))[0]
-      self.compiled.clear()
-      return lower(self.graphdef)
-
-  def programs(self, batch, prompt_len, new_tokens, impl, state_dtype):
-    """((prefill executable, its compile s), (decode executable, its compile s), inputs)."""
+  def inputs(self, batch, prompt_len):
     rng = np.random.default_rng(batch * 7919 + prompt_len)
     prompt = jnp.asarray(rng.integers(0, self.model.config.vocab_size, (batch, prompt_len)),
                          jnp.int32)
-    tokens, segments = gen.pad_prompt(prompt, gen.bucket_length(prompt_len))
-    # One prefill program per shape, float32 state; a bf16 state is cast from it (`cast`).
-    key_p = ("prefill", batch, tokens.shape[1])
-    fresh_p = key_p not in self.compiled
-    if fresh_p:
-      t0 = time.perf_counter()
-      exe = self._compile_prefill(tokens, segments, jnp.dtype(jnp.float32))
-      self.compiled[key_p] = (exe, time.perf_counter() - t0)
-    prefill, c_p = self.compiled[key_p]
-    key_d = ("decode", batch, new_tokens, impl, state_dtype)
-    fresh_d = key_d not in self.compiled
-    if fresh_d:
-      logits, cache = jax.eval_shape(functools.partial(cast, state_dtype=state_dtype),
-                                     prefill.out_info)
-      t0 = time.perf_counter()
-      exe = gen.decode_program.lower(self.graphdef, self.state, logits, cache,
-                                     jax.random.key(0), max_new_tokens=new_tokens,
-                                     temperature=0.0, top_k=None, impl=impl).compile()
-      self.compiled[key_d] = (exe, time.perf_counter() - t0)
-    decode, c_d = self.compiled[key_d]
-    # Compile times only where this call compiled (None: the program was reused).
-    return ((prefill, c_p if fresh_p else None), (decode, c_d if fresh_d else None),
-            (tokens, segments))
+    return gen.pad_prompt(prompt, gen.bucket_length(prompt_len))
 
-  def run(self, batch, prompt_len, new_tokens, impl, state_dtype, repeats):
-    (prefill, c_p), (decode, c_d), (tokens, segments) = self.programs(
-        batch, prompt_len, new_tokens, impl, state_dtype)
+  @staticmethod
+  def keys(batch, prompt_len, impl, state_dtype):
+    """Program keys of a row: one float32-state prefill per (batch, bucket); a bf16 state is cast
+    from it (`cast`); one decode program per (batch, impl, state dtype)."""
+    return (("prefill", batch, gen.bucket_length(prompt_len)),
+            ("decode", batch, impl, jnp.dtype(state_dtype).name))
+
+  def _compile(self, key):
+    kind, batch = key[:2]
+    f32 = jnp.dtype(jnp.float32)
+    tokens, segments = self.inputs(batch, key[2] if kind == "prefill" else 16)
+    if kind == "prefill":
+      lower = lambda graphdef: gen.prefill_program.lower(
+          graphdef, self.state, tokens, segments, state_dtype=f32).compile()
+      try:
+        return lower(self.prefill_graphdef)
+      except Exception as e:  # pylint: disable=broad-except
+        if self.model.config.rule_impl == "chunked":
+          raise
+        # The prefill's Pallas chunk kernels are not what this benchmark measures: fall back
+        # to the chunked XLA rule (same weights) and say so in the results.
+        with self.lock:
+          self.prefill_fallback = f"{type(e).__name__}: {str(e)[:300]}"
+          chunked = dataclasses.replace(self.model.config, rule_impl="chunked")
+          self.prefill_graphdef = nnx.split(nnx.eval_shape(
+              lambda: GatedDeltaNetLM(chunked, rngs=nnx.Rngs(0))))[0]
+        return lower(self.prefill_graphdef)
+    impl, state_dtype = key[2], jnp.dtype(key[3])
+    logits, cache = jax.eval_shape(
+        functools.partial(cast, state_dtype=state_dtype),
+        gen.prefill_program.eval_shape(self.graphdef, self.state, tokens, segments,
+                                       state_dtype=f32))
+    args = (self.graphdef, self.state, logits, cache, jax.random.key(0))
+    if impl == "baseline":
+      return baseline_decode_program.lower(*args, max_new_tokens=self.new_tokens).compile()
+    return gen.decode_program.lower(*args, max_new_tokens=self.new_tokens, temperature=0.0,
+                                    top_k=None, impl=impl).compile()
+
+  def compile(self, key, alone: bool):
+    if key in self.compiled or key in self.errors:
+      return
+    t0 = time.perf_counter()
+    try:
+      exe = self._compile(key)
+    except Exception as e:  # pylint: disable=broad-except
+      self.errors[key] = f"{type(e).__name__}: {str(e)[:600]}"
+      return
+    self.compiled[key] = (exe, time.perf_counter() - t0, alone)
+
+  def precompile(self, keys, workers: int, timeout_s: float) -> list:
+    """Compiles `keys` in `workers` threads; returns those not done after `timeout_s` (their
+    threads go on in the background: XLA compiles cannot be interrupted)."""
+    keys = [k for k in dict.fromkeys(keys) if k not in self.compiled and k not in self.errors]
+    if not keys:
+      return []
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+    futures = {pool.submit(self.compile, k, False): k for k in keys}
+    _, pending = concurrent.futures.wait(futures, timeout=max(timeout_s, 1.0))
+    pool.shutdown(wait=False, cancel_futures=True)
+    return [futures[f] for f in pending]
+
+  def run(self, batch, prompt_len, impl, state_dtype, repeats):
+    key_p, key_d = self.keys(batch, prompt_len, impl, state_dtype)
+    for key in (key_p, key_d):
+      self.compile(key, alone=True)           # no-op when precompiled
+      if key in self.errors:
+        raise RuntimeError(f"{key[0]} did not compile: {self.errors[key]}")
+    (prefill, c_p, alone_p), (decode, c_d, alone_d) = self.compiled[key_p], self.compiled[key_d]
+    tokens, segments = self.inputs(batch, prompt_len)
+    state_dtype = jnp.dtype(state_dtype)
     t_pre, t_dec, outs = [], [], []
     for _ in range(repeats + 1):            # the first call warms up
       t0 = time.perf_counter()
@@ -193,17 +230,19 @@ class GdnBench:
       del cache
     return {"prefill_ms": 1e3 * min(t_pre[1:]), "decode_s": min(t_dec[1:]),
             "compile_prefill_s": c_p, "compile_decode_s": c_d,
+            "compiled_alone": [alone_p, alone_d],
             "deterministic": all(np.array_equal(outs[0], o) for o in outs[1:]),
             "first_tokens": outs[-1][0, :8].tolist()}
 
-  def profile(self, batch, prompt_len, new_tokens, impl, state_dtype) -> dict:
+  def profile(self, batch, prompt_len, impl, state_dtype) -> dict:
     """Device time per decode step by scope, from a jax.profiler trace of one decode call."""
     from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
-    (prefill, _), (decode, _), (tokens, segments) = self.programs(
-        batch, prompt_len, new_tokens, impl, state_dtype)
+    key_p, key_d = self.keys(batch, prompt_len, impl, state_dtype)
+    prefill, decode = self.compiled[key_p][0], self.compiled[key_d][0]
     scope_of = hlo_scopes(decode.as_text())
+    tokens, segments = self.inputs(batch, prompt_len)
     logits, cache = jax.block_until_ready(
-        cast(prefill(self.state, tokens, segments), state_dtype=state_dtype))
+        cast(prefill(self.state, tokens, segments), state_dtype=jnp.dtype(state_dtype)))
     with tempfile.TemporaryDirectory() as tmp:
       with jax.profiler.trace(tmp):
         t0 = time.perf_counter()
@@ -213,7 +252,46 @@ class GdnBench:
       if not files:
         return {"error": "no trace file written"}
       data = ProfileData.from_file(files[0])
-    return summarize_trace(data, scope_of, steps=new_tokens - 1, wall_s=wall)
+    return summarize_trace(data, scope_of, steps=self.new_tokens - 1, wall_s=wall)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def baseline_decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens):
+  """The greedy decode loop as it was before issue 22, for a before/after on the same device: each
+  step casts every weight as its Linear is called, six input projections and three conv steps per
+  layer, and the rule as `gated_delta_rule(impl="recurrent")` on a length-1 sequence. Reads the
+  modules' own (private) pieces, so a refactor of them may break this row only."""
+  from gdn_jax.ops import gated_delta_rule  # pylint: disable=import-outside-toplevel
+  del rng
+  model = nnx.merge(graphdef, state)
+  cache = [block.mixer.call_cache(c) for block, c in zip(model.blocks, cache)]
+
+  def mixer_step(m, x_BxD, c):
+    B, Hk, H, K, V = (x_BxD.shape[0], m.num_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim)
+    (q, k, v), new = m._features(x_BxD, None, c, single_token=True)  # pylint: disable=protected-access
+    beta, g = m._gates(x_BxD)  # pylint: disable=protected-access
+    o, new["S"] = gated_delta_rule(
+        q.reshape(B, 1, Hk, K), k.reshape(B, 1, Hk, K), v.reshape(B, 1, H, V), g[:, None],
+        beta[:, None], scale=m.qk_scale, initial_state=c["S"], output_final_state=True,
+        use_qk_l2norm=True, qk_norm_eps=m.qk_norm_eps, impl="recurrent")
+    return m._output(o[:, 0], x_BxD), new  # pylint: disable=protected-access
+
+  def step(carry, _):
+    token_B, cache = carry
+    x = model.embed(token_B)
+    new_cache = []
+    for block, c in zip(model.blocks, cache):
+      y, c = mixer_step(block.mixer, block.mixer_norm(x), c)
+      x = x + y
+      x = x + block.mlp(block.mlp_norm(x))
+      new_cache.append(c)
+    logits = model._logits(x)  # pylint: disable=protected-access
+    return (jnp.argmax(logits, -1).astype(jnp.int32), new_cache), token_B
+
+  first_B = jnp.argmax(logits_BxV, -1).astype(jnp.int32)
+  (last_B, cache), tokens_NxB = jax.lax.scan(step, (first_B, cache), None,
+                                             length=max_new_tokens - 1)
+  return jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1), cache
 
 
 @functools.partial(jax.jit, static_argnames="state_dtype")
@@ -399,18 +477,50 @@ def run(opts: Options, log=print) -> dict:
   # One compiled init (eager init would compile every op of it on its own).
   model = nnx.jit(lambda: GatedDeltaNetLM(config, rngs=nnx.Rngs(0)))()
   jax.block_until_ready(nnx.state(model))
-  gdn = GdnBench(model)
-  impl, sd = parse_variant(opts.main)
+  gdn = GdnBench(model, opts.new_tokens)
+  main_impl, main_sd = parse_variant(opts.main)
+  first, *rest = opts.prompts
+  small, large = min(opts.batches), max(opts.batches)
+  by_size = sorted(opts.batches, key=lambda b: (b not in (small, large), b))    # 1, 64, 8
+  variant_batches = opts.variant_batches or sorted({small, large})
+  # The gdn-jax rows in priority order (impl, state dtype, batch, prompt).
+  plan = [(main_impl, main_sd, b, first) for b in by_size]
+  plan += [(*parse_variant(v), b, first) for v in opts.variants[:2] for b in variant_batches]
+  plan += [(main_impl, main_sd, b, p) for p in rest for b in by_size]
+  plan += [(*parse_variant(v), b, first) for v in opts.variants[2:] for b in variant_batches]
+  if opts.baseline:
+    plan += [("baseline", "float32", b, first) for b in sorted({small, large})]
 
-  def gdn_row(batch, prompt_len, impl, sd):
-    name = f"gdn-jax {impl}" + ("" if sd == "float32" else f" state {sd}")
+  def row_name(impl, sd):
+    if impl == "baseline":
+      return "gdn-jax before #22"
+    return f"gdn-jax {impl}" + ("" if sd == "float32" else f" state {sd}")
+
+  # Compile: the first row's programs alone (clean compile times), then all others at once.
+  t0 = time.perf_counter()
+  for key in gdn.keys(*plan[0][2:], *plan[0][:2]) if plan else ():
+    gdn.compile(key, alone=True)
+  keys = [k for impl, sd, b, p in plan for k in gdn.keys(b, p, impl, sd)]
+  left = opts.time_budget_s * 0.6 - (time.perf_counter() - start)
+  pending = gdn.precompile(keys, opts.compile_workers, left)
+  res["compile_phase_s"] = time.perf_counter() - t0
+  res["compile_pending"] = [str(k) for k in pending]
+  log(f"compiled {len(gdn.compiled)} programs in {res['compile_phase_s']:.0f} s "
+      f"({len(gdn.errors)} failed, {len(pending)} unfinished)")
+  save()
+
+  def gdn_row(impl, sd, batch, prompt_len):
+    name = row_name(impl, sd)
     if over_budget(f"{name} B{batch} P{prompt_len}"):
       return
     row = {"impl": name, "batch": batch, "prompt": prompt_len, "new_tokens": opts.new_tokens,
            "state_dtype": sd}
+    if any(k not in gdn.compiled and k not in gdn.errors
+           for k in gdn.keys(batch, prompt_len, impl, sd)):
+      res["skipped"].append(f"{name} B{batch} P{prompt_len}: not compiled within the budget")
+      return
     try:
-      row.update(gdn.run(batch, prompt_len, opts.new_tokens, impl, jnp.dtype(sd),
-                         opts.repeats))
+      row.update(gdn.run(batch, prompt_len, impl, sd, opts.repeats))
       res["prefill_fallback"] = gdn.prefill_fallback
       finish_row(row, config, bandwidth)
       log(f"{name:28s} B{batch:<3d} P{prompt_len:<5d} {row['ms_per_token']:8.3f} ms/token "
@@ -419,9 +529,20 @@ def run(opts: Options, log=print) -> dict:
     except Exception as e:  # pylint: disable=broad-except
       row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
       log(f"{name} B{batch} P{prompt_len}: {row['error']}")
-      traceback.print_exc()
     res["rows"].append(row)
     save()
+
+  for spec in plan:
+    gdn_row(*spec)
+  if opts.profile:
+    for batch in sorted({small, large}):
+      if over_budget(f"profile B{batch}"):
+        continue
+      try:
+        res["profiles"][f"B{batch}"] = gdn.profile(batch, first, main_impl, main_sd)
+      except Exception as e:  # pylint: disable=broad-except
+        res["profiles"][f"B{batch}"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+      save()
 
   fla = None
   if opts.fla:
@@ -434,54 +555,25 @@ def run(opts: Options, log=print) -> dict:
       log(f"fla rows missing: {res['fla']['error']}")
   else:
     res["fla"] = {"error": "--nofla"}
+  save()
+  fla_plan = [(m, b, first) for b in by_size for m in ("fla-loop", "fla-hf")]
+  fla_plan += [("fla-loop", b, p) for p in rest for b in by_size]   # HF's steps = the loop's
+  for mode, batch, prompt_len in fla_plan if fla is not None else ():
+    if over_budget(f"{mode} B{batch} P{prompt_len}"):
+      continue
+    row = {"impl": mode, "batch": batch, "prompt": prompt_len,
+           "new_tokens": opts.fla_new_tokens, "state_dtype": "float32"}
+    try:
+      row.update(fla.run(mode, batch, prompt_len, opts.fla_new_tokens, opts.repeats))
+      finish_row(row, config, bandwidth)
+      log(f"{mode:28s} B{batch:<3d} P{prompt_len:<5d} {row['ms_per_token']:8.3f} ms/token "
+          f"{row['tokens_per_s']:10.0f} tok/s")
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+      log(f"{mode} B{batch} P{prompt_len}: {row['error']}")
+    res["rows"].append(row)
+    save()
 
-  def fla_rows(prompt_len, modes):
-    for batch in opts.batches:
-      for mode in modes:
-        if fla is None or over_budget(f"{mode} B{batch} P{prompt_len}"):
-          continue
-        row = {"impl": mode, "batch": batch, "prompt": prompt_len,
-               "new_tokens": opts.fla_new_tokens, "state_dtype": "float32"}
-        try:
-          row.update(fla.run(mode, batch, prompt_len, opts.fla_new_tokens, opts.repeats))
-          finish_row(row, config, bandwidth)
-          log(f"{mode:28s} B{batch:<3d} P{prompt_len:<5d} {row['ms_per_token']:8.3f} ms/token "
-              f"{row['tokens_per_s']:10.0f} tok/s")
-        except Exception as e:  # pylint: disable=broad-except
-          row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-          log(f"{mode} B{batch} P{prompt_len}: {row['error']}")
-        res["rows"].append(row)
-        save()
-
-  # Priority order: each later group is what a spent budget drops first.
-  first, *rest = opts.prompts
-  small, large = min(opts.batches), max(opts.batches)
-  by_size = sorted(opts.batches, key=lambda b: (b not in (small, large), b))    # 1, 64, 8
-  variants = [parse_variant(v) for v in opts.variants]
-  variant_batches = opts.variant_batches or sorted({small, large})
-  for batch in by_size:
-    gdn_row(batch, first, impl, sd)
-  if opts.profile:
-    for batch in sorted({small, large}):
-      if over_budget(f"profile B{batch}"):
-        continue
-      try:
-        res["profiles"][f"B{batch}"] = gdn.profile(batch, first, opts.new_tokens, impl,
-                                                   jnp.dtype(sd))
-      except Exception as e:  # pylint: disable=broad-except
-        res["profiles"][f"B{batch}"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-      save()
-  fla_rows(first, ("fla-loop", "fla-hf"))
-  for v_impl, v_sd in variants[:2]:            # the Pallas step, the bf16 state
-    for batch in variant_batches:
-      gdn_row(batch, first, v_impl, v_sd)
-  for prompt_len in rest:
-    for batch in by_size:
-      gdn_row(batch, prompt_len, impl, sd)
-    fla_rows(prompt_len, ("fla-loop",))        # HF generate's steps are the loop's steps
-  for v_impl, v_sd in variants[2:]:
-    for batch in variant_batches:
-      gdn_row(batch, first, v_impl, v_sd)
   for xla_flags in opts.xla_flags_variants if device.platform == "gpu" else ():
     left = opts.time_budget_s - (time.perf_counter() - start)
     if left < 60:
@@ -505,7 +597,7 @@ def flags_variant(opts: Options, xla_flags: str, batch: int, prompt_len: int, ou
   env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip())
   cmd = [sys.executable, __file__, f"--config={opts.config}", f"--batches={batch}",
          f"--prompts={prompt_len}", f"--new_tokens={opts.new_tokens}", f"--main={opts.main}",
-         "--variants=", "--xla_flags_variants=", "--nofla", "--noprofile",
+         "--variants=", "--xla_flags_variants=", "--nofla", "--noprofile", "--nobaseline",
          f"--repeats={opts.repeats}", f"--out_dir={sub}"]
   base = {"impl": f"gdn-jax {opts.main} [XLA_FLAGS {xla_flags}]", "batch": batch,
           "prompt": prompt_len, "new_tokens": opts.new_tokens}
@@ -553,8 +645,9 @@ def markdown(res) -> str:
          f"parameters. Greedy. jax {res['jax']}. Copy bandwidth measured "
          f"{res['bandwidth_GBps']:.0f} GB/s.", "",
          "ms/token = decode time / decode steps (compile excluded); floor = (weights read per "
-         "step + decode state read and written) / measured bandwidth; weights-only floor in the "
-         "JSON.", "",
+         "step + decode state read and written) / measured bandwidth. Compile s marked * were "
+         f"compiled {res['options']['compile_workers']} at a time (wall time under contention; "
+         f"all programs: {res.get('compile_phase_s', 0):.0f} s).", "",
          "| impl | batch | prompt | prefill ms | ms/token | tokens/s | floor ms (weights) | "
          "floor ms (+state) | × floor | compile s (prefill / decode) |",
          "|---|---|---|---|---|---|---|---|---|---|"]
@@ -563,7 +656,9 @@ def markdown(res) -> str:
       out.append(f"| {r['impl']} | {r['batch']} | {r['prompt']} | error: "
                  f"{r['error'][:120].replace('|', '/')} | | | | | | |")
       continue
-    comp = (f"{_fmt(r['compile_prefill_s'])} / {_fmt(r['compile_decode_s'])}"
+    alone = r.get("compiled_alone", [True, True])
+    comp = (f"{_fmt(r['compile_prefill_s'])}{'' if alone[0] else '*'} / "
+            f"{_fmt(r['compile_decode_s'])}{'' if alone[1] else '*'}"
             if "compile_decode_s" in r else "")
     out.append(f"| {r['impl']} | {r['batch']} | {r['prompt']} | {r['prefill_ms']:.2f} | "
                f"{r['ms_per_token']:.3f} | {r['tokens_per_s']:.0f} | "
@@ -607,9 +702,9 @@ def main(argv):
                  new_tokens=f.new_tokens, fla_new_tokens=f.fla_new_tokens, main=f.main,
                  variants=strs(f.variants), variant_batches=ints(f.variant_batches),
                  xla_flags_variants=tuple(x for x in f.xla_flags_variants.split(";") if x),
-                 fla=f.fla,
-                 profile=f.profile, repeats=f.repeats, time_budget_s=f.time_budget_s,
-                 out_dir=f.out_dir)
+                 baseline=f.baseline, fla=f.fla, profile=f.profile,
+                 compile_workers=f.compile_workers, repeats=f.repeats,
+                 time_budget_s=f.time_budget_s, out_dir=f.out_dir)
   run(opts)
 
 
@@ -628,7 +723,9 @@ def define_flags():
                       "smallest and largest of --batches).")
   flags.DEFINE_string("xla_flags_variants", ";".join(d.xla_flags_variants), "Semicolon-separated "
                       "XLA_FLAGS sets: a batch-1 main row in a subprocess for each (GPU only).")
+  flags.DEFINE_bool("baseline", d.baseline, "Rows of the decode loop before issue 22.")
   flags.DEFINE_bool("fla", d.fla, "fla rows (needs fla-core, flash-linear-attention, torch).")
+  flags.DEFINE_integer("compile_workers", d.compile_workers, "Programs compiled at once.")
   flags.DEFINE_bool("profile", d.profile, "jax.profiler breakdown of one decode call.")
   flags.DEFINE_integer("repeats", d.repeats, "Timed calls after a warm-up (best reported).")
   flags.DEFINE_float("time_budget_s", d.time_budget_s, "Skip rows once this much time is spent.")

@@ -11,9 +11,12 @@ def test_tiny_run_writes_rows(tmp_path):
                               variants=(), xla_flags_variants=(), fla=False, profile=False,
                               repeats=1, out_dir=str(tmp_path))
   res = bench_decode.run(opts, log=lambda *a: None)
-  (row,) = res["rows"]
-  assert row["impl"] == "gdn-jax xla" and "error" not in row, row
-  assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0 and row["deterministic"]
+  row, before = res["rows"]
+  assert row["impl"] == "gdn-jax xla" and before["impl"] == "gdn-jax before #22"
+  for r in (row, before):
+    assert "error" not in r, r
+    assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and r["deterministic"]
+  assert row["first_tokens"] == before["first_tokens"]     # both greedy, same model
   assert row["floor_weights_state_ms"] > row["floor_weights_ms"] > 0
   stem = f"bench_decode_{bench_decode.device_slug(bench_decode.jax.devices()[0])}_tiny"
   assert json.loads((tmp_path / f"{stem}.json").read_text())["rows"][0]["batch"] == 2
