@@ -39,12 +39,10 @@ import json
 import os
 import pathlib
 import re
-import statistics
 import sys
 import tempfile
 import threading
 import time
-import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -636,6 +634,25 @@ def table(res) -> str:
   return "\n".join(lines)
 
 
+def summary(res) -> list[str]:
+  """Per (batch, prompt): the main gdn-jax row against the fastest fla row and the loop before
+  issue 22, in ms per token."""
+  ok = [r for r in res["rows"] if "error" not in r]
+  main = "gdn-jax " + res["options"]["main"].replace(":float32", "").replace(":", " state ")
+  out = ["", "| batch | prompt | gdn-jax ms/token | × floor | tokens/s | best fla ms/token "
+         "| fla / gdn-jax | before #22 ms/token |", "|---|---|---|---|---|---|---|---|"]
+  for r in [r for r in ok if r["impl"] == main]:
+    same = lambda name: [x for x in ok if x["batch"] == r["batch"] and x["prompt"] == r["prompt"]
+                         and x["impl"].startswith(name)]
+    fla = min((x["ms_per_token"] for x in same("fla")), default=None)
+    before = next((x["ms_per_token"] for x in same("gdn-jax before")), None)
+    f = lambda v, spec=".3f": "" if v is None else format(v, spec)
+    out.append(f"| {r['batch']} | {r['prompt']} | {r['ms_per_token']:.3f} | "
+               f"{r['ratio_to_floor']:.2f} | {r['tokens_per_s']:.0f} | {f(fla)} | "
+               f"{f(fla and fla / r['ms_per_token'], '.1f')} | {f(before)} |")
+  return out if len(out) > 2 else []
+
+
 def markdown(res) -> str:
   c = res["config"]
   out = [f"# Decode benchmark: {res['device']}", "",
@@ -664,6 +681,7 @@ def markdown(res) -> str:
                f"{r['ms_per_token']:.3f} | {r['tokens_per_s']:.0f} | "
                f"{r['floor_weights_ms']:.3f} | {r['floor_weights_state_ms']:.3f} | "
                f"{r['ratio_to_floor']:.2f} | {comp} |")
+  out += summary(res)
   fla = res.get("fla") or {}
   if res.get("prefill_fallback"):
     out += ["", "The prefill ran the chunked XLA rule: rule_impl 'auto' failed with "

@@ -1,7 +1,10 @@
 """experiments/bench_decode.py: its tiny CPU path runs and writes JSON + Markdown; the profile
 summary maps kernels to the decode step's named scopes."""
+import contextlib
 import json
 import types
+
+import numpy as np
 
 from experiments import bench_decode
 
@@ -42,3 +45,45 @@ def test_trace_summary_groups_kernels_by_scope():
   s = bench_decode.summarize_trace(data, scope_of, steps=2, wall_s=1e-5)
   assert s["us_per_step_by_scope"] == {"rule": 2.0, "in_proj": 2.0}
   assert s["kernels_per_step"] == 1.5 and s["idle_gap_us_per_step"] == 1.0
+
+
+class _Arr(np.ndarray):
+  """A NumPy array with torch's `.cuda()` (the fla path's only tensor method numpy lacks)."""
+
+  def cuda(self):
+    return self
+
+
+def test_fla_rows_control_flow_with_a_fake_torch_model():
+  """The fla code path on CPU with stand-ins for torch and the model (fla needs a GPU): the
+  loop's calls, HF generate's arguments and the per-token arithmetic."""
+  calls = []
+
+  class Model:
+    config = types.SimpleNamespace(vocab_size=11)
+
+    def __call__(self, input_ids, use_cache, logits_to_keep, past_key_values=None):
+      calls.append((input_ids.shape, past_key_values, use_cache, logits_to_keep))
+      B = input_ids.shape[0]
+      return types.SimpleNamespace(logits=np.zeros((B, 1, 11)).view(_Arr),
+                                   past_key_values=f"cache{len(calls)}")
+
+    def generate(self, input_ids, max_new_tokens, min_new_tokens, do_sample, use_cache,
+                 pad_token_id):
+      assert max_new_tokens == min_new_tokens and not do_sample and use_cache
+      B, T = input_ids.shape
+      return np.zeros((B, T + max_new_tokens), np.int64)
+
+  torch = types.SimpleNamespace(
+      inference_mode=contextlib.nullcontext, cuda=types.SimpleNamespace(synchronize=lambda: None),
+      Generator=lambda: types.SimpleNamespace(manual_seed=lambda seed: None),
+      randint=lambda lo, hi, shape, generator: np.random.randint(lo, hi, shape).view(_Arr))
+  bench = object.__new__(bench_decode.FlaBench)
+  bench.torch, bench.model = torch, Model()
+  row = bench.run("fla-loop", 3, 5, 4, repeats=2)
+  assert set(row) == {"prefill_ms", "decode_s"} and row["decode_s"] > 0
+  # warm-up (4 tokens) + 2 timed calls: each one prompt call, then 3 steps on one token each
+  assert [c[0] for c in calls] == [(3, 5), (3, 1), (3, 1), (3, 1)] * 3
+  assert calls[1][1] == "cache1" and calls[2][1] == "cache2"     # the cache is threaded through
+  row = bench.run("fla-hf", 3, 5, 4, repeats=1)
+  assert row["generate_s"] > 0 and row["decode_s"] > 0
