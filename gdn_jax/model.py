@@ -4,8 +4,10 @@ Public interface (other modules import exactly these names):
 
     ModelConfig                          frozen dataclass, validated in __post_init__
     GatedDeltaNetLM(config, *, rngs)     __call__(tokens_BxT, segment_ids_BxT=None) -> logits_BxTxV (f32)
-        .init_cache(batch) / .prefill(tokens, segment_ids=None, cache=None) -> (logits, cache)
-        .decode_step(token_B, cache) -> (logits_BxV, cache)
+        .init_cache(batch, state_dtype=f32) / .prefill(tokens, segment_ids=None, cache=None,
+                 *, last_only=False, state_dtype=f32) -> (logits, cache)
+        .decode_weights() -> weights cast and fused once per generation
+        .decode_step(token_B, cache, weights=None, *, impl="xla") -> (logits_BxV, cache)
     num_params(config) -> int            exact parameter count
     flops_per_token(config, seq_len)     training (fwd + bwd) model FLOPs per token, for MFU
 
