@@ -582,6 +582,7 @@ def run(opts: Options, log=print) -> dict:
     save()
   save()
   log(table(res))
+  log("\n".join(summary(res)))
   log(f"wrote {out_dir / stem}.json/.md in {time.perf_counter() - start:.0f} s")
   return res
 
