@@ -1,12 +1,17 @@
 """Flax NNX layers of a Gated DeltaNet LM: Linear, Embed, RMSNorm, GatedRMSNorm, ShortConv,
 the GatedDeltaNet token mixer and the SwiGLU MLP.
 
-μP labels. Every `nnx.Param` carries three metadata fields that `gdn_jax.mup` reads:
+μP labels. Every `nnx.Param` carries these metadata fields that `gdn_jax.mup` reads:
 
     fan_in_axes   axes whose sizes multiply to the parameter's fan-in  (() means fan-in 1)
     fan_out_axes  axes whose sizes multiply to its fan-out
     weight_decay  whether AdamW/SGD weight decay may touch it (matrices yes; gains, conv
                   filters, A_log, dt_bias no)
+    role          what the parameter is, where fans alone cannot tell (one of ROLES): the
+                  paper's recipe treats the gate projections W_a, W_b and the gate scalars
+                  A_log, dt_bias apart from other matrices and vectors
+    init_std      the std of its zero-mean normal init draw (None for other inits: gains of 1,
+                  A_log, dt_bias), so a parametrization can rescale the draw to any std
 
 e.g. a Linear kernel [in, out] is `fan_in_axes=(0,), fan_out_axes=(1,)`, an RMSNorm gain [D] is
 `fan_in_axes=(), fan_out_axes=(0,)`. μP compares these fan sizes with those of a base model to
@@ -30,11 +35,16 @@ from flax import nnx
 from gdn_jax.ops import gated_delta_rule
 
 
+ROLES = ("embedding", "matrix", "readout", "conv", "norm", "gate_proj", "gate_scalar")
+
+
 def param(value, *, fan_in_axes: tuple[int, ...], fan_out_axes: tuple[int, ...],
-          weight_decay: bool) -> nnx.Param:
+          weight_decay: bool, role: str, init_std: float | None = None) -> nnx.Param:
   """An `nnx.Param` with the μP labels (see the module docstring)."""
+  if role not in ROLES:
+    raise ValueError(f"param: `role`={role!r}; expected one of {ROLES}.")
   return nnx.Param(value, fan_in_axes=tuple(fan_in_axes), fan_out_axes=tuple(fan_out_axes),
-                   weight_decay=weight_decay)
+                   weight_decay=weight_decay, role=role, init_std=init_std)
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
@@ -45,9 +55,10 @@ class Linear(nnx.Module):
   """y = multiplier · x W, W: [in, out], no bias, W ~ N(0, init_std²)."""
 
   def __init__(self, in_features: int, out_features: int, *, init_std: float, dtype,
-               param_dtype, rngs: nnx.Rngs):
+               param_dtype, rngs: nnx.Rngs, role: str = "matrix"):
     self.kernel = param(_normal(rngs, (in_features, out_features), init_std, param_dtype),
-                        fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=True)
+                        fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=True, role=role,
+                        init_std=init_std)
     self.dtype = dtype
     self.multiplier = 1.0
 
@@ -65,7 +76,8 @@ class Embed(nnx.Module):
   def __init__(self, num_embeddings: int, features: int, *, init_std: float, dtype, param_dtype,
                rngs: nnx.Rngs):
     self.embedding = param(_normal(rngs, (num_embeddings, features), init_std, param_dtype),
-                           fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=True)
+                           fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=True,
+                           role="embedding", init_std=init_std)
     self.dtype = dtype
     self.multiplier = 1.0
     self.attend_multiplier = 1.0
@@ -90,7 +102,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, features: int, *, eps: float, dtype, param_dtype):
     self.weight = param(jnp.ones((features,), param_dtype), fan_in_axes=(), fan_out_axes=(0,),
-                        weight_decay=False)
+                        weight_decay=False, role="norm")
     self.eps = eps
     self.dtype = dtype
 
@@ -107,7 +119,7 @@ class GatedRMSNorm(nnx.Module):
 
   def __init__(self, features: int, *, eps: float, dtype, param_dtype):
     self.weight = param(jnp.ones((features,), param_dtype), fan_in_axes=(), fan_out_axes=(0,),
-                        weight_decay=False)
+                        weight_decay=False, role="norm")
     self.eps = eps
     self.dtype = dtype
 
@@ -131,7 +143,8 @@ class ShortConv(nnx.Module):
 
   def __init__(self, channels: int, conv_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.weight = param(_normal(rngs, (conv_size, channels), conv_size ** -0.5, param_dtype),
-                        fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=False)
+                        fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=False, role="conv",
+                        init_std=conv_size ** -0.5)
     self.conv_size = conv_size
     self.dtype = dtype
 
@@ -222,8 +235,8 @@ class GatedDeltaNet(nnx.Module):
     self.q_proj = Linear(D, Hk * K, **lin)
     self.k_proj = Linear(D, Hk * K, **lin)
     self.v_proj = Linear(D, H * V, **lin)
-    self.a_proj = Linear(D, H, **lin)
-    self.b_proj = Linear(D, H, **lin)
+    self.a_proj = Linear(D, H, **lin, role="gate_proj")
+    self.b_proj = Linear(D, H, **lin, role="gate_proj")
     if c.use_short_conv:
       conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
       self.q_conv = ShortConv(Hk * K, c.conv_size, **conv)
@@ -231,11 +244,12 @@ class GatedDeltaNet(nnx.Module):
       self.v_conv = ShortConv(H * V, c.conv_size, **conv)
     A = 16.0 * _stratified_uniform(rngs.params(), H)
     self.A_log = param(jnp.log(jnp.maximum(A, 1e-4)).astype(param_dtype),
-                       fan_in_axes=(), fan_out_axes=(0,), weight_decay=False)
+                       fan_in_axes=(), fan_out_axes=(0,), weight_decay=False, role="gate_scalar")
     u = _stratified_uniform(rngs.params(), H)
     dt = jnp.maximum(jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)), 1e-4)
     self.dt_bias = param(_inverse_softplus(dt).astype(param_dtype),
-                         fan_in_axes=(), fan_out_axes=(0,), weight_decay=False)
+                         fan_in_axes=(), fan_out_axes=(0,), weight_decay=False,
+                         role="gate_scalar")
     if c.use_gate:
       self.g_proj = Linear(D, H * V, **lin)
     self.o_norm = GatedRMSNorm(V, eps=c.resolved_output_norm_eps, dtype=dtype,

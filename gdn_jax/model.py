@@ -201,7 +201,7 @@ class GatedDeltaNetLM(nnx.Module):
                               param_dtype=param_dtype)
     if not config.tie_embeddings:
       self.lm_head = Linear(config.d_model, config.vocab_size, init_std=config.init_std,
-                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            dtype=dtype, param_dtype=param_dtype, rngs=rngs, role="readout")
     self.record = False
 
   def _logits(self, x):

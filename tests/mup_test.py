@@ -50,7 +50,7 @@ def test_label_tree_covers_every_param_once_with_expected_classes(scheme):
                           rngs=nnx.Rngs(0))
   infos = mup.param_infos(model, make(32))
   leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-  state_paths = [mup._key_of(kp) for kp, _ in leaves]
+  state_paths = [mup.key_of(kp) for kp, _ in leaves]
   assert sorted(map(name, state_paths)) == sorted(map(name, infos))  # each exactly once
   classes = {name(p)[len("blocks.0."):] if p[0] == "blocks" else name(p): i.cls
              for p, i in infos.items()}
@@ -154,13 +154,13 @@ def test_first_update_follows_the_per_leaf_formula(optimizer):
   tx = mup.make_optimizer(model, parametrization="mup", optimizer=optimizer, learning_rate=lr,
                           weight_decay=wd, base_config=base, eps=1e-20)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  before = {name(mup._key_of(kp)): np.asarray(x) for kp, x in
+  before = {name(mup.key_of(kp)): np.asarray(x) for kp, x in
             jax.tree_util.tree_flatten_with_path(nnx.as_pure(nnx.state(model, nnx.Param)))[0]}
   grads = nnx.jit(nnx.grad(loss_fn))(model, TOK)
-  grads = {name(mup._key_of(kp)): np.asarray(x) for kp, x in
+  grads = {name(mup.key_of(kp)): np.asarray(x) for kp, x in
            jax.tree_util.tree_flatten_with_path(nnx.as_pure(nnx.state(grads, nnx.Param)))[0]}
   train_step(model, opt, TOK)
-  after = {name(mup._key_of(kp)): np.asarray(x) for kp, x in
+  after = {name(mup.key_of(kp)): np.asarray(x) for kp, x in
            jax.tree_util.tree_flatten_with_path(nnx.as_pure(nnx.state(model, nnx.Param)))[0]}
   mults = {name(k): v for k, v in mup.multipliers(model, parametrization="mup",
                                                   optimizer=optimizer, base_config=base).items()}
