@@ -22,14 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="bfloat16",          # compute dtype; parameters and optimizer state stay float32
       param_dtype="float32", chunk_size=64,
       rule_impl="auto"))         # Pallas kernels on one GPU, XLA chunked on several (ops.default_impl)
-  c.parametrization = "mup"
+  c.parametrization = "mup"            # see configs/tiny.py
+  c.mixer_output_multiplier = False
   # μP base = the tiny config's width: its tuned lr transfers (docs/mup.md).
   c.mup_base = ml_collections.ConfigDict(dict(d_model=128, num_heads=2, head_k_dim=64,
                                               head_v_dim=64, mlp_hidden=0))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-3, schedule="cosine", warmup_steps=200, final_lr_fraction=0.1,
-      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, momentum=0.0, grad_clip=1.0,
-      lr_overrides=""))  # see configs/tiny.py
+      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, momentum=0.0, nesterov=False,
+      weight_decay_convention="", grad_clip=1.0, lr_overrides=""))  # see configs/tiny.py
   c.data = ml_collections.ConfigDict(dict(train_path="", val_path="", seq_len=2048,
                                           batch_size=8))
   c.train = ml_collections.ConfigDict(dict(

@@ -22,7 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="float32", param_dtype="float32", chunk_size=64, rule_impl="chunked"))
   # μP: "sp" or "mup"; under μP, the base model's widths (0 = same as the model, i.e. the tuned
   # hyperparameters were found at this width).
+  # "sp" | "mup" (the project's) | "paper" | "paper_sp" (Liu & Gu's recipe; docs/mup.md).
   c.parametrization = "mup"
+  # Multiply every GDN mixer's output by d0/d (the paper's model/gdn-mup.py variant; "mup" and
+  # "paper" only).
+  c.mixer_output_multiplier = False
   c.mup_base = ml_collections.ConfigDict(dict(d_model=0, num_heads=0, head_k_dim=0,
                                               head_v_dim=0, mlp_hidden=0))
 
@@ -33,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
       warmup_steps=30,
       final_lr_fraction=0.1,  # lr at the last step / peak (cosine, linear)
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, momentum=0.0,
+      nesterov=False,        # SGD: Nesterov momentum (the paper's SGD recipe: momentum 0.98)
+      # "" = the parametrization's own; "independent" (lr·wd per step width-independent) or
+      # "coupled" (decay × the group's LR multiplier, as PyTorch's AdamW param groups).
+      weight_decay_convention="",
       grad_clip=1.0,         # global-norm clipping; 0 = off
       # Extra μP LR width scalings on top of the rules table, "NAME[:out]:POWER,..." (LR × m^POWER
       # for parameters whose path contains NAME; 1 at the base width). "" = the table as is.

@@ -120,8 +120,7 @@ def test_lr_overrides_scale_only_the_named_parameters(paths):
   c = tiny_config(paths)
   c.optimizer.update(name="sgd", momentum=0.0, weight_decay=0.0, warmup_steps=0)
   c.mup_base.update(d_model=16, num_heads=1)
-  model = train_lib.build_model(train_lib.model_config(c), parametrization="mup",
-                                base_config=train_lib.base_model_config(c), rngs=nnx.Rngs(0))
+  model = train_lib.build_model(c, seed=0)
   params = nnx.state(model, nnx.Param)
   grads = jax.tree.map(jnp.ones_like, params)
 
@@ -165,9 +164,10 @@ def _poison_targets(paths, config):
 def test_nonfinite_loss(tmp_path, paths, monkeypatch, mode):
   c = tiny_config(paths, on_nonfinite=mode, checkpoint_every=2)
   byte, bad_step = _poison_targets(paths, c)
-  original = train_lib.cross_entropy
+  from gdn_jax.train import step as step_lib
+  original = step_lib.cross_entropy
   # NaN exactly on the batch whose first target is `byte` (an independent, data-driven trigger).
-  monkeypatch.setattr(train_lib, "cross_entropy", lambda logits, targets: original(
+  monkeypatch.setattr(step_lib, "cross_entropy", lambda logits, targets: original(
       logits, targets) * jnp.where(targets[0, 0] == byte, jnp.nan, 1.0))
   workdir = tmp_path / "run"
   if mode == "stop":

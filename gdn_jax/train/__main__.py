@@ -1,0 +1,3 @@
+from gdn_jax.train.cli import cli
+
+cli()
