@@ -10,6 +10,8 @@ large LR on one fixed batch (`gdn_jax.coord_check`) and writes
 
   python experiments/coord_check.py --preset=cpu     # widths 64…1024, ~20 min on 2 CPU cores
   python experiments/coord_check.py --preset=gpu --schemes=heads --out=experiments/results/coord_check_gpu_heads
+  python experiments/coord_check.py --preset=paper --schemes=paper \
+      --parametrizations=paper,paper+mixer_out,paper_sp,mup,sp      # ~25 min on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ PRESETS = {
     "gpu": dict(widths="256,512,1024,2048,4096", base_width=256, head_dim=32, num_heads=4,
                 layers=2, batch=8, seq_len=128, steps=5, seeds="0,1,2", chunk_size=64,
                 rule_impl="chunked", out=os.path.join(RESULTS, "coord_check_gpu")),
+    # The paper's family (6 heads, head dims ∝ d) and recipe against ours, 8× on 2 CPU cores.
+    "paper": dict(widths="64,128,256,512", base_width=64, head_dim=8, num_heads=6, layers=2,
+                  batch=4, seq_len=64, steps=5, seeds="0,1,2,3", chunk_size=16,
+                  rule_impl="auto", out=os.path.join(RESULTS, "coord_check_paper_cpu")),
 }
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size preset (flags override it).")
@@ -49,7 +55,9 @@ _SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated seeds (sizes are se
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Chunk size of the rule.")
 _IMPL = flags.DEFINE_string("rule_impl", None, "gated_delta_rule impl.")
 _SCHEMES = flags.DEFINE_string("schemes", "heads,head_dim", "Comma-separated width schemes.")
-_PARAMS = flags.DEFINE_string("parametrizations", "sp,mup", "Comma-separated.")
+_PARAMS = flags.DEFINE_string("parametrizations", "sp,mup", "Comma-separated: sp, mup, paper, "
+                              "paper_sp; a '+mixer_out' suffix adds the mixer-output multiplier "
+                              "d0/d (the paper's gdn-mup.py variant), e.g. paper+mixer_out.")
 _OPTS = flags.DEFINE_string("optimizers", "adamw,sgd", "Comma-separated.")
 _ADAM_LR = flags.DEFINE_float("adamw_lr", 1e-2, "AdamW base LR (large on purpose).")
 _SGD_LR = flags.DEFINE_float("sgd_lr", 0.5, "SGD base LR (large on purpose).")
@@ -71,7 +79,7 @@ def _setting(name):
 
 def summarize(result: dict, parametrization: str) -> dict:
   """μP: the largest |slope| at steps ≥ 1 (and ≥ 2); SP: the largest slope at steps ≥ 1."""
-  if parametrization == "mup":
+  if parametrization.split("+")[0] in ("mup", "paper"):
     s1, w1 = cc_lib.max_abs_slope(result, first_step=1)
     s2, w2 = cc_lib.max_abs_slope(result, first_step=2)
     d1, dw1 = cc_lib.max_abs_slope(result, kind="delta", first_step=1)
@@ -143,10 +151,12 @@ def main(argv):
         rule_impl=_setting("rule_impl"), vocab_size=_VOCAB.value)
     configs[scheme] = dataclasses.asdict(cc)
     for parametrization in _PARAMS.value.split(","):
+      name, _, variant = parametrization.partition("+")
+      cc_row = dataclasses.replace(cc, mixer_output_multiplier=variant == "mixer_out")
       for optimizer in _OPTS.value.split(","):
         lr = _ADAM_LR.value if optimizer == "adamw" else _SGD_LR.value
         t0 = time.time()
-        res = cc_lib.coord_check(widths, cc, parametrization=parametrization,
+        res = cc_lib.coord_check(widths, cc_row, parametrization=name,
                                  optimizer=optimizer, learning_rate=lr, seeds=seeds)
         key = f"{scheme}/{parametrization}/{optimizer}"
         res["learning_rate"] = lr

@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gdn_jax import curvature, mup, sweep
+from gdn_jax import curvature, mup
 from gdn_jax import model as model_lib
+from gdn_jax import train as train_lib
 from gdn_jax.data import pipeline, prepare
-from gdn_jax.loss import cross_entropy
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -67,26 +67,31 @@ def model_config(width: int) -> model_lib.ModelConfig:
 
 
 def train(config, base, batches, seed: int):
-  """μP SGD as in experiments/lr_transfer.py's SGD sweeps; returns (graphdef, params, rest)."""
-  model = mup.build_model(config, parametrization="mup", base_config=base, rngs=nnx.Rngs(seed))
+  """μP SGD as in experiments/lr_transfer.py's SGD sweeps, through the trainer's step and LR
+  schedule (gdn_jax.train): returns (graphdef, params, rest) split for gdn_jax.curvature."""
+  model = mup.build_model(config, parametrization="mup", base_config=base, optimizer="sgd",
+                          rngs=nnx.Rngs(seed))
+  steps = _STEPS.value
+  factor = lambda count: train_lib.lr_factor(count, num_steps=steps, warmup_steps=steps // 10,
+                                             final_fraction=0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    mup.make_optimizer(model, parametrization="mup", optimizer="sgd",
-                                      learning_rate=1.0, base_config=base, momentum=0.9))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  lr, steps = 2.0 ** _LOG2_LR.value, _STEPS.value
-
-  @jax.jit
-  def step(params, opt_state, tokens, t):
-    grads = jax.grad(lambda p: cross_entropy(nnx.merge(graphdef, p, rest)(tokens[:, :-1]),
-                                             tokens[:, 1:]))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    factor = lr * sweep.warmup_cosine(t, steps, steps // 10)
-    return optax.apply_updates(params, jax.tree.map(lambda u: factor * u, updates)), opt_state
-
+                                      learning_rate=factor, base_config=base, momentum=0.9))
+  graphdef, params = nnx.split(model)
+  step = jax.jit(train_lib.make_train_step(graphdef, tx))
   opt_state = tx.init(params)
   for t in range(steps):
-    params, opt_state = step(params, opt_state, jnp.asarray(batches(t)), t)
-  return graphdef, params, rest
+    params, opt_state, _ = step(params, opt_state, jnp.asarray(batches(t)), 2.0 ** _LOG2_LR.value)
+  return nnx.split(nnx.merge(graphdef, params), nnx.Param, ...)
+
+
+def window_sampler(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+  """step → [batch_size, seq_len + 1] windows at random offsets (deterministic in (seed, step))."""
+  def batch(step: int) -> np.ndarray:
+    rng = np.random.default_rng((seed, step))
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+  return batch
 
 
 def plot(record: dict, path: str):
@@ -136,7 +141,7 @@ def main(argv):
              jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
   runs = []
   for seed in [int(s) for s in _SEEDS.value.split(",")]:
-    batches = sweep.window_sampler(train_tokens, _BATCH.value, _SEQ.value, seed)
+    batches = window_sampler(train_tokens, _BATCH.value, _SEQ.value, seed)
     probe = jnp.asarray(np.concatenate([batches(10_000_000 + i) for i in range(2)]))
     for width in [int(w) for w in _WIDTHS.value.split(",")]:
       start = time.time()

@@ -16,7 +16,10 @@ state), o (before the output norm), mixer_out, mlp_out, block_out (residual afte
 plus embed_out and logits.
 
 Width schemes: "heads" grows the number of heads at fixed head dims (d = num_heads · head_dim);
-"head_dim" grows the head dims at a fixed number of heads.
+"head_dim" grows the head dims at a fixed number of heads; "paper" is the paper's family (6 heads,
+head_k_dim = 0.75·d/6, value dim 1.5·d, fla's SwiGLU size, eps 1e-6, tied embeddings;
+gdn_jax.families.paper_config). Training goes through the trainer's step
+(gdn_jax.train.make_train_step) at a constant LR.
 """
 from __future__ import annotations
 
@@ -27,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gdn_jax import mup
-from gdn_jax.loss import cross_entropy
+from gdn_jax import families, mup
 from gdn_jax.model import ModelConfig
+from gdn_jax.train.step import make_train_step
 
-SCHEMES = ("heads", "head_dim")
+SCHEMES = ("heads", "head_dim", "paper")
 RMS_NAMES = ("S",)
 
 
@@ -52,6 +55,7 @@ class CoordCheckConfig:
   chunk_size: int = 16
   rule_impl: str = "auto"
   output_norm_eps: float | None = None   # the mixer output norm's eps at the base (None: 1e-5)
+  mixer_output_multiplier: bool = False  # the paper's gdn-mup.py variant (d0/d on the mixer)
 
   def __post_init__(self):
     if self.scheme not in SCHEMES:
@@ -60,6 +64,10 @@ class CoordCheckConfig:
 
 def width_config(width: int, cc: CoordCheckConfig) -> ModelConfig:
   """The model at width d = `width` under the scheme of `cc`."""
+  if cc.scheme == "paper":
+    extra = {} if cc.output_norm_eps is None else dict(output_norm_eps=cc.output_norm_eps)
+    return families.paper_config(width, num_layers=cc.num_layers, vocab_size=cc.vocab_size,
+                                 chunk_size=cc.chunk_size, rule_impl=cc.rule_impl, **extra)
   if cc.scheme == "heads":
     if width % cc.head_dim:
       raise ValueError(f"width_config: `width`={width} is not a multiple of head_dim="
@@ -102,7 +110,7 @@ def _set_record(model, on: bool):
 
 
 def _name(keypath) -> str:
-  keys = mup._key_of(keypath)
+  keys = mup.key_of(keypath)
   keys = [k for k in keys if k not in ("mixer",)]
   if keys and keys[0] == "blocks":
     return f"L{keys[1]}." + str(keys[2])
@@ -140,40 +148,34 @@ def coord_size(name: str, x: np.ndarray) -> float:
   return float(np.mean(np.abs(x)))
 
 
-def _loss(model, tokens_BxT):
-  return cross_entropy(model(tokens_BxT[:, :-1]), tokens_BxT[:, 1:])
-
-
-@nnx.jit
-def _train_step(model, optimizer, tokens_BxT):
-  loss, grads = nnx.value_and_grad(_loss)(model, tokens_BxT)
-  optimizer.update(model, grads)
-  return loss
-
-
 def run_width(width: int, cc: CoordCheckConfig, *, parametrization: str, optimizer: str,
               learning_rate: float, seeds=(0,)) -> list[dict]:
   """Sizes and changes of every activation at steps 0..cc.steps, one dict per seed."""
   config = width_config(width, cc)
   base = width_config(cc.base_width, cc)
-  runs, tx = [], None
+  runs, step = [], None
   for seed in seeds:
     model = mup.build_model(config, parametrization=parametrization, base_config=base,
+                            optimizer=optimizer,
+                            mixer_output_multiplier=cc.mixer_output_multiplier,
                             rngs=nnx.Rngs(seed))
-    if tx is None:  # one transformation per width: the compiled step is shared by all seeds
+    graphdef, params = nnx.split(model)
+    if step is None:  # one compiled step per width, shared by all seeds
       tx = mup.make_optimizer(model, parametrization=parametrization, optimizer=optimizer,
-                              learning_rate=learning_rate, base_config=base)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+                              learning_rate=1.0, base_config=base)
+      step = jax.jit(make_train_step(graphdef, tx))
+    opt_state = tx.init(params)
     tokens = markov_batch(seed, cc)  # fixed across widths and steps
     size, delta, losses, init = {}, {}, [], None
     for t in range(cc.steps + 1):
-      acts = record_activations(model, tokens[:, :-1])
+      acts = record_activations(nnx.merge(graphdef, params), tokens[:, :-1])
       init = acts if init is None else init
       for name, x in acts.items():
         size.setdefault(name, []).append(coord_size(name, x))
         delta.setdefault(name, []).append(coord_size(name, x - init[name]))
       if t < cc.steps:
-        losses.append(float(_train_step(model, opt, tokens)))
+        params, opt_state, metrics = step(params, opt_state, tokens, learning_rate)
+        losses.append(float(metrics["loss"]))
     runs.append({"size": size, "delta": delta, "loss": losses})
   return runs
 

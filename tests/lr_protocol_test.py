@@ -1,0 +1,84 @@
+"""gdn_jax.lr_protocol: the grids a sweep runs (pilot, ½-log2 grids, extensions) and its analysis,
+driven by synthetic results (no training)."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from gdn_jax import lr_protocol as lp
+
+P = lp.Protocol(family="paper", widths=(128, 1024), base_width=128, layers=1, steps=10, batch=2,
+                seq_len=16, warmup=1, rows=(("paper", ""), ("paper_sp", "")),
+                optimizers=("adamw",), seeds=(100, 101, 102), sp_seeds=(100, 101), data="x",
+                pilot={"adamw": (-12, -4, 1)})
+
+
+def rows_for(param, width, phase, seeds, xs, best, variant="", opt="adamw"):
+  return [dict(kind="run", scheme="paper", parametrization=param, variant=variant, optimizer=opt,
+               width=width, seed=s, log2_lr=float(x), phase=phase,
+               val_loss=1.0 + 0.05 * (x - best) ** 2 + 0.001 * i)
+          for i, s in enumerate(seeds) for x in xs]
+
+
+def jobs(rows, protocol=P):
+  return [(j["parametrization"], j["width"], j["phase"], tuple(j["seeds"]), tuple(j["log2_lrs"]))
+          for j in lp.Plan(protocol, rows).jobs()]
+
+
+def test_pilots_come_first_then_the_base_grid_around_the_pilot():
+  assert jobs([]) == [("paper", 128, "pilot", (100,), tuple(np.arange(-12.0, -3.5, 1.0))),
+                      ("paper_sp", 128, "pilot", (100,), tuple(np.arange(-12.0, -3.5, 1.0)))]
+  done = (rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -7.3)
+          + rows_for("paper_sp", 128, "pilot", (100,), np.arange(-12.0, -3.5), -8.0))
+  got = jobs(done)
+  # 7 points, ½ log2 apart, around the pilot's fitted optimum (−7.3) rounded to the grid.
+  assert got[0] == ("paper", 128, "fine", (100, 101, 102), tuple(np.arange(-9.0, -5.75, 0.5)))
+  assert got[1] == ("paper_sp", 128, "fine", (100, 101), tuple(np.arange(-9.5, -6.25, 0.5)))
+
+
+def test_a_pilot_whose_best_is_at_an_edge_is_extended():
+  done = rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -2.0)
+  assert jobs(done)[0] == ("paper", 128, "pilot", (100,), (-3.0, -2.0, -1.0))
+
+
+def test_wider_grids_centre_on_the_base_optimum_sp_rows_are_shifted():
+  done = (rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -7.0)
+          + rows_for("paper_sp", 128, "pilot", (100,), np.arange(-12.0, -3.5), -8.0)
+          + rows_for("paper", 128, "fine", P.seeds, np.arange(-8.5, -5.25, 0.5), -6.8)
+          + rows_for("paper_sp", 128, "fine", P.sp_seeds, np.arange(-9.5, -6.25, 0.5), -8.0))
+  got = jobs(done)
+  # μP row: 5 points around −6.8 → −7.0; SP: 7 points around −8 − 1 · log2(8) = −11.
+  assert got == [("paper", 1024, "fine", P.seeds, tuple(np.arange(-8.0, -5.75, 0.5))),
+                 ("paper_sp", 1024, "fine", P.sp_seeds, tuple(np.arange(-12.5, -9.25, 0.5)))]
+  # A width-1024 grid whose best point is at its right edge gets three more points there.
+  more = done + rows_for("paper", 1024, "fine", P.seeds, np.arange(-8.0, -5.75, 0.5), -4.0)
+  assert jobs(more)[0] == ("paper", 1024, "fine", P.seeds, (-5.5, -5.0, -4.5))
+  # ... at most twice; an interior optimum needs nothing more.
+  final = done + rows_for("paper", 1024, "fine", P.seeds, np.arange(-8.0, -3.75, 0.5), -5.1)
+  assert all(j[0] != "paper" for j in jobs(final))
+
+
+def test_fixed_grids_and_ablations():
+  fixed = dataclasses.replace(P, grid={"adamw": (-3, -1, 1)}, rows=(("mup", ""),))
+  plan = lp.Plan(fixed, [], lp.Ablation(("o_eps=0.001",), (("output_norm_eps", 1e-3),)))
+  got = plan.jobs()
+  assert [(j["width"], j["log2_lrs"], j["variant"]) for j in got] == \
+      [(128, [-3.0, -2.0, -1.0], "o_eps=0.001"), (1024, [-3.0, -2.0, -1.0], "o_eps=0.001")]
+  assert got[0]["model_extra"] == {"output_norm_eps": 1e-3}
+
+
+def test_analyze_uses_fine_runs_and_shares_base_runs_of_lr_override_variants():
+  base = rows_for("mup", 128, "fine", (0, 1, 2), np.arange(-4.0, 0.1, 0.5), -2.0)
+  pilot = rows_for("mup", 128, "pilot", (0,), np.arange(-6.0, 0.1, 1.0), -5.0)   # ignored
+  wide = rows_for("mup", 1024, "fine", (0, 1, 2), np.arange(-4.0, 0.1, 0.5), -2.5)
+  over = rows_for("mup", 1024, "fine", (0, 1, 2), np.arange(-4.0, 0.1, 0.5), -2.0,
+                  variant="q_proj:-1")
+  s = lp.analyze(base + pilot + wide + over, base_width=128)
+  assert set(s) == {"paper/mup/adamw", "paper/mup/adamw[q_proj:-1]"}
+  plain, fixed = s["paper/mup/adamw"], s["paper/mup/adamw[q_proj:-1]"]
+  assert plain["drift_log2"] == pytest.approx(0.5, abs=1e-6)
+  assert fixed["drift_log2"] == pytest.approx(0.0, abs=1e-6)
+  assert fixed["base_width_runs_from"] == "" and plain["runs"] == 54
+  assert plain["bootstrap_draws"] == 27
+  table = lp.markdown_table(s)
+  assert "| mup | adamw | 128: -2.00 [" in table and "| mup+q_proj:-1 | adamw |" in table
