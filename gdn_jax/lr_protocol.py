@@ -250,9 +250,12 @@ def markdown_table(summary: dict) -> str:
       + ("ᵉ" if o["how"] == "edge of grid" else ""))
   lines = ["| row | optimizer | optimal log2 LR [95 % interval] per width | drift [interval] | "
            "max regret at the base LR | best loss per width |", "|---|---|---|---|---|---|"]
+  schemes = {name.split("/")[0] for name in summary}
   for name, s in summary.items():
     scheme, row, opt = name.split("[")[0].split("/")
     variant = name.split("[")[1][:-1] if "[" in name else ""
+    if len(schemes) > 1:
+      row = f"{scheme}: {row}"
     optima = "; ".join(f"{w}: {fmt(s['optimum'][w])}" for w in s["widths"])
     drift = ("–" if s["drift_log2"] is None else f"{s['drift_log2']:.2f}" + (
         f" [{s['drift_interval'][0]:.2f}, {s['drift_interval'][1]:.2f}]"
