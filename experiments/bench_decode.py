@@ -1,6 +1,9 @@
 """Decode speed on one GPU: gdn-jax (prefill + decode programs of gdn_jax.generate) against fla's
 GatedDeltaNetForCausalLM (its recurrent kernels), same device, one process.
 
+(One long script on purpose: a GPU call runs one command, and every row, the profile and the fla
+side must run in that one call within its time budget.)
+
     XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_decode.py      # 512M, GPU
     python experiments/bench_decode.py --config=tiny --batches=1,2 --prompts=8,16 --new_tokens=4
 

@@ -1,6 +1,10 @@
 """Flax NNX layers of a Gated DeltaNet LM: Linear, Embed, RMSNorm, GatedRMSNorm, ShortConv,
 the GatedDeltaNet token mixer and the SwiGLU MLP.
 
+(Over 400 lines on purpose: the GDN mixer's full-sequence path and its single-token decode path
+share parameters and caches, and are kept side by side so that a change to one is seen next to
+the other; tests/model_test.py and tests/generate_test.py check that they agree.)
+
 μP labels. Every `nnx.Param` carries these metadata fields that `gdn_jax.mup` reads:
 
     fan_in_axes   axes whose sizes multiply to the parameter's fan-in  (() means fan-in 1)

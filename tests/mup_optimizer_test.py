@@ -151,6 +151,25 @@ def test_inner_optimizer_for_one_group():
   jax.tree.map(np.testing.assert_array_equal, runs["lion_dict"][1], after)
 
 
+def test_decay_is_decoupled_from_a_custom_inner_transform():
+  """AdamW's decay is added after the inner transform: with Lion on the embedding, its first step
+  is −lr · r · (sign(g) + wd · w · θ), not Lion of the decayed gradient."""
+  base, cfg = heads_cfg(32), heads_cfg(128)
+  model = mup.build_model(cfg, parametrization="mup", base_config=base, rngs=nnx.Rngs(6))
+  tx = mup.make_optimizer(model, parametrization="mup", optimizer="adamw", learning_rate=0.01,
+                          weight_decay=0.5, base_config=base,
+                          inner={"input": optax.scale_by_lion(b1=0.9, b2=0.99),
+                                 "hidden": optax.scale_by_adam(), "output": optax.scale_by_adam(),
+                                 "scalar": optax.scale_by_adam()})
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  grads = nnx.to_pure_dict(nnx.state(nnx.grad(loss_fn)(model), nnx.Param))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  group = mup.param_groups(model, parametrization="mup", base_config=base)[("embed", "embedding")]
+  e, g = params["embed"]["embedding"], grads["embed"]["embedding"]
+  np.testing.assert_allclose(updates["embed"]["embedding"],
+                             -0.01 * group.lr * (np.sign(g) + 0.5 * group.decay * e), rtol=1e-6)
+
+
 def test_inner_errors():
   base, cfg = heads_cfg(32), heads_cfg(64)
   model = mup.build_model(cfg, parametrization="mup", base_config=base, rngs=nnx.Rngs(0))

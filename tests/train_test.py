@@ -11,6 +11,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from gdn_jax import mup
 from gdn_jax import train as train_lib
 from gdn_jax.data import pipeline, prepare
 
@@ -134,6 +135,32 @@ def test_lr_overrides_scale_only_the_named_parameters(paths):
   for path, update in plain.items():
     ratio = np.asarray(overridden[path][...]) / np.asarray(update[...])
     np.testing.assert_allclose(ratio, 0.5 if "embed" in path else 1.0, rtol=1e-6, err_msg=path)
+
+
+def test_train_step_applies_the_peak_lr_and_the_schedule(paths):
+  """The one train step: θ₁ = θ₀ − peak · factor(0) · r_p · g for plain SGD (no clipping), with
+  g the gradient of the loss and r_p the μP LR multiplier of each parameter."""
+  c = tiny_config(paths)
+  c.optimizer.update(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip=0.0, warmup_steps=4,
+                     lr=0.3)
+  c.mup_base.update(d_model=16, num_heads=1)
+  model = train_lib.build_model(c, seed=0)
+  tx = train_lib.make_tx(model, c)
+  graphdef, params = nnx.split(model)
+  batch = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 33)), jnp.int32)
+  new, _, metrics = train_lib.make_train_step(graphdef, tx)(params, tx.init(params), batch, 0.3)
+  grads = jax.grad(train_lib.make_loss_fn(graphdef))(params, batch)
+  groups = {".".join(map(str, k)): g for k, g in mup.param_groups(
+      model, parametrization="mup", optimizer="sgd",
+      base_config=train_lib.base_model_config(c)).items()}
+  factor = 1 / 4                                            # warmup: (0 + 1) / 4
+  for path, g in nnx.to_flat_state(grads):
+    name = ".".join(map(str, path))
+    before, after = dict(nnx.to_flat_state(params))[path], dict(nnx.to_flat_state(new))[path]
+    np.testing.assert_allclose(np.asarray(after[...]), np.asarray(before[...]) - 0.3 * factor *
+                               groups[name].lr * np.asarray(g[...]), rtol=1e-5, atol=1e-7,
+                               err_msg=name)
+  assert bool(metrics["finite"])
 
 
 def test_missing_and_corrupt_data_write_nothing(tmp_path, paths):
