@@ -32,7 +32,7 @@ import time
 from absl import app, flags
 import numpy as np
 
-from gdn_jax.lr_protocol import (SP_ROWS, Ablation, Plan, Protocol, analyze, markdown_table,
+from gdn_jax.lr_protocol import (Ablation, Plan, Protocol, analyze, markdown_table,
                                  row_name)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

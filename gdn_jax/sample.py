@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -160,18 +159,10 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 300, temperature: floa
 
 
 def main(argv):
-  from absl import flags, logging
-  logging.set_verbosity(logging.ERROR)  # orbax warns about read-only managers
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; expected only flags.", file=sys.stderr)
-    sys.exit(1)
-  f = flags.FLAGS
-  try:
-    text = sample(f.workdir, f.prompt, max_new_tokens=f.max_new_tokens,
-                  temperature=f.temperature, top_k=f.top_k, step=f.step, seed=f.seed)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  from gdn_jax.train.cli import cli_main  # pylint: disable=import-outside-toplevel
+  text = cli_main(argv, lambda f: sample(f.workdir, f.prompt, max_new_tokens=f.max_new_tokens,
+                                         temperature=f.temperature, top_k=f.top_k, step=f.step,
+                                         seed=f.seed))
   print(text, flush=True)
 
 

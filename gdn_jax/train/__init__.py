@@ -10,6 +10,8 @@ Small modules, one job each:
     progress.py  step metrics → metrics.jsonl, progress lines, tokens/s, MFU
     loop.py      train(): data, mesh, checkpoints, evaluation, SIGTERM, sample
     cli.py       the absl command line
+    upgrade.py   `python -m gdn_jax.train.upgrade --workdir=W`: a run directory written before the
+                 multi_transform optimizer (2026-12-06) converted so that it resumes
 The LR sweeps (gdn_jax.sweep), the coordinate check and the curvature study build their steps
 with the same `make_train_step` and schedule.
 """

@@ -13,19 +13,28 @@ from gdn_jax.train.loop import train
 from gdn_jax.train.progress import NonFiniteLossError
 
 
-def main(argv):
+def cli_main(argv, run, *, verbosity: str = "error", errors=(ValueError,)):
+  """The shared body of the package's absl mains (gdn-train, gdn_jax.sample, the upgrade):
+  quiet absl logging (orbax logs every save), no positional arguments, `run(flags)`, and an
+  expected error turned into one line `error: ...` on stderr with exit status 1."""
   from absl import flags, logging
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if len(argv) > 1:
-    raise ValueError(f"gdn-train: unexpected arguments {argv[1:]}; expected only flags.")
-  f = flags.FLAGS
-  if f.distributed:  # multi-host: coordinator address, process count and id from the environment
-    jax.distributed.initialize()
+  logging.set_verbosity(getattr(logging, verbosity.upper()))
   try:
-    summary = train(f.config, f.workdir)
-  except (ValueError, NonFiniteLossError) as e:
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments {argv[1:]}; expected only flags.")
+    return run(flags.FLAGS)
+  except errors as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+def main(argv):
+  def run(f):
+    if f.distributed:  # multi-host: coordinator address, process count and id from the environment
+      jax.distributed.initialize()
+    return train(f.config, f.workdir)
+
+  summary = cli_main(argv, run, verbosity="warning", errors=(ValueError, NonFiniteLossError))
   keys = ("step", "val_loss", "tokens_per_s", "skipped", "preempted")
   print(json.dumps({k: summary[k] for k in keys if k in summary}), flush=True)
 

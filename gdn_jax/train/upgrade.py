@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-import sys
 from typing import Any
 
 import jax
@@ -423,17 +422,9 @@ def upgrade_workdir(workdir, *, keep_old_checkpoints: bool = False,
 # ---- Command line ----
 
 def main(argv):
-  from absl import flags, logging
-  logging.set_verbosity(logging.ERROR)  # orbax warns about read-only managers
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; expected only flags.", file=sys.stderr)
-    sys.exit(1)
-  f = flags.FLAGS
-  try:
-    summary = upgrade_workdir(f.workdir, keep_old_checkpoints=f.keep_old_checkpoints, log=print)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  from gdn_jax.train.cli import cli_main  # pylint: disable=import-outside-toplevel
+  summary = cli_main(argv, lambda f: upgrade_workdir(
+      f.workdir, keep_old_checkpoints=f.keep_old_checkpoints, log=print))
   print(json.dumps(summary), flush=True)
 
 
