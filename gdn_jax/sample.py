@@ -11,7 +11,6 @@ workdir, a step that was not saved or a bad flag ends with one line `error: ...`
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -33,18 +32,8 @@ class SampleError(ValueError):
 
 def read_config(workdir) -> ml_collections.ConfigDict:
   """The run's config from workdir/config.json."""
-  workdir = pathlib.Path(workdir)
-  if not workdir.is_dir():
-    raise SampleError(f"--workdir={str(workdir)!r} is not a directory; expected {_RUN}.")
-  path = workdir / "config.json"
-  if not path.is_file():
-    raise SampleError(f"{str(path)!r} not found; expected {_RUN} (training writes config.json "
-                      "before anything else).")
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise SampleError(f"{str(path)!r} is not valid JSON ({e}); expected the config that "
-                      "gdn_jax.train wrote.") from None
+  from gdn_jax.train.config import read_run_config  # pylint: disable=import-outside-toplevel
+  return ml_collections.ConfigDict(read_run_config(workdir, SampleError))
 
 
 def abstract_model(config: ml_collections.ConfigDict, where: str):

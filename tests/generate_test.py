@@ -9,19 +9,14 @@ import pytest
 from flax import nnx
 
 from gdn_jax import generate as gen
-from gdn_jax.model import GatedDeltaNetLM, ModelConfig
 
-CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_k_dim=8,
-                  head_v_dim=12, num_v_heads=4, mlp_hidden=48, chunk_size=16,
-                  rule_impl="chunked")
+from tests.model_test import CFG  # the same small model (GVA, K ≠ V) as the decode tests there
+from tests.model_test import make as _make
 
 
 def make(cfg=CFG, seed=0, scale=5.0):
-  model = GatedDeltaNetLM(cfg, rngs=nnx.Rngs(seed))
-  for path, v in nnx.iter_graph(model):
-    if isinstance(v, nnx.Param) and path[-1] in ("kernel", "embedding"):
-      v[...] = v[...] * scale
-  return model
+  """model_test's random model with weights × 5 (× 10 there) so every path moves the logits."""
+  return _make(cfg, seed, scale)
 
 
 @nnx.jit

@@ -11,7 +11,9 @@ Fields added after the first release are read with defaults, so older configs ke
 """
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 
 import ml_collections
 import optax
@@ -23,6 +25,24 @@ from gdn_jax.train.schedule import KINDS as SCHEDULES
 from gdn_jax.train.schedule import lr_factor
 
 ON_NONFINITE = ("stop", "skip")
+RUN = "the --workdir of a gdn_jax.train run"
+
+
+def read_run_config(workdir, error: type[Exception] = ValueError) -> dict:
+  """A run directory's config.json as a dict; `error` (a ValueError subclass of the caller)
+  names a missing workdir, a missing file or invalid JSON."""
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise error(f"--workdir={str(workdir)!r} is not a directory; expected {RUN}.")
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise error(f"{str(path)!r} not found; expected {RUN} (training writes config.json before "
+                "anything else).")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise error(f"{str(path)!r} is not valid JSON ({e}); expected the config that gdn_jax.train "
+                "wrote.") from None
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -65,7 +65,6 @@ NEW_FIELDS = ((("mixer_output_multiplier",), False),
 CONFIG_BACKUP = "config.json.before-upgrade"
 UPGRADING = "checkpoints.upgrading"
 BEFORE = "checkpoints.before-upgrade"
-_RUN = "the --workdir of a gdn_jax.train run"
 
 
 class UpgradeError(ValueError):
@@ -75,17 +74,8 @@ class UpgradeError(ValueError):
 # ---- config.json ----
 
 def _read_config_json(workdir: pathlib.Path) -> dict:
-  if not workdir.is_dir():
-    raise UpgradeError(f"--workdir={str(workdir)!r} is not a directory; expected {_RUN}.")
+  config = config_lib.read_run_config(workdir, UpgradeError)
   path = workdir / "config.json"
-  if not path.is_file():
-    raise UpgradeError(f"{str(path)!r} not found; expected {_RUN} (training writes config.json "
-                       "before anything else).")
-  try:
-    config = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise UpgradeError(f"{str(path)!r} is not valid JSON ({e}); expected the config that "
-                       "gdn_jax.train wrote.") from None
   if not isinstance(config, dict) or not isinstance(config.get("optimizer"), dict):
     raise UpgradeError(f"{str(path)!r} has no `optimizer` section; expected the config that "
                        "gdn_jax.train wrote.")
