@@ -1,12 +1,13 @@
 """Pallas kernels for the chunked gated delta rule (GPU and TPU), with custom VJPs.
 
-A leaf package: it imports jax and its own modules, never `gdn_jax` (whose op module loads it on
-first use, `gdn_jax.ops.gated_delta_rule`). Map of the files: README.md.
+A leaf package: it imports jax and its own modules, never `gdn_jax`. The op module
+(`gdn_jax.ops`) imports this package and the shared chunk math (`chunk_math.py`, `chunk_grads.py`:
+the XLA path's identities too) eagerly, the kernels (`gpu/`, `tpu.py`) on first use. Map: README.md.
 
 `gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size, config) -> (o, final_state)`
 picks the backend from `config` (`GpuConfig` → `gpu/`, `TpuConfig` → `tpu.py`) or, with config None,
 from `jax.default_backend()`: TPU → `tpu.py` (Mosaic), anything else → `gpu/` (Triton on GPU,
-interpret mode on CPU). Per-chunk math shared by both lives in `chunk_math.py`.
+interpret mode on CPU).
 """
 import jax
 

@@ -20,8 +20,8 @@ out head-major so every block's last two dims obey Mosaic's (8, 128) rule:
 (C, K) and (C, V) use the full K / V extent, so every K, V lowers; sizes below 128 pad the lanes
 (speed only). The time axis is padded to N·C with g = β = k = v = 0 tokens, which leave S unchanged.
 
-Forward: for each chunk, `chunk_math.chunk_forward`: `chunk_operators` (Γ, the UT transform W, U,
-...) and `chunk_step` (Ṽ = U − W S, O = scale (Qd S + P Ṽ), S' = e^{γ_C} S + K̃ᵀ Ṽ). Under
+Forward: for each chunk, `chunk_math.chunk_forward`: the decays (Γ, d, w, λ), the UT transform W,
+U, then Ṽ = U − W S, O = scale (Qd S + P Ṽ), S' = e^{γ_C} S + Kᵀ diag(w) Ṽ. Under
 differentiation the forward also
 writes the state entering every chunk, S_n [B, H, N, K, V] (O(T/C · K · V) per head, in the matmul
 dtype: bf16 for bf16 inputs; no per-token state is ever stored).

@@ -10,7 +10,9 @@ Implementations (all take the same validated, pre-processed inputs), in the regi
   * "recurrent": `lax.scan` over time, the readable reference (`recurrent.py`).
   * "chunked":   chunkwise-parallel WY / UT-transform algorithm in pure JAX (`chunked.py`).
   * "pallas":    the Pallas kernels in `kernels_pallas` (GPU: Triton; TPU: Mosaic), a leaf package
-                 loaded on first use (it imports nothing from `gdn_jax`, so nothing cycles).
+                 (it imports nothing from `gdn_jax`, so nothing cycles). Its package and shared
+                 chunk math load with this module (the "chunked" path uses the same math); the
+                 kernels themselves (`gpu/`, `tpu.py`) load on first use.
   * "auto":      the fastest correct one for the default backend (`default_impl`).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import kernels_pallas
 from gdn_jax.ops.chunked import chunked_gated_delta_rule
 from gdn_jax.ops.recurrent import recurrent_gated_delta_rule
 
@@ -50,18 +53,9 @@ def _chunked(q, k, v, g, beta, scale, h0, reset, chunk_size, kernel_config):
   return chunked_gated_delta_rule(q, k, v, g, beta, scale, h0, reset, chunk_size)
 
 
-def _kernels():
-  """The `kernels_pallas` package, imported on first use (None when it is not installed)."""
-  try:
-    import kernels_pallas  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  return kernels_pallas
-
-
 def _pallas(q, k, v, g, beta, scale, h0, reset, chunk_size, kernel_config):
-  return _kernels().gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size,
-                                            kernel_config)
+  return kernels_pallas.gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size,
+                                                kernel_config)
 
 
 def _runs_anywhere(backend: str, K: int | None, V: int | None) -> str | None:
@@ -70,12 +64,9 @@ def _runs_anywhere(backend: str, K: int | None, V: int | None) -> str | None:
 
 
 def _pallas_unsupported(backend: str, K: int | None, V: int | None) -> str | None:
-  kernels = _kernels()
-  if kernels is None:
-    return "the kernels_pallas package is not installed"
-  if backend != "cpu" and not kernels.supports_backend(backend):   # CPU: interpret mode
+  if backend != "cpu" and not kernels_pallas.supports_backend(backend):   # CPU: interpret mode
     return f"no Pallas kernel for backend {backend!r}"
-  return None if K is None or V is None else kernels.unsupported_shape(backend, K, V)
+  return None if K is None or V is None else kernels_pallas.unsupported_shape(backend, K, V)
 
 
 class _Impl(NamedTuple):

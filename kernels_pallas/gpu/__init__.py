@@ -17,8 +17,8 @@ chunks; two kernels walk the chunks in order doing only the state recursion (sym
            dh_r = λ_r dh_{r+1} + scale Q_rᵀ diag(d_r) dO_r − W_rᵀ dṼ_r (writes dh_{r+1} and dṼ per
            chunk, returns dh_0); gradients in two kernels, split as fla's backward (`grads.py`):
            `gdn_grads_key`, grid (K/BK, B, H, N), everything that contracts over V into K (dq final,
-           dk₁; `chunk_math.chunk_key_grads`), then `gdn_grads_wy`, grid (B, H, N), dv and the UT
-           transform's part (dk = dk₁ + (dKK + dKKᵀ) K; `chunk_math.chunk_wy_grads`).
+           dk₁; `chunk_grads.chunk_key_grads`), then `gdn_grads_wy`, grid (B, H, N), dv and the UT
+           transform's part (dk = dk₁ + (dKK + dKKᵀ) K; `chunk_grads.chunk_wy_grads`).
 
 Launch settings (block sizes, warps, pipeline stages) are a `GpuConfig` value passed down to every
 stage (`kernels_pallas/config.py`; its `resolve` holds the per-shape defaults).

@@ -1,9 +1,9 @@
 r"""The backward's gradients in two chunk-parallel kernels, split as fla splits its backward.
 
-`gdn_grads_key`, grid (K/BK, B, H, N) (`chunk_math.chunk_key_grads`): per block of BK K-columns,
+`gdn_grads_key`, grid (K/BK, B, H, N) (`chunk_grads.chunk_key_grads`): per block of BK K-columns,
   everything that contracts over V into K: dO hᵀ, Ṽ dh'ᵀ, dṼ hᵀ and dO Ṽᵀ over V, dKb = −Aᵀ(dṼ hᵀ),
   dq (final), dk₁ (f32) and the dg, dβ terms through P, d, w, λ, as partial sums over K-blocks.
-`gdn_grads_wy`, grid (B, H, N) (`chunk_math.chunk_wy_grads`): the UT transform's part, once per
+`gdn_grads_wy`, grid (B, H, N) (`chunk_grads.chunk_wy_grads`): the UT transform's part, once per
   chunk: dVb = Aᵀ dṼ, dv = β dVb, dL = −strict(dVb Ṽᵀ), dk = dk₁ + (dKK + dKKᵀ) K, dg₂, dβ₂.
 Both read A as the forward stored it and the walks' h_r, Ṽ, dh_{r+1}, dṼ; both walk V in blocks of
 `grads_block_v` columns, in a `fori_loop` when there are several (one block's tiles live at a time).
@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels_pallas import chunk_grads as cg
 from kernels_pallas import chunk_math as cm
 from kernels_pallas.config import GpuConfig
 from kernels_pallas.gpu import layout
 
 
 def _v_blocks(V: int, block_v: int, block_fn):
-  """The V-blocks of a gradients kernel for `chunk_math.fold_blocks`: block_fn(cols) for each
+  """The V-blocks of a gradients kernel for `chunk_grads.fold_blocks`: block_fn(cols) for each
   `block_v`-wide column slice, as a (count, fn) `fori_loop` when there are several, else the one."""
   BV = min(V, block_v)
   if V > BV:
@@ -41,7 +42,7 @@ def _grads_key_kernel(q_ref, k_ref, g_ref, beta_ref, reset_ref, a_ref, h_ref, vn
   blocks = _v_blocks(vnew_ref.shape[-1], block_v, lambda blk: (
       h_ref[cols, blk], vnew_ref[:, blk], do_ref[:, blk], dh_ref[cols, blk], dvnew_ref[:, blk]))
   q_cols, k_cols = (q_ref[:, cols], k_ref[:, cols]) if split else (q_ref[...], k_ref[...])
-  dq, dk, dg, dbeta = cm.chunk_key_grads(q_cols, k_cols, g_ref[...], beta_ref[...], reset_ref[...],
+  dq, dk, dg, dbeta = cg.chunk_key_grads(q_cols, k_cols, g_ref[...], beta_ref[...], reset_ref[...],
                                          a_ref[...], blocks, C, scale, mm_dtype)
   for ref, x in ((dq_ref, dq), (dk_ref, dk), (dg_ref, dg), (dbeta_ref, dbeta)):
     ref[...] = x.astype(ref.dtype)
@@ -54,7 +55,7 @@ def _grads_wy_kernel(k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, vnew_ref, 
     def write_dv(x):
       dv_ref[:, blk] = x.astype(dv_ref.dtype)
     return (v_ref[:, blk], vnew_ref[:, blk], dvnew_ref[:, blk]), write_dv
-  dKK, dg, dbeta = cm.chunk_wy_grads(k_ref[...], g_ref[...], beta_ref[...], reset_ref[...],
+  dKK, dg, dbeta = cg.chunk_wy_grads(k_ref[...], g_ref[...], beta_ref[...], reset_ref[...],
                                      a_ref[...], _v_blocks(v_ref.shape[-1], block_v, block), C,
                                      mm_dtype)
   for blk in layout.column_blocks(k_ref.shape[-1], block_v):      # column blocks of K

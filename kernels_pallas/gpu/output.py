@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas import chunk_grads as cg
 from kernels_pallas import chunk_math as cm
 from kernels_pallas.config import GpuConfig
 from kernels_pallas.gpu import layout
@@ -21,22 +22,21 @@ def _output_kernel(q_ref, k_ref, g_ref, reset_ref, h_ref, vnew_ref, o_ref, *, C,
   """One chunk: O = scale (diag(d) Q h_r + ((Q Kᵀ) ⊙ Γ) Ṽ_r), written in token layout."""
   q = q_ref[...]
   Gamma, d, _, _ = cm.chunk_decays(g_ref[...], reset_ref[...], C)
-  P = cm.dot(q, k_ref[...], trans_b=True) * Gamma
+  P = cm.decayed_scores(q, k_ref[...], Gamma)
   Qd = d[:, None] * q.astype(jnp.float32)
   for blk in layout.column_blocks(vnew_ref.shape[-1], block_v):
-    o = (cm.dot(Qd, h_ref[:, blk], mm_dtype=mm_dtype)
-         + cm.dot(P, vnew_ref[:, blk], mm_dtype=mm_dtype))
-    o_ref[:, blk] = (scale * o).astype(o_ref.dtype)
+    o = cm.chunk_output(h_ref[:, blk], Qd, P, vnew_ref[:, blk], scale, mm_dtype)
+    o_ref[:, blk] = o.astype(o_ref.dtype)
 
 
 def _dv_local_kernel(q_ref, k_ref, g_ref, reset_ref, do_ref, dvl_ref, *, C, scale, mm_dtype,
                      block_v):
   """One chunk: dṼ^local = scale Pᵀ dO with P = (Q Kᵀ) ⊙ Γ (by V-blocks)."""
   Gamma, _, _, _ = cm.chunk_decays(g_ref[...], reset_ref[...], C)
-  P = cm.dot(q_ref[...], k_ref[...], trans_b=True) * Gamma
+  P = cm.decayed_scores(q_ref[...], k_ref[...], Gamma)
   for blk in layout.column_blocks(do_ref.shape[-1], block_v):
-    dvl_ref[:, blk] = (scale * cm.dot(P, do_ref[:, blk], trans_a=True, mm_dtype=mm_dtype)
-                       ).astype(dvl_ref.dtype)
+    dvl_ref[:, blk] = cg.local_pseudo_value_grad(P, do_ref[:, blk], scale,
+                                                 mm_dtype).astype(dvl_ref.dtype)
 
 
 def output(q, k, v, g, reset_f, hs, v_new, *, scale: float, C: int, config: GpuConfig):

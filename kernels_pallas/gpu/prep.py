@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
-
 from kernels_pallas import chunk_math as cm
 from kernels_pallas.config import GpuConfig
 from kernels_pallas.gpu import layout
@@ -21,13 +19,11 @@ def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, reset_ref, a_ref, w_ref, u_ref, 
   U = A diag(β) V (by V-blocks)."""
   k, beta = k_ref[...], beta_ref[...]
   Gamma, d, _, _ = cm.chunk_decays(g_ref[...], reset_ref[...], C)
-  A = cm.ut_inverse(k, beta, Gamma, C)
+  A = cm.ut_inverse(cm.dot(k, k, trans_b=True), beta, Gamma, C, masks=True)
   a_ref[...] = A.astype(a_ref.dtype)
-  w_ref[...] = cm.dot(A, (beta * d)[:, None] * k.astype(jnp.float32),
-                      mm_dtype=mm_dtype).astype(w_ref.dtype)
+  w_ref[...] = cm.ut_keys(A, k, beta, d, mm_dtype).astype(w_ref.dtype)
   for blk in layout.column_blocks(v_ref.shape[-1], block_v):
-    vb = beta[:, None] * v_ref[:, blk].astype(jnp.float32)
-    u_ref[:, blk] = cm.dot(A, vb, mm_dtype=mm_dtype).astype(u_ref.dtype)
+    u_ref[:, blk] = cm.ut_values(A, v_ref[:, blk], beta, mm_dtype).astype(u_ref.dtype)
 
 
 def prep(q, k, v, g, beta, reset_f, *, C: int, config: GpuConfig):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels_pallas import chunk_grads as cg
 from kernels_pallas import chunk_math as cm
 from kernels_pallas.config import GpuConfig
 from kernels_pallas.gpu import layout
@@ -34,10 +35,9 @@ def _walk_fwd_kernel(w_ref, u_ref, k_ref, g_ref, reset_ref, h0_ref, vnew_ref, ht
     rows = pl.ds(pl.multiple_of(r * C, C), C)
     _, _, _, k_write, lam = cm.chunk_vector_decays(g_ref[rows], reset_ref[rows], C)
     hs_ref[r] = h_KxV.astype(hs_ref.dtype)
-    v_new = u_ref[r].astype(jnp.float32) - cm.dot(w_ref[r], h_KxV, mm_dtype=mm_dtype)
+    v_new = cm.pseudo_values(h_KxV, w_ref[r], u_ref[r], mm_dtype)
     vnew_ref[r] = v_new.astype(vnew_ref.dtype)
-    return lam * h_KxV + cm.dot(k_ref[rows, :], k_write[:, None] * v_new, trans_a=True,
-                                mm_dtype=mm_dtype)
+    return cm.next_state(h_KxV, k_ref[rows, :], k_write, lam, v_new, mm_dtype)
 
   ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...].astype(jnp.float32))
 
@@ -51,13 +51,10 @@ def _walk_bwd_kernel(w_ref, k_ref, q_ref, g_ref, reset_ref, do_ref, dvl_ref, dht
     rows = pl.ds(pl.multiple_of(r * C, C), C)
     _, _, d, k_write, lam = cm.chunk_vector_decays(g_ref[rows], reset_ref[rows], C)
     dhs_ref[r] = dh_KxV.astype(dhs_ref.dtype)
-    dv_new = dvl_ref[r].astype(jnp.float32) + k_write[:, None] * cm.dot(
-        k_ref[rows, :], dh_KxV, mm_dtype=mm_dtype)
+    dv_new = cg.pseudo_value_grad(dvl_ref[r], k_ref[rows, :], k_write, dh_KxV, mm_dtype)
     dvnew_ref[r] = dv_new.astype(dvnew_ref.dtype)
-    do = do_ref[rows, :].astype(jnp.float32)
-    return (lam * dh_KxV
-            + cm.dot(q_ref[rows, :], (scale * d)[:, None] * do, trans_a=True, mm_dtype=mm_dtype)
-            - cm.dot(w_ref[r], dv_new, trans_a=True, mm_dtype=mm_dtype))
+    dh_local = cg.local_state_grad(q_ref[rows, :], d, do_ref[rows, :], scale, mm_dtype)
+    return cg.state_grad(dh_KxV, lam, dh_local, w_ref[r], dv_new, mm_dtype)
 
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
 
