@@ -32,8 +32,8 @@ import time
 from absl import app, flags
 import numpy as np
 
-from gdn_jax.lr_protocol import (Ablation, Plan, Protocol, analyze, markdown_table,
-                                 row_name)
+from gdn_jax.lr_protocol import (Ablation, Plan, Protocol, analyze, markdown_loss_table,
+                                 markdown_table, row_name)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -345,10 +345,11 @@ def write_outputs(rows: list[dict], prefix: str, base_width: int):
                    criterion="drift of the seed-mean optimum <= 0.5 log2 over >= 8x, each "
                              "width's interval overlapping the base's; SP drift >= 2"),
               f, indent=1)
+  tables = markdown_table(summary) + "\n" + markdown_loss_table(summary)
   with open(prefix + ".md", "w") as f:
-    f.write(markdown_table(summary))
+    f.write(tables)
   plot(summary, prefix + ".png")
-  print(markdown_table(summary))
+  print(tables)
   return summary
 
 

@@ -206,12 +206,34 @@ def without_lr_overrides(variant: str) -> str:
   return ",".join(v for v in variant.split(",") if v and ":" not in v)
 
 
+# The SP each μP row is judged against (issue 20, item 4: μP at its transferred LR must reach a
+# loss no worse than SP at SP's own tuned LR).
+SP_BASELINE = {"mup": "sp", "paper": "paper_sp"}
+
+
+def _baseline_key(key, present):
+  """(scheme, SP, optimizer, variant) for a μP row: the same variant, else the variant without
+  its first part (a row variant such as "mixer_out" comes first, ablation parts after it)."""
+  scheme, param, opt, variant = key
+  if param not in SP_BASELINE:
+    return None
+  for v in (variant, ",".join(variant.split(",")[1:])):
+    if (scheme, SP_BASELINE[param], opt, v) in present:
+      return scheme, SP_BASELINE[param], opt, v
+  return None
+
+
+def _name(key) -> str:
+  return f"{key[0]}/{row_name(key[1], '')}/{key[2]}" + (f"[{key[3]}]" if key[3] else "")
+
+
 def analyze(rows: list[dict], base_width: int | None = None) -> dict:
   """Per (scheme, parametrization, optimizer, variant): `lr_stats.transfer_summary` of the fine
-  runs, plus runs, divergences and program speed."""
+  runs, plus runs, divergences and program speed; for μP rows also `loss_vs_sp`: per width, the
+  best loss minus its SP row's best loss (`lr_stats.best_loss_gap`)."""
   rows = [r for r in rows if r.get("phase", "fine") == "fine"]
   group = lambda r: (r["scheme"], r["parametrization"], r["optimizer"], r.get("variant", ""))
-  summary = {}
+  summary, all_losses = {}, {}
   for key in sorted({group(r) for r in rows}):
     sel = [r for r in rows if group(r) == key]
     shared = None
@@ -231,7 +253,8 @@ def analyze(rows: list[dict], base_width: int | None = None) -> dict:
       grids[w] = xs
       losses[w] = {s: [v[x] for x in xs] for s, v in by_seed.items()}
     s = lr_stats.transfer_summary(grids, losses)
-    name = f"{key[0]}/{row_name(key[1], '')}/{key[2]}" + (f"[{key[3]}]" if key[3] else "")
+    all_losses[key] = losses
+    name = _name(key)
     mfus = [r["program"]["mfu"] for r in sel if r.get("program", {}).get("mfu")]
     s.update(base_width_runs_from=shared, runs=len(sel),
              diverged_runs=sum(r["val_loss"] is None for r in sel),
@@ -240,7 +263,33 @@ def analyze(rows: list[dict], base_width: int | None = None) -> dict:
              gpu_seconds=float(sum({json.dumps(r["program"], sort_keys=True): r["program"]
                                     ["seconds"] for r in sel if "program" in r}.values())))
     summary[name] = s
+  for key, losses in all_losses.items():
+    base = _baseline_key(key, all_losses)
+    if base is not None:
+      summary[_name(key)]["loss_vs_sp"] = dict(against=_name(base), by_width={
+          w: lr_stats.best_loss_gap(losses[w], all_losses[base][w])
+          for w in sorted(losses) if w in all_losses[base]})
   return summary
+
+
+def markdown_loss_table(summary: dict) -> str:
+  """μP rows against their SP: best loss [interval] per width and the gap [interval]."""
+  lines = ["| row | optimizer | width | best loss [95 % interval] | its SP's best loss | "
+           "gap μP − SP [interval] |", "|---|---|---|---|---|---|"]
+  iv = lambda x: "" if not x else f" [{x[0]:.4f}, {x[1]:.4f}]"
+  signed = lambda x: "" if not x else f" [{x[0]:+.4f}, {x[1]:+.4f}]"
+  for name, s in summary.items():
+    if "loss_vs_sp" not in s:
+      continue
+    scheme, row, opt = name.split("[")[0].split("/")
+    variant = name.split("[")[1][:-1] if "[" in name else ""
+    sp = summary[s["loss_vs_sp"]["against"]]
+    for w, gap in s["loss_vs_sp"]["by_width"].items():
+      lines.append(f"| {row_name(row, variant)} | {opt} | {w} | {s['best_loss'][w]:.4f}"
+                   f"{iv(s['best_loss_interval'][w])} | {sp['best_loss'][w]:.4f}"
+                   f"{iv(sp['best_loss_interval'][w])} | {gap['gap']:+.4f}"
+                   f"{signed(gap['interval'])} |")
+  return "\n".join(lines) + "\n"
 
 
 def markdown_table(summary: dict) -> str:

@@ -17,6 +17,10 @@ uncertainty comes from resampling seeds:
                      width's optimum minus that width's best seed-mean loss
   trend              least-squares slope of the optima against log2 width × log2 of the range,
                      with its standard error (max − min grows with noise alone; a slope does not)
+  best loss          the minimum of the seed-mean curve, with its bootstrap interval
+  loss gap           best loss of row a − best loss of row b at one width (each at its own
+                     tuned LR: "is μP at least as good as SP tuned for that width?"); the two
+                     rows' seeds are resampled independently (exactly: every pair of draws)
 
 With 3 seeds the 95 % bootstrap interval spans roughly the per-seed optima: honest, and wide.
 """
@@ -93,6 +97,39 @@ def trend(optima_by_width: Mapping[int, float | None]) -> dict:
               trend_drift_se=se)
 
 
+def _best(curve) -> float:
+  curve = np.asarray(curve, float)
+  return float(np.nanmin(curve)) if np.isfinite(curve).any() else math.nan
+
+
+def best_loss_gap(losses_a: Mapping[int, Sequence[float]], losses_b: Mapping[int, Sequence[float]],
+                  *, level: float = 0.95, draws: int = 4000, seed: int = 0) -> dict:
+  """Best seed-mean loss of row a minus row b's at one width, each on its own LR grid.
+
+  Args:
+    losses_a, losses_b: {seed: losses on that row's grid} (NaN = diverged). The rows may have
+      different seeds and grids. The interval resamples each row's seeds independently; with
+      ≤ 6 seeds per row every pair of draws is enumerated.
+  """
+  rows = []
+  for name, losses in (("losses_a", losses_a), ("losses_b", losses_b)):
+    if not losses:
+      raise ValueError(f"best_loss_gap: {name} has no seeds; expected {{seed: losses}}.")
+    rows.append(np.asarray([losses[s] for s in sorted(losses)], float))
+  a, b = rows
+  gap = _best(seed_mean(a)) - _best(seed_mean(b))
+  rng = np.random.default_rng(seed)
+  best_a = [_best(seed_mean(a[d])) for d in _draws(len(a), draws, rng)]
+  best_b = [_best(seed_mean(b[d])) for d in _draws(len(b), draws, rng)]
+  if len(a) > EXACT_MAX_SEEDS or len(b) > EXACT_MAX_SEEDS:
+    n = min(len(best_a), len(best_b))
+    gaps = np.asarray(best_a[:n]) - np.asarray(best_b[:n])
+  else:
+    gaps = np.subtract.outer(best_a, best_b).ravel()
+  return dict(gap=float(gap), interval=interval(gaps, level) if len(a) > 1 and len(b) > 1
+              else None, seeds_a=len(a), seeds_b=len(b))
+
+
 def transfer_summary(log2_lrs: Mapping[int, Sequence[float]],
                      losses: Mapping[int, Mapping[int, Sequence[float]]], *, level: float = 0.95,
                      draws: int = 4000, half_width: float = 1.0, seed: int = 0) -> dict:
@@ -118,14 +155,16 @@ def transfer_summary(log2_lrs: Mapping[int, Sequence[float]],
   curves = {w: seed_mean([table[w][s] for s in sorted(table[w])]) for w in widths}
   opt = {w: optimum(log2_lrs[w], curves[w], half_width=half_width) for w in widths}
   samples = {w: [] for w in widths}
+  best_samples = {w: [] for w in widths}
   drifts = []
   if len(common) >= 2:
     for draw in _draws(len(common), draws, rng):
       picked = [common[i] for i in draw]
-      found = {w: optimum(log2_lrs[w], seed_mean([table[w][s] for s in picked]),
-                          half_width=half_width)[0] for w in widths}
+      resampled = {w: seed_mean([table[w][s] for s in picked]) for w in widths}
+      found = {w: optimum(log2_lrs[w], resampled[w], half_width=half_width)[0] for w in widths}
       for w in widths:
         samples[w].append(found[w])
+        best_samples[w].append(_best(resampled[w]))
       drifts.append(drift(list(found.values())))
   base = widths[0]
   base_opt = opt[base][0]
@@ -137,7 +176,7 @@ def transfer_summary(log2_lrs: Mapping[int, Sequence[float]],
       at_transfer[w] = float(ys[j])
       if np.isfinite(ys).any():
         regret[w] = float(ys[j] - np.nanmin(ys))
-  best = {w: float(np.nanmin(curves[w])) for w in widths if np.isfinite(curves[w]).any()}
+  best = {w: _best(curves[w]) for w in widths if np.isfinite(curves[w]).any()}
   intervals = {w: interval(samples[w], level) for w in widths}
   base_iv = intervals[base]
   overlap = {w: (iv is not None and base_iv is not None and iv[0] <= base_iv[1]
@@ -155,6 +194,7 @@ def transfer_summary(log2_lrs: Mapping[int, Sequence[float]],
       bootstrap_draws=len(drifts), interval_overlaps_base=overlap,
       **trend({w: opt[w][0] for w in widths}),
       loss_at_transferred_lr=at_transfer, transfer_regret=regret, best_loss=best,
+      best_loss_interval={w: interval(best_samples[w], level) for w in widths},
       wider_is_better=bool(all(v is not None and np.isfinite(v) for v in vals)
                            and all(a > b for a, b in zip(vals, vals[1:]))),
       curves={w: dict(log2_lr=list(map(float, log2_lrs[w])),

@@ -82,3 +82,22 @@ def test_analyze_uses_fine_runs_and_shares_base_runs_of_lr_override_variants():
   assert plain["bootstrap_draws"] == 27
   table = lp.markdown_table(s)
   assert "| mup | adamw | 128: -2.00 [" in table and "| mup+q_proj:-1 | adamw |" in table
+
+
+def test_analyze_judges_each_mup_row_against_its_sp():
+  xs = np.arange(-4.0, 0.1, 0.5)
+  rows = (rows_for("paper", 128, "fine", (0, 1, 2), xs, -2.0)
+          + rows_for("paper", 128, "fine", (0, 1, 2), xs, -2.0, variant="mixer_out")
+          + rows_for("paper_sp", 128, "fine", (0, 1), xs, -2.0))
+  for r in rows:                       # SP 0.01 better at its best point, μP+mixer_out 0.02 worse
+    r["val_loss"] += {"paper_sp": -0.01, "paper": 0.0}.get(r["parametrization"], 0.0) + (
+        0.02 if r["variant"] == "mixer_out" else 0.0)
+  s = lp.analyze(rows, base_width=128)
+  plain, mixer = s["paper/paper/adamw"], s["paper/paper/adamw[mixer_out]"]
+  assert plain["loss_vs_sp"]["against"] == mixer["loss_vs_sp"]["against"] == "paper/paper_sp/adamw"
+  # Seeds add 0.001 × index: μP's mean offset 0.001, SP's 0.0005.
+  assert plain["loss_vs_sp"]["by_width"][128]["gap"] == pytest.approx(0.01 + 0.0005)
+  assert mixer["loss_vs_sp"]["by_width"][128]["gap"] == pytest.approx(0.03 + 0.0005)
+  assert "loss_vs_sp" not in s["paper/paper_sp/adamw"]
+  table = lp.markdown_loss_table(s)
+  assert "| paper+mixer_out | adamw | 128 | 1.0210 [" in table and "+0.0305 [" in table

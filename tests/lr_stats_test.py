@@ -68,3 +68,38 @@ def test_trend_separates_a_trend_from_scatter():
 def test_shapes_are_checked():
   with pytest.raises(ValueError, match="one per grid point"):
     lr_stats.transfer_summary({64: GRID}, {64: {0: [1.0, 2.0]}})
+
+
+def test_best_loss_gap_by_hand():
+  """Row a: two seeds whose best losses are 1.0 and 1.4 at one grid point (seed-mean best 1.2);
+  row b: three seeds, best 1.0, 1.0 and 1.3 (seed-mean best 1.1), on a different grid. Every
+  pair of draws is enumerated: a's 4 resamples give best 1.0, 1.2, 1.2, 1.4; b's 27 give 1.0
+  (8×: seed 2 not drawn), 1.1 (12×), 1.2 (6×), 1.3 (1×). Gap a − b = +0.1; its 108 values range
+  from −0.3 to +0.4, and the interval comes from exactly those."""
+  a = {0: [1.5, 1.0, 1.5], 1: [1.9, 1.4, 1.9]}
+  b = {0: [1.0, 1.6], 1: [1.0, 1.6], 2: [1.3, 1.6]}
+  g = lr_stats.best_loss_gap(a, b)
+  assert g["gap"] == pytest.approx(0.1) and (g["seeds_a"], g["seeds_b"]) == (2, 3)
+  best_a = [1.0, 1.2, 1.2, 1.4]
+  best_b = [1.0] * 8 + [1.1] * 12 + [1.2] * 6 + [1.3]
+  expected = np.subtract.outer(best_a, best_b).ravel()
+  assert g["interval"] == pytest.approx((np.percentile(expected, 2.5),
+                                         np.percentile(expected, 97.5)))
+  assert g["interval"][0] == pytest.approx(-0.2) and g["interval"][1] == pytest.approx(0.4)
+  # A diverged point does not count as a best loss; one seed per row gives no interval.
+  assert lr_stats.best_loss_gap({0: [np.nan, 1.2]}, {0: [1.0, 1.1]}) == dict(
+      gap=pytest.approx(0.2), interval=None, seeds_a=1, seeds_b=1)
+  with pytest.raises(ValueError, match="losses_b has no seeds"):
+    lr_stats.best_loss_gap(a, {})
+
+
+def test_best_loss_interval_resamples_seeds():
+  s = lr_stats.transfer_summary({64: GRID, 512: GRID},
+                                {64: parabolas((-2.0, -2.0), offset=1.0),
+                                 512: {0: 0.1 * (GRID + 2) ** 2 + 0.9,
+                                       1: 0.1 * (GRID + 2) ** 2 + 0.8}})
+  # Resamples' best losses sorted: 0.8, 0.85, 0.85, 0.9; numpy's 2.5 % / 97.5 % points lie at
+  # positions 0.075 and 2.925 of 3.
+  assert s["best_loss"][512] == pytest.approx(0.85)
+  assert s["best_loss_interval"][512] == pytest.approx((0.8 + 0.075 * 0.05, 0.85 + 0.925 * 0.05))
+  assert s["best_loss_interval"][64] == pytest.approx((1.0, 1.0))
