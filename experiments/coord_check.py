@@ -12,6 +12,7 @@ large LR on one fixed batch (`gdn_jax.coord_check`) and writes
   python experiments/coord_check.py --preset=gpu --schemes=heads --out=experiments/results/coord_check_gpu_heads
   python experiments/coord_check.py --preset=paper --schemes=paper \
       --parametrizations=paper,paper+mixer_out,paper_sp,mup,sp      # ~25 min on 2 CPU cores
+  python experiments/coord_check.py --preset=hybrid_cpu   # GDN + attention ("GAS"), 64…512
 """
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ PRESETS = {
     "paper": dict(widths="64,128,256,512", base_width=64, head_dim=8, num_heads=6, layers=2,
                   batch=4, seq_len=64, steps=5, seeds="0,1,2,3", chunk_size=16,
                   rule_impl="auto", out=os.path.join(RESULTS, "coord_check_paper_cpu")),
+    # Hybrid GDN + attention (a GDN block, a gated full-attention block, a sliding-window block),
+    # both width schemes (head_dim: the attention logit scale H_base^½/H is exercised), 8×.
+    "hybrid_cpu": dict(widths="64,128,256,512", base_width=64, head_dim=8, num_heads=4,
+                       layers=3, batch=4, seq_len=64, steps=5, seeds="0,1,2", chunk_size=16,
+                       rule_impl="auto", layer_pattern="GAS", attn_window=16,
+                       out=os.path.join(RESULTS, "coord_check_hybrid_cpu")),
 }
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size preset (flags override it).")
@@ -64,17 +71,41 @@ _SGD_LR = flags.DEFINE_float("sgd_lr", 0.5, "SGD base LR (large on purpose).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 16, "Vocabulary of the Markov batch and the model.")
 _OUT = flags.DEFINE_string("out", None, "Output path without extension.")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only redraw <out>.png from <out>.json.")
+_PATTERN = flags.DEFINE_string("layer_pattern", None, "Hybrid models: ModelConfig.layer_pattern, "
+                               "e.g. GAS ('' = all GDN).")
+_WINDOW = flags.DEFINE_integer("attn_window", None, "Hybrid models: the window of 'S' blocks.")
 
 PANELS = ("mixer_in", "q", "k", "v", "beta", "g", "S", "o", "mixer_out", "mlp_out", "block_out",
           "logits")
+# Hybrid models: the last GDN block's, then the last attention block's, then the output.
+HYBRID_PANELS = (("G", ("q", "k", "v", "S", "o", "mixer_out")),
+                 ("A", ("q", "k", "v", "attn_logits", "o", "mixer_out")),
+                 ("", ("block_out", "logits")))
 
 
 def _setting(name):
   value = globals()["_" + {"base_width": "BASE", "head_dim": "HEAD_DIM", "num_heads": "NUM_HEADS",
                            "layers": "LAYERS", "batch": "BATCH", "seq_len": "SEQ",
                            "steps": "STEPS", "seeds": "SEEDS", "chunk_size": "CHUNK",
-                           "rule_impl": "IMPL", "widths": "WIDTHS", "out": "OUT"}[name]].value
-  return PRESETS[_PRESET.value][name] if value is None else value
+                           "rule_impl": "IMPL", "widths": "WIDTHS", "out": "OUT",
+                           "layer_pattern": "PATTERN", "attn_window": "WINDOW"}[name]].value
+  defaults = {"layer_pattern": "", "attn_window": 16}
+  return PRESETS[_PRESET.value].get(name, defaults.get(name)) if value is None else value
+
+
+def panel_names(last_layer: int, layer_pattern: str = "") -> list[tuple[str, str]]:
+  """(activation name, panel title) of every panel of a row."""
+  if not layer_pattern:
+    return [(p if p == "logits" else f"L{last_layer}.{p}", p) for p in PANELS]
+  kinds = (layer_pattern * (last_layer + 1))[:last_layer + 1]
+  out = []
+  for kind, panels in HYBRID_PANELS:
+    if kind:
+      layer = max(i for i, k in enumerate(kinds) if (k == "G") == (kind == "G"))
+    for p in panels:
+      name = p if p == "logits" else f"L{layer if kind else last_layer}.{p}"
+      out.append((name, f"{kind}:{p}" if kind else p))
+  return out
 
 
 def summarize(result: dict, parametrization: str) -> dict:
@@ -93,18 +124,18 @@ def summarize(result: dict, parametrization: str) -> dict:
   return {"max_slope_t>=1": best, "at": where}
 
 
-def plot(results: dict, path: str, last_layer: int):
+def plot(results: dict, path: str, last_layer: int, layer_pattern: str = ""):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   rows = list(results)
-  fig, axes = plt.subplots(len(rows), len(PANELS), figsize=(2.1 * len(PANELS), 2.0 * len(rows)),
+  panels = panel_names(last_layer, layer_pattern)
+  fig, axes = plt.subplots(len(rows), len(panels), figsize=(2.1 * len(panels), 2.0 * len(rows)),
                            squeeze=False)
   for r, key in enumerate(rows):
     res = results[key]
     widths = np.log2(res["widths"])
-    for c, panel in enumerate(PANELS):
-      name = panel if panel == "logits" else f"L{last_layer}.{panel}"
+    for c, (name, panel) in enumerate(panels):
       ax = axes[r][c]
       sizes = np.asarray(res["size"][name])            # [width, step]
       steps = sizes.shape[1]
@@ -122,8 +153,8 @@ def plot(results: dict, path: str, last_layer: int):
       if r == len(rows) - 1:
         ax.set_xlabel("log2 width", fontsize=7)
   axes[0][0].legend(fontsize=5, loc="best")
-  fig.suptitle("GDN coordinate check: log2 mean|x| (S: √K·RMS) vs log2 width, one line per "
-               "step", fontsize=9)
+  fig.suptitle(f"GDN{' + attention (' + layer_pattern + ')' if layer_pattern else ''} coordinate "
+               "check: log2 mean|x| (S: √K·RMS) vs log2 width, one line per step", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
@@ -134,8 +165,9 @@ def main(argv):
   if _PLOT_ONLY.value:
     with open(_setting("out") + ".json") as f:
       record = json.load(f)
-    layers = next(iter(record["configs"].values()))["num_layers"]
-    plot(record["results"], _setting("out") + ".png", last_layer=layers - 1)
+    first = next(iter(record["configs"].values()))
+    plot(record["results"], _setting("out") + ".png", last_layer=first["num_layers"] - 1,
+         layer_pattern=first.get("layer_pattern", ""))
     return
   widths = [int(w) for w in _setting("widths").split(",")]
   seeds = [int(s) for s in _setting("seeds").split(",")]
@@ -148,7 +180,8 @@ def main(argv):
         scheme=scheme, base_width=_setting("base_width"), head_dim=_setting("head_dim"),
         num_heads=_setting("num_heads"), num_layers=_setting("layers"), batch=_setting("batch"),
         seq_len=_setting("seq_len"), steps=_setting("steps"), chunk_size=_setting("chunk_size"),
-        rule_impl=_setting("rule_impl"), vocab_size=_VOCAB.value)
+        rule_impl=_setting("rule_impl"), vocab_size=_VOCAB.value,
+        layer_pattern=_setting("layer_pattern"), attn_window=_setting("attn_window"))
     configs[scheme] = dataclasses.asdict(cc)
     for parametrization in _PARAMS.value.split(","):
       name, _, variant = parametrization.partition("+")
@@ -171,7 +204,8 @@ def main(argv):
   }
   with open(out + ".json", "w") as f:
     json.dump(record, f, indent=1)
-  plot(results, out + ".png", last_layer=_setting("layers") - 1)
+  plot(results, out + ".png", last_layer=_setting("layers") - 1,
+       layer_pattern=_setting("layer_pattern"))
   print(f"wrote {out}.json and {out}.png in {record['seconds']:.0f} s")
 
 

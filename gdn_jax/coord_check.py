@@ -20,6 +20,12 @@ Width schemes: "heads" grows the number of heads at fixed head dims (d = num_hea
 head_k_dim = 0.75·d/6, value dim 1.5·d, fla's SwiGLU size, eps 1e-6, tied embeddings;
 gdn_jax.families.paper_config). Training goes through the trainer's step
 (gdn_jax.train.make_train_step) at a constant LR.
+
+Hybrid models (`layer_pattern`, e.g. "GAS"; schemes "heads" and "head_dim"): the attention blocks
+take the GDN blocks' head count and head dim, half as many key/value heads (GQA), the output gate,
+q/k RMSNorm and a window of `attn_window` for 'S'. Their activations: mixer_in, q, k (after the
+q/k norm, before RoPE), v, attn_logits (scale·qᵀk where attended, 0 elsewhere), o (before the
+gate), mixer_out.
 """
 from __future__ import annotations
 
@@ -56,10 +62,16 @@ class CoordCheckConfig:
   rule_impl: str = "auto"
   output_norm_eps: float | None = None   # the mixer output norm's eps at the base (None: 1e-5)
   mixer_output_multiplier: bool = False  # the paper's gdn-mup.py variant (d0/d on the mixer)
+  layer_pattern: str = ""     # hybrid models: ModelConfig.layer_pattern ("" = all GDN)
+  attn_window: int = 16       # the window of 'S' blocks
 
   def __post_init__(self):
     if self.scheme not in SCHEMES:
       raise ValueError(f"CoordCheckConfig: `scheme`={self.scheme!r}; expected one of {SCHEMES}.")
+    if self.layer_pattern and self.scheme == "paper":
+      raise ValueError(f"CoordCheckConfig: `layer_pattern`={self.layer_pattern!r} with scheme "
+                       "'paper'; expected a hybrid pattern with the 'heads' or 'head_dim' scheme "
+                       "(the paper's family and recipe define no attention).")
 
 
 def width_config(width: int, cc: CoordCheckConfig) -> ModelConfig:
@@ -78,10 +90,15 @@ def width_config(width: int, cc: CoordCheckConfig) -> ModelConfig:
       raise ValueError(f"width_config: `width`={width} is not a multiple of num_heads="
                        f"{cc.num_heads}; expected width = num_heads · head_dim.")
     heads, dim = cc.num_heads, width // cc.num_heads
+  hybrid = {}
+  if cc.layer_pattern:
+    hybrid = dict(layer_pattern=cc.layer_pattern, num_attn_heads=heads,
+                  num_kv_heads=heads // 2 if heads % 2 == 0 else heads, attn_head_dim=dim,
+                  attn_window=cc.attn_window, attn_output_gate=True, attn_qk_norm=True)
   return ModelConfig(vocab_size=cc.vocab_size, d_model=width, num_layers=cc.num_layers,
                      num_heads=heads, head_k_dim=dim, head_v_dim=dim,
                      mlp_hidden=cc.mlp_ratio * width, chunk_size=cc.chunk_size,
-                     rule_impl=cc.rule_impl, output_norm_eps=cc.output_norm_eps)
+                     rule_impl=cc.rule_impl, output_norm_eps=cc.output_norm_eps, **hybrid)
 
 
 def markov_batch(seed: int, cc: CoordCheckConfig) -> jax.Array:

@@ -16,7 +16,9 @@ Two compiled programs per call, each cached by jax across calls:
     place. No host work per token.
 
 Decoding costs O(1) per token (a K×V state and W−1 conv inputs per value head), whatever the
-prompt length. `state_dtype=jnp.bfloat16` stores the decode state in bfloat16 (half the state's
+prompt length. Hybrid models (gdn_jax.attention) add a KV ring per attention block: W slots for
+sliding-window blocks, bucket + max_new_tokens slots for full-attention blocks (then the prefill
+program is keyed on that capacity too). `state_dtype=jnp.bfloat16` stores the decode state in bfloat16 (half the state's
 memory traffic, which dominates at large batch; the update itself is float32).
 """
 from __future__ import annotations
@@ -58,12 +60,13 @@ def pad_prompt(prompt_BxT, length: int):
   return tokens, segments
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'state_dtype'))
-def prefill_program(graphdef, state, tokens_BxP, segment_ids_BxP, *, state_dtype):
-  """(the last position's logits [B, V] float32, the decode cache)."""
+@functools.partial(jax.jit, static_argnames=('graphdef', 'state_dtype', 'max_len'))
+def prefill_program(graphdef, state, tokens_BxP, segment_ids_BxP, *, state_dtype, max_len=None):
+  """(the last position's logits [B, V] float32, the decode cache). `max_len`: the KV capacity
+  of full-attention blocks (hybrid models; None otherwise)."""
   model = nnx.merge(graphdef, state)
   logits_Bx1xV, cache = model.prefill(tokens_BxP, segment_ids_BxP, last_only=True,
-                                      state_dtype=state_dtype)
+                                      state_dtype=state_dtype, max_len=max_len)
   return logits_Bx1xV[:, 0], cache
 
 
@@ -137,7 +140,10 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
   graphdef, state = nnx.split(model)
   T = prompt_BxT.shape[1]
   tokens, segments = pad_prompt(prompt_BxT, bucket_length(T) if bucket else T)
-  logits_BxV, cache = prefill_program(graphdef, state, tokens, segments, state_dtype=state_dtype)
+  full_attention = "A" in getattr(model.config, "layer_kinds", ())
+  max_len = tokens.shape[1] + max_new_tokens if full_attention else None
+  logits_BxV, cache = prefill_program(graphdef, state, tokens, segments, state_dtype=state_dtype,
+                                      max_len=max_len)
   new_BxN, _ = decode_program(graphdef, state, logits_BxV, cache, rng,
                               max_new_tokens=max_new_tokens, temperature=float(temperature),
                               top_k=top_k, impl=impl)

@@ -13,7 +13,9 @@ the other; tests/model_test.py and tests/generate_test.py check that they agree.
                   filters, A_log, dt_bias no)
     role          what the parameter is, where fans alone cannot tell (one of ROLES): the
                   paper's recipe treats the gate projections W_a, W_b and the gate scalars
-                  A_log, dt_bias apart from other matrices and vectors
+                  A_log, dt_bias apart from other matrices and vectors; "attention" marks the
+                  projections of a hybrid model's softmax attention (gdn_jax.attention), for
+                  which the paper's recipe has no rule
     init_std      the std of its zero-mean normal init draw (None for other inits: gains of 1,
                   A_log, dt_bias), so a parametrization can rescale the draw to any std
 
@@ -39,7 +41,8 @@ from flax import nnx
 from gdn_jax.ops import gated_delta_rule
 
 
-ROLES = ("embedding", "matrix", "readout", "conv", "norm", "gate_proj", "gate_scalar")
+ROLES = ("embedding", "matrix", "readout", "conv", "norm", "gate_proj", "gate_scalar",
+         "attention")
 
 
 def param(value, *, fan_in_axes: tuple[int, ...], fan_out_axes: tuple[int, ...],

@@ -4,8 +4,8 @@ Public interface (other modules import exactly these names):
 
     ModelConfig                          frozen dataclass, validated in __post_init__
     GatedDeltaNetLM(config, *, rngs)     __call__(tokens_BxT, segment_ids_BxT=None) -> logits_BxTxV (f32)
-        .init_cache(batch, state_dtype=f32) / .prefill(tokens, segment_ids=None, cache=None,
-                 *, last_only=False, state_dtype=f32) -> (logits, cache)
+        .init_cache(batch, state_dtype=f32, *, max_len=None) / .prefill(tokens, segment_ids=None,
+                 cache=None, *, last_only=False, state_dtype=f32, max_len=None) -> (logits, cache)
         .decode_weights() -> weights cast and fused once per generation
         .decode_step(token_B, cache, weights=None, *, impl="xla") -> (logits_BxV, cache)
     num_params(config) -> int            exact parameter count
@@ -15,8 +15,12 @@ Sampling lives in `gdn_jax.generate` (`generate(model, prompt_BxT, max_new_token
 `gdn_jax.mup` (`build_model`, `make_optimizer`).
 
     x_0 = Embed(tokens)
-    x_l = x_{l−1} + GDN(RMSNorm(x_{l−1}));  x_l ← x_l + SwiGLU(RMSNorm(x_l))      l = 1..L
+    x_l = x_{l−1} + Mixer_l(RMSNorm(x_{l−1}));  x_l ← x_l + SwiGLU(RMSNorm(x_l))   l = 1..L
     logits = LMHead(RMSNorm(x_L))           (untied by default; tied: h Eᵀ)
+
+Mixer_l is the GDN mixer (gdn_jax.layers.GatedDeltaNet) unless `layer_pattern` makes block l a
+hybrid model's softmax attention (gdn_jax.attention.Attention): 'A' full, 'S' sliding window.
+An empty pattern is the all-GDN model, with the parameters, init and numerics it always had.
 """
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn_jax.attention import Attention
 from gdn_jax.layers import Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU
 from gdn_jax.ops import IMPLS
 
 DTYPES = ("float32", "bfloat16", "float16")
+LAYER_KINDS = {"G": "GDN mixer", "A": "full causal attention", "S": "sliding-window attention"}
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -63,6 +69,18 @@ class ModelConfig:
     init_std: std of every Linear / Embed init at this config (μP rescales it; docs/mup.md).
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
     chunk_size: chunk length of the chunked rule; rule_impl: gated_delta_rule's `impl`.
+
+  Hybrid models (gdn_jax.attention; all ignored while layer_pattern has no 'A' or 'S'):
+    layer_pattern: one letter per block, tiled to num_layers: 'G' GDN, 'A' full causal attention,
+      'S' sliding-window attention; e.g. "GGGA" (Qwen3-Next: 3 GDN : 1 attention) or "GS"
+      (GDN-H1). "" = every block GDN (the original model, unchanged).
+    num_attn_heads: attention query heads N; None = num_heads.
+    num_kv_heads: key/value heads (GQA; N % num_kv_heads == 0); None = num_attn_heads.
+    attn_head_dim: attention head dim H (even: RoPE rotates pairs); None = head_k_dim.
+    attn_window: W of the 'S' layers: each token attends to itself and the W − 1 before it.
+    rope_theta: RoPE base θ.
+    attn_output_gate: o ⊙ σ(W_g x) before W_o (Qwen3-Next's gated attention).
+    attn_qk_norm: RMSNorm over the head dim of q and k before RoPE (Qwen3-Next).
   """
   vocab_size: int = 256
   d_model: int = 256
@@ -85,6 +103,14 @@ class ModelConfig:
   param_dtype: str = "float32"
   chunk_size: int = 64
   rule_impl: str = "auto"
+  layer_pattern: str = ""
+  num_attn_heads: int | None = None
+  num_kv_heads: int | None = None
+  attn_head_dim: int | None = None
+  attn_window: int = 0
+  rope_theta: float = 10000.0
+  attn_output_gate: bool = False
+  attn_qk_norm: bool = True
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_k_dim", "head_v_dim",
@@ -116,6 +142,67 @@ class ModelConfig:
     c = self.chunk_size
     if not isinstance(c, int) or c < 16 or c > 128 or c & (c - 1):
       raise ValueError(f"ModelConfig: `chunk_size`={c!r}; expected a power of two in [16, 128].")
+    self._check_hybrid()
+
+  def _check_hybrid(self):
+    p = self.layer_pattern
+    if not isinstance(p, str) or set(p) - set(LAYER_KINDS):
+      kinds = ", ".join(f"{k}: {v}" for k, v in LAYER_KINDS.items())
+      raise ValueError(f"ModelConfig: `layer_pattern`={p!r}; expected a string of the letters "
+                       f"{'/'.join(LAYER_KINDS)} ({kinds}), e.g. 'GGGA', or '' for all GDN.")
+    if p and self.num_layers % len(p):
+      raise ValueError(f"ModelConfig: `layer_pattern`={p!r} ({len(p)} letters) does not tile "
+                       f"`num_layers`={self.num_layers}; expected a pattern whose length divides "
+                       f"num_layers (e.g. num_layers={len(p) * max(1, self.num_layers // len(p))})"
+                       " or one letter per layer.")
+    for name in ("num_attn_heads", "num_kv_heads", "attn_head_dim"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value <= 0):
+        raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive int or None.")
+    w = self.attn_window
+    if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+      raise ValueError(f"ModelConfig: `attn_window`={w!r}; expected an int ≥ 0.")
+    if "S" in p and w < 1:
+      raise ValueError(f"ModelConfig: `attn_window`={w!r} but `layer_pattern`={p!r} has "
+                       "sliding-window layers 'S'; expected attn_window ≥ 1 (or 'A' layers).")
+    theta = self.rope_theta
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
+      raise ValueError(f"ModelConfig: `rope_theta`={theta!r}; expected a positive float.")
+    for name in ("attn_output_gate", "attn_qk_norm"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig: `{name}`={getattr(self, name)!r}; expected a bool.")
+    if not self.has_attention:
+      return
+    if self.resolved_num_attn_heads % self.resolved_num_kv_heads:
+      raise ValueError(f"ModelConfig: `num_kv_heads`={self.resolved_num_kv_heads} does not divide "
+                       f"`num_attn_heads`={self.resolved_num_attn_heads}; expected num_attn_heads "
+                       "% num_kv_heads == 0 (each query head reads one key/value head).")
+    if self.resolved_attn_head_dim % 2:
+      raise ValueError(f"ModelConfig: `attn_head_dim`={self.resolved_attn_head_dim} (None = "
+                       "head_k_dim) is odd; expected an even head dim (RoPE rotates pairs).")
+
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    """One letter per block ('G', 'A', 'S'): `layer_pattern` tiled to num_layers."""
+    p = self.layer_pattern or "G"
+    return tuple(p * (self.num_layers // len(p)))
+
+  @property
+  def has_attention(self) -> bool:
+    return any(k != "G" for k in self.layer_kinds)
+
+  @property
+  def resolved_num_attn_heads(self) -> int:
+    return self.num_heads if self.num_attn_heads is None else self.num_attn_heads
+
+  @property
+  def resolved_num_kv_heads(self) -> int:
+    return self.resolved_num_attn_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def resolved_attn_head_dim(self) -> int:
+    return self.head_k_dim if self.attn_head_dim is None else self.attn_head_dim
 
   @property
   def resolved_output_norm_eps(self) -> float:
@@ -131,13 +218,17 @@ class ModelConfig:
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + GDN(norm(x)), then + SwiGLU(norm(·))."""
+  """Pre-norm residual block: x + Mixer(norm(x)), then + SwiGLU(norm(·)). The mixer is GDN
+  (kind 'G') or attention (kind 'A' full, 'S' sliding window; gdn_jax.attention)."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, kind: str = "G"):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     norm = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.mixer_norm = RMSNorm(config.d_model, **norm)
-    self.mixer = GatedDeltaNet(config, rngs=rngs)
+    if kind == "G":
+      self.mixer = GatedDeltaNet(config, rngs=rngs)
+    else:
+      self.mixer = Attention(config, window=config.attn_window if kind == "S" else 0, rngs=rngs)
     self.mlp_norm = RMSNorm(config.d_model, **norm)
     self.mlp = SwiGLU(config.d_model, config.resolved_mlp_hidden, init_std=config.init_std,
                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -152,12 +243,21 @@ class Block(nnx.Module):
       self.sow(nnx.Intermediate, 'block_out', x)
     return x
 
-  def __call__(self, x_BxTxD, segment_ids_BxT=None, *, cache=None, return_cache: bool = False):
+  def __call__(self, x_BxTxD, segment_ids_BxT=None, *, cache=None, return_cache: bool = False,
+               max_len: int | None = None):
+    """`max_len`: the KV capacity of a new full-attention cache (Attention; ignored by GDN)."""
+    extra = dict(max_len=max_len) if isinstance(self.mixer, Attention) else {}
     out = self.mixer(self.mixer_norm(x_BxTxD), segment_ids_BxT, cache=cache,
-                     return_cache=return_cache)
+                     return_cache=return_cache, **extra)
     y, new_cache = out if return_cache else (out, None)
     x = self._mlp(x_BxTxD + y)
     return (x, new_cache) if return_cache else x
+
+  def init_cache(self, batch: int, state_dtype=jnp.float32, max_len: int | None = None):
+    """The mixer's empty decode cache (GDN: conv inputs and state; attention: a KV ring)."""
+    if isinstance(self.mixer, Attention):
+      return self.mixer.init_cache(batch, max_len=max_len)
+    return self.mixer.init_cache(batch, state_dtype)
 
   def decode_weights(self) -> dict:
     """`step`'s weights in the compute dtype, built once per generation: the mixer's, and the
@@ -186,7 +286,8 @@ class Block(nnx.Module):
 
 
 class GatedDeltaNetLM(nnx.Module):
-  """Embedding, L pre-norm GDN blocks, final RMSNorm, LM head. Logits are float32."""
+  """Embedding, L pre-norm blocks (GDN, or attention where `layer_pattern` says), final RMSNorm,
+  LM head. Logits are float32."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if not isinstance(config, ModelConfig):
@@ -196,7 +297,7 @@ class GatedDeltaNetLM(nnx.Module):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.embed = Embed(config.vocab_size, config.d_model, init_std=config.init_std, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
-    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.blocks = nnx.List([Block(config, rngs=rngs, kind=kind) for kind in config.layer_kinds])
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                               param_dtype=param_dtype)
     if not config.tie_embeddings:
@@ -233,27 +334,42 @@ class GatedDeltaNetLM(nnx.Module):
       x = block(x, segment_ids_BxT)
     return self._logits(x)
 
-  def init_cache(self, batch: int, state_dtype=jnp.float32) -> list[dict]:
-    """Empty decode cache: per block the conv inputs and the state S (float32 or `state_dtype`;
-    `GatedDeltaNet.init_cache`)."""
-    return [block.mixer.init_cache(batch, state_dtype) for block in self.blocks]
+  def _check_max_len(self, max_len, where: str, tokens: int = 0):
+    if "A" not in self.config.layer_kinds:
+      return
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < max(tokens, 1):
+      raise ValueError(f"GatedDeltaNetLM.{where}: `max_len`={max_len!r}; this model has "
+                       "full-attention layers ('A' in layer_pattern), whose KV cache needs its "
+                       f"capacity: an int ≥ {max(tokens, 1)}, the most tokens (prompt + generated)"
+                       " the cache will hold.")
+
+  def init_cache(self, batch: int, state_dtype=jnp.float32, *,
+                 max_len: int | None = None) -> list[dict]:
+    """Empty decode cache: per GDN block the conv inputs and the state S (float32 or
+    `state_dtype`; `GatedDeltaNet.init_cache`), per attention block a KV ring
+    (`Attention.init_cache`: W slots for 'S', `max_len` for 'A', where max_len is required)."""
+    self._check_max_len(max_len, "init_cache")
+    return [block.init_cache(batch, state_dtype, max_len) for block in self.blocks]
 
   def prefill(self, tokens_BxT, segment_ids_BxT=None, cache=None, *, last_only: bool = False,
-              state_dtype=jnp.float32):
+              state_dtype=jnp.float32, max_len: int | None = None):
     """Chunked forward over a prompt that also returns the decode cache: (logits, cache).
 
     With `cache`, the prompt continues the cached sequence. With packed `segment_ids`, the
     returned cache belongs to the last document. `last_only`: logits of the last position only
     ([B, 1, V]; a long prompt's [B, T, V] float32 logits can outweigh the model). The cache's
-    state S is stored in `state_dtype`.
+    state S is stored in `state_dtype`. `max_len`: the KV capacity of the full-attention layers
+    of a new cache (required with 'A' layers and no `cache`; ≥ T).
     """
     self._check_tokens(tokens_BxT, segment_ids_BxT)
+    if cache is None:
+      self._check_max_len(max_len, "prefill", tokens_BxT.shape[1])
     x = self.embed(tokens_BxT)
     new_cache = []
     for i, block in enumerate(self.blocks):
       x, c = block(x, segment_ids_BxT,
                    cache=None if cache is None else block.mixer.call_cache(cache[i]),
-                   return_cache=True)
+                   return_cache=True, max_len=max_len)
       new_cache.append(block.mixer.decode_cache(c, state_dtype))
     return self._logits(x[:, -1:] if last_only else x), new_cache
 
@@ -292,15 +408,22 @@ class GatedDeltaNetLM(nnx.Module):
 
 def _param_counts(config: ModelConfig) -> dict[str, int]:
   c = config
-  D, L, Vocab = c.d_model, c.num_layers, c.vocab_size
+  D, Vocab = c.d_model, c.vocab_size
+  L = sum(kind == "G" for kind in c.layer_kinds)          # GDN blocks (all of them by default)
+  L_attn = c.num_layers - L
   Hk, H, K, V = c.num_heads, c.resolved_num_v_heads, c.head_k_dim, c.head_v_dim
   mixer_matmul = D * (2 * Hk * K + H * V + 2 * H) + H * V * D + (D * H * V if c.use_gate else 0)
   mixer_other = 2 * H + V + (c.conv_size * (2 * Hk * K + H * V) if c.use_short_conv else 0)
   mlp = 3 * D * c.resolved_mlp_hidden
+  N, Nkv, Ha = c.resolved_num_attn_heads, c.resolved_num_kv_heads, c.resolved_attn_head_dim
+  attn_matmul = D * Ha * (2 * N + 2 * Nkv + (N if c.attn_output_gate else 0))
+  attn_other = 2 * Ha if c.attn_qk_norm else 0
   return {
       'embed': Vocab * D,
       'blocks_matmul': L * (mixer_matmul + mlp),
       'blocks_other': L * (mixer_other + 2 * D),
+      'attn_blocks_matmul': L_attn * (attn_matmul + mlp),
+      'attn_blocks_other': L_attn * (attn_other + 2 * D),
       'final_norm': D,
       'lm_head': 0 if c.tie_embeddings else D * Vocab,
   }
@@ -330,7 +453,14 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     + 6 · W · (2·Hk·K + H·V)                       depthwise conv (2 FLOPs per tap), ×3 for bwd
     + L · H · (rule fwd + rule bwd)(K, V, C)       chunked gated delta rule, C = min(chunk, T)
 
-  Norms, gates and other elementwise work are not counted (as in 6N MFU conventions).
+  Norms, gates and other elementwise work are not counted (as in 6N MFU conventions). In a
+  hybrid model the last two terms count the GDN blocks only, the attention blocks' matrices join
+  the first, and each attention block adds
+
+    12 · N · H_attn · ctx                          qᵀk and the weighted sum of v (fwd + bwd),
+
+  ctx the mean number of keys a query attends to: (T + 1)/2 causal, mean_t min(t + 1, W) with a
+  window W.
   """
   if not isinstance(seq_len, int) or seq_len <= 0:
     raise ValueError(f"flops_per_token: `seq_len`={seq_len!r}; expected a positive int.")
@@ -342,4 +472,14 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
           if c.use_short_conv else 0)
   fwd, bwd = rule_flops_per_token_per_head(c.head_k_dim, c.head_v_dim,
                                            min(c.chunk_size, seq_len))
-  return float(6 * matmul + c.num_layers * (conv + H * (fwd + bwd)))
+  L = sum(kind == "G" for kind in c.layer_kinds)
+  if not c.has_attention:
+    return float(6 * matmul + L * (conv + H * (fwd + bwd)))
+  attn = 0.0
+  for kind in c.layer_kinds:
+    if kind != "G":
+      W = c.attn_window if kind == "S" else seq_len
+      ctx = sum(min(t + 1, W) for t in range(seq_len)) / seq_len
+      attn += 12 * c.resolved_num_attn_heads * c.resolved_attn_head_dim * ctx
+  matmul += counts['attn_blocks_matmul']
+  return float(6 * matmul + L * (conv + H * (fwd + bwd)) + attn)

@@ -6,6 +6,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn_jax.attention import Attention
 from gdn_jax.layers import GatedDeltaNet
 from gdn_jax.model import GatedDeltaNetLM, ModelConfig
 from gdn_jax.mup import tables
@@ -81,4 +82,11 @@ def build_model(config: ModelConfig, *, parametrization: str = "sp",
       module.qk_norm_eps = config.qk_norm_eps * m_k ** p.qk_norm_eps_power
       if out_mult != 1.0:
         module.o_proj.multiplier = module.o_proj.multiplier * out_mult
+    elif isinstance(module, Attention):  # hybrid models: the attention logit scale (tables)
+      if p.attn_scale_power is None:
+        raise ValueError(f"`parametrization`={parametrization!r} defines no attention rule; "
+                         "expected 'mup' or 'sp' for a model with attention layers.")
+      h_base = base_config.resolved_attn_head_dim
+      m_h = config.resolved_attn_head_dim / h_base
+      module.scale = h_base ** -0.5 * m_h ** p.attn_scale_power
   return model

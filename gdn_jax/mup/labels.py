@@ -116,7 +116,8 @@ def param_infos(model, base_config: ModelConfig | None = None, *,
   if set(params) != set(base):
     diff = sorted(map(str, set(params) ^ set(base)))[:4]
     raise ValueError("`base_config` must build a model with the same parameters as `config` "
-                     f"(same num_layers, use_gate, use_short_conv, tie_embeddings); these paths "
+                     f"(same num_layers, use_gate, use_short_conv, tie_embeddings, layer_pattern, "
+                     "attn_output_gate, attn_qk_norm); these paths "
                      f"differ: {diff}.")
   infos = {}
   for path, variable in params.items():

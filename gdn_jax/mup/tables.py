@@ -81,6 +81,11 @@ class Parametrization:
   parameter with its own class). `mixer_output`: the scaling that the option
   `mixer_output_multiplier=True` puts on every GDN mixer's output (after W_o); None means the
   parametrization has no such rule and the option is refused.
+
+  Attention rule (hybrid models, gdn_jax.attention; H = attn_head_dim, relative to H_base):
+    attention logit scale = H_base^-½ · (H/H_base)^attn_scale_power
+  −½ is the usual H^-½, −1 μP's "1/d" attention (H_base^½/H); both are H_base^-½ at the base head
+  dim. None: the parametrization defines no attention, and models with attention are refused.
   """
   name: str
   classes: tuple[str, ...]
@@ -93,6 +98,7 @@ class Parametrization:
   mixer_output: Scaling | None
   decay_convention: str
   description: str
+  attn_scale_power: float | None = None
 
   def __post_init__(self):
     for optimizer, table in self.rules.items():
@@ -129,7 +135,8 @@ SP = Parametrization(
     # fla's K^-½ readout scale and fixed eps values.
     qk_scale_power=-0.5, o_norm_eps_power=0.0, qk_norm_eps_power=0.0,
     tied_readout=ONE, mixer_output=None, decay_convention="independent",
-    description="standard parametrization: fan-in init, one global LR (TP5's SP)")
+    description="standard parametrization: fan-in init, one global LR (TP5's SP)",
+    attn_scale_power=-0.5)   # softmax attention's usual 1/√H
 
 MUP = Parametrization(
     name="mup", classes=FAN_CLASSES, classify=classify_by_fans,
@@ -158,7 +165,11 @@ MUP = Parametrization(
     qk_scale_power=0.0, o_norm_eps_power=-1.0, qk_norm_eps_power=1.0,
     tied_readout=Scaling(width=-1), mixer_output=Scaling(width=-1),
     decay_convention="independent",
-    description="the project's μP, derived from TP5 (docs/mup.md)")
+    description="the project's μP, derived from TP5 (docs/mup.md)",
+    # Softmax attention (hybrid models): q, k, v, o, gate are classed by fans like every matrix;
+    # the logits scale as 1/H (TP5's 1/d attention: q and k become correlated in training, so
+    # qᵀk = Θ(H)), written H_base^½/H so that μP == SP at the base head dim.
+    attn_scale_power=-1.0)
 
 
 # ---- The paper's recipe (Liu & Gu 2026, reference code lauyikfung/gated_delta_net_mup). ----
@@ -177,6 +188,11 @@ PAPER_CLASSES = ("embedding", "hidden", "readout", "norm", "gate", "gate_scalar"
 
 def classify_by_role(role: str, fan_in_grows: bool, fan_out_grows: bool) -> str:
   del fan_in_grows, fan_out_grows
+  if role == "attention":
+    raise ValueError("the paper's recipe (Liu & Gu) defines no rules for softmax attention "
+                     "(parameters of role 'attention', a hybrid model's 'A'/'S' layers); "
+                     "expected parametrization 'mup' or 'sp' for a model with attention, or "
+                     "layer_pattern='' (all GDN) for 'paper' / 'paper_sp'.")
   if role not in PAPER_ROLE_CLASS:
     raise ValueError(f"the paper's recipe has no class for a parameter of role {role!r}; "
                      f"expected one of {sorted(PAPER_ROLE_CLASS)}.")
