@@ -17,11 +17,17 @@ and `jax.make_array_from_process_local_data` assembles the global batch.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
+# Activations [B, T, H, ·] inside a mixer: batch rows on the data-parallel axes, heads on MODEL (the
+# layout the column-split projections produce). `gdn_jax.ops.sharded` runs the Pallas kernels once
+# per device over these axes.
+ACTIVATION_BATCH_AXES, ACTIVATION_HEAD_AXIS = (DATA,), MODEL
 # Parameter-name → axis carrying heads / hidden units (negative = from the end).
 _MODEL_AXIS = {
     "q_proj": -1, "k_proj": -1, "v_proj": -1, "g_proj": -1, "a_proj": -1, "b_proj": -1,
@@ -91,3 +97,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
   """This process' rows → the global [B, T+1] array sharded over `data`."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+
+
+def under_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` active (`jax.sharding.use_abstract_mesh`), for `jax.jit(...,
+  in_shardings=...)` over that mesh: `gated_delta_rule` then runs its Pallas kernels once per
+  device inside `shard_map` (`gdn_jax.ops.sharded`), which XLA cannot do for them, and
+  impl="auto" keeps them. Shardings still come from jit's in/out_shardings."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced

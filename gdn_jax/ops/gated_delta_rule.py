@@ -12,7 +12,9 @@ Implementations (all take the same validated, pre-processed inputs), in the regi
   * "pallas":    the Pallas kernels in `kernels_pallas` (GPU: Triton; TPU: Mosaic), a leaf package
                  (it imports nothing from `gdn_jax`, so nothing cycles). Its package and shared
                  chunk math load with this module (the "chunked" path uses the same math); the
-                 kernels themselves (`gpu/`, `tpu.py`) load on first use.
+                 kernels themselves (`gpu/`, `tpu.py`) load on first use. Under an active mesh
+                 (`jax.set_mesh`) they run once per device inside `jax.shard_map`, batch and heads
+                 split, the sequence local (`sharded.py`).
   * "auto":      the fastest correct one for the default backend (`default_impl`).
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels_pallas
+from gdn_jax.ops import sharded
 from gdn_jax.ops.chunked import chunked_gated_delta_rule
 from gdn_jax.ops.recurrent import recurrent_gated_delta_rule
 
@@ -54,8 +57,10 @@ def _chunked(q, k, v, g, beta, scale, h0, reset, chunk_size, kernel_config):
 
 
 def _pallas(q, k, v, g, beta, scale, h0, reset, chunk_size, kernel_config):
-  return kernels_pallas.gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size,
-                                                kernel_config)
+  def kernel(q, k, v, g, beta, h0, reset):
+    return kernels_pallas.gated_delta_rule_pallas(q, k, v, g, beta, scale, h0, reset, chunk_size,
+                                                  kernel_config)
+  return sharded.per_device(kernel, q, k, v, g, beta, h0, reset)
 
 
 def _runs_anywhere(backend: str, K: int | None, V: int | None) -> str | None:
@@ -86,15 +91,16 @@ IMPLS = ("auto", *_REGISTRY)
 def default_impl(backend: str | None = None, K: int | None = None, V: int | None = None,
                  num_devices: int = 1) -> str:
   """The implementation "auto" resolves to on `backend` (default: jax's default backend), for
-  head dims K, V when given, in a program over `num_devices` devices.
+  head dims K, V when given, when one call's arrays span `num_devices` devices.
 
   TPU: the Mosaic kernel (`kernels_pallas/tpu.py`). GPU: the Triton kernels (`kernels_pallas/gpu/`),
   unless K or V is not a power of two ≥ 16: 1.7–1.8× faster than "chunked" for forward+backward on
   the H100 already in their first decomposition (experiments/results/bench_kernels_h100_v4c.md);
   2.25 ms at B8 T2048 H16 K=V=128 bf16 now (`_v8c`), against chunked's 8.38 (bench_ops).
   On several devices: "chunked", because XLA cannot partition a Pallas custom call over a
-  batch- or head-sharded program (it would gather the inputs onto every device); the kernels
-  need a `jax.shard_map` around them there, which the layer does not do yet.
+  batch- or head-sharded program (it would gather the inputs onto every device). Under an active
+  mesh whose axes split the batch and heads (`sharded.py`) each call spans one device
+  (`gated_delta_rule` passes num_devices=1 there), so the kernels stay.
   CPU: "chunked" (the recurrent scan is faster forward-only, chunked is faster for training).
   """
   backend = backend or jax.default_backend()
@@ -102,6 +108,26 @@ def default_impl(backend: str | None = None, K: int | None = None, V: int | None
       and _REGISTRY["pallas"].unsupported(backend, K, V) is None):
     return "pallas"
   return "chunked"
+
+
+def _resolve_impl(impl: str, backend: str, B: int, Hk: int, H: int, K: int, V: int) -> str:
+  """"auto" → `default_impl` for this call; "pallas" → itself, or why it cannot run here."""
+  if impl == "auto":
+    active, mesh = jax.sharding.get_abstract_mesh(), sharded.mapped_mesh()
+    if mesh is not None:  # one kernel call per device if the shapes split, else XLA's partitioning
+      n = 1 if sharded.split_error(mesh, B, Hk, H) is None else mesh.size
+    elif active.empty or active.manual_axes:
+      # No mesh: the arrays' layout is unknown. Inside a shard_map (Manual axes): its check_vma
+      # wants each output's varying axes, which pallas_call does not declare.
+      n = jax.device_count()
+    else:
+      n = 1  # a mesh of one device
+    return default_impl(backend, K=K, V=V, num_devices=n)
+  if impl == "pallas":
+    why = _REGISTRY["pallas"].unsupported(backend, K, V)
+    if why is not None:
+      raise ValueError(f"gated_delta_rule: impl='pallas' on {backend}: {why}; use impl='chunked'.")
+  return impl
 
 
 def _shape_error(name, got, expected):
@@ -196,15 +222,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
   segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
   _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl, scale, qk_norm_eps,
             kernel_config)
-  B, T, _, K = q.shape
+  B, T, Hk, K = q.shape
   H, V = v.shape[2], v.shape[3]
-  if impl == "auto":
-    impl = default_impl(K=K, V=V, num_devices=jax.device_count())
-  elif impl == "pallas":
-    backend = jax.default_backend()
-    why = _REGISTRY["pallas"].unsupported(backend, K, V)
-    if why is not None:
-      raise ValueError(f"gated_delta_rule: impl='pallas' on {backend}: {why}; use impl='chunked'.")
+  impl = _resolve_impl(impl, jax.default_backend(), B, Hk, H, K, V)
   scale = K ** -0.5 if scale is None else float(scale)
   if use_qk_l2norm:
     q = l2_normalize(q, qk_norm_eps).astype(q.dtype)
