@@ -51,14 +51,16 @@ class _Terminate:
 
 
 def jit_steps(graphdef, tx, mesh, param_sh, opt_sh):
-  """The shared train step and the loss, jit-compiled over the mesh (batch over `data`)."""
+  """The shared train step and the loss, jit-compiled over the mesh (batch over `data`), traced
+  with the mesh active so that the rule's Pallas kernels run once per device (`under_mesh`)."""
   rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   # CPU buffers cannot be donated; on accelerators donation halves the state's memory.
   donate = () if mesh.devices.flat[0].platform == "cpu" else (0, 1)
-  train_step = jax.jit(make_train_step(graphdef, tx),
+  train_step = jax.jit(sharding.under_mesh(make_train_step(graphdef, tx), mesh),
                        in_shardings=(param_sh, opt_sh, batch_sh, None),
                        out_shardings=(param_sh, opt_sh, rep), donate_argnums=donate)
-  eval_step = jax.jit(make_loss_fn(graphdef), in_shardings=(param_sh, batch_sh),
+  eval_step = jax.jit(sharding.under_mesh(make_loss_fn(graphdef), mesh),
+                      in_shardings=(param_sh, batch_sh),
                       out_shardings=rep)
   return train_step, eval_step
 
