@@ -1,0 +1,190 @@
+"""ModelConfig: the sizes and options of a Gated DeltaNet LM (pure GDN or hybrid), validated on
+construction. Imported by gdn_jax.model, which re-exports it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from gdn_jax.ops import IMPLS
+
+DTYPES = ("float32", "bfloat16", "float16")
+LAYER_KINDS = {"G": "GDN mixer", "A": "full causal attention", "S": "sliding-window attention"}
+
+
+def _round_up(x: float, multiple: int) -> int:
+  return int(-(-int(round(x)) // multiple) * multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and options of a Gated DeltaNet LM.
+
+  Attributes:
+    vocab_size: tokens (256 for bytes).
+    d_model: residual width D.
+    num_layers: blocks L (each: GDN mixer, then SwiGLU MLP).
+    num_heads: q/k heads Hk.
+    head_k_dim: K, the q/k head dim (the state is K × V per value head).
+    head_v_dim: V, the value head dim (fla's expand_v = V / K).
+    num_v_heads: value heads H (grouped value attention when H > Hk, H % Hk == 0); None = Hk.
+    mlp_hidden: SwiGLU hidden size; None = 8/3 · D rounded up to a multiple of 32.
+    conv_size: ShortConv kernel W.
+    use_gate: output gate SiLU(W_g x) in the mixer's output norm.
+    use_short_conv: causal depthwise conv on q, k, v (else just SiLU).
+    allow_neg_eigval: β = 2σ(·) so I − βkkᵀ may have negative eigenvalues.
+    norm_eps: eps of every RMSNorm.
+    output_norm_eps: eps of the mixer's gated output norm RMSNorm_V(o); None = norm_eps. Its
+      size relative to mean(o²) sets how strongly the norm amplifies gradients of a small o
+      (docs/mup.md, "the output norm's eps and SGD").
+    qk_norm_eps: eps of the L2 norm of q and k, q / sqrt(Σ q² + eps) (fla: 1e-6). It caps that
+      norm's gain 1/|q| at eps^-1/2 (docs/mup.md, "Bounding the q/k norm's gain").
+    tie_embeddings: logits = h Eᵀ instead of a separate LM head.
+    init_std: std of every Linear / Embed init at this config (μP rescales it; docs/mup.md).
+    dtype: compute dtype; param_dtype: storage dtype of the parameters.
+    chunk_size: chunk length of the chunked rule; rule_impl: gated_delta_rule's `impl`.
+
+  Hybrid models (gdn_jax.attention; all ignored while layer_pattern has no 'A' or 'S'):
+    layer_pattern: one letter per block, tiled to num_layers: 'G' GDN, 'A' full causal attention,
+      'S' sliding-window attention; e.g. "GGGA" (Qwen3-Next: 3 GDN : 1 attention) or "GS"
+      (GDN-H1). "" = every block GDN (the original model, unchanged).
+    num_attn_heads: attention query heads N; None = num_heads.
+    num_kv_heads: key/value heads (GQA; N % num_kv_heads == 0); None = num_attn_heads.
+    attn_head_dim: attention head dim H (even: RoPE rotates pairs); None = head_k_dim.
+    attn_window: W of the 'S' layers: each token attends to itself and the W − 1 before it.
+    rope_theta: RoPE base θ.
+    attn_output_gate: o ⊙ σ(W_g x) before W_o (Qwen3-Next's gated attention).
+    attn_qk_norm: RMSNorm over the head dim of q and k before RoPE (Qwen3-Next).
+  """
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  head_k_dim: int = 64
+  head_v_dim: int = 64
+  num_v_heads: int | None = None
+  mlp_hidden: int | None = None
+  conv_size: int = 4
+  use_gate: bool = True
+  use_short_conv: bool = True
+  allow_neg_eigval: bool = False
+  norm_eps: float = 1e-5
+  output_norm_eps: float | None = None
+  qk_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  chunk_size: int = 64
+  rule_impl: str = "auto"
+  layer_pattern: str = ""
+  num_attn_heads: int | None = None
+  num_kv_heads: int | None = None
+  attn_head_dim: int | None = None
+  attn_window: int = 0
+  rope_theta: float = 10000.0
+  attn_output_gate: bool = False
+  attn_qk_norm: bool = True
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_k_dim", "head_v_dim",
+                 "conv_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive int.")
+    for name in ("num_v_heads", "mlp_hidden"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value <= 0):
+        raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive int or None.")
+    if self.resolved_num_v_heads % self.num_heads:
+      raise ValueError(f"ModelConfig: `num_v_heads`={self.num_v_heads} is not a multiple of "
+                       f"`num_heads`={self.num_heads}; expected num_v_heads % num_heads == 0 "
+                       "(each value head reads one q/k head).")
+    for name in ("norm_eps", "init_std", "output_norm_eps", "qk_norm_eps"):
+      value = getattr(self, name)
+      if name == "output_norm_eps" and value is None:
+        continue
+      if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive float.")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"ModelConfig: `{name}`={getattr(self, name)!r}; expected one of "
+                         f"{DTYPES}.")
+    if self.rule_impl not in IMPLS:
+      raise ValueError(f"ModelConfig: `rule_impl`={self.rule_impl!r}; expected one of {IMPLS}.")
+    c = self.chunk_size
+    if not isinstance(c, int) or c < 16 or c > 128 or c & (c - 1):
+      raise ValueError(f"ModelConfig: `chunk_size`={c!r}; expected a power of two in [16, 128].")
+    self._check_hybrid()
+
+  def _check_hybrid(self):
+    p = self.layer_pattern
+    if not isinstance(p, str) or set(p) - set(LAYER_KINDS):
+      kinds = ", ".join(f"{k}: {v}" for k, v in LAYER_KINDS.items())
+      raise ValueError(f"ModelConfig: `layer_pattern`={p!r}; expected a string of the letters "
+                       f"{'/'.join(LAYER_KINDS)} ({kinds}), e.g. 'GGGA', or '' for all GDN.")
+    if p and self.num_layers % len(p):
+      raise ValueError(f"ModelConfig: `layer_pattern`={p!r} ({len(p)} letters) does not tile "
+                       f"`num_layers`={self.num_layers}; expected a pattern whose length divides "
+                       f"num_layers (e.g. num_layers={len(p) * max(1, self.num_layers // len(p))})"
+                       " or one letter per layer.")
+    for name in ("num_attn_heads", "num_kv_heads", "attn_head_dim"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value <= 0):
+        raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive int or None.")
+    w = self.attn_window
+    if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+      raise ValueError(f"ModelConfig: `attn_window`={w!r}; expected an int ≥ 0.")
+    if "S" in p and w < 1:
+      raise ValueError(f"ModelConfig: `attn_window`={w!r} but `layer_pattern`={p!r} has "
+                       "sliding-window layers 'S'; expected attn_window ≥ 1 (or 'A' layers).")
+    theta = self.rope_theta
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
+      raise ValueError(f"ModelConfig: `rope_theta`={theta!r}; expected a positive float.")
+    for name in ("attn_output_gate", "attn_qk_norm"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig: `{name}`={getattr(self, name)!r}; expected a bool.")
+    if not self.has_attention:
+      return
+    if self.resolved_num_attn_heads % self.resolved_num_kv_heads:
+      raise ValueError(f"ModelConfig: `num_kv_heads`={self.resolved_num_kv_heads} does not divide "
+                       f"`num_attn_heads`={self.resolved_num_attn_heads}; expected num_attn_heads "
+                       "% num_kv_heads == 0 (each query head reads one key/value head).")
+    if self.resolved_attn_head_dim % 2:
+      raise ValueError(f"ModelConfig: `attn_head_dim`={self.resolved_attn_head_dim} (None = "
+                       "head_k_dim) is odd; expected an even head dim (RoPE rotates pairs).")
+
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    """One letter per block ('G', 'A', 'S'): `layer_pattern` tiled to num_layers."""
+    p = self.layer_pattern or "G"
+    return tuple(p * (self.num_layers // len(p)))
+
+  @property
+  def has_attention(self) -> bool:
+    return any(k != "G" for k in self.layer_kinds)
+
+  @property
+  def resolved_num_attn_heads(self) -> int:
+    return self.num_heads if self.num_attn_heads is None else self.num_attn_heads
+
+  @property
+  def resolved_num_kv_heads(self) -> int:
+    return self.resolved_num_attn_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def resolved_attn_head_dim(self) -> int:
+    return self.head_k_dim if self.attn_head_dim is None else self.attn_head_dim
+
+  @property
+  def resolved_output_norm_eps(self) -> float:
+    return self.norm_eps if self.output_norm_eps is None else float(self.output_norm_eps)
+
+  @property
+  def resolved_num_v_heads(self) -> int:
+    return self.num_heads if self.num_v_heads is None else self.num_v_heads
+
+  @property
+  def resolved_mlp_hidden(self) -> int:
+    return _round_up(8 * self.d_model / 3, 32) if self.mlp_hidden is None else self.mlp_hidden
