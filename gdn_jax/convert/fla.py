@@ -85,6 +85,7 @@ from gdn_jax import safetensors_io
 from gdn_jax.layers import (Embed, GatedDeltaNet, GatedRMSNorm, Linear, RMSNorm, ShortConv,
                             SwiGLU)
 from gdn_jax.model import Block, GatedDeltaNetLM, ModelConfig
+from gdn_jax.mup.labels import dotted, key_of
 
 FLA_QK_NORM_EPS = 1e-6     # fla's l2norm eps inside the chunked and recurrent kernels
 FLA_MODEL_TYPE = "gated_deltanet"
@@ -179,12 +180,9 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _named_leaves(state) -> list[tuple[str, typing.Any]]:
-  """(dotted name, leaf) of an nnx state; the `value` attribute of variables is not a name."""
-  out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    out.append((".".join(n for n in names if n != "value"), leaf))
-  return out
+  """(dotted name, leaf) of an nnx state (mup.labels' parameter paths: `.value` dropped)."""
+  return [(dotted(key_of(path)), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]]
 
 
 # --- tensors ------------------------------------------------------------------------------------
@@ -262,8 +260,7 @@ def load_params(model: nnx.Module, params: typing.Mapping[str, np.ndarray]) -> n
     raise ConversionError(f"parameters: {extra[0]!r} is not a parameter of the model.")
 
   def fill(path, leaf):
-    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    name = ".".join(p for p in parts if p != "value")
+    name = dotted(key_of(path))
     if name not in names:
       return leaf
     if name not in params:
