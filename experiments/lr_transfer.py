@@ -39,6 +39,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 _ALL_ROWS = (("paper", ""), ("paper_sp", ""), ("mup", ""), ("sp", ""), ("paper", "mixer_out"))
+# Row variants, each the identity at the base width (so they share the base row's runs there):
+#   mixer_out  the paper's d0/d multiplier on every GDN mixer's output
+#   sp_tied    the tied embedding trained as SP trains it (read-out multiplier 1, LR not scaled)
+_VARIANT_ROWS = (("mup", "sp_tied"),)
 PRESETS = {
     # 2 CPU cores, ~10 minutes: the heads scheme at toy scale, fixed 1-log2 grids, one seed.
     "cpu": Protocol(family="heads", widths=(16, 32, 64, 128), base_width=16, head_dim=16,
@@ -67,7 +71,8 @@ PRESETS = {
     # The paper's setting (issue 27): 6 heads whose dims grow, d0 = 128 → 8·d0, 4 layers (the
     # paper: 8), held-out seeds and data, the paper's optimizers for every row.
     "paper": Protocol(family="paper", widths=(128, 256, 512, 1024), base_width=128, layers=4,
-                      steps=1000, batch=16, seq_len=256, warmup=100, rows=_ALL_ROWS,
+                      steps=1000, batch=16, seq_len=256, warmup=100,
+                      rows=_ALL_ROWS + _VARIANT_ROWS,
                       optimizers=("adamw", "sgd"), seeds=(100, 101, 102), sp_seeds=(100, 101),
                       data="heldout_a", pilot={"adamw": (-13, -5, 1), "sgd": (-9, 0, 1)},
                       max_replicas={1024: 9, 512: 21}),
@@ -118,6 +123,7 @@ def train_config(p: Protocol, job: dict):
       head_v_dim=base.head_v_dim, mlp_hidden=base.mlp_hidden))
   c.parametrization = job["parametrization"]
   c.mixer_output_multiplier = "mixer_out" in job["variant"].split(",")
+  c.sp_tied_embedding = "sp_tied" in job["variant"].split(",")
   settings = {**dict(momentum=0.0, nesterov=False, weight_decay=0.0, grad_clip=0.0),
               **p.optimizer_settings[job["optimizer"]]}
   c.optimizer.update(name=job["optimizer"], lr=1.0, schedule="cosine", warmup_steps=p.warmup,

@@ -135,8 +135,16 @@ class Plan:
             ready.append(job)
     return sorted(ready, key=lambda j: j["priority"])
 
+  def _base_variant(self, param, variant, opt):
+    """The variant whose base-width runs this row uses: its own if it has any, else the variant
+    without its parts that are the identity at the base width (`at_base_width`)."""
+    own = any(k[:4] == (param, variant, opt, self.p.base_width) for k in self.done)
+    return variant if own else at_base_width(variant)
+
   def _row_jobs(self, param, variant, opt, width, seeds):
     p = self.p
+    if width == p.base_width:
+      variant = self._base_variant(param, variant, opt)
     base = dict(parametrization=param, variant=variant, optimizer=opt, width=width,
                 model_extra=dict(self.ablation.model_extra),
                 lr_overrides=list(self.ablation.lr_overrides))
@@ -150,7 +158,8 @@ class Plan:
         return [center]
       n = p.fine_points_base
     else:                                     # centred at the base width's fine optimum
-      center = self._fine_optimum(param, variant, opt, p.base_width, seeds)
+      center = self._fine_optimum(param, self._base_variant(param, variant, opt), opt,
+                                  p.base_width, seeds)
       n = p.fine_points
       if center is not None and param in SP_ROWS:
         center += p.sp_slope[opt] * math.log2(width / p.base_width)
@@ -201,9 +210,15 @@ class Plan:
     return lr_stats.optimum(xs, curve)[0]
 
 
-def without_lr_overrides(variant: str) -> str:
-  """The variant without its NAME[:out]:POWER entries (identical to it at the base width)."""
-  return ",".join(v for v in variant.split(",") if v and ":" not in v)
+# Row variants that are the identity at the base width (every width rule is 1 there).
+BASE_IDENTITY_VARIANTS = ("mixer_out", "sp_tied")
+
+
+def at_base_width(variant: str) -> str:
+  """The variant without its parts that are the identity at the base width: NAME[:out]:POWER LR
+  overrides and `BASE_IDENTITY_VARIANTS` (a row without base-width runs of its own uses these)."""
+  return ",".join(v for v in variant.split(",")
+                  if v and ":" not in v and v not in BASE_IDENTITY_VARIANTS)
 
 
 # The SP each μP row is judged against (issue 20, item 4: μP at its transferred LR must reach a
@@ -237,7 +252,7 @@ def analyze(rows: list[dict], base_width: int | None = None) -> dict:
   for key in sorted({group(r) for r in rows}):
     sel = [r for r in rows if group(r) == key]
     shared = None
-    plain = without_lr_overrides(key[3])
+    plain = at_base_width(key[3])
     if (base_width is not None and plain != key[3]
         and not any(r["width"] == base_width for r in sel)):
       shared = plain

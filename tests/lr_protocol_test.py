@@ -101,3 +101,19 @@ def test_analyze_judges_each_mup_row_against_its_sp():
   assert "loss_vs_sp" not in s["paper/paper_sp/adamw"]
   table = lp.markdown_loss_table(s)
   assert "| paper+mixer_out | adamw | 128 | 1.0210 [" in table and "+0.0305 [" in table
+
+
+def test_a_variant_that_is_the_identity_at_the_base_width_plans_on_the_base_rows_runs():
+  assert lp.at_base_width("sp_tied,q_proj:-1,o_eps=0.001") == "o_eps=0.001"
+  assert lp.at_base_width("mixer_out") == ""
+  rows = dataclasses.replace(P, rows=(("paper", ""), ("paper", "sp_tied")))
+  done = (rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -7.0)
+          + rows_for("paper", 128, "fine", P.seeds, np.arange(-8.5, -5.25, 0.5), -6.8))
+  plan = [(j["variant"], j["width"], tuple(j["log2_lrs"])) for j in lp.Plan(rows, done).jobs()]
+  # No base-width job for the variant: its wide grid centres on the plain row's base optimum.
+  assert plan == [("", 1024, tuple(np.arange(-8.0, -5.75, 0.5))),
+                  ("sp_tied", 1024, tuple(np.arange(-8.0, -5.75, 0.5)))]
+  # A variant with base-width runs of its own keeps using them.
+  own = done + rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -5.0,
+                        variant="sp_tied")
+  assert ("sp_tied", 128) in [(j["variant"], j["width"]) for j in lp.Plan(rows, own).jobs()]

@@ -218,3 +218,35 @@ def test_lr_overrides_scale_one_group_and_keep_the_base_model():
   for bad in ("g_proj", "g_proj:x", ":-1", ":out:-1"):
     with pytest.raises(ValueError, match="NAME:POWER"):
       mup.parse_lr_overrides([bad])
+
+
+@pytest.mark.parametrize("parametrization", ["mup", "paper"])
+def test_sp_tied_embedding_changes_only_the_tied_matrix_and_only_off_the_base_width(
+    parametrization):
+  """`sp_tied_embedding`: the tied read-out loses its 1/m multiplier and the embedding its
+  width-scaled LR (SGD: × m in both tables); everything else, and the base width, unchanged."""
+  base, wide = dims_cfg(32, tie_embeddings=True), dims_cfg(128, tie_embeddings=True)
+
+  def build(cfg, flag):
+    return mup.build_model(cfg, parametrization=parametrization, base_config=base,
+                           optimizer="sgd", sp_tied_embedding=flag, rngs=nnx.Rngs(0))
+
+  def groups(model, flag):
+    return {name(k): v for k, v in mup.param_groups(
+        model, parametrization=parametrization, optimizer="sgd", base_config=base,
+        sp_tied_embedding=flag).items()}
+
+  np.testing.assert_array_equal(build(base, True)(TOK), build(base, False)(TOK))
+  assert groups(build(base, True), True) == groups(build(base, False), False)
+  plain, flagged = build(wide, False), build(wide, True)
+  assert plain.embed.attend_multiplier == pytest.approx(0.25) and \
+      flagged.embed.attend_multiplier == 1.0
+  np.testing.assert_array_equal(plain.embed.embedding[...], flagged.embed.embedding[...])
+  g_plain, g_flag = groups(plain, False), groups(flagged, True)
+  emb = [k for k in g_plain if k.startswith("embed")]
+  assert len(emb) == 1 and g_plain[emb[0]].lr == pytest.approx(4.0) and g_flag[emb[0]].lr == 1.0
+  assert {k: v for k, v in g_flag.items() if k not in emb} == \
+         {k: v for k, v in g_plain.items() if k not in emb}
+  with pytest.raises(ValueError, match="tie_embeddings=True"):
+    mup.build_model(dims_cfg(128), parametrization=parametrization, base_config=dims_cfg(32),
+                    sp_tied_embedding=True, rngs=nnx.Rngs(0))

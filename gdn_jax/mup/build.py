@@ -10,7 +10,7 @@ from gdn_jax.attention import Attention
 from gdn_jax.layers import GatedDeltaNet
 from gdn_jax.model import GatedDeltaNetLM, ModelConfig
 from gdn_jax.mup import tables
-from gdn_jax.mup.labels import dotted, param_infos
+from gdn_jax.mup.labels import check_sp_tied_embedding, dotted, param_infos
 from gdn_jax.mup.tables import Std
 
 
@@ -43,7 +43,8 @@ def init_std_factor(info, rule_init) -> float:
 
 def build_model(config: ModelConfig, *, parametrization: str = "sp",
                 base_config: ModelConfig | None = None, optimizer: str = "adamw",
-                mixer_output_multiplier: bool = False, rngs: nnx.Rngs) -> GatedDeltaNetLM:
+                mixer_output_multiplier: bool = False, sp_tied_embedding: bool = False,
+                rngs: nnx.Rngs) -> GatedDeltaNetLM:
   """A GatedDeltaNetLM in `parametrization` ("sp", "mup", "paper", "paper_sp") relative to
   `base_config`.
 
@@ -52,13 +53,17 @@ def build_model(config: ModelConfig, *, parametrization: str = "sp",
   `optimizer` picks the table: init and multipliers depend on it only in the paper's recipe
   (init factor 0.5 for AdamW, 0.32 for SGD). `mixer_output_multiplier`: multiply every GDN
   mixer's output by the parametrization's `mixer_output` scaling (the paper's model/gdn-mup.py
-  variant: d0/d); refused where the parametrization has none.
+  variant: d0/d); refused where the parametrization has none. `sp_tied_embedding`: the tied
+  embedding's read-out without the parametrization's `tied_readout` multiplier (SP's read-out;
+  pass the same flag to `make_optimizer`, which gives the embedding SP's LR); needs tied
+  embeddings.
   """
   p = tables.get(parametrization)
   tables.check_optimizer(optimizer)
   if mixer_output_multiplier and p.mixer_output is None:
     raise ValueError(f"`mixer_output_multiplier`=True: {parametrization!r} has no mixer-output "
                      "rule; expected it with 'mup' or 'paper'.")
+  check_sp_tied_embedding(config, sp_tied_embedding)
   model = GatedDeltaNetLM(config, rngs=rngs)
   base_config = config if base_config is None else base_config
   rules = p.rules[optimizer]
@@ -72,7 +77,7 @@ def build_model(config: ModelConfig, *, parametrization: str = "sp",
       _set_multiplier(model, path, mult)
   m_d = config.d_model / base_config.d_model
   if config.tie_embeddings:  # the tied read-out reads the width: an output-like use of E
-    model.embed.attend_multiplier = p.tied_readout(1.0, 1.0, m_d)
+    model.embed.attend_multiplier = 1.0 if sp_tied_embedding else p.tied_readout(1.0, 1.0, m_d)
   k_base, m_k = base_config.head_k_dim, config.head_k_dim / base_config.head_k_dim
   out_mult = p.mixer_output(1.0, 1.0, m_d) if mixer_output_multiplier else 1.0
   for _, module in nnx.iter_modules(model):

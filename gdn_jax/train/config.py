@@ -6,7 +6,7 @@
     lr_schedule(config)                                   peak · factor(step) (gdn_jax.train.schedule)
 
 Fields added after the first release are read with defaults, so older configs keep working:
-`mixer_output_multiplier` (False), `optimizer.nesterov` (False),
+`mixer_output_multiplier` (False), `sp_tied_embedding` (False), `optimizer.nesterov` (False),
 `optimizer.weight_decay_convention` ("" = the parametrization's own).
 """
 from __future__ import annotations
@@ -86,6 +86,10 @@ def mixer_output_multiplier(config) -> bool:
   return bool(config.get("mixer_output_multiplier", False))
 
 
+def sp_tied_embedding(config) -> bool:
+  return bool(config.get("sp_tied_embedding", False))
+
+
 def validate_config(config: ml_collections.ConfigDict):
   """Raises ValueError naming the first bad field (checked before anything is written)."""
   o, d, t = config.optimizer, config.data, config.train
@@ -110,6 +114,9 @@ def validate_config(config: ml_collections.ConfigDict):
     _require(mup.PARAMETRIZATIONS[config.parametrization].mixer_output is not None,
              "mixer_output_multiplier", True,
              f"False with parametrization={config.parametrization!r} (it has no such rule)")
+  _require(not sp_tied_embedding(config) or config.model.get("tie_embeddings", False),
+           "sp_tied_embedding", True, "False for a model with model.tie_embeddings=False (it "
+           "changes the rules of the tied embedding/read-out matrix)")
   for name in ("seq_len", "batch_size"):
     _require(_is_int(d[name]) and d[name] >= 1, f"data.{name}", d[name], "an int ≥ 1")
   _require(bool(d.train_path) == bool(d.val_path), "data.val_path", d.val_path,
@@ -166,6 +173,7 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> G
   return mup.build_model(model_config(config), parametrization=config.parametrization,
                          base_config=_base(config), optimizer=config.optimizer.name,
                          mixer_output_multiplier=mixer_output_multiplier(config),
+                         sp_tied_embedding=sp_tied_embedding(config),
                          rngs=nnx.Rngs(config.seed if seed is None else seed))
 
 
@@ -178,5 +186,6 @@ def make_tx(model, config: ml_collections.ConfigDict) -> optax.GradientTransform
                           base_config=_base(config), b1=o.b1, b2=o.b2, eps=o.eps,
                           momentum=o.momentum, nesterov=nesterov(config),
                           lr_overrides=lr_overrides(config),
-                          weight_decay_convention=decay_convention(config))
+                          weight_decay_convention=decay_convention(config),
+                          sp_tied_embedding=sp_tied_embedding(config))
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip else tx

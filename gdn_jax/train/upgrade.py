@@ -59,6 +59,7 @@ from gdn_jax.train import config as config_lib
 
 # (path in config.json, the value that reproduces a run from before the field existed).
 NEW_FIELDS = ((("mixer_output_multiplier",), False),
+              (("sp_tied_embedding",), False),
               (("optimizer", "nesterov"), False),
               (("optimizer", "weight_decay_convention"), ""))
 
