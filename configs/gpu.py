@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
       rule_impl="auto"))         # Pallas kernels on one GPU, XLA chunked on several (ops.default_impl)
   c.parametrization = "mup"            # see configs/tiny.py
   c.mixer_output_multiplier = False
-  c.sp_tied_embedding = False
+  c.sp_tied_embedding = True           # see configs/tiny.py (no effect: untied here)
   # μP base = the tiny config's width: its tuned lr transfers (docs/mup.md).
   c.mup_base = ml_collections.ConfigDict(dict(d_model=128, num_heads=2, head_k_dim=64,
                                               head_v_dim=64, mlp_hidden=0))

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(fields)
   base = paper_config(BASE_WIDTH)
   c.parametrization = "paper"
+  c.sp_tied_embedding = False    # the paper's recipe as published: its own tied read-out rules
   c.mup_base = ml_collections.ConfigDict(dict(
       d_model=base.d_model, num_heads=base.num_heads, head_k_dim=base.head_k_dim,
       head_v_dim=base.head_v_dim, mlp_hidden=base.mlp_hidden))

@@ -12,6 +12,8 @@ large LR on one fixed batch (`gdn_jax.coord_check`) and writes
   python experiments/coord_check.py --preset=gpu --schemes=heads --out=experiments/results/coord_check_gpu_heads
   python experiments/coord_check.py --preset=paper --schemes=paper \
       --parametrizations=paper,paper+mixer_out,paper_sp,mup,sp      # ~25 min on 2 CPU cores
+  python experiments/coord_check.py --preset=paper --schemes=paper --parametrizations=mup+sp_tied \
+      --out=experiments/results/coord_check_paper_sp_tied_cpu       # the default μP, ~5 min
   python experiments/coord_check.py --preset=hybrid_cpu   # GDN + attention ("GAS"), 64…512
 """
 from __future__ import annotations
@@ -64,7 +66,8 @@ _IMPL = flags.DEFINE_string("rule_impl", None, "gated_delta_rule impl.")
 _SCHEMES = flags.DEFINE_string("schemes", "heads,head_dim", "Comma-separated width schemes.")
 _PARAMS = flags.DEFINE_string("parametrizations", "sp,mup", "Comma-separated: sp, mup, paper, "
                               "paper_sp; a '+mixer_out' suffix adds the mixer-output multiplier "
-                              "d0/d (the paper's gdn-mup.py variant), e.g. paper+mixer_out.")
+                              "d0/d (the paper's gdn-mup.py variant), e.g. paper+mixer_out; "
+                              "'+sp_tied' trains a tied embedding as SP does (mup+sp_tied).")
 _OPTS = flags.DEFINE_string("optimizers", "adamw,sgd", "Comma-separated.")
 _ADAM_LR = flags.DEFINE_float("adamw_lr", 1e-2, "AdamW base LR (large on purpose).")
 _SGD_LR = flags.DEFINE_float("sgd_lr", 0.5, "SGD base LR (large on purpose).")
@@ -185,7 +188,8 @@ def main(argv):
     configs[scheme] = dataclasses.asdict(cc)
     for parametrization in _PARAMS.value.split(","):
       name, _, variant = parametrization.partition("+")
-      cc_row = dataclasses.replace(cc, mixer_output_multiplier=variant == "mixer_out")
+      cc_row = dataclasses.replace(cc, mixer_output_multiplier=variant == "mixer_out",
+                                   sp_tied_embedding=variant == "sp_tied")
       for optimizer in _OPTS.value.split(","):
         lr = _ADAM_LR.value if optimizer == "adamw" else _SGD_LR.value
         t0 = time.time()

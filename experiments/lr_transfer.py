@@ -42,7 +42,7 @@ _ALL_ROWS = (("paper", ""), ("paper_sp", ""), ("mup", ""), ("sp", ""), ("paper",
 # Row variants, each the identity at the base width (so they share the base row's runs there):
 #   mixer_out  the paper's d0/d multiplier on every GDN mixer's output
 #   sp_tied    the tied embedding trained as SP trains it (read-out multiplier 1, LR not scaled)
-_VARIANT_ROWS = (("mup", "sp_tied"),)
+_VARIANT_ROWS = (("mup", "sp_tied"), ("paper", "sp_tied"))
 PRESETS = {
     # 2 CPU cores, ~10 minutes: the heads scheme at toy scale, fixed 1-log2 grids, one seed.
     "cpu": Protocol(family="heads", widths=(16, 32, 64, 128), base_width=16, head_dim=16,

@@ -62,6 +62,7 @@ class CoordCheckConfig:
   rule_impl: str = "auto"
   output_norm_eps: float | None = None   # the mixer output norm's eps at the base (None: 1e-5)
   mixer_output_multiplier: bool = False  # the paper's gdn-mup.py variant (d0/d on the mixer)
+  sp_tied_embedding: bool = False        # a tied embedding trained as SP trains it (mup.build_model)
   layer_pattern: str = ""     # hybrid models: ModelConfig.layer_pattern ("" = all GDN)
   attn_window: int = 16       # the window of 'S' blocks
 
@@ -175,11 +176,12 @@ def run_width(width: int, cc: CoordCheckConfig, *, parametrization: str, optimiz
     model = mup.build_model(config, parametrization=parametrization, base_config=base,
                             optimizer=optimizer,
                             mixer_output_multiplier=cc.mixer_output_multiplier,
-                            rngs=nnx.Rngs(seed))
+                            sp_tied_embedding=cc.sp_tied_embedding, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
     if step is None:  # one compiled step per width, shared by all seeds
       tx = mup.make_optimizer(model, parametrization=parametrization, optimizer=optimizer,
-                              learning_rate=1.0, base_config=base)
+                              learning_rate=1.0, base_config=base,
+                              sp_tied_embedding=cc.sp_tied_embedding)
       step = jax.jit(make_train_step(graphdef, tx))
     opt_state = tx.init(params)
     tokens = markov_batch(seed, cc)  # fixed across widths and steps

@@ -5,7 +5,7 @@ The old-layout run is built without the old code: a run of the current trainer i
 checkpoint, whose optimizer state is rewritten into the tree of the earlier per-leaf chain
 (`legacy_optimizer` of tests/mup_optimizer_test.py, with the clipping in front as the old
 make_tx had it) and saved with the trainer's own Checkpointer, and whose config.json loses the
-three fields added since.
+four fields added since.
 """
 import json
 import pathlib
@@ -36,6 +36,7 @@ def config_for(paths, optimizer):
   # A μP base narrower than the model: several groups, so each label's trace is a real part.
   c.mup_base.update(d_model=16, head_k_dim=8, head_v_dim=8)
   c.optimizer.update(name=optimizer)
+  c.sp_tied_embedding = False   # the value the upgrade writes (what runs before the field did)
   if optimizer == "sgd":
     c.optimizer.update(lr=0.05, momentum=0.9)
   return c
@@ -171,7 +172,7 @@ def make_old_run(reference_dir, workdir, config, *, clip=True):
   checkpointer.save(STOP, old, data_iter)
   checkpointer.close()
   config_json = json.loads((workdir / "config.json").read_text())
-  del config_json["mixer_output_multiplier"]
+  del config_json["mixer_output_multiplier"], config_json["sp_tied_embedding"]
   del config_json["optimizer"]["nesterov"], config_json["optimizer"]["weight_decay_convention"]
   (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
   return state, old
@@ -204,7 +205,8 @@ def test_old_run_resumes_after_upgrade(tmp_path, paths, reference, optimizer):
   if keep:
     assert summary["old_checkpoints"] == str(workdir / upgrade.BEFORE)
     shutil.rmtree(workdir / upgrade.BEFORE)
-  assert summary["config_fields_added"] == ["mixer_output_multiplier", "optimizer.nesterov",
+  assert summary["config_fields_added"] == ["mixer_output_multiplier", "sp_tied_embedding",
+                                            "optimizer.nesterov",
                                             "optimizer.weight_decay_convention"]
   assert (workdir / upgrade.CONFIG_BACKUP).read_text() == old_config
   assert json.loads((workdir / "config.json").read_text()) == json.loads(config.to_json())

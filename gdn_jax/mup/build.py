@@ -10,7 +10,7 @@ from gdn_jax.attention import Attention
 from gdn_jax.layers import GatedDeltaNet
 from gdn_jax.model import GatedDeltaNetLM, ModelConfig
 from gdn_jax.mup import tables
-from gdn_jax.mup.labels import check_sp_tied_embedding, dotted, param_infos
+from gdn_jax.mup.labels import dotted, param_infos
 from gdn_jax.mup.tables import Std
 
 
@@ -53,17 +53,16 @@ def build_model(config: ModelConfig, *, parametrization: str = "sp",
   `optimizer` picks the table: init and multipliers depend on it only in the paper's recipe
   (init factor 0.5 for AdamW, 0.32 for SGD). `mixer_output_multiplier`: multiply every GDN
   mixer's output by the parametrization's `mixer_output` scaling (the paper's model/gdn-mup.py
-  variant: d0/d); refused where the parametrization has none. `sp_tied_embedding`: the tied
+  variant: d0/d); refused where the parametrization has none. `sp_tied_embedding`: a tied
   embedding's read-out without the parametrization's `tied_readout` multiplier (SP's read-out;
-  pass the same flag to `make_optimizer`, which gives the embedding SP's LR); needs tied
-  embeddings.
+  pass the same flag to `make_optimizer`, which gives the embedding SP's LR); no effect on an
+  untied model (its embedding and LM head keep their classes' rules).
   """
   p = tables.get(parametrization)
   tables.check_optimizer(optimizer)
   if mixer_output_multiplier and p.mixer_output is None:
     raise ValueError(f"`mixer_output_multiplier`=True: {parametrization!r} has no mixer-output "
                      "rule; expected it with 'mup' or 'paper'.")
-  check_sp_tied_embedding(config, sp_tied_embedding)
   model = GatedDeltaNetLM(config, rngs=rngs)
   base_config = config if base_config is None else base_config
   rules = p.rules[optimizer]

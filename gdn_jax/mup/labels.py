@@ -158,13 +158,6 @@ def parse_lr_overrides(specs) -> dict[str, Scaling]:
   return out
 
 
-def check_sp_tied_embedding(config: ModelConfig, sp_tied_embedding: bool):
-  if sp_tied_embedding and not config.tie_embeddings:
-    raise ValueError("`sp_tied_embedding`=True needs a model with tie_embeddings=True (it changes "
-                     "the rules of the tied embedding/read-out matrix); expected "
-                     "sp_tied_embedding=False for an untied model.")
-
-
 def resolve_decay_convention(parametrization: str, convention: str | None) -> str:
   """The decay convention to use: `convention`, or the parametrization's own when None/""."""
   if not convention:
@@ -187,8 +180,9 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
   and SP still agree there). Every name must match some parameter.
   `weight_decay_convention`: "independent" (w_p = 1/r_p), "coupled" (w_p = 1), or None for the
   parametrization's own (tables module docstring).
-  `sp_tied_embedding`: the tied embedding matrix gets SP's LR (multiplier 1 at every width), the
-  optimizer half of `build_model(sp_tied_embedding=True)` (docs/mup.md, "The tied embedding").
+  `sp_tied_embedding`: a tied embedding matrix gets SP's LR (multiplier 1 at every width), the
+  optimizer half of `build_model(sp_tied_embedding=True)` (docs/mup.md, "The tied embedding");
+  no effect on an untied model.
   """
   p = tables.get(parametrization)
   tables.check_optimizer(optimizer)
@@ -196,8 +190,6 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
   rules = p.rules[optimizer]
   lr_overrides = dict(lr_overrides or {})
   infos = param_infos(model, base_config, parametrization=parametrization)
-  if sp_tied_embedding:
-    check_sp_tied_embedding(model.config, True)
   names = {path: dotted(path) for path in infos}
   for name in lr_overrides:
     if not any(name in d for d in names.values()):
@@ -207,7 +199,8 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
   for path, info in infos.items():
     rule = rules[info.cls]
     extra = math.prod(info.scale(s) for name, s in lr_overrides.items() if name in names[path])
-    table_lr = 1.0 if sp_tied_embedding and info.role == "embedding" else info.scale(rule.lr)
+    tied = sp_tied_embedding and model.config.tie_embeddings and info.role == "embedding"
+    table_lr = 1.0 if tied else info.scale(rule.lr)
     lr = table_lr * extra
     decays = info.weight_decay if rule.decay is None else rule.decay
     decay = (1.0 / lr if convention == "independent" else 1.0) if decays else 0.0

@@ -114,9 +114,6 @@ def validate_config(config: ml_collections.ConfigDict):
     _require(mup.PARAMETRIZATIONS[config.parametrization].mixer_output is not None,
              "mixer_output_multiplier", True,
              f"False with parametrization={config.parametrization!r} (it has no such rule)")
-  _require(not sp_tied_embedding(config) or config.model.get("tie_embeddings", False),
-           "sp_tied_embedding", True, "False for a model with model.tie_embeddings=False (it "
-           "changes the rules of the tied embedding/read-out matrix)")
   for name in ("seq_len", "batch_size"):
     _require(_is_int(d[name]) and d[name] >= 1, f"data.{name}", d[name], "an int ≥ 1")
   _require(bool(d.train_path) == bool(d.val_path), "data.val_path", d.val_path,

@@ -4,13 +4,13 @@
     upgrade_workdir(W) -> summary dict
 
 Runs started before that day (commit f5ff36e and earlier) cannot be resumed as they are: their
-config.json lacks three fields the current configs carry, and their optimizer state is the tree
+config.json lacks fields the current configs carry, and their optimizer state is the tree
 of the earlier chain. This module rewrites both, in place, so that `gdn-train` with the same
 config file resumes them.
 
 config.json: the missing fields are added with the defaults that give the earlier behaviour
-(`mixer_output_multiplier` False, `optimizer.nesterov` False, `optimizer.weight_decay_convention`
-""); the file before is kept as config.json.before-upgrade.
+(`mixer_output_multiplier` False, `sp_tied_embedding` False, `optimizer.nesterov` False,
+`optimizer.weight_decay_convention` ""); the file before is kept as config.json.before-upgrade.
 
 Every checkpoint (not only the latest): `opt_state` goes from the earlier chain (per-leaf μP
 multipliers, the schedule with the peak LR inside) to `gdn_jax.train.make_tx`'s
