@@ -78,6 +78,14 @@ PRESETS = {
                       max_replicas={1024: 9, 512: 21}),
 }
 
+# The Qwen3-Next layout (issue 24): 3 GDN blocks : 1 gated full-attention block, in the heads
+# scheme (GDN and attention heads of dim 32 grow in number with d), the "paper" preset's budget.
+PRESETS["hybrid"] = dataclasses.replace(
+    PRESETS["heads"], widths=(128, 256, 512, 1024), batch=16, optimizers=("adamw",),
+    rows=(("mup", ""), ("sp", "")), max_replicas={1024: 9, 512: 21},
+    model_overrides=dict(layer_pattern="GGGA", attn_output_gate=True, attn_qk_norm=True,
+                         rope_theta=1e7))
+
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Sweep protocol.")
 _TAG = flags.DEFINE_string("tag", None, "Results file tag (default: the preset).")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", RESULTS, "Where the JSONL and outputs go.")
@@ -99,7 +107,7 @@ _LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Variant: NAME[:out]:POWER 
 def model_config(p: Protocol, width: int, extra: dict):
   from gdn_jax import families  # pylint: disable=import-outside-toplevel
   common = dict(vocab_size=256, num_layers=p.layers, chunk_size=64 if p.seq_len >= 64 else 16,
-                rule_impl="chunked", dtype=p.dtype, **extra)
+                rule_impl="chunked", dtype=p.dtype, **{**p.model_overrides, **extra})
   if p.family == "paper":
     return families.paper_config(width, **common)
   if p.family == "heads":
@@ -193,7 +201,7 @@ def run_job(p: Protocol, job: dict, data_dir: str | None) -> list[dict]:
       norms = grid.grad_norm[si, li]
       clip = config.optimizer.grad_clip
       rows.append(dict(
-          kind="run", scheme=p.family, parametrization=job["parametrization"],
+          kind="run", scheme=p.scheme, parametrization=job["parametrization"],
           variant=job["variant"], optimizer=job["optimizer"], width=job["width"], seed=seed,
           log2_lr=float(x), phase=job["phase"], data=p.data,
           val_loss=None if math.isnan(loss) else loss,

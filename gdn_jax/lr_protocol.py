@@ -58,6 +58,14 @@ class Protocol:
       "sgd": dict(momentum=0.98, nesterov=True, weight_decay=0.0, grad_clip=1.0)})
   val_batches: int = 8
   max_replicas: dict = dataclasses.field(default_factory=dict)   # width → replicas per program
+  model_overrides: dict = dataclasses.field(default_factory=dict)  # more ModelConfig fields
+                                                                   # (e.g. a hybrid layer_pattern)
+
+  @property
+  def scheme(self) -> str:
+    """The results' `scheme`: the family, and the layer pattern of a hybrid (e.g. heads+GGGA)."""
+    pattern = self.model_overrides.get("layer_pattern", "")
+    return self.family + (f"+{pattern}" if pattern else "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""experiments/lr_transfer.py: the hybrid preset (issue 24) builds the Qwen3-Next layout at every
+width, and one of its jobs trains end to end through the trainer's config (tiny, CPU)."""
+import dataclasses
+import math
+
+
+from experiments import lr_transfer
+from gdn_jax import mup
+from gdn_jax.attention import Attention
+from gdn_jax.layers import GatedDeltaNet
+from gdn_jax.train import config as config_lib
+
+HYBRID = lr_transfer.PRESETS["hybrid"]
+
+
+def test_the_hybrid_preset_is_the_qwen3_next_layout_in_the_heads_scheme():
+  assert HYBRID.scheme == "heads+GGGA" and lr_transfer.PRESETS["paper"].scheme == "paper"
+  for width in (HYBRID.base_width, max(HYBRID.widths)):
+    c = lr_transfer.model_config(HYBRID, width, {})
+    assert c.layer_pattern == "GGGA" and c.attn_output_gate and c.num_layers == 4
+    assert c.num_heads == width // 32 and c.resolved_attn_head_dim == 32
+  job = dict(parametrization="mup", variant="", optimizer="adamw", width=256)
+  config = lr_transfer.train_config(HYBRID, job)
+  config_lib.validate_config(config)
+  model = config_lib.build_model(config, seed=0)
+  kinds = [type(b.mixer) for b in model.blocks]
+  assert kinds == [GatedDeltaNet] * 3 + [Attention]
+  # μP relative to the preset's base: the attention projections are hidden (LR × 1/m, m = 2).
+  groups = mup.param_groups(model, parametrization="mup", optimizer="adamw",
+                            base_config=config_lib.base_model_config(config))
+  attn = {k[3]: g for k, g in groups.items() if k[:3] == ("blocks", 3, "mixer") and
+          k[-1] == "kernel"}
+  assert sorted(attn) == ["g_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+  assert all(g.cls == "hidden" and math.isclose(g.lr, 0.5) for g in attn.values())
+
+
+def test_a_hybrid_job_trains_end_to_end_on_the_embedded_corpus():
+  tiny = dataclasses.replace(HYBRID, widths=(32, 64), base_width=32, head_dim=16, steps=3,
+                             batch=2, seq_len=16, warmup=1, dtype="float32", data="embedded",
+                             val_batches=1, max_replicas={})
+  job = dict(parametrization="mup", variant="", optimizer="adamw", width=64, seeds=[0],
+             log2_lrs=[-8.0, -6.0], phase="fine", lr_overrides=[])
+  rows = lr_transfer.run_job(tiny, job, None)
+  assert [(r["scheme"], r["width"], r["log2_lr"]) for r in rows] == \
+      [("heads+GGGA", 64, -8.0), ("heads+GGGA", 64, -6.0)]
+  assert all(r["val_loss"] is not None and 4.0 < r["val_loss"] < 6.5 for r in rows)
