@@ -75,7 +75,8 @@ class Options:
   new_tokens: int = 256
   fla_new_tokens: int = 32
   main: str = "xla:float32"            # impl:state_dtype of the rows at every (batch, prompt)
-  variants: tuple = ("pallas:float32", "xla:bfloat16", "pallas:bfloat16")  # first prompt only
+  variants: tuple = ("pallas:float32", "xla:bfloat16", "pallas:bfloat16", "xla@8:float32",
+                     "pallas@8:float32")   # first prompt only; @8: generate(matmul_rows=8)
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
@@ -181,8 +182,9 @@ class GdnBench:
     args = (self.graphdef, self.state, logits, cache, jax.random.key(0))
     if impl == "baseline":
       return baseline_decode_program.lower(*args, max_new_tokens=self.new_tokens).compile()
+    impl, matmul_rows = split_impl(impl)
     return gen.decode_program.lower(*args, max_new_tokens=self.new_tokens, temperature=0.0,
-                                    top_k=None, impl=impl).compile()
+                                    top_k=None, impl=impl, matmul_rows=matmul_rows).compile()
 
   def compile(self, key, alone: bool):
     if key in self.compiled or key in self.errors:
@@ -425,11 +427,20 @@ class FlaBench:
 # ------------------------------------------------------------------------------------------ driver
 
 
+def split_impl(impl: str) -> tuple[str, int]:
+  """"xla@8" → ("xla", 8): the rule's impl and generate's `matmul_rows` (no "@": 1)."""
+  base, _, rows = impl.partition("@")
+  return base, int(rows) if rows else 1
+
+
 def parse_variant(spec: str) -> tuple[str, str]:
   impl, _, dtype = spec.partition(":")
-  if impl not in gen.IMPLS or dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"bench_decode: variant {spec!r}; expected IMPL:STATE_DTYPE with IMPL in "
-                     f"{gen.IMPLS} and STATE_DTYPE float32 or bfloat16.")
+  base, _, rows = impl.partition("@")
+  if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16")
+      or (rows and not (rows.isdigit() and int(rows) >= 1))):
+    raise ValueError(f"bench_decode: variant {spec!r}; expected IMPL[@ROWS]:STATE_DTYPE with "
+                     f"IMPL in {gen.IMPLS}, ROWS an int ≥ 1 (generate's matmul_rows) and "
+                     "STATE_DTYPE float32 or bfloat16.")
   return impl, dtype
 
 

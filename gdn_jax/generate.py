@@ -1,7 +1,8 @@
 """Sampling from a GatedDeltaNetLM: chunked prefill, then one recurrent step per new token.
 
     generate(model, prompt_BxT, max_new_tokens, *, temperature=1.0, top_k=None, rng,
-             state_dtype=None, impl="xla") -> tokens [B, T + max_new_tokens]
+             state_dtype=None, impl="xla", bucket=True, matmul_rows=1)
+        -> tokens [B, T + max_new_tokens]
 
 Two compiled programs per call, each cached by jax across calls:
 
@@ -71,9 +72,10 @@ def prefill_program(graphdef, state, tokens_BxP, segment_ids_BxP, *, state_dtype
 
 
 @functools.partial(jax.jit, donate_argnames=('cache',),
-                   static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'impl'))
+                   static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'impl',
+                                    'matmul_rows'))
 def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, temperature,
-                   top_k, impl):
+                   top_k, impl, matmul_rows=1):
   """(the max_new_tokens tokens sampled after the prompt [B, N], the final cache)."""
   model = nnx.merge(graphdef, state)
   weights = model.decode_weights()            # cast and fused once, outside the loop
@@ -82,7 +84,8 @@ def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, t
 
   def step(carry, step_rng):
     token_B, cache = carry
-    logits_BxV, cache = model.decode_step(token_B, cache, weights, impl=impl)
+    logits_BxV, cache = model.decode_step(token_B, cache, weights, impl=impl,
+                                          matmul_rows=matmul_rows)
     with jax.named_scope("sample"):
       next_B = sample_logits(logits_BxV, step_rng, temperature=temperature, top_k=top_k)
     return (next_B, cache), token_B
@@ -110,7 +113,7 @@ def check_sampling(vocab_size: int, max_new_tokens, temperature, top_k, where="g
 
 def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, rng, state_dtype=None, impl: str = "xla",
-             bucket: bool = True) -> jax.Array:
+             bucket: bool = True, matmul_rows: int = 1) -> jax.Array:
   """Returns [B, T + max_new_tokens] int32: the prompt followed by the sampled tokens.
 
   Args:
@@ -125,6 +128,9 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
       that reads and writes the state once; kernels_pallas/decode_step.py).
     bucket: pad the prompt to `bucket_length(T)` (one prefill program per bucket); False
       compiles the prefill for the exact length.
+    matmul_rows: each decode step's weight products run on the batch padded with zero rows to
+      at least this many (`layers.decode_dot`: a GEMM instead of XLA's batch-1 reduction on
+      GPUs; exact). 1 = no padding.
   """
   prompt_BxT = jnp.asarray(prompt_BxT)
   if (prompt_BxT.ndim != 2 or prompt_BxT.shape[1] < 1
@@ -134,6 +140,9 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
   check_sampling(model.config.vocab_size, max_new_tokens, temperature, top_k)
   if impl not in IMPLS:
     raise ValueError(f"generate: `impl`={impl!r}; expected one of {IMPLS}.")
+  if not isinstance(matmul_rows, int) or isinstance(matmul_rows, bool) or matmul_rows < 1:
+    raise ValueError(f"generate: `matmul_rows`={matmul_rows!r}; expected an int ≥ 1 (1 = no "
+                     "padding; 8 or 16 to make batch-1 products GEMMs).")
   state_dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
   if state_dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"generate: `state_dtype`={state_dtype}; expected float32 or bfloat16.")
@@ -146,5 +155,5 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
                                       max_len=max_len)
   new_BxN, _ = decode_program(graphdef, state, logits_BxV, cache, rng,
                               max_new_tokens=max_new_tokens, temperature=float(temperature),
-                              top_k=top_k, impl=impl)
+                              top_k=top_k, impl=impl, matmul_rows=matmul_rows)
   return jnp.concatenate([prompt_BxT.astype(jnp.int32), new_BxN], axis=1)

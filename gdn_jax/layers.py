@@ -186,6 +186,23 @@ class ShortConv(nnx.Module):
                            self.weight[...].astype(self.dtype))
 
 
+def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0):
+  """x @ w (w [D, N]), or x @ wᵀ (w [N, D], `w_contract`=1: a tied read-out, no transpose made),
+  for a decode step, with the batch padded by zero rows to at least `matmul_rows`.
+
+  Exact (the padded rows are sliced off). At batch 1 XLA's GPU compiler lowers a 1 × D by D × N
+  product to a reduction fusion rather than a GEMM (experiments/NOTES_decode.md); padding to 8
+  or 16 rows is the cheap way to ask for a GEMM instead. 1 = no padding.
+  """
+  B = x_BxD.shape[0]
+  x = x_BxD if B >= matmul_rows else jnp.pad(x_BxD, ((0, matmul_rows - B), (0, 0)))
+  if w_contract == 0:
+    y = jnp.dot(x, w)
+  else:
+    y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+  return y if B >= matmul_rows else y[:B]
+
+
 def short_conv_step(x_BxC, state_BxWxC, w_WxC):
   """One decode token of `ShortConv`: y = SiLU(Σ_i w_i ⊙ window_i), window = [state, x].
 
@@ -382,12 +399,12 @@ class GatedDeltaNet(nnx.Module):
                                    for n in ('q', 'k', 'v')], axis=1)
     return w
 
-  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla"):
+  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1):
     """One decode token; returns (y [B, D], new cache), what `__call__` gives for this token.
 
     `cache` as `init_cache` makes it; `weights` from `decode_weights()` (None: built here). The
     rule's update is `gated_delta_rule_step` (impl "xla") or its Pallas kernel (impl "pallas",
-    `kernels_pallas/decode_step.py`).
+    `kernels_pallas/decode_step.py`). `matmul_rows`: `decode_dot`'s padding of the projections.
     """
     w = self.decode_weights() if weights is None else weights
     B, dt = x_BxD.shape[0], self.dtype
@@ -396,7 +413,7 @@ class GatedDeltaNet(nnx.Module):
     projs = self._in_projs()
     new_cache = {}
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
-      y = jnp.dot(x_BxD.astype(dt), w['in'])
+      y = decode_dot(x_BxD.astype(dt), w['in'], matmul_rows)
       if any(p.multiplier != 1.0 for p in projs):  # each Linear's forward multiplier, per column
         y = y * jnp.concatenate([jnp.full((p.kernel.shape[1],), p.multiplier, dt) for p in projs])
     with jax.named_scope("conv_gates"):
@@ -426,7 +443,7 @@ class GatedDeltaNet(nnx.Module):
         raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla' or 'pallas'.")
     with jax.named_scope("out_proj"):
       gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
-      out = jnp.dot(self.o_norm(o.astype(dt), gate).reshape(B, H * V), w['o'])
+      out = decode_dot(self.o_norm(o.astype(dt), gate).reshape(B, H * V), w['o'], matmul_rows)
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
     return out, new_cache

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn_jax.attention import Attention
-from gdn_jax.layers import Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU
+from gdn_jax.layers import Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU, decode_dot
 from gdn_jax.model_config import DTYPES, LAYER_KINDS, ModelConfig  # noqa: F401 (re-exported)
 from gdn_jax.model_size import flops_per_token, num_params, rule_flops_per_token_per_head  # noqa: F401
 
@@ -85,21 +85,22 @@ class Block(nnx.Module):
                                         mlp.up_proj.kernel[...].astype(dt)], axis=1),
             'down': mlp.down_proj.kernel[...].astype(dt)}
 
-  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla"):
-    """One decode token: (x [B, D], new cache); `weights` from `decode_weights()` (None: here)."""
+  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1):
+    """One decode token: (x [B, D], new cache); `weights` from `decode_weights()` (None: here);
+    `matmul_rows`: `layers.decode_dot`'s padding of every weight product."""
     w = self.decode_weights() if weights is None else weights
     with jax.named_scope("in_proj"):   # the scopes name the parts in profiles (bench_decode.py)
       h = self.mixer_norm(x_BxD)
-    y, new_cache = self.mixer.step(h, cache, w['mixer'], impl=impl)
+    y, new_cache = self.mixer.step(h, cache, w['mixer'], impl=impl, matmul_rows=matmul_rows)
     mlp = self.mlp
     dt = mlp.down_proj.dtype
     scale = lambda y, lin: y if lin.multiplier == 1.0 else y * jnp.asarray(lin.multiplier, dt)
     with jax.named_scope("mlp"):
       x = x_BxD + y
-      gu = jnp.dot(self.mlp_norm(x).astype(dt), w['gate_up'])
+      gu = decode_dot(self.mlp_norm(x).astype(dt), w['gate_up'], matmul_rows)
       F = w['down'].shape[0]
       h = jax.nn.silu(scale(gu[:, :F], mlp.gate_proj)) * scale(gu[:, F:], mlp.up_proj)
-      return x + scale(jnp.dot(h, w['down']), mlp.down_proj), new_cache
+      return x + scale(decode_dot(h, w['down'], matmul_rows), mlp.down_proj), new_cache
 
 
 class GatedDeltaNetLM(nnx.Module):
@@ -198,26 +199,28 @@ class GatedDeltaNetLM(nnx.Module):
     return {'blocks': [block.decode_weights() for block in self.blocks],
             'head': head[...].astype(dt)}
 
-  def decode_step(self, token_B, cache, weights=None, *, impl: str = "xla"):
+  def decode_step(self, token_B, cache, weights=None, *, impl: str = "xla",
+                  matmul_rows: int = 1):
     """One token with the recurrent update: (logits [B, V] float32, new cache).
 
     `weights` from `decode_weights()` (None: built in this call); `impl` "xla" or "pallas"
-    (the rule's single-token update, `GatedDeltaNet.step`).
+    (the rule's single-token update, `GatedDeltaNet.step`); `matmul_rows`: every weight product
+    on the batch padded to at least this many rows (`layers.decode_dot`; 1 = none).
     """
     w = self.decode_weights() if weights is None else weights
     with jax.named_scope("embed"):
       x = self.embed(token_B)
     new_cache = []
     for i, block in enumerate(self.blocks):
-      x, c = block.step(x, cache[i], w['blocks'][i], impl=impl)
+      x, c = block.step(x, cache[i], w['blocks'][i], impl=impl, matmul_rows=matmul_rows)
       new_cache.append(c)
     with jax.named_scope("head"):
       h = self.final_norm(x).astype(w['head'].dtype)
       if self.config.tie_embeddings:  # h Eᵀ, contracting E's feature axis (no transpose)
-        logits = jax.lax.dot_general(h, w['head'], (((1,), (1,)), ((), ())))
+        logits = decode_dot(h, w['head'], matmul_rows, w_contract=1)   # h Eᵀ, no transpose
         m = self.embed.attend_multiplier
       else:
-        logits, m = jnp.dot(h, w['head']), self.lm_head.multiplier
+        logits, m = decode_dot(h, w['head'], matmul_rows), self.lm_head.multiplier
       if m != 1.0:
         logits = logits * (m if self.config.tie_embeddings else jnp.asarray(m, logits.dtype))
       return logits.astype(jnp.float32), new_cache

@@ -93,7 +93,27 @@ def test_pallas_step_generates_what_the_xla_step_does():
                                 gen.generate(model, prompt, 10, impl="xla", **kw))
 
 
+@pytest.mark.parametrize("variant", ["untied", "tied", "hybrid"])
+def test_padded_decode_products_equal_the_unpadded_ones(variant):
+  """`matmul_rows` pads each decode product's batch with zero rows (a GEMM on GPUs instead of a
+  batch-1 reduction): the same logits up to float32 rounding, the same greedy tokens."""
+  cfg = {"untied": CFG, "tied": dataclasses.replace(CFG, tie_embeddings=True),
+         "hybrid": dataclasses.replace(CFG, num_layers=2, layer_pattern="GA")}[variant]
+  model = make(cfg, seed=9)
+  prompt = jax.random.randint(jax.random.key(9), (2, 5), 0, 64)
+  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
+  token = jnp.argmax(logits[:, 0], -1)
+  step = lambda rows: model.decode_step(token, cache, impl="xla", matmul_rows=rows)[0]
+  np.testing.assert_allclose(step(8), step(1), rtol=1e-5, atol=1e-5)
+  assert not np.array_equal(np.asarray(step(1)), 0.0)
+  if variant == "untied":   # end to end once (each generate compiles two programs)
+    kw = dict(temperature=0.0, rng=jax.random.key(2))
+    np.testing.assert_array_equal(gen.generate(model, prompt, 8, matmul_rows=8, **kw),
+                                  gen.generate(model, prompt, 8, **kw))
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"matmul_rows": 0}, "matmul_rows"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"temperature": -1.0}, "temperature"),
     ({"top_k": 0}, "top_k"),
