@@ -6,8 +6,9 @@
         --config.data.train_path=$D/train.npy --config.data.val_path=$D/val.npy     # 252M, GPU
 
 Attention as Qwen3-Next's: output gate o ⊙ σ(W_g x) per head and channel, q/k RMSNorm, GQA (a
-quarter as many key/value heads), RoPE θ = 10⁷ on the whole head dim (Qwen3-Next rotates a
-quarter of it). GDN as Qwen3-Next's: twice as many value heads as q/k heads at "250m". Sizes:
+quarter as many key/value heads), RoPE θ = 10⁷ on the first quarter of each head's dims
+(rope_fraction 0.25, Qwen3-Next's partial_rotary_factor: 16 of 64 at "tiny", 32 of 128 at "250m"),
+the rest unrotated. GDN as Qwen3-Next's: twice as many value heads as q/k heads at "250m". Sizes:
 "tiny" (default) and "250m"; μP base at the tiny widths (configs/hybrid_h1.py, docs/mup.md).
 """
 import ml_collections
@@ -23,5 +24,5 @@ SIZES = {
 
 
 def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
-  return hybrid_config(size, SIZES, layer_pattern="GGGA", rope_theta=1e7, attn_window=0,
-                       attn_output_gate=True, attn_qk_norm=True)
+  return hybrid_config(size, SIZES, layer_pattern="GGGA", rope_theta=1e7, rope_fraction=0.25,
+                       attn_window=0, attn_output_gate=True, attn_qk_norm=True)

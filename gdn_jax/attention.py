@@ -2,15 +2,19 @@
 
 For input x_t (width D), N query heads and N_kv key/value heads of dim H (N % N_kv = 0, GQA):
 
-    q_t = RoPE(RMSNorm_H(W_q x_t)),  k_t = RoPE(RMSNorm_H(W_k x_t)),  v_t = W_v x_t  (per head)
+    q_t = RoPE_R(RMSNorm_H(W_q x_t)),  k_t = RoPE_R(RMSNorm_H(W_k x_t)),  v_t = W_v x_t (per head)
     o_t = Σ_{s ∈ M(t)} softmax_s(scale · q_tᵀ k_s) v_s     (query head n reads kv head n // (N/N_kv))
     y_t = W_o [ o_t ⊙ σ(W_g x_t) ]                           (σ gate: Qwen3-Next's gated attention)
 
 M(t) = the earlier tokens s ≤ t of t's own packed document (segment id) and, with a sliding window
 W, only the last W of them (t − s < W). The q/k RMSNorm (a gain of size H shared by the heads) and
-the gate are optional (`attn_qk_norm`, `attn_output_gate`). RoPE rotates the pairs (i, i + H/2) of
-a head by pos · θ^(−2i/H) (Hugging Face's rotate-half layout); `pos` counts from 0 at the start of
-each packed document, so a document's logits do not depend on what precedes it in the row.
+the gate are optional (`attn_qk_norm`, `attn_output_gate`). RoPE_R rotates the first R dims of a
+head, the pairs (i, i + R/2) by pos · θ^(−2i/R) (Hugging Face's rotate-half layout), and passes the
+other H − R through: R = round(`rope_fraction` · H), H by default, H/4 in Qwen3-Next (HF's
+`partial_rotary_factor`). The logit q_tᵀk_s then depends on the positions through t − s only:
+each rotated pair contributes Re(z_q z̄_k e^{i(t−s)ω}), the unrotated dims their plain product.
+`pos` counts from 0 at the start of each packed document, so a document's logits do not depend
+on what precedes it in the row.
 
 `scale` is H^-½ by default; `gdn_jax.mup.build_model` sets it from the parametrization's table:
 scale = H_base^-½ · (H / H_base)^p, p = −½ in SP (H^-½) and −1 in μP (H_base^½ / H, the "1/d"
@@ -56,10 +60,15 @@ def segment_positions(segment_ids_BxT, B: int, T: int, offset_B=None):
   return pos_BxT, first_BxT, start_BxT
 
 
-def rope(x_BxTxNxH, positions_BxT, theta: float):
+def rope(x_BxTxNxH, positions_BxT, theta: float, rotary_dim: int | None = None):
   """Rotary embedding, rotate-half layout: (x₁, x₂) → (x₁ cos − x₂ sin, x₂ cos + x₁ sin), with the
-  angle pos · θ^(−2i/H) for the pair (i, i + H/2). float32 math, returned in x's dtype."""
+  angle pos · θ^(−2i/R) for the pair (i, i + R/2) of the first R = `rotary_dim` dims (None: all
+  H); dims R..H pass through unchanged (partial rotary). float32 math, returned in x's dtype."""
   H = x_BxTxNxH.shape[-1]
+  if rotary_dim is not None and rotary_dim != H:
+    R = rotary_dim
+    return jnp.concatenate([rope(x_BxTxNxH[..., :R], positions_BxT, theta),
+                            x_BxTxNxH[..., R:]], -1)
   half = H // 2
   inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))      # [H/2]
   angle = positions_BxT.astype(jnp.float32)[..., None] * inv_freq               # [B, T, H/2]
@@ -77,8 +86,8 @@ def slot_positions(next_pos_B, capacity: int):
 
 
 class Attention(nnx.Module):
-  """Causal softmax attention with RoPE, GQA, an optional sliding window, q/k RMSNorm and output
-  gate (module docstring). `window` = W (0: full attention)."""
+  """Causal softmax attention with (partial) RoPE, GQA, an optional sliding window, q/k RMSNorm
+  and output gate (module docstring). `window` = W (0: full attention)."""
 
   def __init__(self, config, *, window: int = 0, rngs: nnx.Rngs):
     c = config
@@ -103,6 +112,7 @@ class Attention(nnx.Module):
     self.use_gate, self.use_qk_norm = bool(c.attn_output_gate), bool(c.attn_qk_norm)
     self.window = int(window)
     self.rope_theta = float(c.rope_theta)
+    self.rope_dim = c.rope_dim        # R: the rotated dims of each head (H = all)
     self.scale = H ** -0.5
     self.dtype = dtype
     self.record = False
@@ -148,7 +158,8 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     self._sow('q', q)
     self._sow('k', k)
-    return rope(q, pos_BxT, self.rope_theta), rope(k, pos_BxT, self.rope_theta)
+    return (rope(q, pos_BxT, self.rope_theta, self.rope_dim),
+            rope(k, pos_BxT, self.rope_theta, self.rope_dim))
 
   def _attend(self, q, k, v, mask, *, is_causal: bool = False, window_size=None):
     o = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, is_causal=is_causal,

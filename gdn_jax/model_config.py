@@ -52,6 +52,10 @@ class ModelConfig:
     attn_head_dim: attention head dim H (even: RoPE rotates pairs); None = head_k_dim.
     attn_window: W of the 'S' layers: each token attends to itself and the W − 1 before it.
     rope_theta: RoPE base θ.
+    rope_fraction: the fraction of the attention head dim H that RoPE rotates: the first
+      R = round(rope_fraction · H) dims of each q/k head (R even, ≥ 2), with the frequencies
+      θ^(−2i/R); the other H − R pass through unrotated. 1.0 = all of H; Qwen3-Next: 0.25
+      (Hugging Face's `partial_rotary_factor`).
     attn_output_gate: o ⊙ σ(W_g x) before W_o (Qwen3-Next's gated attention).
     attn_qk_norm: RMSNorm over the head dim of q and k before RoPE (Qwen3-Next).
   """
@@ -82,6 +86,7 @@ class ModelConfig:
   attn_head_dim: int | None = None
   attn_window: int = 0
   rope_theta: float = 10000.0
+  rope_fraction: float = 1.0
   attn_output_gate: bool = False
   attn_qk_norm: bool = True
 
@@ -142,6 +147,10 @@ class ModelConfig:
     theta = self.rope_theta
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
       raise ValueError(f"ModelConfig: `rope_theta`={theta!r}; expected a positive float.")
+    f = self.rope_fraction
+    if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+      raise ValueError(f"ModelConfig: `rope_fraction`={f!r}; expected a float in (0, 1] (the "
+                       "fraction of the attention head dim that RoPE rotates; 1.0 = all of it).")
     for name in ("attn_output_gate", "attn_qk_norm"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig: `{name}`={getattr(self, name)!r}; expected a bool.")
@@ -154,6 +163,12 @@ class ModelConfig:
     if self.resolved_attn_head_dim % 2:
       raise ValueError(f"ModelConfig: `attn_head_dim`={self.resolved_attn_head_dim} (None = "
                        "head_k_dim) is odd; expected an even head dim (RoPE rotates pairs).")
+    H, R = self.resolved_attn_head_dim, self.rope_dim
+    if R < 2 or R % 2:
+      raise ValueError(f"ModelConfig: `rope_fraction`={self.rope_fraction!r} rotates "
+                       f"round({self.rope_fraction!r} · attn_head_dim={H}) = {R} dims; expected "
+                       "a fraction giving an even count ≥ 2 (RoPE rotates pairs), e.g. 0.25 or "
+                       "0.5 for a head dim that is a multiple of 8, or 1.0 (all of it).")
 
   @property
   def layer_kinds(self) -> tuple[str, ...]:
@@ -176,6 +191,11 @@ class ModelConfig:
   @property
   def resolved_attn_head_dim(self) -> int:
     return self.head_k_dim if self.attn_head_dim is None else self.attn_head_dim
+
+  @property
+  def rope_dim(self) -> int:
+    """R, the dims of each attention head that RoPE rotates: round(rope_fraction · H)."""
+    return int(round(self.rope_fraction * self.resolved_attn_head_dim))
 
   @property
   def resolved_output_norm_eps(self) -> float:

@@ -1,5 +1,6 @@
 """Attention (gdn_jax.attention): an independent NumPy reference (causal, window, GQA, RoPE,
-q/k norm, gate, packed documents), packed == separate, the KV ring (decode, continued prefill)."""
+partial RoPE, q/k norm, gate, packed documents), packed == separate, the KV ring (decode,
+continued prefill)."""
 import dataclasses
 
 import jax
@@ -20,7 +21,10 @@ VARIANTS = {   # name: (config changes, window)
     "window": ({"attn_output_gate": False}, 3),
     "mha_plain_window": ({"num_kv_heads": 4, "attn_qk_norm": False, "attn_output_gate": False},
                          5),
+    "partial_rope": ({"attn_head_dim": 16, "rope_fraction": 0.25}, 0),   # 4 of 16 dims rotate
 }
+# Qwen3-Next's partial rotary: RoPE on the first quarter (4) of each head's 16 dims.
+PARTIAL = dataclasses.replace(CFG, attn_head_dim=16, rope_fraction=0.25, attn_qk_norm=False)
 
 
 def make(cfg=CFG, window=0, seed=0):
@@ -37,9 +41,10 @@ def make(cfg=CFG, window=0, seed=0):
   return layer
 
 
-def attention_ref(layer, x, segment_ids=None):
+def attention_ref(layer, x, segment_ids=None, rope_fraction=1.0):
   """float64 NumPy, written from the math: per (t, s) a mask M = same document ∧ s ≤ t ∧
-  t − s < W; RoPE as complex rotation of the pairs (i, i + H/2) by pos·θ^(−2i/H)."""
+  t − s < W; RoPE as complex rotation of the pairs (i, i + R/2) by pos·θ^(−2i/R) of the first
+  R = round(rope_fraction · H) dims, the others kept."""
   w = lambda lin: np.asarray(lin.kernel[...], np.float64)
   x = np.asarray(x, np.float64)
   B, T, _ = x.shape
@@ -56,11 +61,12 @@ def attention_ref(layer, x, segment_ids=None):
   for b in range(B):
     for t in range(1, T):
       pos[b, t] = 0 if seg[b, t] != seg[b, t - 1] else pos[b, t - 1] + 1
-  freq = layer.rope_theta ** (-2.0 * np.arange(H // 2) / H)
+  R = round(rope_fraction * H)
+  freq = layer.rope_theta ** (-2.0 * np.arange(R // 2) / R)
 
   def rotate(a):
-    z = (a[..., :H // 2] + 1j * a[..., H // 2:]) * np.exp(1j * pos[:, :, None, None] * freq)
-    return np.concatenate([z.real, z.imag], -1)
+    z = (a[..., :R // 2] + 1j * a[..., R // 2:R]) * np.exp(1j * pos[:, :, None, None] * freq)
+    return np.concatenate([z.real, z.imag, a[..., R:]], -1)
 
   q, k = rotate(q), rotate(k)
   o = np.zeros((B, T, N, H))
@@ -87,13 +93,14 @@ def inputs(B, T, seed=0):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_matches_numpy_reference(name):
   changes, window = VARIANTS[name]
-  layer = make(dataclasses.replace(CFG, **changes), window)
+  cfg = dataclasses.replace(CFG, **changes)
+  layer = make(cfg, window)
   layer.scale = 0.3     # a scale set from outside (as μP does) is the one used
   x = inputs(2, 12)
   seg = jnp.asarray([[0] * 12, [3] * 5 + [4] * 7])
   for s in (None, seg):
     y = nnx.jit(lambda m, x, s: m(x, s))(layer, x, s)
-    ref = attention_ref(layer, x, s)
+    ref = attention_ref(layer, x, s, cfg.rope_fraction)
     assert np.abs(ref).max() > 1.0
     np.testing.assert_allclose(y, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-4)
 
@@ -148,3 +155,51 @@ def test_full_attention_cache_needs_max_len():
   with pytest.raises(ValueError, match="max_len"):
     make().init_cache(1)
   assert make(window=4).init_cache(1)['k'].shape == (1, 4, 2, 8)     # the window's slots
+
+
+def rope_ref(x, pos, theta, R):
+  """float64 NumPy RoPE of the first R dims, pair by pair: (x_i, x_{i+R/2}) turned by the angle
+  pos · θ^(−2i/R); the dims R.. copied."""
+  x, pos = np.asarray(x, np.float64), np.asarray(pos, np.float64)[:, :, None]
+  out = x.copy()
+  for i in range(R // 2):
+    c, s = np.cos(pos * theta ** (-2.0 * i / R)), np.sin(pos * theta ** (-2.0 * i / R))
+    out[..., i] = x[..., i] * c - x[..., i + R // 2] * s
+    out[..., i + R // 2] = x[..., i + R // 2] * c + x[..., i] * s
+  return out
+
+
+def partial_qk():
+  """(A PARTIAL layer, abstract: no weights needed with the q/k norm off; its `_qk`, the RoPE
+  shared by the forward and `step`, jitted)."""
+  layer = nnx.eval_shape(lambda: Attention(PARTIAL, rngs=nnx.Rngs(0)))
+  return layer, jax.jit(layer._qk)
+
+
+def test_partial_rope_rotates_the_first_quarter_with_its_own_frequencies():
+  """q and k as the layer rotates them: dims 4..16 bit for bit as they came, dims 0..4 RoPE with
+  θ^(−2i/4), not the full head's θ^(−2i/16)."""
+  layer, qk = partial_qk()
+  assert (layer.rope_dim, make().rope_dim) == (4, 8)           # 1.0 (the default): all of H
+  r = np.random.default_rng(4)
+  q, k = r.standard_normal((2, 6, 4, 16), np.float32), r.standard_normal((2, 6, 2, 16), np.float32)
+  pos = r.integers(0, 300, (2, 6), dtype=np.int32)
+  rq, rk = qk(q, k, pos)
+  for a, rot in ((q, rq), (k, rk)):
+    np.testing.assert_array_equal(rot[..., 4:], a[..., 4:])
+    np.testing.assert_allclose(rot, rope_ref(a, pos, layer.rope_theta, 4), atol=1e-4, rtol=1e-4)
+    assert float(np.abs(rot[..., :4] - a[..., :4]).max()) > 0.5
+
+
+def test_partial_rope_scores_depend_on_the_position_difference_only():
+  """qᵀk of q at position i and k at position j is a function of i − j: shifting both by 113
+  keeps every score (unrotated dims included); shifting q alone changes them."""
+  _, qk = partial_qk()
+  r = np.random.default_rng(5)
+  q, k = (r.standard_normal((1, 8, 2, 16), np.float32) for _ in range(2))
+  pos_q, pos_k = (r.integers(0, 200, (1, 8), dtype=np.int32) for _ in range(2))
+  scores = jax.jit(lambda pq, pk: jnp.einsum('btnh,bsnh->bnts', qk(q, k, pq)[0],
+                                             qk(q, k, pk)[1]))
+  ref = scores(pos_q, pos_k)
+  np.testing.assert_allclose(scores(pos_q + 113, pos_k + 113), ref, atol=1e-4, rtol=1e-4)
+  assert float(jnp.abs(scores(pos_q + 113, pos_k) - ref).max()) > 0.1

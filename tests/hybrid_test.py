@@ -13,6 +13,7 @@ from gdn_jax import coord_check as cc_lib
 from gdn_jax import mup
 from gdn_jax.generate import generate
 from gdn_jax.model import GatedDeltaNetLM, flops_per_token, num_params
+from gdn_jax.train import config as config_lib
 from tests.model_test import CFG, forward, make, tokens, with_multipliers
 
 # GDN, gated full attention with GQA, sliding window of 5 (the ring wraps within T = 24).
@@ -46,6 +47,33 @@ def test_forward_equals_decoding_and_prefill():
   assert float(jnp.abs(full).max()) > 1.0
   for out in decoded:
     np.testing.assert_allclose(out, full, atol=1e-4, rtol=1e-4)
+
+
+def test_partial_rope_decoding_equals_the_forward():
+  """rope_fraction 0.25 (Qwen3-Next's): 2 of the 8 dims of each head rotate. Token by token
+  through the caches of the full and the sliding-window attention blocks == the forward."""
+  model = make(dataclasses.replace(HYB, rope_fraction=0.25), seed=3)
+  assert model.blocks[1].mixer.rope_dim == model.blocks[2].mixer.rope_dim == 2
+  tok = tokens(2, 12, seed=6)
+
+  @nnx.jit
+  def run(model):
+    def body(cache, t_B):
+      logits, cache = model.decode_step(t_B, cache)
+      return cache, logits
+    _, logits = jax.lax.scan(body, model.init_cache(2, max_len=12), tok.T)
+    return model(tok), jnp.moveaxis(logits, 0, 1)
+
+  full, stepped = run(model)
+  assert float(jnp.abs(full).max()) > 1.0
+  np.testing.assert_allclose(stepped, full, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen3next_config_rotates_a_quarter_of_each_head():
+  from configs import hybrid_qwen3next  # pylint: disable=import-outside-toplevel
+  for size, H in (("tiny", 64), ("250m", 128)):
+    c = config_lib.model_config(hybrid_qwen3next.get_config(size))
+    assert (c.rope_fraction, c.resolved_attn_head_dim, c.rope_dim) == (0.25, H, H // 4)
 
 
 def test_packed_documents_equal_separate_runs_and_the_prefill_cache_is_the_last_documents():
@@ -191,6 +219,11 @@ def test_coord_check_builds_hybrid_widths():
     ({"num_attn_heads": 0}, "num_attn_heads"),
     ({"attn_head_dim": 7}, "attn_head_dim.*even"),
     ({"rope_theta": 0.0}, "rope_theta"),
+    ({"rope_fraction": 0}, "rope_fraction.*0, 1"),
+    ({"rope_fraction": 1.5}, "rope_fraction.*0, 1"),
+    ({"rope_fraction": True}, "rope_fraction"),
+    ({"rope_fraction": 0.375}, r"rope_fraction`=0.375 rotates .* = 3 dims.*even"),   # of H = 8
+    ({"rope_fraction": 0.1}, r"rope_fraction`=0.1 rotates .* = 1 dims.*≥ 2"),
     ({"attn_output_gate": 1}, "attn_output_gate"),
 ])
 def test_config_errors(changes, match):
@@ -200,6 +233,7 @@ def test_config_errors(changes, match):
 
 def test_odd_head_dim_is_fine_without_attention_and_max_len_errors():
   dataclasses.replace(CFG, head_k_dim=7)     # attention fields only matter with 'A' / 'S'
+  dataclasses.replace(CFG, rope_fraction=0.375)
   model = make(HYB)
   with pytest.raises(ValueError, match="max_len"):
     model.init_cache(2)
