@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gdn_jax.layers import Linear, RMSNorm
+from gdn_jax.layers import Linear, RMSNorm, decode_dot
 
 
 def segment_positions(segment_ids_BxT, B: int, T: int, offset_B=None):
@@ -256,17 +256,17 @@ class Attention(nnx.Module):
                                   axis=1),
             'o': self.o_proj.kernel[...].astype(self.dtype)}
 
-  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla"):
+  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1):
     """One decode token: (y [B, D], new cache), what `__call__` gives for this token. `impl`
     (the GDN rule's kernel choice) does not apply here: attention over the ring is one
-    `jax.nn.dot_product_attention` call."""
+    `jax.nn.dot_product_attention` call. `matmul_rows`: `layers.decode_dot`'s padding."""
     del impl
     w = self.decode_weights() if weights is None else weights
     B, dt = x_BxD.shape[0], self.dtype
     N, Nkv, H = self.num_heads, self.num_kv_heads, self.head_dim
     projs = self._in_projs()
     with jax.named_scope("in_proj"):
-      y = jnp.dot(x_BxD.astype(dt), w['in'])
+      y = decode_dot(x_BxD.astype(dt), w['in'], matmul_rows)
       if any(p.multiplier != 1.0 for p in projs):  # each Linear's forward multiplier, per column
         y = y * jnp.concatenate([jnp.full((p.kernel.shape[1],), p.multiplier, dt) for p in projs])
     with jax.named_scope("attention"):
@@ -287,7 +287,7 @@ class Attention(nnx.Module):
       if self.use_gate:
         g = y[:, (N + 2 * Nkv) * H:]
         o = (o.astype(jnp.float32) * jax.nn.sigmoid(g.astype(jnp.float32))).astype(dt)
-      out = jnp.dot(o.astype(dt), w['o'])
+      out = decode_dot(o.astype(dt), w['o'], matmul_rows)
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
     return out, {'k': k_cache, 'v': v_cache, 'pos': pos + 1}
