@@ -84,7 +84,7 @@ PRESETS["hybrid"] = dataclasses.replace(
     PRESETS["heads"], widths=(128, 256, 512, 1024), batch=16, optimizers=("adamw",),
     rows=(("mup", ""), ("sp", "")), max_replicas={1024: 9, 512: 21},
     model_overrides=dict(layer_pattern="GGGA", attn_output_gate=True, attn_qk_norm=True,
-                         rope_theta=1e7))
+                         rope_theta=1e7, rope_fraction=0.25))
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Sweep protocol.")
 _TAG = flags.DEFINE_string("tag", None, "Results file tag (default: the preset).")

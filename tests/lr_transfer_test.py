@@ -18,6 +18,7 @@ def test_the_hybrid_preset_is_the_qwen3_next_layout_in_the_heads_scheme():
   for width in (HYBRID.base_width, max(HYBRID.widths)):
     c = lr_transfer.model_config(HYBRID, width, {})
     assert c.layer_pattern == "GGGA" and c.attn_output_gate and c.num_layers == 4
+    assert c.rope_dim == 8        # Qwen3-Next's partial rotary: a quarter of each head
     assert c.num_heads == width // 32 and c.resolved_attn_head_dim == 32
   job = dict(parametrization="mup", variant="", optimizer="adamw", width=256)
   config = lr_transfer.train_config(HYBRID, job)
