@@ -34,8 +34,10 @@ Per config (batch × seq_len tokens a step, bf16 compute, float32 parameters and
   trainer clips), step, zero_grad; median of torch.cuda.synchronize'd steps; eager and
   `torch.compile(model)` (`--fla_modes`). compile s = the first step (Triton JIT and autotuning;
   with torch.compile also dynamo and inductor). fla 0.6.0 refuses its gated backward on Hopper with
-  Triton < 3.7.1 (its issue 640); `--fla_lift_guard` (default, as bench_kernels.py) lifts that
-  guard for timing only; `--nofla_lift_guard` keeps it and the rows then carry fla's error.
+  Triton < 3.7.1 (its issue 640: wrong gradients); by default the guard stays and the rows then
+  carry fla's error, so a comparison needs Triton ≥ 3.7.1 carried beside fla (or FlashQLA), and
+  the rows name the Triton version. `--fla_lift_guard` lifts it to time the (wrong) backward
+  anyway; such rows are marked `guard_lifted` and are not a valid speed comparison.
 - tokens/s = batch · seq_len / step s; MFU = gdn_jax.model.flops_per_token (forward + backward,
   the chunked rule included) × tokens / step s / the device's dense bf16 peak
   (`gdn_jax.train.peak_flops`; `--peak_tflops` overrides it), the same model FLOPs for both sides.
@@ -108,7 +110,7 @@ class Options:
   fla_first: bool = True
   fla_clip: bool = True
   fla_fuse_cross_entropy: bool = True
-  fla_lift_guard: bool = True
+  fla_lift_guard: bool = False
   profile: bool = True
   profile_steps: int = 2
   peak_tflops: float = 0.0             # 0: the trainer's table (gdn_jax.train.peak_flops)
@@ -780,7 +782,8 @@ def define_flags():
   flags.DEFINE_bool("fla_fuse_cross_entropy", d.fla_fuse_cross_entropy, "fla: its fused "
                     "cross-entropy kernel (flame's default); off: torch's CrossEntropyLoss.")
   flags.DEFINE_bool("fla_lift_guard", d.fla_lift_guard, "fla: lift its Hopper/Triton < 3.7.1 "
-                    "guard of the gated backward for timing (as bench_kernels.py).")
+                    "guard of the gated backward (issue 640: wrong gradients) and time it anyway; "
+                    "such rows are no valid comparison (default off: carry Triton ≥ 3.7.1).")
   flags.DEFINE_bool("profile", d.profile, "jax.profiler breakdown of the first gdn-jax row of "
                     "each config.")
   flags.DEFINE_integer("profile_steps", d.profile_steps, "Steps in the profiled trace.")
