@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   # A tied embedding matrix trained as SP trains it (read-out multiplier 1, LR not scaled with
   # width): part of the project's default μP, measured better than μP's own tied rules under
   # AdamW and SGD (README "Results", docs/mup.md "The tied embedding"). No effect when
-  # model.tie_embeddings is False (as here).
+  # model.tie_embeddings is False (as here). It changes any parametrization it is used with: set
+  # it False to train the paper's recipe as published (configs/paper.py does).
   c.sp_tied_embedding = True
   c.mup_base = ml_collections.ConfigDict(dict(d_model=0, num_heads=0, head_k_dim=0,
                                               head_v_dim=0, mlp_hidden=0))

@@ -428,16 +428,18 @@ class FlaBench:
 
 
 def split_impl(impl: str) -> tuple[str, int]:
-  """"xla@8" → ("xla", 8): the rule's impl and generate's `matmul_rows` (no "@": 1)."""
+  """"xla@8" → ("xla", 8): the rule's impl and generate's `matmul_rows` (no "@": 1; a ROWS that
+  is not an int ≥ 1 gives 0, which `parse_variant` refuses)."""
   base, _, rows = impl.partition("@")
-  return base, int(rows) if rows else 1
+  if not rows:
+    return base, 1
+  return base, int(rows) if rows.isdigit() else 0
 
 
 def parse_variant(spec: str) -> tuple[str, str]:
   impl, _, dtype = spec.partition(":")
-  base, _, rows = impl.partition("@")
-  if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16")
-      or (rows and not (rows.isdigit() and int(rows) >= 1))):
+  base, rows = split_impl(impl)
+  if base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1:
     raise ValueError(f"bench_decode: variant {spec!r}; expected IMPL[@ROWS]:STATE_DTYPE with "
                      f"IMPL in {gen.IMPLS}, ROWS an int ≥ 1 (generate's matmul_rows) and "
                      "STATE_DTYPE float32 or bfloat16.")

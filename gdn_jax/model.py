@@ -217,7 +217,7 @@ class GatedDeltaNetLM(nnx.Module):
     with jax.named_scope("head"):
       h = self.final_norm(x).astype(w['head'].dtype)
       if self.config.tie_embeddings:  # h Eᵀ, contracting E's feature axis (no transpose)
-        logits = decode_dot(h, w['head'], matmul_rows, w_contract=1)   # h Eᵀ, no transpose
+        logits = decode_dot(h, w['head'], matmul_rows, w_contract=1)
         m = self.embed.attend_multiplier
       else:
         logits, m = decode_dot(h, w['head'], matmul_rows), self.lm_head.multiplier
