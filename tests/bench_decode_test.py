@@ -27,6 +27,18 @@ def test_tiny_run_writes_rows(tmp_path):
   assert "| gdn-jax xla | 2 | 8 |" in md and "fla: --nofla" in md
 
 
+def test_a_spent_budget_still_writes_the_first_row(tmp_path):
+  """With the budget spent before any row (a cold compile on a device call), the first row still
+  runs (its programs were compiled) and every later row is skipped, saying why."""
+  opts = bench_decode.Options(config="tiny", batches=(2,), prompts=(8,), new_tokens=3,
+                              variants=(), xla_flags_variants=(), fla=False, profile=False,
+                              repeats=1, time_budget_s=0.0, out_dir=str(tmp_path))
+  res = bench_decode.run(opts, log=lambda *a: None)
+  assert [r["impl"] for r in res["rows"]] == ["gdn-jax xla"] and "error" not in res["rows"][0]
+  assert any("before #22" in s and "time budget" in s for s in res["skipped"]), res["skipped"]
+  assert res["setup_s"] >= 0
+
+
 def test_trace_summary_groups_kernels_by_scope():
   hlo = '''
   %fusion.1 = f32[2] fusion(%p), kind=kLoop, metadata={op_name="jit(decode_program)/while/body/rule/mul"}

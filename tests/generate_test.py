@@ -113,6 +113,14 @@ def test_padded_decode_products_equal_the_unpadded_ones(variant):
     np.testing.assert_array_equal(padded[:, 6], jnp.argmax(step(8), -1))
 
 
+def test_default_matmul_rows_pads_only_on_gpus():
+  """generate's default (None) pads batch-1 decode products to 8 rows on GPUs only (the measured
+  H100 win, experiments/NOTES_decode.md); elsewhere it is 1, so CPU runs are unpadded."""
+  assert [gen.default_matmul_rows(b) for b in ("gpu", "cuda", "rocm")] == [8, 8, 8]
+  assert [gen.default_matmul_rows(b) for b in ("cpu", "tpu")] == [1, 1]
+  assert gen.default_matmul_rows() == (8 if jax.default_backend() == "gpu" else 1)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"matmul_rows": 0}, "matmul_rows"),
     ({"max_new_tokens": 0}, "max_new_tokens"),

@@ -1,5 +1,8 @@
 """Upgrade a run directory written before μP became an `optax.multi_transform` (2026-12-06).
 
+(Over 400 lines on purpose: a one-off migration whose docstring states, beside the code, the
+exact before/after layout of every optimizer-state tree it rewrites; ~60 lines are that record.)
+
     python -m gdn_jax.train.upgrade --workdir=W [--keep_old_checkpoints]
     upgrade_workdir(W) -> summary dict
 
