@@ -18,6 +18,8 @@ eigenvector sits: its share on the largest head and that head's ranks by decay r
 gradient norm (`qk_layer_curvature`'s docstring).
 
   python experiments/qk_curvature.py          # widths 64 → 512, 3 seeds, ~21 min on 2 CPU cores
+  python experiments/qk_curvature.py --per_head --widths=64,256 --lanczos_steps=20 \
+      --out=experiments/results/qk_curvature_heads_cpu     # + each head's own λ_max
 
 Writes experiments/results/qk_curvature_cpu.{json,png}. Uses the recurrent rule: forward-mode
 autodiff (the Hessian-vector product) cannot pass the chunked rule's custom VJP.
@@ -57,6 +59,9 @@ _LANCZOS = flags.DEFINE_integer("lanczos_steps", 30, "Lanczos steps per operator
 _OUT = flags.DEFINE_string("out", os.path.join(RESULTS, "qk_curvature_cpu"),
                            "Output path without extension.")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only redraw <out>.png from <out>.json.")
+_PER_HEAD = flags.DEFINE_bool("per_head", False, "Also λ_max of each q/k head's own block "
+                              "(`curvature.qk_head_curvatures`; the extreme-value test of "
+                              "docs/mup.md): per layer, a list `head_h_max`.")
 
 
 def model_config(width: int) -> model_lib.ModelConfig:
@@ -127,9 +132,14 @@ def plot(record: dict, path: str):
 def main(argv):
   del argv
   out = _OUT.value
-  if _PLOT_ONLY.value:
+  if _PLOT_ONLY.value:       # also (re)writes the per-head summary of a --per_head study
     with open(out + ".json") as f:
-      plot(json.load(f), out + ".png")
+      record = json.load(f)
+    if any("head_h_max" in rec for r in record["runs"] for rec in r["layers"].values()):
+      record["head_summary"] = curvature.head_summary(record["runs"])
+      with open(out + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    plot(record, out + ".png")
     return
   train_tokens = pipeline.load_tokens(prepare.embedded_corpus()["train"])
   base = model_config(_BASE.value)
@@ -151,6 +161,11 @@ def main(argv):
                     graphdef, params, rest, layer=layer, tokens=probe, head_k_dim=_HEAD_DIM.value,
                     lanczos_steps=_LANCZOS.value, seed=layer)
                 for layer in range(_LAYERS.value)}
+      if _PER_HEAD.value:
+        for layer, rec in layers.items():
+          rec["head_h_max"] = curvature.qk_head_curvatures(
+              graphdef, params, rest, layer=int(layer), tokens=probe,
+              head_k_dim=_HEAD_DIM.value, lanczos_steps=_LANCZOS.value, seed=int(layer)).tolist()
       runs.append(dict(width=width, heads=config.num_heads, seed=seed, layers=layers,
                        seconds=time.time() - start))
       print(f"width {width:4d} seed {seed}: " + "; ".join(
@@ -158,7 +173,13 @@ def main(argv):
           f"head share {v['top_head_share']:.2f}" for k, v in layers.items()), flush=True)
       with open(out + ".json", "w") as f:     # rewritten after every run: a cut-off study keeps
         json.dump(dict(settings=settings, env=env, runs=runs), f, indent=1)   # what it measured
-  plot(dict(settings=settings, runs=runs), out + ".png")
+  record = dict(settings=settings, env=env, runs=runs)
+  if _PER_HEAD.value:
+    record["head_summary"] = curvature.head_summary(runs)
+    print(json.dumps(record["head_summary"], indent=1))
+    with open(out + ".json", "w") as f:
+      json.dump(record, f, indent=1)
+  plot(record, out + ".png")
 
 
 if __name__ == "__main__":

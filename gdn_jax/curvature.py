@@ -14,7 +14,7 @@ sets the edge; `lanczos` finds both ends of the spectrum, the positive and the n
 
 `hvp`, `ggn_vp` and `lanczos` take the parameters as a pytree and return pytrees of the same
 structure, so callers restrict a study to a subset by closing over the rest; `qk_layer_curvature`
-does that for one GDN layer's W_q, W_k.
+does that for one GDN layer's W_q, W_k, `qk_head_curvatures` for each of its q/k heads alone.
 """
 from __future__ import annotations
 
@@ -87,6 +87,56 @@ def lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, *, steps: int = 30
   return values, unravel(jnp.asarray(top / np.linalg.norm(top), dtype))
 
 
+def _layer_qk(params, layer: int):
+  """({"q_proj", "k_proj"}: block `layer`'s W_q, W_k kernels [d, Hk·K], with_qk): with_qk(ws)
+  is the full parameter State with those two replaced by ws."""
+  num_layers = len(params["blocks"])
+  if not 0 <= layer < num_layers:
+    raise ValueError(f"`layer`={layer}; expected a block index in [0, {num_layers}).")
+  leaves, treedef = jax.tree.flatten(params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  index = {name: paths.index(f"['blocks'][{layer}]['mixer']['{name}']['kernel'].value")
+           for name in ("q_proj", "k_proj")}
+
+  def with_qk(ws):
+    new = list(leaves)
+    for name, i in index.items():
+      new[i] = ws[name]
+    return jax.tree.unflatten(treedef, new)
+  return {name: leaves[i] for name, i in index.items()}, with_qk
+
+
+def qk_head_curvatures(graphdef, params, rest, *, layer: int, tokens, head_k_dim: int,
+                       lanczos_steps: int = 20, seed: int = 0) -> np.ndarray:
+  """[Hk]: λ_max of the Hessian of the LM loss on `tokens` restricted to one q/k head of block
+  `layer`, i.e. to that head's K columns of W_q and of W_k (every other weight, the layer's
+  other heads included, fixed). Each is the top eigenvalue of a principal block of
+  `qk_layer_curvature`'s H, so by Cauchy interlacing none exceeds H's λ_max; when H's top
+  eigenvector sits on one head (docs/mup.md), its λ_max is close to the largest of these.
+  One compiled Hessian-vector product serves every head (the head index is traced)."""
+  qk, with_qk = _layer_qk(params, layer)
+  d, width = qk["q_proj"].shape
+  num_heads = width // head_k_dim
+
+  def loss_fn(block, head):   # block: head `head`'s {"q_proj", "k_proj"} columns [d, K]
+    ws = {n: jax.lax.dynamic_update_slice(w, block[n], (0, head * head_k_dim))
+          for n, w in qk.items()}
+    logits = nnx.merge(graphdef, with_qk(ws), rest)(tokens[:, :-1])
+    return cross_entropy(logits, tokens[:, 1:])
+
+  def head_block(head):
+    return {n: jax.lax.dynamic_slice(w, (0, head * head_k_dim), (d, head_k_dim))
+            for n, w in qk.items()}
+  matvec = jax.jit(lambda v, head: hvp(lambda b: loss_fn(b, head), head_block(head), v))
+  tops = []
+  for head in range(num_heads):
+    v0 = {n: jax.random.normal(jax.random.fold_in(jax.random.key(seed), head), (d, head_k_dim))
+          for n in qk}
+    values, _ = lanczos(lambda v, h=jnp.int32(head): matvec(v, h), v0, steps=lanczos_steps)
+    tops.append(values[-1])
+  return np.asarray(tops, np.float64)
+
+
 def qk_layer_curvature(graphdef, params, rest, *, layer: int, tokens, head_k_dim: int,
                        lanczos_steps: int = 30, seed: int = 0) -> dict:
   """Curvature of the LM loss on `tokens` ([B, T + 1]) in (W_q, W_k) of block `layer` of an
@@ -100,23 +150,9 @@ def qk_layer_curvature(graphdef, params, rest, *, layer: int, tokens, head_k_dim
   heads; 0 = slowest) and by gradient norm (0 = largest). Needs a model whose rule supports
   forward-mode autodiff (`rule_impl="recurrent"`; the chunked rule's custom VJP does not).
   """
-  num_layers = len(params["blocks"])
-  if not 0 <= layer < num_layers:
-    raise ValueError(f"`layer`={layer}; expected a block index in [0, {num_layers}).")
+  qk, with_qk = _layer_qk(params, layer)
   mixer = params["blocks"][layer]["mixer"]
-  leaves, treedef = jax.tree.flatten(params)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  index = {name: paths.index(f"['blocks'][{layer}]['mixer']['{name}']['kernel'].value")
-           for name in ("q_proj", "k_proj")}
-  qk = {name: leaves[i] for name, i in index.items()}
   num_heads = qk["q_proj"].shape[1] // head_k_dim
-
-  def with_qk(ws):          # the full parameter State with this layer's W_q, W_k replaced
-    new = list(leaves)
-    for name, i in index.items():
-      new[i] = ws[name]
-    return jax.tree.unflatten(treedef, new)
-
   logits_fn = lambda ws: nnx.merge(graphdef, with_qk(ws), rest)(tokens[:, :-1])
   loss_fn = lambda ws: cross_entropy(logits_fn(ws), tokens[:, 1:])
   v0 = {n: jax.random.normal(jax.random.key(seed), w.shape) for n, w in qk.items()}
@@ -137,3 +173,37 @@ def qk_layer_curvature(graphdef, params, rest, *, layer: int, tokens, head_k_dim
   return dict(h_max=float(h_values[-1]), h_min=float(h_values[0]), g_max=float(g_values[-1]),
               top_head_share=float(mass[head]), participation=float(1 / np.sum(mass ** 2)),
               top_head_decay_rank=rank(rate), top_head_grad_rank=rank(-grad_norm))
+
+
+def head_summary(runs: list[dict], samples: int = 20000, seed: int = 0) -> dict:
+  """Per layer and width, the per-head λ_max pooled over seeds (median, 90th percentile, max) and
+  the whole block's λ_max (median over seeds); and the extreme-value test of docs/mup.md: if the
+  heads' curvatures were i.i.d. draws of one width-independent law, the widest width's pooled
+  heads predict the block's growth from the narrowest head count to the widest one as
+  log2 E[max of H_wide draws] / E[max of H_narrow draws] (resampled), to set against the growth
+  of the per-head median (the alternative: every head's own curvature grows with d)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  widths = sorted({r["width"] for r in runs if "head_h_max" in next(iter(r["layers"].values()))})
+  if len(widths) < 1:
+    return out
+  for layer in sorted({k for r in runs for k in r["layers"]}):
+    per_width = {}
+    for w in widths:
+      rs = [r for r in runs if r["width"] == w]
+      heads = np.concatenate([r["layers"][layer]["head_h_max"] for r in rs])
+      per_width[w] = dict(heads=rs[0]["heads"], n=len(heads), median=float(np.median(heads)),
+                          p90=float(np.percentile(heads, 90)), max=float(heads.max()),
+                          block_h_max=float(np.median([r["layers"][layer]["h_max"] for r in rs])))
+    entry = dict(per_width=per_width)
+    if len(widths) > 1:
+      lo, hi = per_width[widths[0]], per_width[widths[-1]]
+      pool = np.concatenate([r["layers"][layer]["head_h_max"] for r in runs
+                             if r["width"] == widths[-1]])
+      emax = lambda h: float(np.mean(rng.choice(pool, (samples, h)).max(axis=1)))
+      entry.update(
+          predicted_block_growth_log2=float(np.log2(emax(hi["heads"]) / emax(lo["heads"]))),
+          measured_block_growth_log2=float(np.log2(hi["block_h_max"] / lo["block_h_max"])),
+          median_head_growth_log2=float(np.log2(hi["median"] / lo["median"])))
+    out[layer] = entry
+  return out

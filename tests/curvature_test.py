@@ -162,6 +162,36 @@ def test_qk_layer_curvature_matches_the_dense_hessian_of_that_layers_wq_wk():
   assert 0 <= got["top_head_grad_rank"] < config.num_heads
 
 
+def test_qk_head_curvatures_match_the_dense_hessians_head_blocks():
+  """Each head's λ_max is the top eigenvalue of the dense (W_q, W_k) Hessian's principal block on
+  that head's columns (built by another route), and none exceeds the whole block's (interlacing)."""
+  config, model, tokens = _gdn()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  layer, d, H, K = 1, config.d_model, config.num_heads, config.head_k_dim
+  size = d * H * K
+  got = curvature.qk_head_curvatures(graphdef, params, rest, layer=layer, tokens=tokens,
+                                     head_k_dim=K, lanczos_steps=40)
+
+  def loss(flat):
+    m = nnx.merge(graphdef, jax.tree.map(lambda x: x, params), rest)
+    m.blocks[layer].mixer.q_proj.kernel[...] = flat[:size].reshape(d, -1)
+    m.blocks[layer].mixer.k_proj.kernel[...] = flat[size:].reshape(d, -1)
+    return cross_entropy(m(tokens[:, :-1]), tokens[:, 1:])
+
+  mixer = model.blocks[layer].mixer
+  flat0 = jnp.concatenate([mixer.q_proj.kernel[...].ravel(), mixer.k_proj.kernel[...].ravel()])
+  hessian = np.asarray(jax.hessian(loss)(flat0), np.float64)
+  hessian = (hessian + hessian.T) / 2
+  columns = np.arange(size).reshape(d, H, K)           # W_q[i, h·K + j] sits at i·H·K + h·K + j
+  want = [np.linalg.eigvalsh(hessian[np.ix_(idx, idx)])[-1]
+          for idx in (np.concatenate([columns[:, h].ravel(), size + columns[:, h].ravel()])
+                      for h in range(H))]
+  assert got.shape == (H,)
+  np.testing.assert_allclose(got, want, rtol=2e-3)
+  assert got.max() <= np.linalg.eigvalsh(hessian)[-1] * (1 + 1e-6)
+  assert abs(got[0] - got[1]) > 1e-3 * abs(got).max()   # the heads differ: not one head twice
+
+
 def test_qk_layer_curvature_rejects_a_missing_layer():
   config, model, tokens = _gdn(num_layers=1)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
