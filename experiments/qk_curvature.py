@@ -129,17 +129,23 @@ def plot(record: dict, path: str):
   plt.close(fig)
 
 
+def finish(record: dict, out: str):
+  """A study's end: with per-head data, its `head_summary` added (printed, <out>.json rewritten);
+  then the figure <out>.png."""
+  if any("head_h_max" in rec for r in record["runs"] for rec in r["layers"].values()):
+    record["head_summary"] = curvature.head_summary(record["runs"])
+    print(json.dumps(record["head_summary"], indent=1))
+    with open(out + ".json", "w") as f:
+      json.dump(record, f, indent=1)
+  plot(record, out + ".png")
+
+
 def main(argv):
   del argv
   out = _OUT.value
   if _PLOT_ONLY.value:       # also (re)writes the per-head summary of a --per_head study
     with open(out + ".json") as f:
-      record = json.load(f)
-    if any("head_h_max" in rec for r in record["runs"] for rec in r["layers"].values()):
-      record["head_summary"] = curvature.head_summary(record["runs"])
-      with open(out + ".json", "w") as f:
-        json.dump(record, f, indent=1)
-    plot(record, out + ".png")
+      finish(json.load(f), out)
     return
   train_tokens = pipeline.load_tokens(prepare.embedded_corpus()["train"])
   base = model_config(_BASE.value)
@@ -173,13 +179,7 @@ def main(argv):
           f"head share {v['top_head_share']:.2f}" for k, v in layers.items()), flush=True)
       with open(out + ".json", "w") as f:     # rewritten after every run: a cut-off study keeps
         json.dump(dict(settings=settings, env=env, runs=runs), f, indent=1)   # what it measured
-  record = dict(settings=settings, env=env, runs=runs)
-  if _PER_HEAD.value:
-    record["head_summary"] = curvature.head_summary(runs)
-    print(json.dumps(record["head_summary"], indent=1))
-    with open(out + ".json", "w") as f:
-      json.dump(record, f, indent=1)
-  plot(record, out + ".png")
+  finish(dict(settings=settings, env=env, runs=runs), out)
 
 
 if __name__ == "__main__":
