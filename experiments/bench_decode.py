@@ -512,7 +512,7 @@ def run(opts: Options, log=print) -> dict:
 
   # Compile: the first row's programs alone (clean compile times), then all others at once.
   t0 = time.perf_counter()
-  res["setup_s"] = t0 - start       # bandwidth probe and the model's compiled init (cold: ~1 min)
+  res["setup_s"] = t0 - start       # bandwidth probe and the model's compiled init
   log(f"set-up (bandwidth, model init) {res['setup_s']:.0f} s")
   for key in gdn.keys(*plan[0][2:], *plan[0][:2]) if plan else ():
     gdn.compile(key, alone=True)

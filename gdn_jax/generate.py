@@ -99,9 +99,8 @@ def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, t
 
 def default_matmul_rows(backend: str | None = None) -> int:
   """`generate`'s default `matmul_rows`: 8 on GPUs, where XLA lowers a batch-1 weight product to
-  a reduction fusion and a GEMM on 8 padded rows is faster (experiments/NOTES_decode.md: 1.48 →
-  1.25 ms per token for the 512M model on an H100), else 1 (TPUs pad to their tiles themselves;
-  on CPUs the padding is work)."""
+  a reduction fusion and a GEMM on 8 padded rows is faster (measured: experiments/NOTES_decode.md),
+  else 1 (TPUs pad to their tiles themselves; on CPUs the padding is work)."""
   return 8 if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm") else 1
 
 
