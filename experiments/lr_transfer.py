@@ -53,7 +53,8 @@ PRESETS = {
                     optimizer_settings={"adamw": dict(weight_decay=0.0, grad_clip=0.0),
                                         "sgd": dict(momentum=0.9, grad_clip=0.0)},
                     val_batches=4),
-    # The heads scheme of issues 6 and 20 (4 layers, head dim 32, 32 × 256 tokens per step).
+    # The heads scheme of issues 6 and 20 (4 layers, head dim 32, 32 × 256 tokens per step), with
+    # the output-norm eps 1e-3 that SGD needs (docs/mup.md, the tables; AdamW does not care).
     "heads": Protocol(family="heads", widths=(128, 256, 512, 1024, 2048), base_width=128,
                       head_dim=32, layers=4, steps=1000, batch=32, seq_len=256, warmup=100,
                       rows=(("mup", ""), ("sp", "")), optimizers=("adamw", "sgd"),
@@ -61,7 +62,8 @@ PRESETS = {
                       pilot={"adamw": (-13, -5, 1), "sgd": (-6, 1, 1)},
                       optimizer_settings={"adamw": dict(weight_decay=0.0, grad_clip=1.0),
                                           "sgd": dict(momentum=0.9, grad_clip=1.0)},
-                      max_replicas={2048: 4, 1024: 9}),
+                      max_replicas={2048: 4, 1024: 9},
+                      model_overrides=dict(output_norm_eps=1e-3)),
     # A CPU test of the whole protocol: pilot, ½-log2 grids, extensions, all five rows.
     "smoke": Protocol(family="paper", widths=(32, 64), base_width=32, layers=1, steps=6,
                       batch=2, seq_len=16, warmup=2, dtype="float32", rows=_ALL_ROWS,
