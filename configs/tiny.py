@@ -50,8 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
       grad_clip=1.0,         # global-norm clipping; 0 = off
       # Extra μP LR width scalings on top of the rules table, "NAME[:out]:POWER,..." (LR × m^POWER
       # for parameters whose path contains NAME; 1 at the base width). "" = the table as is.
-      # For SGD, docs/mup.md ("Why the SGD optimum slides") measures "embed:out:-1,q_proj:-1,k_proj:-1".
+      # For ablations: the μP SGD table already has W_q, W_k's (H/H_base)^-1 (docs/mup.md).
       lr_overrides="",
+      # μP SGD: W_q, W_k's LR × (H/H_base)^-1, the table's edge rule (docs/mup.md). False = the
+      # table before 2026-12-06 (what a config.json without the field resumes with).
+      sgd_qk_heads_rule=True,
   ))
 
   c.data = ml_collections.ConfigDict(dict(

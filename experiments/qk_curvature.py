@@ -58,6 +58,10 @@ _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (init and 
 _LANCZOS = flags.DEFINE_integer("lanczos_steps", 30, "Lanczos steps per operator.")
 _OUT = flags.DEFINE_string("out", os.path.join(RESULTS, "qk_curvature_cpu"),
                            "Output path without extension.")
+_QK_RULE = flags.DEFINE_bool("sgd_qk_heads_rule", False, "Train with the μP SGD table's W_q, W_k "
+                             "heads rule. Off by default: the study measures the curvature that "
+                             "motivates the rule, under the table without it (its committed "
+                             "results).")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only redraw <out>.png from <out>.json.")
 _PER_HEAD = flags.DEFINE_bool("per_head", False, "Also λ_max of each q/k head's own block "
                               "(`curvature.qk_head_curvatures`; the extreme-value test of "
@@ -81,7 +85,8 @@ def train(config, base, batches, seed: int):
                                              final_fraction=0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    mup.make_optimizer(model, parametrization="mup", optimizer="sgd",
-                                      learning_rate=factor, base_config=base, momentum=0.9))
+                                      learning_rate=factor, base_config=base, momentum=0.9,
+                                      sgd_qk_heads_rule=_QK_RULE.value))
   graphdef, params = nnx.split(model)
   step = jax.jit(train_lib.make_train_step(graphdef, tx))
   opt_state = tx.init(params)

@@ -13,9 +13,10 @@ the other; tests/model_test.py and tests/generate_test.py check that they agree.
                   filters, A_log, dt_bias no)
     role          what the parameter is, where fans alone cannot tell (one of ROLES): the
                   paper's recipe treats the gate projections W_a, W_b and the gate scalars
-                  A_log, dt_bias apart from other matrices and vectors; "attention" marks the
-                  projections of a hybrid model's softmax attention (gdn_jax.attention), for
-                  which the paper's recipe has no rule
+                  A_log, dt_bias apart from other matrices and vectors; the project's μP SGD
+                  table treats W_q, W_k ("qk_proj": they feed the q/k L2 norms) apart;
+                  "attention" marks the projections of a hybrid model's softmax attention
+                  (gdn_jax.attention), for which the paper's recipe has no rule
     init_std      the std of its zero-mean normal init draw (None for other inits: gains of 1,
                   A_log, dt_bias), so a parametrization can rescale the draw to any std
 
@@ -41,8 +42,8 @@ from flax import nnx
 from gdn_jax.ops import gated_delta_rule
 
 
-ROLES = ("embedding", "matrix", "readout", "conv", "norm", "gate_proj", "gate_scalar",
-         "attention")
+ROLES = ("embedding", "matrix", "qk_proj", "readout", "conv", "norm", "gate_proj",
+         "gate_scalar", "attention")
 
 
 def param(value, *, fan_in_axes: tuple[int, ...], fan_out_axes: tuple[int, ...],
@@ -256,8 +257,8 @@ class GatedDeltaNet(nnx.Module):
     self.head_k_dim, self.head_v_dim = c.head_k_dim, c.head_v_dim
     Hk, H, K, V, D = self.num_heads, self.num_v_heads, c.head_k_dim, c.head_v_dim, c.d_model
     lin = dict(init_std=c.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = Linear(D, Hk * K, **lin)
-    self.k_proj = Linear(D, Hk * K, **lin)
+    self.q_proj = Linear(D, Hk * K, **lin, role="qk_proj")
+    self.k_proj = Linear(D, Hk * K, **lin, role="qk_proj")
     self.v_proj = Linear(D, H * V, **lin)
     self.a_proj = Linear(D, H, **lin, role="gate_proj")
     self.b_proj = Linear(D, H, **lin, role="gate_proj")

@@ -41,6 +41,7 @@ def train_step(model, opt, tok):
 
 
 TOK = jax.random.randint(jax.random.key(0), (2, 17), 0, 32)
+SGD_QK_HEADS_POWER = -1.0      # the μP SGD table's W_q, W_k rule: LR × (H/H_base)^-1
 
 
 @pytest.mark.parametrize("scheme", ["heads", "dims"])
@@ -84,7 +85,8 @@ def test_lr_and_weight_decay_multipliers_of_a_toy_model():
   assert adam["embed.embedding"] == ("input", 1.0, 1.0)
   assert adam["blocks.0.mixer.A_log"] == ("input", 1.0, 0.0)
   assert adam["blocks.0.mixer.o_norm.weight"] == ("scalar", 1.0, 0.0)
-  assert sgd["blocks.0.mixer.q_proj.kernel"] == ("hidden", 1.0, 1.0)
+  assert sgd["blocks.0.mixer.q_proj.kernel"] == ("hidden", 0.25, 4.0)   # × (H/H_base)^-1
+  assert sgd["blocks.0.mixer.v_proj.kernel"] == ("hidden", 1.0, 1.0)
   assert sgd["lm_head.kernel"] == ("output", 4.0, 0.25)
   assert sgd["embed.embedding"] == ("input", 4.0, 0.25)
   assert sgd["blocks.0.mixer.dt_bias"] == ("input", 4.0, 0.0)
@@ -256,3 +258,25 @@ def test_sp_tied_embedding_changes_only_the_tied_matrix_and_only_off_the_base_wi
                           base_config=dims_cfg(32), sp_tied_embedding=True) == \
       mup.param_groups(untied(False), parametrization=parametrization, optimizer="sgd",
                        base_config=dims_cfg(32))
+
+
+def test_sgd_qk_rule_scales_wq_wk_by_a_power_of_the_head_count_only():
+  """μP SGD: W_q, W_k get LR × (H/H_base)^sgd_qk_heads_power (docs/mup.md); nothing else moves,
+  AdamW has no such factor, the head-dims scheme (H fixed) and the base width are untouched."""
+  power = mup.tables.get("mup").sgd_qk_heads_power
+  assert power == SGD_QK_HEADS_POWER       # the table's entry, as docs/mup.md derives it
+  get = lambda make, d, opt: {name(k): v for k, v in mup.param_groups(
+      mup.build_model(make(d), parametrization="mup", base_config=make(32), rngs=nnx.Rngs(0)),
+      parametrization="mup", optimizer=opt, base_config=make(32)).items()}
+  qk = ("blocks.0.mixer.q_proj.kernel", "blocks.0.mixer.k_proj.kernel")
+  sgd = get(heads_cfg, 128, "sgd")                     # 2 → 8 heads: × 4^power
+  for key in qk:
+    assert sgd[key].cls == "hidden"
+    assert sgd[key].lr == pytest.approx(4.0 ** power)
+    assert sgd[key].decay == pytest.approx(4.0 ** -power)   # independent decay: 1 / r_p
+  assert sgd["blocks.0.mixer.v_proj.kernel"].lr == 1.0
+  assert sgd["blocks.0.mixer.q_conv.weight"].lr == 4.0     # the convs keep the input-like rule
+  for make, d, opt in ((heads_cfg, 128, "adamw"), (dims_cfg, 128, "sgd"), (heads_cfg, 32, "sgd")):
+    groups = get(make, d, opt)
+    v = groups["blocks.0.mixer.v_proj.kernel"]
+    assert all(groups[key] == v for key in qk), (make.__name__, d, opt)

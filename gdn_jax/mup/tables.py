@@ -86,6 +86,12 @@ class Parametrization:
     attention logit scale = H_base^-½ · (H/H_base)^attn_scale_power
   −½ is the usual H^-½, −1 μP's "1/d" attention (H_base^½/H); both are H_base^-½ at the base head
   dim. None: the parametrization defines no attention, and models with attention are refused.
+
+  SGD rule for W_q, W_k (role "qk_proj"; H = num_heads of the GDN layers, relative to H_base):
+    SGD LR multiplier × (H/H_base)^sgd_qk_heads_power          (AdamW: no such factor)
+  SGD's stability edge on a layer's q–k block is its most curved head, the largest of H draws
+  (docs/mup.md, "What rule for W_q, W_k under SGD follows from this"), so it falls with the
+  number of heads, not with d or K: a power of H, not of the fans.
   """
   name: str
   classes: tuple[str, ...]
@@ -99,6 +105,7 @@ class Parametrization:
   decay_convention: str
   description: str
   attn_scale_power: float | None = None
+  sgd_qk_heads_power: float = 0.0
 
   def __post_init__(self):
     for optimizer, table in self.rules.items():
@@ -166,6 +173,9 @@ MUP = Parametrization(
     tied_readout=Scaling(width=-1), mixer_output=Scaling(width=-1),
     decay_convention="independent",
     description="the project's μP, derived from TP5 (docs/mup.md)",
+    # SGD's edge on a layer's q–k block is its most curved head: the W_q, W_k LR falls with the
+    # number of heads (docs/mup.md, "What rule for W_q, W_k under SGD follows from this").
+    sgd_qk_heads_power=-1.0,
     # Softmax attention (hybrid models): q, k, v, o, gate are classed by fans like every matrix;
     # the logits scale as 1/H (TP5's 1/d attention: q and k become correlated in training, so
     # qᵀk = Θ(H)), written H_base^½/H so that μP == SP at the base head dim.
@@ -177,6 +187,7 @@ MUP = Parametrization(
 PAPER_ROLE_CLASS = {
     "embedding": "embedding",     # tied with the LM head in the paper's models
     "matrix": "hidden",           # every nn.Linear: q, k, v, g, o, MLP
+    "qk_proj": "hidden",          # W_q, W_k (nn.Linear too; the project's SGD rule singles them out)
     "conv": "hidden",             # the short convs are nn.Conv1d: the Linear init and groups
     "readout": "readout",         # an untied LM head (the reference ties it)
     "norm": "norm",               # RMSNorm gains, incl. the gated output norm

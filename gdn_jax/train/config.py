@@ -7,7 +7,8 @@
 
 Fields added after the first release are read with defaults, so older configs keep working:
 `mixer_output_multiplier` (False), `sp_tied_embedding` (False), `optimizer.nesterov` (False),
-`optimizer.weight_decay_convention` ("" = the parametrization's own).
+`optimizer.weight_decay_convention` ("" = the parametrization's own), `optimizer.sgd_qk_heads_rule`
+(False: the μP SGD table without its W_q, W_k heads rule, as before 2026-12-06).
 """
 from __future__ import annotations
 
@@ -80,6 +81,10 @@ def nesterov(config) -> bool:
 
 def decay_convention(config) -> str | None:
   return config.optimizer.get("weight_decay_convention", "") or None
+
+
+def sgd_qk_heads_rule(config) -> bool:
+  return bool(config.optimizer.get("sgd_qk_heads_rule", False))
 
 
 def mixer_output_multiplier(config) -> bool:
@@ -184,5 +189,6 @@ def make_tx(model, config: ml_collections.ConfigDict) -> optax.GradientTransform
                           momentum=o.momentum, nesterov=nesterov(config),
                           lr_overrides=lr_overrides(config),
                           weight_decay_convention=decay_convention(config),
-                          sp_tied_embedding=sp_tied_embedding(config))
+                          sp_tied_embedding=sp_tied_embedding(config),
+                          sgd_qk_heads_rule=sgd_qk_heads_rule(config))
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip else tx

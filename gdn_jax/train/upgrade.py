@@ -13,7 +13,7 @@ config file resumes them.
 
 config.json: the missing fields are added with the defaults that give the earlier behaviour
 (`mixer_output_multiplier` False, `sp_tied_embedding` False, `optimizer.nesterov` False,
-`optimizer.weight_decay_convention` ""); the file before is kept as config.json.before-upgrade.
+`optimizer.weight_decay_convention` "", `optimizer.sgd_qk_heads_rule` False); the file before is kept as config.json.before-upgrade.
 
 Every checkpoint (not only the latest): `opt_state` goes from the earlier chain (per-leaf μP
 multipliers, the schedule with the peak LR inside) to `gdn_jax.train.make_tx`'s
@@ -64,7 +64,8 @@ from gdn_jax.train import config as config_lib
 NEW_FIELDS = ((("mixer_output_multiplier",), False),
               (("sp_tied_embedding",), False),
               (("optimizer", "nesterov"), False),
-              (("optimizer", "weight_decay_convention"), ""))
+              (("optimizer", "weight_decay_convention"), ""),
+              (("optimizer", "sgd_qk_heads_rule"), False))
 
 CONFIG_BACKUP = "config.json.before-upgrade"
 UPGRADING = "checkpoints.upgrading"
@@ -361,8 +362,9 @@ def upgrade_workdir(workdir, *, keep_old_checkpoints: bool = False,
   Returns {"workdir", "config_fields_added", "config_backup", "steps", "optimizer",
   "old_checkpoints"}. Raises UpgradeError (a ValueError), with nothing changed, when the
   workdir, its config.json or a checkpoint's layout is unusable, or when the checkpoints are
-  already in the current layout (then config.json is left alone too: a run of the current code
-  whose config file lacks the new fields resumes only with a config.json without them).
+  already in the current layout and config.json lacks none of NEW_FIELDS. Checkpoints in the
+  current layout whose config.json lacks some (a run started after the optimizer's change but
+  before a newer field) are left alone and only the fields are added ("steps" is then []).
   """
   workdir = pathlib.Path(workdir).absolute()
   config_json = _read_config_json(workdir)
@@ -384,8 +386,10 @@ def upgrade_workdir(workdir, *, keep_old_checkpoints: bool = False,
   saved = _saved_layouts(live, params, old, new)
   kinds = {step: kind for step, (kind, _) in saved.items()}
   if kinds and set(kinds.values()) == {"new"}:
-    raise UpgradeError(f"the checkpoints in {str(live)!r} (steps {sorted(kinds)}) are already "
-                       "in the current layout; nothing to do (nothing was changed).")
+    if not added:
+      raise UpgradeError(f"the checkpoints in {str(live)!r} (steps {sorted(kinds)}) are already "
+                         "in the current layout; nothing to do (nothing was changed).")
+    saved = {}   # only config.json lacks fields: add them, leave the checkpoints alone
   if len(set(kinds.values())) > 1:
     raise UpgradeError(f"the checkpoints in {str(live)!r} mix layouts ({kinds}); expected all "
                        "from before the upgrade. Remove the steps you do not need and rerun.")
