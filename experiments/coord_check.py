@@ -73,6 +73,8 @@ _ADAM_LR = flags.DEFINE_float("adamw_lr", 1e-2, "AdamW base LR (large on purpose
 _SGD_LR = flags.DEFINE_float("sgd_lr", 0.5, "SGD base LR (large on purpose).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 16, "Vocabulary of the Markov batch and the model.")
 _OUT = flags.DEFINE_string("out", None, "Output path without extension.")
+_LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Ablation: NAME[:out]:POWER LR scalings "
+                                   "(mup.parse_lr_overrides), applied to every row.")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only redraw <out>.png from <out>.json.")
 _PATTERN = flags.DEFINE_string("layer_pattern", None, "Hybrid models: ModelConfig.layer_pattern, "
                                "e.g. GAS ('' = all GDN).")
@@ -118,7 +120,8 @@ def summarize(result: dict, parametrization: str) -> dict:
     s2, w2 = cc_lib.max_abs_slope(result, first_step=2)
     d1, dw1 = cc_lib.max_abs_slope(result, kind="delta", first_step=1)
     return {"max_abs_slope_t>=1": s1, "at": w1, "max_abs_slope_t>=2": s2, "at_t>=2": w2,
-            "max_abs_delta_slope_t>=1": d1, "delta_at": dw1}
+            "max_abs_delta_slope_t>=1": d1, "delta_at": dw1,
+            "final_loss_per_width": [per_step[-1] for per_step in result["loss"]]}
   best, where = -np.inf, ""
   for name, per_step in result["slopes"]["size"].items():
     for t, s in enumerate(per_step[1:], start=1):
@@ -142,7 +145,8 @@ def plot(results: dict, path: str, last_layer: int, layer_pattern: str = ""):
       ax = axes[r][c]
       sizes = np.asarray(res["size"][name])            # [width, step]
       steps = sizes.shape[1]
-      for t in range(steps):
+      shown = range(steps) if steps <= 11 else np.unique(np.linspace(0, steps - 1, 9).astype(int))
+      for t in shown:
         ax.plot(widths, np.log2(sizes[:, t]), marker="o", ms=2, lw=1,
                 color=plt.cm.viridis(t / max(steps - 1, 1)), label=f"t={t}")
       lo, hi = np.log2(sizes).min(), np.log2(sizes).max()
@@ -184,7 +188,8 @@ def main(argv):
         num_heads=_setting("num_heads"), num_layers=_setting("layers"), batch=_setting("batch"),
         seq_len=_setting("seq_len"), steps=_setting("steps"), chunk_size=_setting("chunk_size"),
         rule_impl=_setting("rule_impl"), vocab_size=_VOCAB.value,
-        layer_pattern=_setting("layer_pattern"), attn_window=_setting("attn_window"))
+        layer_pattern=_setting("layer_pattern"), attn_window=_setting("attn_window"),
+        lr_overrides=tuple(_LR_OVERRIDES.value))
     configs[scheme] = dataclasses.asdict(cc)
     for parametrization in _PARAMS.value.split(","):
       name, _, variant = parametrization.partition("+")

@@ -65,6 +65,7 @@ class CoordCheckConfig:
   sp_tied_embedding: bool = False        # a tied embedding trained as SP trains it (mup.build_model)
   layer_pattern: str = ""     # hybrid models: ModelConfig.layer_pattern ("" = all GDN)
   attn_window: int = 16       # the window of 'S' blocks
+  lr_overrides: tuple[str, ...] = ()     # ablations of a rule: mup.parse_lr_overrides specs
 
   def __post_init__(self):
     if self.scheme not in SCHEMES:
@@ -181,7 +182,8 @@ def run_width(width: int, cc: CoordCheckConfig, *, parametrization: str, optimiz
     if step is None:  # one compiled step per width, shared by all seeds
       tx = mup.make_optimizer(model, parametrization=parametrization, optimizer=optimizer,
                               learning_rate=1.0, base_config=base,
-                              sp_tied_embedding=cc.sp_tied_embedding)
+                              sp_tied_embedding=cc.sp_tied_embedding,
+                              lr_overrides=mup.parse_lr_overrides(cc.lr_overrides))
       step = jax.jit(make_train_step(graphdef, tx))
     opt_state = tx.init(params)
     tokens = markov_batch(seed, cc)  # fixed across widths and steps
