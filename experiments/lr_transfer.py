@@ -93,6 +93,12 @@ _TAG = flags.DEFINE_string("tag", None, "Results file tag (default: the preset).
 _RESULTS_DIR = flags.DEFINE_string("results_dir", RESULTS, "Where the JSONL and outputs go.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder holding <slice>/{train,val}.npy "
                                 "(python -m gdn_jax.data.build_corpus --sources=...).")
+_DATA_SLICE = flags.DEFINE_string("data_slice", None, "Data slice instead of the preset's (e.g. "
+                                  "heldout_b); its runs go to lr_transfer_<preset>_<slice>.jsonl "
+                                  "unless --tag names the file.")
+_RULE_IMPL = flags.DEFINE_enum("rule_impl", None, ["auto", "chunked", "pallas", "recurrent"],
+                               "The rule inside the sweep's programs instead of the preset's "
+                               "(auto: the Pallas kernels on GPU, vmapped with the replicas).")
 _WIDTHS = flags.DEFINE_list("widths", None, "Only these widths (default: the preset's).")
 _OPTS = flags.DEFINE_list("optimizers", None, "Only these optimizers.")
 _ROWS = flags.DEFINE_list("rows", None, "Only these rows, e.g. paper,paper+mixer_out,sp.")
@@ -109,7 +115,7 @@ _LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Variant: NAME[:out]:POWER 
 def model_config(p: Protocol, width: int, extra: dict):
   from gdn_jax import families  # pylint: disable=import-outside-toplevel
   common = dict(vocab_size=256, num_layers=p.layers, chunk_size=64 if p.seq_len >= 64 else 16,
-                rule_impl="chunked", dtype=p.dtype, **{**p.model_overrides, **extra})
+                rule_impl=p.rule_impl, dtype=p.dtype, **{**p.model_overrides, **extra})
   if p.family == "paper":
     return families.paper_config(width, **common)
   if p.family == "heads":
@@ -169,6 +175,7 @@ def run_job(p: Protocol, job: dict, data_dir: str | None) -> list[dict]:
   import jax  # pylint: disable=import-outside-toplevel
   from gdn_jax import sweep, train  # pylint: disable=import-outside-toplevel
   from gdn_jax.model import num_params  # pylint: disable=import-outside-toplevel
+  from gdn_jax.mup import tables  # pylint: disable=import-outside-toplevel
   if p.data not in _WORKER_CACHE:
     tr, va = load_slice(data_dir, p.data)
     _WORKER_CACHE[p.data] = (np.asarray(tr), sweep.fixed_windows(np.asarray(va), p.batch,
@@ -212,7 +219,10 @@ def run_job(p: Protocol, job: dict, data_dir: str | None) -> list[dict]:
           clipped_fraction=float(np.mean(norms > clip)) if clip else None,
           nonfinite_steps=int(grid.nonfinite_steps[si, li]), steps=p.steps, batch=p.batch,
           seq_len=p.seq_len, layers=p.layers, tokens=p.steps * p.batch * p.seq_len,
-          params=num_params(train.model_config(config)), program=program, **env))
+          params=num_params(train.model_config(config)), program=program,
+          sgd_qk_heads_power=(tables.get(job["parametrization"]).sgd_qk_heads_power
+                              if config.optimizer.sgd_qk_heads_rule else 0.0),
+          rule_impl=config.model.rule_impl, **env))
   return rows
 
 
@@ -240,11 +250,31 @@ def protocol() -> Protocol:
   if p.base_width not in widths:
     widths = (p.base_width,) + widths
   return dataclasses.replace(p, widths=widths, optimizers=keep(p.optimizers, _OPTS, str),
-                             rows=keep(p.rows, _ROWS, lambda r: row_name(*r)))
+                             rows=keep(p.rows, _ROWS, lambda r: row_name(*r)),
+                             data=_DATA_SLICE.value or p.data,
+                             rule_impl=_RULE_IMPL.value or p.rule_impl)
+
+
+def results_file(results_dir: str, preset: str, tag: str | None = None,
+                 data_slice: str | None = None) -> str:
+  """One JSONL per (preset, data slice): runs on another slice never share a file (or a plan)."""
+  default = (preset if not data_slice or data_slice == PRESETS[preset].data
+             else f"{preset}_{data_slice}")
+  return os.path.join(results_dir, f"lr_transfer_{tag or default}.jsonl")
 
 
 def results_path() -> str:
-  return os.path.join(_RESULTS_DIR.value, f"lr_transfer_{_TAG.value or _PRESET.value}.jsonl")
+  return results_file(_RESULTS_DIR.value, _PRESET.value, _TAG.value, _DATA_SLICE.value)
+
+
+def check_data(rows: list[dict], data: str, path: str):
+  """ValueError if `path` holds runs on another data slice than the sweep's (a plan over mixed
+  slices would pick grids and optima from the wrong curves)."""
+  other = sorted({r["data"] for r in rows if r.get("data") not in (None, data)})
+  if other:
+    raise ValueError(f"{path} holds runs on data slice(s) {other}; this sweep trains on {data!r}. "
+                     "Expected --tag naming another file, or the slice those runs used "
+                     "(--data_slice).")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -257,6 +287,7 @@ def read_rows(path: str) -> list[dict]:
 def run_sweep(p: Protocol):
   path = results_path()
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  check_data(read_rows(path), p.data, path)
   start, in_flight = time.time(), {}
   workers = max(1, _WORKERS.value)
   if workers > 1:   # the workers inherit this: each takes an equal share of device memory

@@ -45,6 +45,8 @@ class Protocol:
   warmup: int
   final_fraction: float = 0.1
   dtype: str = "bfloat16"
+  rule_impl: str = "chunked"                 # the rule inside the vmapped program ("auto": the
+                                             # Pallas kernels on GPU; gdn_jax.ops.IMPLS)
   head_dim: int = 32                         # "heads": fixed head dim
   num_heads: int = 4                         # "dims": fixed head count
   grid: dict | None = None                   # optimizer → (lo, hi, step): fixed grids, no pilot

@@ -3,6 +3,8 @@ width, and one of its jobs trains end to end through the trainer's config (tiny,
 import dataclasses
 import math
 
+import pytest
+
 
 from experiments import lr_transfer
 from gdn_jax import mup
@@ -45,3 +47,22 @@ def test_a_hybrid_job_trains_end_to_end_on_the_embedded_corpus():
   assert [(r["scheme"], r["width"], r["log2_lr"]) for r in rows] == \
       [("heads+GGGA", 64, -8.0), ("heads+GGGA", 64, -6.0)]
   assert all(r["val_loss"] is not None and 4.0 < r["val_loss"] < 6.5 for r in rows)
+  assert all(r["sgd_qk_heads_power"] == -1.0 for r in rows)    # the table the rows were run on
+
+
+def test_each_data_slice_gets_its_own_results_file_and_mixed_files_are_refused():
+  path = lambda **kw: lr_transfer.results_file("/r", "heads", **kw)
+  assert path() == path(data_slice="heldout_a") == "/r/lr_transfer_heads.jsonl"
+  assert path(data_slice="heldout_b") == "/r/lr_transfer_heads_heldout_b.jsonl"
+  assert path(tag="x", data_slice="heldout_b") == "/r/lr_transfer_x.jsonl"
+  rows = [dict(data="heldout_a"), dict(data="heldout_a")]
+  lr_transfer.check_data(rows, "heldout_a", "f.jsonl")            # same slice: fine
+  with pytest.raises(ValueError, match=r"data slice\(s\) \['heldout_a'\].*--tag"):
+    lr_transfer.check_data(rows, "heldout_b", "f.jsonl")
+
+
+def test_the_heads_preset_uses_the_output_norm_eps_that_sgd_needs():
+  heads = lr_transfer.PRESETS["heads"]
+  c = lr_transfer.model_config(heads, 1024, {})
+  assert c.output_norm_eps == 1e-3 and c.num_heads == 32 and c.head_k_dim == 32
+  assert lr_transfer.PRESETS["hybrid"].model_overrides.get("output_norm_eps") is None

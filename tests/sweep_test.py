@@ -73,6 +73,20 @@ def test_grouped_replicas_equal_one_program():
     sweep.train_grid(c, [1e-3], [0], TOKENS, VAL[:, :, :5])
 
 
+def test_the_pallas_kernels_inside_the_vmapped_program_equal_the_xla_rule():
+  """rule_impl "pallas" (interpret mode on CPU): pallas_call and its custom VJP batched over the
+  replicas by vmap, inside the scan over steps, train as the pure-JAX chunked rule does."""
+  runs = {}
+  for impl in ("chunked", "pallas"):
+    c = grid_config(steps=3)
+    c.model.rule_impl = impl
+    runs[impl] = sweep.train_grid(c, [1e-3, 1e-2], [0, 1], TOKENS, VAL)
+  np.testing.assert_allclose(runs["pallas"].train_loss, runs["chunked"].train_loss, rtol=1e-5)
+  np.testing.assert_allclose(runs["pallas"].grad_norm, runs["chunked"].grad_norm, rtol=1e-4)
+  np.testing.assert_allclose(runs["pallas"].val_loss, runs["chunked"].val_loss, rtol=1e-5)
+  assert abs(runs["pallas"].val_loss[0, 0] - runs["pallas"].val_loss[0, 1]) > 1e-4
+
+
 def test_divergence_counts_and_marks_the_run():
   c = grid_config(steps=3)
   c.optimizer.grad_clip = 0.0
