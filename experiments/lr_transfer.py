@@ -284,10 +284,33 @@ def read_rows(path: str) -> list[dict]:
     return [r for r in (json.loads(line) for line in f if line.strip()) if r.get("kind") == "run"]
 
 
+def check_table(p: Protocol, rows: list[dict], path: str):
+  """ValueError if `path` holds SGD runs trained with another W_q, W_k heads factor than this
+  code's table gives them (a row written before the rule records none: power 0). Only the factor
+  (H/H_base)^power counts, so runs at the base width, and in families whose head count is fixed
+  (the paper's), are the same under either table."""
+  from gdn_jax.mup import tables  # pylint: disable=import-outside-toplevel
+  heads = lambda width: model_config(p, width, {}).num_heads
+  for r in rows:
+    if r["optimizer"] != "sgd":
+      continue
+    ratio = heads(r["width"]) / heads(p.base_width)
+    then = r.get("sgd_qk_heads_power", 0.0)
+    now = tables.get(r["parametrization"]).sgd_qk_heads_power
+    if ratio ** then != ratio ** now:
+      raise ValueError(
+          f"{path} holds {r['parametrization']} SGD runs at width {r['width']} trained with W_q, "
+          f"W_k's LR × (H/H_base)^{then:g}; the table now gives ^{now:g}, so new runs would not "
+          "extend them. Expected --tag naming another file, or an --lr_override that gives the "
+          f"old factor (e.g. q_proj:{then - now:g},k_proj:{then - now:g}) with rows relabelled "
+          "as in experiments/NOTES_lr_transfer.md.")
+
+
 def run_sweep(p: Protocol):
   path = results_path()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   check_data(read_rows(path), p.data, path)
+  check_table(p, read_rows(path), path)
   start, in_flight = time.time(), {}
   workers = max(1, _WORKERS.value)
   if workers > 1:   # the workers inherit this: each takes an equal share of device memory

@@ -66,3 +66,17 @@ def test_the_heads_preset_uses_the_output_norm_eps_that_sgd_needs():
   c = lr_transfer.model_config(heads, 1024, {})
   assert c.output_norm_eps == 1e-3 and c.num_heads == 32 and c.head_k_dim == 32
   assert lr_transfer.PRESETS["hybrid"].model_overrides.get("output_norm_eps") is None
+
+
+def test_sgd_runs_of_another_qk_heads_factor_are_refused():
+  """A file of SGD runs made before the table's W_q, W_k heads rule (no field: power 0) cannot
+  be extended where the factor differs (heads scheme off the base width), and can where it is
+  the same (the base width; the paper's family, whose head count is fixed; AdamW)."""
+  heads, paper = lr_transfer.PRESETS["heads"], lr_transfer.PRESETS["paper"]
+  old = lambda width, opt="sgd", **kw: dict(parametrization="mup", optimizer=opt, width=width, **kw)
+  lr_transfer.check_table(heads, [old(128), old(1024, "adamw"),
+                                  old(1024, sgd_qk_heads_power=-1.0)], "f.jsonl")
+  lr_transfer.check_table(paper, [old(1024)], "f.jsonl")
+  with pytest.raises(ValueError, match=r"width 1024 .*\^0; the table now gives \^-1.*q_proj:1"):
+    lr_transfer.check_table(heads, [old(128), old(1024)], "f.jsonl")
+  lr_transfer.check_table(heads, [dict(old(1024), parametrization="sp")], "f.jsonl")

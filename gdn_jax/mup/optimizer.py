@@ -87,10 +87,10 @@ def make_optimizer(model, *, parametrization: str, optimizer: str = "adamw", lea
       AdamW:  θ ← θ − lr · r_p · (adam(g) + wd · w_p · θ)
       SGD:    θ ← θ − lr · r_p · trace_momentum(g + wd · w_p · θ)
   `learning_rate` is a float or an optax schedule. `lr_overrides`, `weight_decay_convention`,
-  `sp_tied_embedding`, `sgd_qk_heads_rule`: see `param_groups`. `inner`: the base transformation per group instead of
-  Adam / momentum, as a callable `inner(group)` or a dict keyed by group label or class name
-  (every group must find one); it must not scale by the LR: decay, LR and μP multiplier are
-  added around it.
+  `sp_tied_embedding`, `sgd_qk_heads_rule`: see `param_groups`. `inner`: the base
+  transformation per group instead of Adam / momentum, as a callable `inner(group)` or a dict
+  keyed by group label or class name (every group must find one); it must not scale by the LR:
+  decay, LR and μP multiplier are added around it.
   """
   tables.check_optimizer(optimizer)
   by_path = param_groups(model, parametrization=parametrization, optimizer=optimizer,

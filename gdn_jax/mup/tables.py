@@ -187,7 +187,7 @@ MUP = Parametrization(
 PAPER_ROLE_CLASS = {
     "embedding": "embedding",     # tied with the LM head in the paper's models
     "matrix": "hidden",           # every nn.Linear: q, k, v, g, o, MLP
-    "qk_proj": "hidden",          # W_q, W_k (nn.Linear too; the project's SGD rule singles them out)
+    "qk_proj": "hidden",          # W_q, W_k (nn.Linear; the project's SGD table singles them out)
     "conv": "hidden",             # the short convs are nn.Conv1d: the Linear init and groups
     "readout": "readout",         # an untied LM head (the reference ties it)
     "norm": "norm",               # RMSNorm gains, incl. the gated output norm

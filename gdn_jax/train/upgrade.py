@@ -13,7 +13,8 @@ config file resumes them.
 
 config.json: the missing fields are added with the defaults that give the earlier behaviour
 (`mixer_output_multiplier` False, `sp_tied_embedding` False, `optimizer.nesterov` False,
-`optimizer.weight_decay_convention` "", `optimizer.sgd_qk_heads_rule` False); the file before is kept as config.json.before-upgrade.
+`optimizer.weight_decay_convention` "", `optimizer.sgd_qk_heads_rule` False); the file before is
+kept as config.json.before-upgrade.
 
 Every checkpoint (not only the latest): `opt_state` goes from the earlier chain (per-leaf μP
 multipliers, the schedule with the peak LR inside) to `gdn_jax.train.make_tx`'s
