@@ -291,10 +291,11 @@ def check_table(p: Protocol, rows: list[dict], path: str):
   (the paper's), are the same under either table."""
   from gdn_jax.mup import tables  # pylint: disable=import-outside-toplevel
   heads = lambda width: model_config(p, width, {}).num_heads
+  base_heads = heads(p.base_width)
   for r in rows:
     if r["optimizer"] != "sgd":
       continue
-    ratio = heads(r["width"]) / heads(p.base_width)
+    ratio = heads(r["width"]) / base_heads
     then = r.get("sgd_qk_heads_power", 0.0)
     now = tables.get(r["parametrization"]).sgd_qk_heads_power
     if ratio ** then != ratio ** now:
@@ -309,8 +310,9 @@ def check_table(p: Protocol, rows: list[dict], path: str):
 def run_sweep(p: Protocol):
   path = results_path()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  check_data(read_rows(path), p.data, path)
-  check_table(p, read_rows(path), path)
+  rows = read_rows(path)
+  check_data(rows, p.data, path)
+  check_table(p, rows, path)
   start, in_flight = time.time(), {}
   workers = max(1, _WORKERS.value)
   if workers > 1:   # the workers inherit this: each takes an equal share of device memory

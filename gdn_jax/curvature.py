@@ -185,21 +185,20 @@ def head_summary(runs: list[dict], samples: int = 20000, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   out = {}
   widths = sorted({r["width"] for r in runs if "head_h_max" in next(iter(r["layers"].values()))})
-  if len(widths) < 1:
+  if not widths:
     return out
   for layer in sorted({k for r in runs for k in r["layers"]}):
-    per_width = {}
+    per_width, pooled = {}, {}
     for w in widths:
       rs = [r for r in runs if r["width"] == w]
-      heads = np.concatenate([r["layers"][layer]["head_h_max"] for r in rs])
+      heads = pooled[w] = np.concatenate([r["layers"][layer]["head_h_max"] for r in rs])
       per_width[w] = dict(heads=rs[0]["heads"], n=len(heads), median=float(np.median(heads)),
                           p90=float(np.percentile(heads, 90)), max=float(heads.max()),
                           block_h_max=float(np.median([r["layers"][layer]["h_max"] for r in rs])))
     entry = dict(per_width=per_width)
     if len(widths) > 1:
       lo, hi = per_width[widths[0]], per_width[widths[-1]]
-      pool = np.concatenate([r["layers"][layer]["head_h_max"] for r in runs
-                             if r["width"] == widths[-1]])
+      pool = pooled[widths[-1]]
       emax = lambda h: float(np.mean(rng.choice(pool, (samples, h)).max(axis=1)))
       entry.update(
           predicted_block_growth_log2=float(np.log2(emax(hi["heads"]) / emax(lo["heads"]))),
