@@ -25,8 +25,9 @@ Per config (batch × seq_len tokens a step, bf16 compute, float32 parameters and
   the (data, model) mesh on one device, `jit_steps`: `make_train_step` under the mesh, with the
   trainer's donation), compiled ahead of time (compile s), then `--warmup` steps and `--steps`
   timed steps, each waited for (block_until_ready); median step time. rule_impl "auto" = the
-  Pallas kernels on GPU (`--rule_impls=auto,chunked` adds the XLA rule as a row). "pipelined ms"
-  is the mean of `--steps` more steps without waiting between them, as the trainer runs them.
+  Pallas kernels on GPU (`--rule_impls=auto,chunked` adds the XLA rule as a row;
+  `--loss_chunk_sizes=0,4096` adds rows with the LM head and the loss fused over chunks of 4096
+  tokens, ModelConfig.loss_chunk_size). "pipelined ms" is the mean of `--steps` more steps without waiting between them, as the trainer runs them.
 - fla: `GatedDeltaNetForCausalLM` with the config bench_decode.FlaBench builds (same sizes),
   float32 parameters, `torch.autocast(bfloat16)`, `torch.optim.AdamW(fused=True)` with the
   trainer config's lr, betas, eps and weight decay; a step is loss = model(input_ids,
@@ -105,6 +106,7 @@ class Options:
   steps: int = 10                      # timed steps (median reported)
   warmup: int = 3                      # steps after compile / the first step, not timed
   rule_impls: tuple = ("auto",)        # gdn-jax rows: the model's rule_impl
+  loss_chunk_sizes: tuple = (0,)       # × the model's loss_chunk_size (0: logits, then the loss)
   fla: bool = True
   fla_modes: tuple = ("eager", "compile")
   fla_first: bool = True
@@ -131,6 +133,10 @@ def check_options(opts: Options):
   require(isinstance(opts.warmup, int) and opts.warmup >= 0, "warmup", opts.warmup, "an int ≥ 0")
   require(opts.rule_impls and all(i in IMPLS for i in opts.rule_impls), "rule_impls",
           ",".join(opts.rule_impls), f"a comma-separated list of {IMPLS}")
+  require(opts.loss_chunk_sizes and all(isinstance(c, int) and c >= 0
+                                        for c in opts.loss_chunk_sizes), "loss_chunk_sizes",
+          ",".join(map(str, opts.loss_chunk_sizes)), "a comma-separated list of ints ≥ 0 (tokens "
+          "per chunk of the fused head + loss; 0: off)")
   require(all(m in FLA_MODES for m in opts.fla_modes), "fla_modes", ",".join(opts.fla_modes),
           f"a comma-separated list of {tuple(FLA_MODES)} (empty: none)")
   require(opts.peak_tflops >= 0, "peak_tflops", opts.peak_tflops,
@@ -147,6 +153,12 @@ def train_config(name: str, batch: int, seq_len: int, rule_impl: str = "auto"):
   c.data.batch_size, c.data.seq_len = batch, seq_len
   config_lib.validate_config(c)
   return c
+
+
+def gdn_label(rule_impl: str, loss_chunk_size: int) -> str:
+  """A gdn-jax row's name: "gdn-jax" for the trainer's defaults, else what differs."""
+  return ("gdn-jax" + ("" if rule_impl == "auto" else f" {rule_impl}")
+          + (f" fused loss/{loss_chunk_size}" if loss_chunk_size else ""))
 
 
 def step_stats(row: dict, seconds: list, tokens: int, flops: float, peak: float | None) -> dict:
@@ -299,9 +311,9 @@ def part_of_op(stack: list[tuple[str, str]], op_name: str) -> str:
     part = "rule"
   elif has("Attention.__call__"):
     part = "attention"
-  elif has("cross_entropy"):
-    part = "loss"
-  elif has("GatedDeltaNetLM._logits"):
+  elif has("cross_entropy") or any(file.endswith("loss.py") for file, _ in stack):
+    part = "loss"                    # with loss_chunk_size > 0: the LM head's products too
+  elif has("GatedDeltaNetLM._logits", "GatedDeltaNetLM.loss"):
     part = "head"
   elif has("Embed.__call__"):
     part = "embed"
@@ -560,18 +572,20 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
     log(f"{row['config']} {row['impl']}: {row['error']}")
 
   def gdn_rows(name, config, flops):
-    for i, impl in enumerate(opts.rule_impls):
-      label = "gdn-jax" if impl == "auto" else f"gdn-jax {impl}"
+    variants = [(impl, lc) for impl in opts.rule_impls for lc in opts.loss_chunk_sizes]
+    for i, (impl, lc) in enumerate(variants):
+      label = gdn_label(impl, lc)
       if over_budget(f"{name} {label}"):
         continue
       row = base_row(name, label)
       gdn = None
       try:
         config.model.rule_impl = impl
+        config.model.loss_chunk_size = lc
         gdn = gdn_factory(config, device)
         mc = gdn.model_config
-        row.update(rule_impl=impl, init_s=gdn.init_s, compile_s=gdn.compile(),
-                   memory=gdn.memory())
+        row.update(rule_impl=impl, loss_chunk_size=lc, init_s=gdn.init_s,
+                   compile_s=gdn.compile(), memory=gdn.memory())
         if impl == "auto":
           row["rule_impl_resolved"] = default_impl(device.platform, mc.head_k_dim, mc.head_v_dim)
         _, (row["loss_step1"],) = gdn.run(1)
@@ -752,7 +766,8 @@ def main(argv):
   f = flags.FLAGS
   strs = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
   opts = Options(configs=strs(f.configs), batch=f.batch, seq_len=f.seq_len, steps=f.steps,
-                 warmup=f.warmup, rule_impls=strs(f.rule_impls), fla=f.fla,
+                 warmup=f.warmup, rule_impls=strs(f.rule_impls),
+                 loss_chunk_sizes=tuple(int(x) for x in strs(f.loss_chunk_sizes)), fla=f.fla,
                  fla_modes=strs(f.fla_modes), fla_first=f.fla_first, fla_clip=f.fla_clip,
                  fla_fuse_cross_entropy=f.fla_fuse_cross_entropy,
                  fla_lift_guard=f.fla_lift_guard, profile=f.profile,
@@ -772,6 +787,9 @@ def define_flags():
   flags.DEFINE_integer("warmup", d.warmup, "Untimed steps after compiling and the first step.")
   flags.DEFINE_string("rule_impls", ",".join(d.rule_impls), "Comma-separated rule_impl of the "
                       f"gdn-jax rows, from {IMPLS} (auto: Pallas on one GPU).")
+  flags.DEFINE_string("loss_chunk_sizes", ",".join(map(str, d.loss_chunk_sizes)),
+                      "Comma-separated loss_chunk_size of the gdn-jax rows (× rule_impls): tokens "
+                      "per chunk of the fused LM head + cross-entropy; 0 = logits, then the loss.")
   flags.DEFINE_bool("fla", d.fla, "fla rows (needs torch, fla-core, flash-linear-attention).")
   flags.DEFINE_string("fla_modes", ",".join(d.fla_modes), "Comma-separated fla rows: eager, "
                       "compile (torch.compile(model)).")

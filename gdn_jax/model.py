@@ -31,6 +31,7 @@ from flax import nnx
 
 from gdn_jax.attention import Attention
 from gdn_jax.layers import Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU, decode_dot
+from gdn_jax.loss import cross_entropy, linear_cross_entropy
 from gdn_jax.model_config import DTYPES, LAYER_KINDS, ModelConfig  # noqa: F401 (re-exported)
 from gdn_jax.model_size import flops_per_token, num_params, rule_flops_per_token_per_head  # noqa: F401
 
@@ -142,15 +143,43 @@ class GatedDeltaNetLM(nnx.Module):
       raise ValueError(f"GatedDeltaNetLM: `segment_ids` has shape {tuple(segment_ids.shape)}; "
                        f"expected the tokens' shape {tuple(tokens.shape)}.")
 
-  def __call__(self, tokens_BxT, segment_ids_BxT=None):
-    """Logits [B, T, V] (float32). segment_ids: packed documents never see each other."""
+  def _trunk(self, tokens_BxT, segment_ids_BxT):
+    """The residual stream after the last block, x_L [B, T, D]."""
     self._check_tokens(tokens_BxT, segment_ids_BxT)
     x = self.embed(tokens_BxT)
     if self.record:
       self.sow(nnx.Intermediate, 'embed_out', x)
     for block in self.blocks:
       x = block(x, segment_ids_BxT)
-    return self._logits(x)
+    return x
+
+  def __call__(self, tokens_BxT, segment_ids_BxT=None):
+    """Logits [B, T, V] (float32). segment_ids: packed documents never see each other."""
+    return self._logits(self._trunk(tokens_BxT, segment_ids_BxT))
+
+  def loss(self, tokens_BxT, targets_BxT, segment_ids_BxT=None):
+    """Mean cross-entropy of the logits at `tokens` against `targets` [B, T] (float32).
+
+    With config.loss_chunk_size > 0 the LM head and the loss run fused over token chunks
+    (gdn_jax.loss.linear_cross_entropy; the logits are not stored, nor recorded); else it is
+    cross_entropy(self(tokens), targets). The two agree to float32 rounding (bf16 compute: the
+    fused one skips rounding the logits to bf16).
+    """
+    if not self.config.loss_chunk_size or self.record:
+      return cross_entropy(self(tokens_BxT, segment_ids_BxT), targets_BxT)
+    if targets_BxT.shape != tokens_BxT.shape:
+      raise ValueError(f"GatedDeltaNetLM.loss: `targets` has shape {tuple(targets_BxT.shape)}; "
+                       f"expected the tokens' shape {tuple(tokens_BxT.shape)}.")
+    h = self.final_norm(self._trunk(tokens_BxT, segment_ids_BxT))
+    B, T, D = h.shape
+    if self.config.tie_embeddings:
+      w, m = self.embed.embedding[...], self.embed.attend_multiplier
+    else:
+      w, m = self.lm_head.kernel[...], self.lm_head.multiplier
+    return linear_cross_entropy(
+        h.reshape(B * T, D), w, targets_BxT.reshape(B * T), multiplier=m,
+        chunk_size=self.config.loss_chunk_size, transpose_w=self.config.tie_embeddings,
+        compute_dtype=self.config.dtype)
 
   def _check_max_len(self, max_len, where: str, tokens: int = 0):
     if "A" not in self.config.layer_kinds:

@@ -42,6 +42,9 @@ class ModelConfig:
     init_std: std of every Linear / Embed init at this config (μP rescales it; docs/mup.md).
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
     chunk_size: chunk length of the chunked rule; rule_impl: gated_delta_rule's `impl`.
+    loss_chunk_size: tokens per chunk of the training loss's fused LM head + cross-entropy
+      (gdn_jax.loss.linear_cross_entropy: the [B, T, V] logits are never stored); 0 = logits,
+      then cross-entropy. A compute knob: parameters and the model's outputs do not change.
 
   Hybrid models (gdn_jax.attention; all ignored while layer_pattern has no 'A' or 'S'):
     layer_pattern: one letter per block, tiled to num_layers: 'G' GDN, 'A' full causal attention,
@@ -80,6 +83,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   chunk_size: int = 64
   rule_impl: str = "auto"
+  loss_chunk_size: int = 0
   layer_pattern: str = ""
   num_attn_heads: int | None = None
   num_kv_heads: int | None = None
@@ -117,6 +121,10 @@ class ModelConfig:
                          f"{DTYPES}.")
     if self.rule_impl not in IMPLS:
       raise ValueError(f"ModelConfig: `rule_impl`={self.rule_impl!r}; expected one of {IMPLS}.")
+    lc = self.loss_chunk_size
+    if not isinstance(lc, int) or isinstance(lc, bool) or lc < 0:
+      raise ValueError(f"ModelConfig: `loss_chunk_size`={lc!r}; expected an int ≥ 0 (tokens per "
+                       "chunk of the fused head + cross-entropy, e.g. 4096; 0 = off).")
     c = self.chunk_size
     if not isinstance(c, int) or c < 16 or c > 128 or c & (c - 1):
       raise ValueError(f"ModelConfig: `chunk_size`={c!r}; expected a power of two in [16, 128].")

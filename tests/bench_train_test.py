@@ -188,6 +188,30 @@ def test_tiny_run_times_the_trainers_step(tmp_path):
   assert "matmul (gemm/cuBLAS)" in kind_of.values()
 
 
+
+def test_fused_loss_rows_time_the_same_training_and_profile_it_as_the_loss(tmp_path):
+  """--loss_chunk_sizes=0,8: a second gdn-jax row whose model fuses the LM head with the loss;
+  same first loss (bf16 compute: within bf16 error), and its products count as the loss part."""
+  made = []
+
+  def gdn_factory(config, device):
+    g = bench_train.GdnTrain(config, device)
+    made.append(g)
+    return g
+
+  opts = bench_train.Options(configs=("tiny",), batch=B, seq_len=T, steps=1, warmup=0,
+                             loss_chunk_sizes=(0, 8), fla=False, profile=False,
+                             out_dir=str(tmp_path))
+  res = bench_train.run(opts, log=lambda *a: None, gdn_factory=gdn_factory)
+  plain, fused = res["rows"]
+  assert (plain["impl"], fused["impl"]) == ("gdn-jax", "gdn-jax fused loss/8")
+  assert (plain["loss_chunk_size"], fused["loss_chunk_size"]) == (0, 8)
+  assert [g.model_config.loss_chunk_size for g in made] == [0, 8]
+  assert "error" not in fused and fused["step_ms"] > 0
+  assert abs(fused["loss_step1"] - plain["loss_step1"]) < 2e-2
+  parts = set(bench_train.train_scopes(made[1].compiled.as_text())[0].values())
+  assert {"loss fwd", "loss bwd", "rule fwd", "rule bwd", "head fwd"} <= parts, parts
+
 _HLO = '''FileNames
 1 "/w/gdn_jax/train/step.py"
 2 "/w/gdn_jax/model.py"
@@ -271,7 +295,7 @@ def test_profile_parts_kinds_and_phases_from_a_trace():
 @pytest.mark.parametrize("field, value, flag", [
     ("configs", ("93m", "1b"), "--configs"), ("batch", 0, "--batch"), ("seq_len", -1, "--seq_len"),
     ("steps", 0, "--steps"), ("warmup", -1, "--warmup"), ("rule_impls", ("fast",), "--rule_impls"),
-    ("fla_modes", ("jit",), "--fla_modes"), ("peak_tflops", -1.0, "--peak_tflops"),
+    ("fla_modes", ("jit",), "--fla_modes"), ("loss_chunk_sizes", (0, -8), "--loss_chunk_sizes"), ("peak_tflops", -1.0, "--peak_tflops"),
     ("time_budget_s", 0.0, "--time_budget_s")])
 def test_bad_options_name_the_flag(field, value, flag):
   opts = bench_train.dataclasses.replace(bench_train.Options(), **{field: value})
