@@ -34,6 +34,7 @@ first two --variants, the other prompts, the other variants, the loop before iss
 """
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import functools
@@ -314,18 +315,55 @@ def hlo_scopes(hlo_text: str) -> dict:
   return out
 
 
-def summarize_trace(data, scope_of: dict, steps: int, wall_s: float) -> dict:
-  """Kernel events of the device planes → per-step time by scope, gaps and the top kernels."""
-  events = []
+def _hlo_key(name: str) -> str:
+  """An HLO instruction's name as XLA's GPU backend names its kernel: '%fusion.81 = …' and
+  'fusion.81' → 'fusion_81' (kernel names replace '.' and '-' by '_')."""
+  return re.sub(r"[.\-]", "_", name.strip().lstrip("%").split(" ", 1)[0])
+
+
+def _containing(intervals: list, starts: list, t: int) -> str | None:
+  """The name of the (start, end, name) interval that contains t (sorted by start), or None."""
+  i = bisect.bisect_right(starts, t) - 1
+  return intervals[i][2] if i >= 0 and intervals[i][0] <= t < intervals[i][1] else None
+
+
+def summarize_trace(data, scope_of: dict, steps: int, wall_s: float,
+                    fallback=None) -> dict:
+  """Kernel events of the device planes → per-step time by scope, gaps and every kernel.
+
+  A kernel's HLO instruction is, in order: its `hlo_op` stat; the event of the plane's
+  "XLA Ops" line whose interval holds the kernel's start; the kernel's own name (a fusion's
+  kernel is named after it). Each is looked up as written, then as a kernel name ('.' → '_').
+  Unmatched kernels take `fallback(kernel name)` (default: "matmul (unscoped)" for gemm-like
+  names, else "other"). `matched_fraction` says how much of the busy time was looked up.
+  """
+  if fallback is None:
+    fallback = lambda n: ("matmul (unscoped)" if re.search(r"dot|gemm|cublas|nvjet", n, re.I)
+                          else "other")
+  keyed = {_hlo_key(k): v for k, v in scope_of.items()}
+  lookup = lambda op: None if op is None else scope_of.get(op, keyed.get(_hlo_key(op)))
+  events, stat_names, how = [], set(), {"hlo_op": 0, "xla_ops_line": 0, "kernel_name": 0}
   for plane in data.planes:
     if not plane.name.startswith("/device:"):
       continue
+    ops = sorted((e.start_ns, e.start_ns + e.duration_ns, e.name) for line in plane.lines
+                 if "XLA Ops" in line.name for e in line.events)
+    starts = [o[0] for o in ops]
     for line in plane.lines:
       if "XLA Modules" in line.name or "Steps" in line.name or "XLA Ops" in line.name:
         continue
       for e in line.events:
         stats = dict(e.stats)
-        events.append((e.start_ns, e.duration_ns, e.name, str(stats.get("hlo_op", e.name))))
+        stat_names.update(map(str, stats))
+        scope = None
+        for source, op in (("hlo_op", stats.get("hlo_op")),
+                           ("xla_ops_line", _containing(ops, starts, e.start_ns)),
+                           ("kernel_name", e.name)):
+          scope = lookup(None if op is None else str(op))
+          if scope is not None:
+            how[source] += e.duration_ns
+            break
+        events.append((e.start_ns, e.duration_ns, e.name, scope))
   if not events:
     return {"error": "no device events in the trace (CPU?)", "wall_ms_per_step":
             1e3 * wall_s / max(steps, 1)}
@@ -333,26 +371,28 @@ def summarize_trace(data, scope_of: dict, steps: int, wall_s: float) -> dict:
   busy = sum(d for _, d, _, _ in events)
   span = events[-1][0] + events[-1][1] - events[0][0]
   by_scope, by_kernel = {}, {}
-  for _, dur, name, op in events:
-    scope = scope_of.get(op)
-    if scope is None:   # an instruction without op_name metadata
-      scope = "matmul (unscoped)" if re.search(r"dot|gemm|cublas", op + name, re.I) else "other"
+  for _, dur, name, scope in events:
+    scope = fallback(name) if scope is None else scope
     by_scope[scope] = by_scope.get(scope, 0.0) + dur
     k = by_kernel.setdefault(name[:80], [0, 0.0, scope])
     k[0] += 1
     k[1] += dur
   per_step = lambda ns: ns / 1e3 / max(steps, 1)
-  top = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:15]
+  kernels = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])
   return {
       "steps": steps, "wall_ms_per_step": 1e3 * wall_s / max(steps, 1),
       "kernels_per_step": len(events) / max(steps, 1),
       "device_busy_us_per_step": per_step(busy), "device_span_us_per_step": per_step(span),
       "idle_gap_us_per_step": per_step(span - busy),
+      "matched_fraction": {k: round(v / busy, 4) for k, v in how.items()},
+      "event_stats": sorted(stat_names),
       "us_per_step_by_scope": {s: round(per_step(v), 2) for s, v in
                                sorted(by_scope.items(), key=lambda kv: -kv[1])},
       "top_kernels": [{"name": n, "calls_per_step": c / max(steps, 1),
                        "us_per_step": round(per_step(t), 2), "scope": s}
-                      for n, (c, t, s) in top]}
+                      for n, (c, t, s) in kernels[:15]],
+      "kernels": [[n, c / max(steps, 1), round(per_step(t), 2), s]
+                  for n, (c, t, s) in kernels[:400]]}
 
 
 # --------------------------------------------------------------------------------------------- fla

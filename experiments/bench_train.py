@@ -395,12 +395,41 @@ def train_scopes(hlo_text: str) -> tuple[dict, dict]:
   return part_of, kind_of
 
 
+def part_of_kernel(name: str) -> str:
+  """A kernel's part when its HLO instruction was not found: the rule's Pallas kernels are
+  named gdn_* (kernels_pallas/gpu), matmul libraries' by their own patterns."""
+  if name.startswith("gdn_"):
+    return "rule (kernel name)"
+  if re.search(r"nvjet|gemm|cublas|cutlass|xmma", name, re.I):
+    return "matmul (unmatched)"
+  return "other"
+
+
+def kind_of_kernel(name: str) -> str:
+  """A kernel's kind from its name alone (when its HLO instruction was not found)."""
+  if name.startswith("gdn_") or "triton" in name.lower():
+    return KINDS[0]
+  if re.search(r"nvjet|gemm|cublas|cutlass|xmma|dot", name, re.I):
+    return KINDS[1]
+  if "reduce" in name:
+    return KINDS[3]
+  if re.search(r"scatter|gather", name):
+    return KINDS[4]
+  if re.search(r"copy|transpose|concatenate|slice|pad|memcpy", name, re.I):
+    return KINDS[5]
+  if "fusion" in name:
+    return KINDS[6]
+  return KINDS[7]
+
+
 def profile_summary(data, part_of: dict, kind_of: dict, steps: int, wall_s: float) -> dict:
   """bench_decode.summarize_trace by part and by kind → ms per step, shares, phases."""
-  by_part = bench_decode.summarize_trace(data, part_of, steps=steps, wall_s=wall_s)
+  by_part = bench_decode.summarize_trace(data, part_of, steps=steps, wall_s=wall_s,
+                                         fallback=part_of_kernel)
   if "error" in by_part:
     return by_part
-  by_kind = bench_decode.summarize_trace(data, kind_of, steps=steps, wall_s=wall_s)
+  by_kind = bench_decode.summarize_trace(data, kind_of, steps=steps, wall_s=wall_s,
+                                         fallback=kind_of_kernel)
   busy_us = by_part["device_busy_us_per_step"]
   ms = lambda d: {k: round(v / 1e3, 4) for k, v in d.items()}
   phases = {}
@@ -408,22 +437,45 @@ def profile_summary(data, part_of: dict, kind_of: dict, steps: int, wall_s: floa
     phase = part.rsplit(" ", 1)[-1] if part.endswith((" fwd", " bwd")) else (
         "optimizer" if part == "optimizer" else "other")
     phases[phase] = phases.get(phase, 0.0) + us
-  kinds = {k["name"]: k["scope"] for k in by_kind["top_kernels"]}
+  kinds = {k[0]: k[3] for k in by_kind["kernels"]}
   return {
       "steps": steps, "wall_ms_per_step": by_part["wall_ms_per_step"],
       "device_busy_ms_per_step": busy_us / 1e3,
       "device_span_ms_per_step": by_part["device_span_us_per_step"] / 1e3,
       "idle_gap_ms_per_step": by_part["idle_gap_us_per_step"] / 1e3,
       "kernels_per_step": by_part["kernels_per_step"],
+      "matched_fraction": by_part["matched_fraction"], "event_stats": by_part["event_stats"],
       "ms_per_step_by_part": ms(by_part["us_per_step_by_scope"]),
       "ms_per_step_by_phase": ms(dict(sorted(phases.items(), key=lambda kv: -kv[1]))),
       "ms_per_step_by_kind": ms(by_kind["us_per_step_by_scope"]),
       "top_kernels": [{"name": k["name"], "calls_per_step": k["calls_per_step"],
                        "ms_per_step": k["us_per_step"] / 1e3, "part": k["scope"],
-                       "kind": kinds.get(k["name"], "")} for k in by_part["top_kernels"]]}
+                       "kind": kinds.get(k["name"], "")} for k in by_part["top_kernels"]],
+      "kernels": [[n, calls, round(us / 1e3, 4), part, kinds.get(n, "")]
+                  for n, calls, us, part in by_part["kernels"]]}
 
 
 # --------------------------------------------------------------------------------------------- fla
+
+
+# torch.compile settings for fla's model (2026-12-06, H100, torch 2.11 with Triton 3.7.1): fla's
+# layers read their int `layer_idx`, which dynamo treats as static, so each layer recompiled until
+# the recompile limit (8) and the rest ran eager; then saving the AOT-autograd cache entry of the
+# backward crashed the process (segmentation fault in autograd_cache._pickle_entry).
+COMPILE_SETTINGS = (("_dynamo", "allow_unspec_int_on_nn_module", True),
+                    ("_dynamo", "recompile_limit", 64),
+                    ("_functorch", "enable_autograd_cache", False))
+
+
+def compile_settings(torch) -> dict:
+  """Applies COMPILE_SETTINGS where this torch has them; returns what was set."""
+  done = {}
+  for module, name, value in COMPILE_SETTINGS:
+    config = getattr(getattr(torch, module, None), "config", None)
+    if config is not None and hasattr(config, name):
+      setattr(config, name, value)
+      done[f"{module}.{name}"] = value
+  return done
 
 
 class FlaTrain:
@@ -460,6 +512,7 @@ class FlaTrain:
           warmup: int) -> tuple[dict, list]:
     """(row fields, seconds of each timed step) of `steps` steps after the first and `warmup`."""
     torch = self.torch
+    settings = compile_settings(torch) if mode == "compile" else {}
     model = torch.compile(self.model) if mode == "compile" else self.model
     params = list(self.model.parameters())
     opt = torch.optim.AdamW(params, **self.adamw)
@@ -491,6 +544,8 @@ class FlaTrain:
     row = {"compile_s": first_s, "loss_step1": loss1, "loss_first": losses[0],
            "loss_last": losses[-1], "peak_memory_GB": torch.cuda.max_memory_allocated() / 1e9,
            "num_params": self.num_params, "grad_clip": self.grad_clip}
+    if settings:
+      row["compile_settings"] = settings
     return row, list(times)
 
   def close(self):
@@ -747,7 +802,11 @@ def markdown(res: dict) -> str:
             f"{p['wall_ms_per_step']:.2f} ms/step, device busy {busy:.2f}, idle gaps "
             f"{p['idle_gap_ms_per_step']:.2f}; {p['kernels_per_step']:.0f} kernels per step. "
             "Parts from each kernel's HLO call stack (fwd / bwd: jvp / transpose); kinds from "
-            "kernel-name patterns; share of the device-busy time.", "",
+            "kernel-name patterns; share of the device-busy time." + (
+                "" if "matched_fraction" not in p else
+                " Busy time whose HLO instruction was found, by how: " + ", ".join(
+                    f"{k} {100 * v:.0f}%" for k, v in p["matched_fraction"].items())
+                + "; the rest is named from the kernel's name alone."), "",
             "| part | ms/step | share |", "|---|---|---|"]
     out += [f"| {k} | {ms:.3f} | {share(ms)} |" for k, ms in p["ms_per_step_by_part"].items()]
     out += ["", "| phase | ms/step | share |", "|---|---|---|"]

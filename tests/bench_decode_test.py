@@ -59,6 +59,30 @@ def test_trace_summary_groups_kernels_by_scope():
   assert s["kernels_per_step"] == 1.5 and s["idle_gap_us_per_step"] == 1.0
 
 
+
+def test_trace_summary_finds_instructions_by_kernel_name_and_xla_ops_line():
+  """Without hlo_op stats (as jax 0.11's GPU traces): a fusion's kernel is named after its
+  instruction ('.' → '_'); a library kernel (cuBLAS' nvjet_*) is found through the interval of
+  the "XLA Ops" line around it; anything else takes the fallback."""
+  scope_of = {"input_reduce_fusion.81": "rule", "custom-call.12": "mlp"}
+  ev = lambda start, dur, name: types.SimpleNamespace(start_ns=start, duration_ns=dur, name=name,
+                                                      stats=[("correlation_id", 1)])
+  kernels = types.SimpleNamespace(name="Stream #7", events=[
+      ev(0, 3000, "input_reduce_fusion_81"), ev(4000, 2000, "nvjet_sm90_tst_128x160"),
+      ev(7000, 1000, "loop_add_fusion_3")])
+  ops = types.SimpleNamespace(name="XLA Ops", events=[ev(3500, 3000, "custom-call.12")])
+  data = types.SimpleNamespace(planes=[types.SimpleNamespace(name="/device:GPU:0",
+                                                             lines=[kernels, ops])])
+  s = bench_decode.summarize_trace(data, scope_of, steps=1, wall_s=1e-5,
+                                   fallback=lambda n: "unmatched " + n[:4])
+  assert s["us_per_step_by_scope"] == {"rule": 3.0, "mlp": 2.0, "unmatched loop": 1.0}
+  assert s["matched_fraction"] == {"hlo_op": 0.0, "xla_ops_line": 0.3333, "kernel_name": 0.5}
+  assert s["kernels"][0] == ["input_reduce_fusion_81", 1.0, 3.0, "rule"]
+  assert s["event_stats"] == ["correlation_id"]
+  # The default fallback keeps naming gemm-like kernels as matmuls.
+  assert bench_decode.summarize_trace(data, {}, steps=1, wall_s=1e-5)["us_per_step_by_scope"] \
+      == {"other": 4.0, "matmul (unscoped)": 2.0}
+
 class _Arr(np.ndarray):
   """A NumPy array with torch's `.cuda()` (the fla path's only tensor method numpy lacks)."""
 

@@ -292,6 +292,28 @@ def test_profile_parts_kinds_and_phases_from_a_trace():
   assert "| `k_custom-call.3` | 0.5 | 4.000 | rule bwd | rule kernels (Pallas/Triton) |" in md
 
 
+
+
+def test_compile_settings_apply_where_torch_has_them():
+  dynamo = types.SimpleNamespace(config=types.SimpleNamespace(recompile_limit=8,
+                                                              allow_unspec_int_on_nn_module=False))
+  torch = types.SimpleNamespace(_dynamo=dynamo)          # no _functorch: that one is skipped
+  done = bench_train.compile_settings(torch)
+  assert done == {"_dynamo.allow_unspec_int_on_nn_module": True, "_dynamo.recompile_limit": 64}
+  assert dynamo.config.recompile_limit == 64 and dynamo.config.allow_unspec_int_on_nn_module
+
+@pytest.mark.parametrize("name, part, kind", [
+    ("gdn_walk_bwd", "rule (kernel name)", "rule kernels (Pallas/Triton)"),
+    ("nvjet_sm90_tst_128x160_64x5_1x2_h_bz_NNT", "matmul (unmatched)", "matmul (gemm/cuBLAS)"),
+    ("input_add_reduce_fusion_1", "other", "reduction / norm"),
+    ("loop_multiply_fusion_23", "other", "elementwise fusion"),
+    ("copy_transpose_fusion_2", "other", "copy / layout")])
+def test_unmatched_kernels_are_named_from_their_kernel_names(name, part, kind):
+  """The H100 trace of 2026-12-06 matched no kernel to its instruction (no hlo_op stat):
+  every kernel then still gets a part and a kind from its own name."""
+  assert bench_train.part_of_kernel(name) == part
+  assert bench_train.kind_of_kernel(name) == kind
+
 @pytest.mark.parametrize("field, value, flag", [
     ("configs", ("93m", "1b"), "--configs"), ("batch", 0, "--batch"), ("seq_len", -1, "--seq_len"),
     ("steps", 0, "--steps"), ("warmup", -1, "--warmup"), ("rule_impls", ("fast",), "--rule_impls"),
