@@ -9,8 +9,16 @@ DLPack. Writes JSON and a Markdown table.
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_kernels.py --out=/tmp/bench.json
 
-fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (its issue 640); for TIMING only
-the guard is lifted (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`); its errors are reported too.
+fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (its issue 640).
+`--fla_lift_guard` (default on, as every run before 2026-12-06) lifts it for TIMING
+(`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`; the errors columns show what it costs); with
+Triton ≥ 3.7.1 carried in (docs/training.md) pass `--nofla_lift_guard`. The JSON records both.
+
+Rows "fla" are fla's Triton kernels: the process sets FLA_FLASH_QLA=0 before fla is imported, since
+fla 0.6 dispatches to FlashQLA by itself when `flash_qla` is installed (and caches that choice per
+process). Rows "flash_qla" call `flash_qla.chunk_gated_delta_rule` directly (FlashQLA 0.1.3:
+TileLang kernels for Hopper/Blackwell, K = V = 128 only; other shapes get its assertion as the row's
+error). The Markdown gives each row's ratio to fla's and, where a FlashQLA row exists, to FlashQLA's.
 """
 import dataclasses
 import datetime
@@ -34,7 +42,10 @@ ISSUE_SHAPES = "8,2048,16,128,128;2,8192,16,128,128;8,2048,6,256,512;16,4096,16,
 
 _SHAPES = flags.DEFINE_string("shapes", ISSUE_SHAPES, "Semicolon-separated B,T,H,K,V.")
 _IMPLS = flags.DEFINE_string("impls", "pallas,chunked,fla", "Comma-separated: pallas (the default "
-                             "GpuConfig), chunked, fla.")
+                             "GpuConfig), chunked, fla (its Triton kernels), flash_qla.")
+_FLA_LIFT_GUARD = flags.DEFINE_bool("fla_lift_guard", True, "Lift fla's Hopper/Triton < 3.7.1 "
+                                    "guard of its gated backward (timing only; off with Triton "
+                                    "≥ 3.7.1 carried in).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of pallas/chunked.")
@@ -51,6 +62,7 @@ _STAGES = flags.DEFINE_bool("stages", False, "Also time each GPU kernel on its o
                             "walk, output, dṼ^local, reverse walk, gradients), default config.")
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta")
+TORCH_IMPLS = ("fla", "flash_qla")
 
 
 def make_inputs(B, T, H, K, V, seed=0):
@@ -140,25 +152,35 @@ def bench_jax(impl, inputs, do, C, repeats, warmup, config=None):
   return res, o, grads
 
 
-def bench_fla(inputs, do, repeats, warmup):
-  import torch
-  import fla.ops.common.chunk_o as chunk_o
-  from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-  chunk_o.TRITON_ABOVE_3_7_1 = True          # timing only: lift the Hopper/Triton<3.7.1 guard
+def torch_rule(impl: str, lift_guard: bool = True):
+  """rule(q, k, v, g, beta, scale) → o for a torch row: fla's Triton kernels or FlashQLA's."""
+  if impl == "flash_qla":
+    import flash_qla  # pylint: disable=import-outside-toplevel
+    return lambda *x, scale: flash_qla.chunk_gated_delta_rule(*x, scale=scale)[0]
+  import fla.ops.common.chunk_o as chunk_o  # pylint: disable=import-outside-toplevel
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # pylint: disable=import-outside-toplevel
+  if lift_guard:
+    chunk_o.TRITON_ABOVE_3_7_1 = True     # timing only: lift the Hopper/Triton<3.7.1 guard
+  return lambda *x, scale: chunk_gated_delta_rule(*x, scale=scale)[0]
+
+
+def bench_torch(rule, inputs, do, repeats, warmup):
+  """Times `rule` (torch_rule) on the JAX inputs through DLPack, as bench_jax times a JAX impl."""
+  import torch  # pylint: disable=import-outside-toplevel
   t_in = [torch.from_dlpack(x) for x in inputs]
   t_do = torch.from_dlpack(do)
   K = t_in[0].shape[-1]
 
   def fwd():
     with torch.no_grad():
-      return chunk_gated_delta_rule(*t_in, scale=K ** -0.5)[0]
+      return rule(*t_in, scale=K ** -0.5)
 
   leaves = [x.detach().clone().requires_grad_(True) for x in t_in]
 
   def fwd_bwd():
     for x in leaves:
       x.grad = None
-    o = chunk_gated_delta_rule(*leaves, scale=K ** -0.5)[0]
+    o = rule(*leaves, scale=K ** -0.5)
     o.backward(t_do)
     return o
 
@@ -229,6 +251,7 @@ def reference(inputs, do, C):
 
 def main(argv):
   del argv
+  os.environ["FLA_FLASH_QLA"] = "0"    # rows "fla" = fla's Triton path (module docstring)
   C = _CHUNK.value
   impls = _IMPLS.value.split(",")
   rows, stages = [], []
@@ -261,8 +284,9 @@ def main(argv):
 def bench_row(row, impl, config, inputs, do, ref, C):
   """Times one row into `row`: `impl`, with the `GpuConfig` `config` for "pallas" (None: the
   defaults); adds the errors against `ref` when given."""
-  if impl == "fla":
-    res, o, grads = bench_fla(inputs, do, _REPEATS.value, _WARMUP.value)
+  if impl in TORCH_IMPLS:
+    rule = torch_rule(impl, _FLA_LIFT_GUARD.value)
+    res, o, grads = bench_torch(rule, inputs, do, _REPEATS.value, _WARMUP.value)
   else:
     res, o, grads = bench_jax(impl, inputs, do, C, _REPEATS.value, _WARMUP.value, config)
   row.update(res)
@@ -272,43 +296,59 @@ def bench_row(row, impl, config, inputs, do, ref, C):
       row[f"err_d{name}"] = rel_err(gx, gr)
 
 
+def markdown(out: dict) -> str:
+  """The results table: per row its times, ratios to fla's (Triton) and FlashQLA's rows of the
+  same shape (from this run only), memory and errors; then the per-kernel stage times."""
+  rows = out["rows"]
+  md = [f"{out['device']}, jax {out['jax']}, triton {out.get('triton')}, fla {out.get('fla')} "
+        f"(guard {'lifted' if out.get('fla_guard_lifted', True) else 'kept'}), flash_qla "
+        f"{out.get('flash_qla')}, C={out['chunk_size']}, median of {out['repeats']} (ms); memory = "
+        "fwd+bwd bytes beyond inputs (MiB); ratio = time / that row's time at the same shape", "",
+        "| B,T,H,K,V | impl | fwd ms | fwd+bwd ms | fwd / fla | fwd+bwd / fla | "
+        "fwd / FlashQLA | fwd+bwd / FlashQLA | mem MiB | err o | max err grad |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+  def anchor(row, impl):
+    return next((r for r in rows if r["impl"] == impl and "fwd_ms" in r
+                 and all(r[x] == row[x] for x in "BTHKV")), None)
+
+  for row in rows:
+    shape = ",".join(str(row[x]) for x in "BTHKV")
+    if "error" in row:
+      md.append(f"| {shape} | {row['impl']} | failed: {row['error'][:80]} | | | | | | | | |")
+      continue
+    ratio = lambda base, key: f"{row[key] / base[key]:.2f}" if base else "-"
+    fla, qla = anchor(row, "fla"), anchor(row, "flash_qla")
+    gerr = max((row.get(f"err_d{n}", float('nan')) for n in GRAD_NAMES), default=float('nan'))
+    md.append(f"| {shape} | {row['impl']} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
+              f"{ratio(fla, 'fwd_ms')} | {ratio(fla, 'fwd_bwd_ms')} | {ratio(qla, 'fwd_ms')} | "
+              f"{ratio(qla, 'fwd_bwd_ms')} | {row.get('fwd_bwd_extra_bytes', 0) / 2**20:.0f} | "
+              f"{row.get('err_o', float('nan')):.1e} | {gerr:.1e} |")
+  for st in out.get("walks_stages", []):
+    md += ["", f"kernels at {st['B']},{st['T']},{st['H']},{st['K']},{st['V']} (each jitted alone, ms):",
+           ""] + [f"- {name}: {ms:.3f}" for name, ms in st["stages_ms"].items()]
+  return "\n".join(md) + "\n"
+
+
 def write_results(rows, stages, C):
   """JSON (with device, versions, date) and a Markdown table beside it."""
   versions = {}
-  for name in ("torch", "triton", "fla"):
+  for name in ("torch", "triton", "fla", "flash_qla", "tilelang"):
     try:
       versions[name] = __import__(name).__version__
     except Exception:  # pylint: disable=broad-except
       versions[name] = None
   out = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
              device=str(jax.devices()[0].device_kind), jax=jax.__version__, **versions, chunk_size=C,
-             repeats=_REPEATS.value, rows=rows, walks_stages=stages)
+             repeats=_REPEATS.value, fla_guard_lifted=_FLA_LIFT_GUARD.value,
+             fla_flash_qla_env=os.environ.get("FLA_FLASH_QLA"), rows=rows, walks_stages=stages)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=1)
-  md = [f"{out['device']}, jax {out['jax']}, C={C}, median of {_REPEATS.value} (ms); "
-        "memory = fwd+bwd bytes beyond inputs (MiB); ratio = time / fla's", "",
-        "| B,T,H,K,V | impl | fwd ms | fwd+bwd ms | fwd ratio | fwd+bwd ratio | mem MiB | err o | max err grad |",
-        "|---|---|---|---|---|---|---|---|---|"]
-  for row in rows:
-    fla = next((r for r in rows if r["impl"] == "fla" and
-                all(r[x] == row[x] for x in "BTHKV") and "fwd_ms" in r), None)
-    shape = ",".join(str(row[x]) for x in "BTHKV")
-    if "error" in row:
-      md.append(f"| {shape} | {row['impl']} | failed: {row['error'][:80]} | | | | | | |")
-      continue
-    ratio = lambda key: f"{row[key] / fla[key]:.2f}" if fla else "-"
-    gerr = max((row.get(f"err_d{n}", float('nan')) for n in GRAD_NAMES), default=float('nan'))
-    md.append(f"| {shape} | {row['impl']} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
-              f"{ratio('fwd_ms')} | {ratio('fwd_bwd_ms')} | "
-              f"{row.get('fwd_bwd_extra_bytes', 0) / 2**20:.0f} | {row.get('err_o', float('nan')):.1e} | "
-              f"{gerr:.1e} |")
-  for st in stages:
-    md += ["", f"kernels at {st['B']},{st['T']},{st['H']},{st['K']},{st['V']} (each jitted alone, ms):",
-           ""] + [f"- {name}: {ms:.3f}" for name, ms in st["stages_ms"].items()]
+  md = markdown(out)
   with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
-    f.write("\n".join(md) + "\n")
-  print("\n".join(md))
+    f.write(md)
+  print(md)
 
 
 if __name__ == "__main__":

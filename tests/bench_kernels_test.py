@@ -1,6 +1,7 @@
 """experiments/bench_kernels.py's config rows and experiments/ncu_table.py's parser."""
 import os
 import sys
+import types
 
 import pytest
 
@@ -45,3 +46,36 @@ def test_ncu_table_parses_units_and_thousands_separators():
   assert "2.000 ms of kernel time" in md and "| 62.5 |" in md   # 1250 of 2000 µs
   with pytest.raises(ValueError, match="--csv"):
     ncu_table.parse("==PROF== no kernels were profiled\n")
+
+
+def _row(impl, fwd, fwd_bwd, shape=(8, 2048, 16, 128, 128), **extra):
+  return dict(impl=impl, **dict(zip("BTHKV", shape)), fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, **extra)
+
+
+def test_markdown_gives_ratios_to_fla_and_to_flashqla_of_the_same_shape():
+  k256 = (8, 2048, 6, 256, 512)
+  out = dict(device="H100", jax="0.11.2", triton="3.7.1", fla="0.6.0", flash_qla="0.1.3",
+             fla_guard_lifted=False, chunk_size=64, repeats=20, rows=[
+                 _row("pallas", 0.8, 2.0), _row("fla", 0.6, 2.5), _row("flash_qla", 0.3, 1.0),
+                 _row("pallas", 1.4, 3.8, k256), _row("fla", 0.9, 3.4, k256),
+                 dict(impl="flash_qla", **dict(zip("BTHKV", k256)),
+                      error="AssertionError: FlashQLA requires K=128")])
+  md = bench_kernels.markdown(out)
+  assert "guard kept" in md and "flash_qla 0.1.3" in md
+  assert "| 8,2048,16,128,128 | pallas | 0.800 | 2.000 | 1.33 | 0.80 | 2.67 | 2.00 |" in md
+  assert "| 8,2048,6,256,512 | pallas | 1.400 | 3.800 | 1.56 | 1.12 | - | - |" in md
+  assert "| 8,2048,6,256,512 | flash_qla | failed: AssertionError: FlashQLA requires K=128" in md
+
+
+def test_torch_rule_calls_flashqla_directly_and_returns_its_output(monkeypatch):
+  calls = []
+
+  def chunk_gated_delta_rule(*x, scale):
+    calls.append((x, scale))
+    return "o", "final state"
+
+  monkeypatch.setitem(sys.modules, "flash_qla",
+                      types.SimpleNamespace(chunk_gated_delta_rule=chunk_gated_delta_rule))
+  rule = bench_kernels.torch_rule("flash_qla")
+  assert rule(1, 2, 3, 4, 5, scale=0.25) == "o"
+  assert calls == [((1, 2, 3, 4, 5), 0.25)]
