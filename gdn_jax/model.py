@@ -171,15 +171,13 @@ class GatedDeltaNetLM(nnx.Module):
       raise ValueError(f"GatedDeltaNetLM.loss: `targets` has shape {tuple(targets_BxT.shape)}; "
                        f"expected the tokens' shape {tuple(tokens_BxT.shape)}.")
     h = self.final_norm(self._trunk(tokens_BxT, segment_ids_BxT))
-    B, T, D = h.shape
     if self.config.tie_embeddings:
       w, m = self.embed.embedding[...], self.embed.attend_multiplier
     else:
       w, m = self.lm_head.kernel[...], self.lm_head.multiplier
     return linear_cross_entropy(
-        h.reshape(B * T, D), w, targets_BxT.reshape(B * T), multiplier=m,
-        chunk_size=self.config.loss_chunk_size, transpose_w=self.config.tie_embeddings,
-        compute_dtype=self.config.dtype)
+        h, w, targets_BxT, multiplier=m, chunk_size=self.config.loss_chunk_size,
+        transpose_w=self.config.tie_embeddings, compute_dtype=self.config.dtype)
 
   def _check_max_len(self, max_len, where: str, tokens: int = 0):
     if "A" not in self.config.layer_kinds:

@@ -48,6 +48,20 @@ def test_linear_ce_equals_a_float64_reference(chunk_size, transpose_w):
   assert dh.dtype == jnp.float32 and dw.dtype == jnp.float32
 
 
+
+@pytest.mark.parametrize("chunk_size", [3, 9, 100])         # t = 1, 3 (ragged: T = 7), 7
+def test_linear_ce_over_batch_and_time_equals_the_reference(chunk_size):
+  """[B, T, D]: chunks are time slices with the batch whole; same numbers as the flat [N, D]."""
+  h, w, y = _data(n=21, seed=3)
+  loss_ref, dh_ref, dw_ref = _np_linear_ce(h, w, y, 1.5)
+  f = lambda h_, w_: linear_cross_entropy(h_, w_, jnp.asarray(y).reshape(3, 7), multiplier=1.5,
+                                          chunk_size=chunk_size)
+  loss, (dh, dw) = jax.value_and_grad(f, (0, 1))(jnp.asarray(h, jnp.float32).reshape(3, 7, -1),
+                                                  jnp.asarray(w, jnp.float32))
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  np.testing.assert_allclose(dh.reshape(21, -1), dh_ref, atol=1e-6)
+  np.testing.assert_allclose(dw, dw_ref, atol=1e-6)
+
 def test_linear_ce_matches_cross_entropy_of_the_logits_and_its_autodiff():
   """Same numbers as logits → cross_entropy, and the custom VJP is what autodiff of that gives
   (also for a cotangent other than 1, i.e. a loss scaled after the call)."""
@@ -72,7 +86,7 @@ def test_linear_ce_bf16_inputs_keep_their_dtype_and_stay_close():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(h=np.zeros((2, 3, 4))), "`h`"),
+    (dict(h=np.zeros((2, 3, 4, 3))), "`h`"),
     (dict(w=np.zeros((5, 7))), "`w`"),
     (dict(targets=np.zeros((6,), np.int32)), "`targets`"),
     (dict(targets=np.zeros((4,), np.float32)), "`targets`"),
