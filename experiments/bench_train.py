@@ -13,11 +13,10 @@ profile must run in that one call within its time budget.)
 Carry `.whl` (git-ignored) to the GPU machine: without fla-core, flash-linear-attention and torch
 the fla rows carry the import error and the gdn-jax rows are still written. One config per call
 keeps each call well inside 10 minutes (XLA compile, fla's Triton autotuning and torch.compile
-are each tens of seconds to minutes). Memory (H100, 80 GB): 93m fits easily; 512m is an estimate,
-not measured yet: ~8 GB of float32 parameters, gradients and AdamW moments plus the activations
-of B8 × 2048 (~30–50 GB), for each side; the rows record the peaks (XLA's compiled sizes, torch's
-max_memory_allocated). fla runs before gdn-jax in each config (`--fla_first`) because torch gives
-its memory back (`empty_cache`) while XLA's allocator keeps what it took.
+are each tens of seconds to minutes). Both sides of 512m fit one 80 GB GPU; the rows record the
+peaks (XLA's compiled sizes, torch's max_memory_allocated; measured ones in
+experiments/NOTES_train.md). fla runs before gdn-jax in each config (`--fla_first`) because torch
+gives its memory back (`empty_cache`) while XLA's allocator keeps what it took.
 
 Per config (batch × seq_len tokens a step, bf16 compute, float32 parameters and AdamW state):
 
