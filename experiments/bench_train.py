@@ -26,7 +26,9 @@ Per config (batch × seq_len tokens a step, bf16 compute, float32 parameters and
   timed steps, each waited for (block_until_ready); median step time. rule_impl "auto" = the
   Pallas kernels on GPU (`--rule_impls=auto,chunked` adds the XLA rule as a row;
   `--loss_chunk_sizes=0,4096` adds rows with the LM head and the loss fused over chunks of 4096
-  tokens, ModelConfig.loss_chunk_size). "pipelined ms" is the mean of `--steps` more steps without waiting between them, as the trainer runs them.
+  tokens, ModelConfig.loss_chunk_size; `--fuse_projections=0,1` rows with the GDN input projections
+  and the MLP's gate/up as one product each, ModelConfig.fuse_projections). "pipelined ms" is the
+  mean of `--steps` more steps without waiting between them, as the trainer runs them.
 - fla: `GatedDeltaNetForCausalLM` with the config bench_decode.FlaBench builds (same sizes),
   float32 parameters, `torch.autocast(bfloat16)`, `torch.optim.AdamW(fused=True)` with the
   trainer config's lr, betas, eps and weight decay; a step is loss = model(input_ids,
@@ -106,6 +108,7 @@ class Options:
   warmup: int = 3                      # steps after compile / the first step, not timed
   rule_impls: tuple = ("auto",)        # gdn-jax rows: the model's rule_impl
   loss_chunk_sizes: tuple = (0,)       # × the model's loss_chunk_size (0: logits, then the loss)
+  fuse_projections: tuple = (False,)   # × the model's fuse_projections
   fla: bool = True
   fla_modes: tuple = ("eager", "compile")
   fla_first: bool = True
@@ -136,6 +139,9 @@ def check_options(opts: Options):
                                         for c in opts.loss_chunk_sizes), "loss_chunk_sizes",
           ",".join(map(str, opts.loss_chunk_sizes)), "a comma-separated list of ints ≥ 0 (tokens "
           "per chunk of the fused head + loss; 0: off)")
+  require(opts.fuse_projections and all(isinstance(b, bool) for b in opts.fuse_projections),
+          "fuse_projections", ",".join(map(str, opts.fuse_projections)),
+          "a comma-separated list of 0 / 1")
   require(all(m in FLA_MODES for m in opts.fla_modes), "fla_modes", ",".join(opts.fla_modes),
           f"a comma-separated list of {tuple(FLA_MODES)} (empty: none)")
   require(opts.peak_tflops >= 0, "peak_tflops", opts.peak_tflops,
@@ -154,10 +160,11 @@ def train_config(name: str, batch: int, seq_len: int, rule_impl: str = "auto"):
   return c
 
 
-def gdn_label(rule_impl: str, loss_chunk_size: int) -> str:
+def gdn_label(rule_impl: str, loss_chunk_size: int, fuse_projections: bool = False) -> str:
   """A gdn-jax row's name: "gdn-jax" for the trainer's defaults, else what differs."""
   return ("gdn-jax" + ("" if rule_impl == "auto" else f" {rule_impl}")
-          + (f" fused loss/{loss_chunk_size}" if loss_chunk_size else ""))
+          + (f" fused loss/{loss_chunk_size}" if loss_chunk_size else "")
+          + (" fused proj" if fuse_projections else ""))
 
 
 def step_stats(row: dict, seconds: list, tokens: int, flops: float, peak: float | None) -> dict:
@@ -626,9 +633,10 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
     log(f"{row['config']} {row['impl']}: {row['error']}")
 
   def gdn_rows(name, config, flops):
-    variants = [(impl, lc) for impl in opts.rule_impls for lc in opts.loss_chunk_sizes]
-    for i, (impl, lc) in enumerate(variants):
-      label = gdn_label(impl, lc)
+    variants = [(impl, lc, fuse) for impl in opts.rule_impls for lc in opts.loss_chunk_sizes
+                for fuse in opts.fuse_projections]
+    for i, (impl, lc, fuse) in enumerate(variants):
+      label = gdn_label(impl, lc, fuse)
       if over_budget(f"{name} {label}"):
         continue
       row = base_row(name, label)
@@ -636,10 +644,11 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
       try:
         config.model.rule_impl = impl
         config.model.loss_chunk_size = lc
+        config.model.fuse_projections = fuse
         gdn = gdn_factory(config, device)
         mc = gdn.model_config
-        row.update(rule_impl=impl, loss_chunk_size=lc, init_s=gdn.init_s,
-                   compile_s=gdn.compile(), memory=gdn.memory())
+        row.update(rule_impl=impl, loss_chunk_size=lc, fuse_projections=fuse,
+                   init_s=gdn.init_s, compile_s=gdn.compile(), memory=gdn.memory())
         if impl == "auto":
           row["rule_impl_resolved"] = default_impl(device.platform, mc.head_k_dim, mc.head_v_dim)
         _, (row["loss_step1"],) = gdn.run(1)
@@ -825,7 +834,9 @@ def main(argv):
   strs = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
   opts = Options(configs=strs(f.configs), batch=f.batch, seq_len=f.seq_len, steps=f.steps,
                  warmup=f.warmup, rule_impls=strs(f.rule_impls),
-                 loss_chunk_sizes=tuple(int(x) for x in strs(f.loss_chunk_sizes)), fla=f.fla,
+                 loss_chunk_sizes=tuple(int(x) for x in strs(f.loss_chunk_sizes)),
+                 fuse_projections=tuple(bool(int(x)) for x in strs(f.fuse_projections)),
+                 fla=f.fla,
                  fla_modes=strs(f.fla_modes), fla_first=f.fla_first, fla_clip=f.fla_clip,
                  fla_fuse_cross_entropy=f.fla_fuse_cross_entropy,
                  fla_lift_guard=f.fla_lift_guard, profile=f.profile,
@@ -848,6 +859,10 @@ def define_flags():
   flags.DEFINE_string("loss_chunk_sizes", ",".join(map(str, d.loss_chunk_sizes)),
                       "Comma-separated loss_chunk_size of the gdn-jax rows (× rule_impls): tokens "
                       "per chunk of the fused LM head + cross-entropy; 0 = logits, then the loss.")
+  flags.DEFINE_string("fuse_projections", ",".join(str(int(b)) for b in d.fuse_projections),
+                      "Comma-separated 0 / 1: the gdn-jax rows' ModelConfig.fuse_projections "
+                      "(× rule_impls × loss_chunk_sizes; 1: the input projections as one "
+                      "product).")
   flags.DEFINE_bool("fla", d.fla, "fla rows (needs torch, fla-core, flash-linear-attention).")
   flags.DEFINE_string("fla_modes", ",".join(d.fla_modes), "Comma-separated fla rows: eager, "
                       "compile (torch.compile(model)).")

@@ -75,6 +75,22 @@ class Linear(nnx.Module):
     return y if self.multiplier == 1.0 else y * jnp.asarray(self.multiplier, self.dtype)
 
 
+
+def fused_linears(x, linears, dtype) -> list:
+  """[lin(x) for lin in linears] as one product x [W_1 | W_2 | …]: one GEMM (and one for dx, one
+  for the weights' gradient in the backward) instead of one per Linear. Each output is its
+  columns of the product times its Linear's multiplier, as `Linear.__call__` computes it; the
+  parameters stay separate (their μP labels, groups and checkpoints do not change)."""
+  w = jnp.concatenate([lin.kernel[...].astype(dtype) for lin in linears], axis=1)
+  y = jnp.dot(x.astype(dtype), w)
+  outs, start = [], 0
+  for lin in linears:
+    width = lin.kernel.shape[1]
+    out = y[..., start:start + width]
+    outs.append(out if lin.multiplier == 1.0 else out * jnp.asarray(lin.multiplier, dtype))
+    start += width
+  return outs
+
 class Embed(nnx.Module):
   """Token embedding E: [V, D] (fan-in = vocabulary, fan-out = width), E ~ N(0, init_std²).
 
@@ -283,6 +299,7 @@ class GatedDeltaNet(nnx.Module):
     self.use_gate, self.use_short_conv = c.use_gate, c.use_short_conv
     self.allow_neg_eigval = c.allow_neg_eigval
     self.chunk_size, self.rule_impl = c.chunk_size, c.rule_impl
+    self.fuse_projections = c.fuse_projections
     self.qk_scale = K ** -0.5
     self.qk_norm_eps = float(c.qk_norm_eps)
     self.dtype = dtype
@@ -319,11 +336,12 @@ class GatedDeltaNet(nnx.Module):
     if self.record:
       self.sow(nnx.Intermediate, name, value)
 
-  def _features(self, x, segment_ids, cache, single_token: bool):
-    """q, k, v (after conv + SiLU, before the L2 norm), with the new conv states."""
+  def _features(self, x, segment_ids, cache, single_token: bool, projected=None):
+    """q, k, v (after conv + SiLU, before the L2 norm), with the new conv states. `projected`:
+    the input projections already made ({name: W_name x}, `_project`)."""
     feats, new_cache = [], {}
     for name in ('q', 'k', 'v'):
-      f = getattr(self, f'{name}_proj')(x)
+      f = projected[name] if projected else getattr(self, f'{name}_proj')(x)
       if self.use_short_conv:
         conv = getattr(self, f'{name}_conv')
         state = None if cache is None else cache[f'{name}_conv']
@@ -336,20 +354,28 @@ class GatedDeltaNet(nnx.Module):
       feats.append(f)
     return feats, new_cache
 
-  def _gates(self, x):
+  def _gates(self, x, projected=None):
     """β = σ(W_b x) (or 2σ), g = −exp(A_log) softplus(W_a x + dt_bias), float32."""
-    b = self.b_proj(x).astype(jnp.float32)
+    b = (projected['b'] if projected else self.b_proj(x)).astype(jnp.float32)
     beta = jax.nn.sigmoid(b) * (2.0 if self.allow_neg_eigval else 1.0)
-    a = self.a_proj(x).astype(jnp.float32)
+    a = (projected['a'] if projected else self.a_proj(x)).astype(jnp.float32)
     g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
         a + self.dt_bias[...].astype(jnp.float32))
     return beta, g
 
-  def _output(self, o, x):
+  def _project(self, x) -> dict | None:
+    """With fuse_projections: {q, k, v, (g,) a, b: W x} from one product (`fused_linears`);
+    else None (each projection is made where it is used)."""
+    if not self.fuse_projections:
+      return None
+    names = ['q', 'k', 'v'] + (['g'] if self.use_gate else []) + ['a', 'b']
+    return dict(zip(names, fused_linears(x, self._in_projs(), self.dtype)))
+
+  def _output(self, o, x, projected=None):
     """W_o [RMSNorm_V(o) · w · SiLU(W_g x)], o: [..., H, V]."""
     gate = None
     if self.use_gate:
-      gate = self.g_proj(x).reshape(o.shape)
+      gate = (projected['g'] if projected else self.g_proj(x)).reshape(o.shape)
     y = self.o_norm(o, gate)
     return self.o_proj(y.reshape(*y.shape[:-2], -1))
 
@@ -361,11 +387,13 @@ class GatedDeltaNet(nnx.Module):
     B, T, _ = x_BxTxD.shape
     Hk, H, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
     self._sow('mixer_in', x_BxTxD)
-    (q, k, v), new_cache = self._features(x_BxTxD, segment_ids_BxT, cache, single_token=False)
+    projected = self._project(x_BxTxD)
+    (q, k, v), new_cache = self._features(x_BxTxD, segment_ids_BxT, cache, single_token=False,
+                                          projected=projected)
     self._sow('q', q)
     self._sow('k', k)
     self._sow('v', v)
-    beta, g = self._gates(x_BxTxD)
+    beta, g = self._gates(x_BxTxD, projected)
     self._sow('beta', beta)
     self._sow('g', g)
     o, S = gated_delta_rule(
@@ -376,7 +404,7 @@ class GatedDeltaNet(nnx.Module):
         impl=self.rule_impl)
     self._sow('S', S)
     self._sow('o', o)
-    y = self._output(o, x_BxTxD)
+    y = self._output(o, x_BxTxD, projected)
     self._sow('mixer_out', y)
     if not return_cache:
       return y
@@ -484,11 +512,16 @@ class SwiGLU(nnx.Module):
   """y = W_down (SiLU(W_gate x) ⊙ W_up x)."""
 
   def __init__(self, d_model: int, hidden: int, *, init_std: float, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, fuse_projections: bool = False):
     lin = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate_proj = Linear(d_model, hidden, **lin)
     self.up_proj = Linear(d_model, hidden, **lin)
     self.down_proj = Linear(hidden, d_model, **lin)
+    self.fuse_projections = fuse_projections
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if self.fuse_projections:   # W_gate and W_up in one product (fused_linears)
+      gate, up = fused_linears(x, [self.gate_proj, self.up_proj], self.down_proj.dtype)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(jax.nn.silu(gate) * up)

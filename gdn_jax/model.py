@@ -49,7 +49,8 @@ class Block(nnx.Module):
       self.mixer = Attention(config, window=config.attn_window if kind == "S" else 0, rngs=rngs)
     self.mlp_norm = RMSNorm(config.d_model, **norm)
     self.mlp = SwiGLU(config.d_model, config.resolved_mlp_hidden, init_std=config.init_std,
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      fuse_projections=config.fuse_projections)
     self.record = False
 
   def _mlp(self, x):

@@ -45,6 +45,9 @@ class ModelConfig:
     loss_chunk_size: tokens per chunk of the training loss's fused LM head + cross-entropy
       (gdn_jax.loss.linear_cross_entropy: the [B, T, V] logits are never stored); 0 = logits,
       then cross-entropy. A compute knob: parameters and the model's outputs do not change.
+    fuse_projections: the GDN mixer's input projections (q, k, v, gate, a, b) as one product and
+      the MLP's gate and up as another (gdn_jax.layers.fused_linears); parameters stay separate.
+      A compute knob, like loss_chunk_size.
 
   Hybrid models (gdn_jax.attention; all ignored while layer_pattern has no 'A' or 'S'):
     layer_pattern: one letter per block, tiled to num_layers: 'G' GDN, 'A' full causal attention,
@@ -84,6 +87,7 @@ class ModelConfig:
   chunk_size: int = 64
   rule_impl: str = "auto"
   loss_chunk_size: int = 0
+  fuse_projections: bool = False
   layer_pattern: str = ""
   num_attn_heads: int | None = None
   num_kv_heads: int | None = None
@@ -125,6 +129,9 @@ class ModelConfig:
     if not isinstance(lc, int) or isinstance(lc, bool) or lc < 0:
       raise ValueError(f"ModelConfig: `loss_chunk_size`={lc!r}; expected an int ≥ 0 (tokens per "
                        "chunk of the fused head + cross-entropy, e.g. 4096; 0 = off).")
+    if not isinstance(self.fuse_projections, bool):
+      raise ValueError(f"ModelConfig: `fuse_projections`={self.fuse_projections!r}; expected "
+                       "True or False.")
     c = self.chunk_size
     if not isinstance(c, int) or c < 16 or c > 128 or c & (c - 1):
       raise ValueError(f"ModelConfig: `chunk_size`={c!r}; expected a power of two in [16, 128].")

@@ -200,16 +200,19 @@ def test_fused_loss_rows_time_the_same_training_and_profile_it_as_the_loss(tmp_p
     return g
 
   opts = bench_train.Options(configs=("tiny",), batch=B, seq_len=T, steps=1, warmup=0,
-                             loss_chunk_sizes=(0, 8), fla=False, profile=False,
-                             out_dir=str(tmp_path))
+                             loss_chunk_sizes=(0, 8), fuse_projections=(False, True), fla=False,
+                             profile=False, out_dir=str(tmp_path))
   res = bench_train.run(opts, log=lambda *a: None, gdn_factory=gdn_factory)
-  plain, fused = res["rows"]
-  assert (plain["impl"], fused["impl"]) == ("gdn-jax", "gdn-jax fused loss/8")
-  assert (plain["loss_chunk_size"], fused["loss_chunk_size"]) == (0, 8)
-  assert [g.model_config.loss_chunk_size for g in made] == [0, 8]
-  assert "error" not in fused and fused["step_ms"] > 0
-  assert abs(fused["loss_step1"] - plain["loss_step1"]) < 2e-2
-  parts = set(bench_train.train_scopes(made[1].compiled.as_text())[0].values())
+  assert [r["impl"] for r in res["rows"]] == [
+      "gdn-jax", "gdn-jax fused proj", "gdn-jax fused loss/8", "gdn-jax fused loss/8 fused proj"]
+  assert [(g.model_config.loss_chunk_size, g.model_config.fuse_projections) for g in made] == [
+      (0, False), (0, True), (8, False), (8, True)]
+  plain = res["rows"][0]
+  for r in res["rows"]:
+    assert "error" not in r and r["step_ms"] > 0
+    assert abs(r["loss_step1"] - plain["loss_step1"]) < 2e-2
+  assert res["rows"][2]["loss_chunk_size"] == 8 and res["rows"][1]["fuse_projections"]
+  parts = set(bench_train.train_scopes(made[2].compiled.as_text())[0].values())
   assert {"loss fwd", "loss bwd", "rule fwd", "rule bwd", "head fwd"} <= parts, parts
 
 _HLO = '''FileNames
@@ -317,7 +320,8 @@ def test_unmatched_kernels_are_named_from_their_kernel_names(name, part, kind):
 @pytest.mark.parametrize("field, value, flag", [
     ("configs", ("93m", "1b"), "--configs"), ("batch", 0, "--batch"), ("seq_len", -1, "--seq_len"),
     ("steps", 0, "--steps"), ("warmup", -1, "--warmup"), ("rule_impls", ("fast",), "--rule_impls"),
-    ("fla_modes", ("jit",), "--fla_modes"), ("loss_chunk_sizes", (0, -8), "--loss_chunk_sizes"), ("peak_tflops", -1.0, "--peak_tflops"),
+    ("fla_modes", ("jit",), "--fla_modes"), ("loss_chunk_sizes", (0, -8), "--loss_chunk_sizes"),
+    ("fuse_projections", (1,), "--fuse_projections"), ("peak_tflops", -1.0, "--peak_tflops"),
     ("time_budget_s", 0.0, "--time_budget_s")])
 def test_bad_options_name_the_flag(field, value, flag):
   opts = bench_train.dataclasses.replace(bench_train.Options(), **{field: value})
