@@ -134,9 +134,7 @@ def test_model_loss_bf16_is_within_bf16_error_of_the_plain_loss():
   fused = _model(False, "bfloat16", 16)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   loss = nnx.jit(lambda m: m.loss(inputs, targets))
-  l_plain, l_fused, l_f32 = loss(plain), loss(fused), loss(_model(False, "float32", 0))
-  assert abs(float(l_fused) - float(l_plain)) < 2e-2
-  assert abs(float(l_fused) - float(l_f32)) < 2e-2
+  assert abs(float(loss(fused)) - float(loss(plain))) < 2e-2
 
 
 def test_model_loss_checks_the_targets_and_the_config_checks_the_chunk():
