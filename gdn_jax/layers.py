@@ -33,6 +33,7 @@ Coordinate check. Modules with a `record` attribute sow their intermediate activ
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -76,20 +77,29 @@ class Linear(nnx.Module):
 
 
 
+def stacked_kernel(linears, dtype):
+  """[W_1 | W_2 | …]: the Linears' kernels side by side [in, Σ out_i], in `dtype`."""
+  return jnp.concatenate([lin.kernel[...].astype(dtype) for lin in linears], axis=1)
+
+
+def scale_columns(y, linears):
+  """y [..., Σ out_i], a product with `stacked_kernel(linears)`, with each Linear's forward
+  multiplier on its own columns (what `Linear.__call__` applies to its output)."""
+  if all(lin.multiplier == 1.0 for lin in linears):
+    return y
+  return y * jnp.concatenate([jnp.full((lin.kernel.shape[1],), lin.multiplier, y.dtype)
+                              for lin in linears])
+
+
 def fused_linears(x, linears, dtype) -> list:
   """[lin(x) for lin in linears] as one product x [W_1 | W_2 | …]: one GEMM (and one for dx, one
   for the weights' gradient in the backward) instead of one per Linear. Each output is its
   columns of the product times its Linear's multiplier, as `Linear.__call__` computes it; the
   parameters stay separate (their μP labels, groups and checkpoints do not change)."""
-  w = jnp.concatenate([lin.kernel[...].astype(dtype) for lin in linears], axis=1)
-  y = jnp.dot(x.astype(dtype), w)
-  outs, start = [], 0
-  for lin in linears:
-    width = lin.kernel.shape[1]
-    out = y[..., start:start + width]
-    outs.append(out if lin.multiplier == 1.0 else out * jnp.asarray(lin.multiplier, dtype))
-    start += width
-  return outs
+  y = scale_columns(jnp.dot(x.astype(dtype), stacked_kernel(linears, dtype)), linears)
+  ends = list(itertools.accumulate(lin.kernel.shape[1] for lin in linears))
+  return jnp.split(y, ends[:-1], axis=-1)
+
 
 class Embed(nnx.Module):
   """Token embedding E: [V, D] (fan-in = vocabulary, fan-out = width), E ~ N(0, init_std²).
@@ -421,7 +431,7 @@ class GatedDeltaNet(nnx.Module):
     projections side by side [D, 2·Hk·K + H·V (+ H·V gate) + 2H] (columns q | k | v | gate | a |
     b, one matmul per token instead of six), 'conv', the three conv filters [W, 2·Hk·K + H·V],
     and 'o', W_o, all in the compute dtype (the forward casts them to it on every call)."""
-    w = {'in': jnp.concatenate([p.kernel[...].astype(self.dtype) for p in self._in_projs()], 1),
+    w = {'in': stacked_kernel(self._in_projs(), self.dtype),
          'o': self.o_proj.kernel[...].astype(self.dtype)}
     if self.use_short_conv:
       w['conv'] = jnp.concatenate([getattr(self, f'{n}_conv').weight[...].astype(self.dtype)
@@ -442,9 +452,7 @@ class GatedDeltaNet(nnx.Module):
     projs = self._in_projs()
     new_cache = {}
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
-      y = decode_dot(x_BxD.astype(dt), w['in'], matmul_rows)
-      if any(p.multiplier != 1.0 for p in projs):  # each Linear's forward multiplier, per column
-        y = y * jnp.concatenate([jnp.full((p.kernel.shape[1],), p.multiplier, dt) for p in projs])
+      y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows), projs)
     with jax.named_scope("conv_gates"):
       if self.use_short_conv:
         f, new_cache['conv'] = short_conv_step(y[:, :C], cache['conv'], w['conv'])

@@ -17,18 +17,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gdn_jax.loss import cross_entropy
-
 
 def make_loss_fn(graphdef) -> Callable:
   """(params, tokens [B, T+1]) → mean next-token cross-entropy of the model (fused with the LM
   head when its config's loss_chunk_size > 0)."""
   def loss_fn(params, tokens_BxT1):
     model = nnx.merge(graphdef, params)
-    inputs, targets = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
-    if model.config.loss_chunk_size:   # the fused head + loss (ModelConfig.loss_chunk_size)
-      return model.loss(inputs, targets)
-    return cross_entropy(model(inputs), targets)
+    return model.loss(tokens_BxT1[:, :-1], tokens_BxT1[:, 1:])
   return loss_fn
 
 
