@@ -55,6 +55,8 @@ PRESETS = {
                     val_batches=4),
     # The heads scheme of issues 6 and 20 (4 layers, head dim 32, 32 × 256 tokens per step), with
     # the output-norm eps 1e-3 that SGD needs (docs/mup.md, the tables; AdamW does not care).
+    # rule_impl "auto" (here and in "paper"): the Pallas kernels inside the vmapped programs on a
+    # GPU, ~1.5× the chunked rule's replica-steps per second at width 1024 (NOTES_lr_transfer.md).
     "heads": Protocol(family="heads", widths=(128, 256, 512, 1024, 2048), base_width=128,
                       head_dim=32, layers=4, steps=1000, batch=32, seq_len=256, warmup=100,
                       rows=(("mup", ""), ("sp", "")), optimizers=("adamw", "sgd"),
@@ -62,7 +64,7 @@ PRESETS = {
                       pilot={"adamw": (-13, -5, 1), "sgd": (-6, 1, 1)},
                       optimizer_settings={"adamw": dict(weight_decay=0.0, grad_clip=1.0),
                                           "sgd": dict(momentum=0.9, grad_clip=1.0)},
-                      max_replicas={2048: 4, 1024: 9},
+                      max_replicas={2048: 4, 1024: 9}, rule_impl="auto",
                       model_overrides=dict(output_norm_eps=1e-3)),
     # A CPU test of the whole protocol: pilot, ½-log2 grids, extensions, all five rows.
     "smoke": Protocol(family="paper", widths=(32, 64), base_width=32, layers=1, steps=6,
@@ -77,7 +79,7 @@ PRESETS = {
                       rows=_ALL_ROWS + _VARIANT_ROWS,
                       optimizers=("adamw", "sgd"), seeds=(100, 101, 102), sp_seeds=(100, 101),
                       data="heldout_a", pilot={"adamw": (-13, -5, 1), "sgd": (-9, 0, 1)},
-                      max_replicas={1024: 9, 512: 21}),
+                      max_replicas={1024: 9, 512: 21}, rule_impl="auto"),
 }
 
 # The Qwen3-Next layout (issue 24): 3 GDN blocks : 1 gated full-attention block, in the heads
@@ -98,7 +100,8 @@ _DATA_SLICE = flags.DEFINE_string("data_slice", None, "Data slice instead of the
                                   "unless --tag names the file.")
 _RULE_IMPL = flags.DEFINE_enum("rule_impl", None, ["auto", "chunked", "pallas", "recurrent"],
                                "The rule inside the sweep's programs instead of the preset's "
-                               "(auto: the Pallas kernels on GPU, vmapped with the replicas).")
+                               "(auto, the GPU presets' choice: the Pallas kernels on GPU, "
+                               "vmapped with the replicas; chunked: the pure-JAX rule).")
 _WIDTHS = flags.DEFINE_list("widths", None, "Only these widths (default: the preset's).")
 _OPTS = flags.DEFINE_list("optimizers", None, "Only these optimizers.")
 _ROWS = flags.DEFINE_list("rows", None, "Only these rows, e.g. paper,paper+mixer_out,sp.")
