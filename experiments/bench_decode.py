@@ -76,8 +76,10 @@ class Options:
   new_tokens: int = 256
   fla_new_tokens: int = 32
   main: str = "xla:float32"            # impl:state_dtype of the rows at every (batch, prompt)
-  variants: tuple = ("pallas:float32", "xla:bfloat16", "pallas:bfloat16", "xla@8:float32",
-                     "pallas@8:float32")   # first prompt only; @8: generate(matmul_rows=8)
+  # First prompt only. IMPL@ROWS: generate(matmul_rows=ROWS); no "@": generate's default
+  # (`default_matmul_rows()`: 8 on GPUs, 1 elsewhere), so "@1" rows show the unpadded products.
+  variants: tuple = ("pallas:float32", "xla:bfloat16", "pallas:bfloat16", "xla@1:float32",
+                     "pallas@1:float32")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
@@ -242,6 +244,10 @@ class GdnBench:
     """Device time per decode step by scope, from a jax.profiler trace of one decode call."""
     from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
     key_p, key_d = self.keys(batch, prompt_len, impl, state_dtype)
+    missing = [k for k in (key_p, key_d) if k not in self.compiled]
+    if missing:   # not compiled within the budget, or failed: say which, do not raise
+      return {"error": "program not compiled: " + "; ".join(
+          f"{k} ({self.errors.get(k, 'not within the budget')[:200]})" for k in missing)}
     prefill, decode = self.compiled[key_p][0], self.compiled[key_d][0]
     scope_of = hlo_scopes(decode.as_text())
     tokens, segments = self.inputs(batch, prompt_len)
@@ -468,11 +474,12 @@ class FlaBench:
 
 
 def split_impl(impl: str) -> tuple[str, int]:
-  """"xla@8" → ("xla", 8): the rule's impl and generate's `matmul_rows` (no "@": 1; a ROWS that
-  is not an int ≥ 1 gives 0, which `parse_variant` refuses)."""
+  """"xla@8" → ("xla", 8): the rule's impl and generate's `matmul_rows` (no "@": generate's
+  default, `default_matmul_rows()`; a ROWS that is not an int ≥ 1 gives 0, which `parse_variant`
+  refuses)."""
   base, _, rows = impl.partition("@")
   if not rows:
-    return base, 1
+    return base, gen.default_matmul_rows()
   return base, int(rows) if rows.isdigit() else 0
 
 
@@ -573,6 +580,8 @@ def run(opts: Options, log=print) -> dict:
       return
     row = {"impl": name, "batch": batch, "prompt": prompt_len, "new_tokens": opts.new_tokens,
            "state_dtype": sd}
+    if impl != "baseline":
+      row["matmul_rows"] = split_impl(impl)[1]
     if any(k not in gdn.compiled and k not in gdn.errors
            for k in gdn.keys(batch, prompt_len, impl, sd)):
       res["skipped"].append(f"{name} B{batch} P{prompt_len}: not compiled within the budget")
@@ -654,18 +663,21 @@ def flags_variant(opts: Options, xla_flags: str, batch: int, prompt_len: int, ou
   import subprocess  # pylint: disable=import-outside-toplevel
   sub = pathlib.Path(out_dir) / ("xla_flags_" + re.sub(r"[^a-zA-Z0-9]+", "_", xla_flags)[:60])
   env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip())
-  cmd = [sys.executable, __file__, f"--config={opts.config}", f"--batches={batch}",
+  root = pathlib.Path(__file__).resolve().parents[1]   # run as a module from the repository
+  env["PYTHONPATH"] = os.pathsep.join(x for x in (str(root), env.get("PYTHONPATH")) if x)
+  cmd = [sys.executable, "-m", "experiments.bench_decode", f"--config={opts.config}", f"--batches={batch}",
          f"--prompts={prompt_len}", f"--new_tokens={opts.new_tokens}", f"--main={opts.main}",
          "--variants=", "--xla_flags_variants=", "--nofla", "--noprofile", "--nobaseline",
          f"--repeats={opts.repeats}", f"--out_dir={sub}"]
   base = {"impl": f"gdn-jax {opts.main} [XLA_FLAGS {xla_flags}]", "batch": batch,
           "prompt": prompt_len, "new_tokens": opts.new_tokens}
   try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=root)
     files = sorted(sub.glob("bench_decode_*.json"))
     if proc.returncode or not files:
-      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-      return [{**base, "error": f"exit {proc.returncode}: {' | '.join(tail)[:500]}"}]
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]   # the exception last
+      return [{**base, "error": f"exit {proc.returncode}: {' | '.join(tail[::-1])[:500]}"}]
     rows = json.loads(files[-1].read_text())["rows"]
     for row in rows:
       row["impl"] = base["impl"]

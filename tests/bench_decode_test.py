@@ -123,3 +123,52 @@ def test_fla_rows_control_flow_with_a_fake_torch_model():
   assert calls[1][1] == "cache1" and calls[2][1] == "cache2"     # the cache is threaded through
   row = bench.run("fla-hf", 3, 5, 4, repeats=1)
   assert row["generate_s"] > 0 and row["decode_s"] > 0
+
+
+def test_rows_without_rows_spec_use_generates_default_padding():
+  """"xla" means what `generate` does by default (8 padded rows on GPUs, 1 elsewhere); "@N" pins
+  it. (The 2026-12-06 profile measured the unpadded step because "xla" meant 1.)"""
+  assert bench_decode.split_impl("xla") == ("xla", bench_decode.gen.default_matmul_rows())
+  assert bench_decode.split_impl("pallas@1") == ("pallas", 1)
+  assert bench_decode.split_impl("xla@x") == ("xla", 0)
+  assert any(v.startswith("xla@1:") for v in bench_decode.Options().variants)
+
+
+def test_profile_of_an_uncompiled_batch_says_so():
+  """A batch whose programs did not compile within the budget gets an error entry, not a
+  KeyError that loses the reason."""
+  bench = types.SimpleNamespace(keys=bench_decode.GdnBench.keys, compiled={},
+                                errors={("decode", 8, "xla", "float32"): "RuntimeError: boom"})
+  out = bench_decode.GdnBench.profile(bench, 8, 128, "xla", "float32")
+  assert "not compiled" in out["error"] and "boom" in out["error"], out
+
+
+def test_xla_flags_rows_run_the_benchmark_as_a_module(tmp_path):
+  """The XLA_FLAGS rows rerun this script in a subprocess, which must import gdn_jax from the
+  repository (it failed on the GPU when run as a file from experiments/)."""
+  opts = bench_decode.Options(config="tiny", batches=(1,), prompts=(8,), new_tokens=3,
+                              variants=(), xla_flags_variants=(), fla=False, profile=False,
+                              baseline=False, repeats=1)
+  rows = bench_decode.flags_variant(opts, "--xla_cpu_use_thunk_runtime=true", 1, 8, tmp_path,
+                                    log=lambda *a: None, timeout=300)
+  assert len(rows) == 1 and "error" not in rows[0], rows
+  assert rows[0]["impl"].endswith("[XLA_FLAGS --xla_cpu_use_thunk_runtime=true]")
+  assert rows[0]["ms_per_token"] > 0
+
+
+def test_xla_flags_rows_import_the_package_from_the_repository(tmp_path, monkeypatch):
+  """Where gdn_jax is not installed (the GPU image), the subprocess finds it only as a module run
+  from the repository root with it on PYTHONPATH: checked on the recorded call."""
+  import pathlib
+  import subprocess
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)) or
+                      types.SimpleNamespace(returncode=1, stdout="", stderr="x"))
+  monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+  bench_decode.flags_variant(bench_decode.Options(config="tiny"), "--f", 1, 8, tmp_path,
+                             log=lambda *a: None, timeout=1)
+  (cmd, kw), = calls
+  root = pathlib.Path(kw["cwd"])
+  assert cmd[1:3] == ["-m", "experiments.bench_decode"] and (root / "gdn_jax").is_dir()
+  assert kw["env"]["PYTHONPATH"].split(":")[:2] == [str(root), "/elsewhere"]
+  assert kw["env"]["XLA_FLAGS"].endswith("--f")
