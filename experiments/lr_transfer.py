@@ -64,7 +64,8 @@ PRESETS = {
                       pilot={"adamw": (-13, -5, 1), "sgd": (-6, 1, 1)},
                       optimizer_settings={"adamw": dict(weight_decay=0.0, grad_clip=1.0),
                                           "sgd": dict(momentum=0.9, grad_clip=1.0)},
-                      max_replicas={2048: 4, 1024: 9}, rule_impl="auto",
+                      max_replicas={2048: 4, 1024: 9}, max_job_runs={2048: 4},
+                      rule_impl="auto",
                       model_overrides=dict(output_norm_eps=1e-3)),
     # A CPU test of the whole protocol: pilot, ½-log2 grids, extensions, all five rows.
     "smoke": Protocol(family="paper", widths=(32, 64), base_width=32, layers=1, steps=6,

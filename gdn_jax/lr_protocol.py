@@ -60,6 +60,10 @@ class Protocol:
       "sgd": dict(momentum=0.98, nesterov=True, weight_decay=0.0, grad_clip=1.0)})
   val_batches: int = 8
   max_replicas: dict = dataclasses.field(default_factory=dict)   # width → replicas per program
+  # width → runs per job: a longer job is split into parts of whole LR points (every seed of
+  # each), each written when it finishes, so that a width whose grid outlasts one device call
+  # (10 min) still resumes (`split_job`).
+  max_job_runs: dict = dataclasses.field(default_factory=dict)
   model_overrides: dict = dataclasses.field(default_factory=dict)  # more ModelConfig fields
                                                                    # (e.g. a hybrid layer_pattern)
 
@@ -87,6 +91,17 @@ def row_name(parametrization: str, variant: str) -> str:
 
 def _grid(lo, hi, step):
   return [float(x) for x in np.arange(lo, hi + step / 2, step)]
+
+
+def split_job(job: dict, max_runs: int | None) -> list[dict]:
+  """`job` as parts of at most `max_runs` runs (seeds × LRs), each a run of whole LR points (all
+  of the job's seeds at each, at least one point per part), in the job's LR order; [job] when it
+  fits or `max_runs` is None."""
+  seeds, xs = job["seeds"], job["log2_lrs"]
+  if not max_runs or len(seeds) * len(xs) <= max_runs:
+    return [job]
+  per = max(1, max_runs // len(seeds))
+  return [dict(job, log2_lrs=xs[i:i + per]) for i in range(0, len(xs), per)]
 
 
 class Plan:
@@ -141,8 +156,9 @@ class Plan:
         seeds = p.sp_seeds if param in SP_ROWS else p.seeds
         for k, width in enumerate(widths):
           for job in self._row_jobs(param, variant, opt, width, seeds):
-            job["priority"] = (job["phase"] != "pilot", k, r, o)
-            ready.append(job)
+            for part in split_job(job, p.max_job_runs.get(width)):
+              part["priority"] = (job["phase"] != "pilot", k, r, o)
+              ready.append(part)
     return sorted(ready, key=lambda j: j["priority"])
 
   def _base_variant(self, param, variant, opt):

@@ -58,6 +58,31 @@ def test_wider_grids_centre_on_the_base_optimum_sp_rows_are_shifted():
   assert all(j[0] != "paper" for j in jobs(final))
 
 
+def test_wide_jobs_split_into_parts_of_whole_lr_points_that_resume():
+  """max_job_runs: a grid longer than one device call runs as parts (all seeds of each LR point),
+  and a finished part is not planned again."""
+  done = (rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -7.0)
+          + rows_for("paper_sp", 128, "pilot", (100,), np.arange(-12.0, -3.5), -8.0)
+          + rows_for("paper", 128, "fine", P.seeds, np.arange(-8.5, -5.25, 0.5), -6.8)
+          + rows_for("paper_sp", 128, "fine", P.sp_seeds, np.arange(-9.5, -6.25, 0.5), -8.0))
+  split = dataclasses.replace(P, max_job_runs={1024: 4})
+  got = jobs(done, split)
+  mup = [j for j in got if j[0] == "paper"]
+  sp = [j for j in got if j[0] == "paper_sp"]
+  # μP: 5 points × 3 seeds → one point per part; SP: 7 points × 2 seeds → two points per part.
+  assert [j[4] for j in mup] == [(x,) for x in np.arange(-8.0, -5.75, 0.5)]
+  assert [j[4] for j in sp] == [(-12.5, -12.0), (-11.5, -11.0), (-10.5, -10.0), (-9.5,)]
+  assert all(len(j[3]) * len(j[4]) <= 4 for j in got) and {j[3] for j in mup} == {P.seeds}
+  # Unsplit, the same runs (the base width is never split: its width has no cap).
+  whole = jobs(done)
+  assert sorted(x for j in got if j[0] == "paper" for x in j[4]) == list(whole[0][4])
+  # The first μP part done: the rest is planned, not it.
+  part = rows_for("paper", 1024, "fine", P.seeds, [-8.0], -6.8)
+  assert [j[4] for j in jobs(done + part, split) if j[0] == "paper"] == [
+      (x,) for x in np.arange(-7.5, -5.75, 0.5)]
+  assert lp.split_job(dict(seeds=[1, 2], log2_lrs=[0.0, 1.0]), None)[0]["log2_lrs"] == [0.0, 1.0]
+
+
 def test_fixed_grids_and_ablations():
   fixed = dataclasses.replace(P, grid={"adamw": (-3, -1, 1)}, rows=(("mup", ""),))
   plan = lp.Plan(fixed, [], lp.Ablation(("o_eps=0.001",), (("output_norm_eps", 1e-3),)))
