@@ -38,6 +38,12 @@ from gdn_jax.lr_protocol import (Ablation, Plan, Protocol, analyze, markdown_los
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+# What the analysis can fit: the validation loss, or the mean training loss of the last 10 % of
+# steps. In these sweeps no run sees a token twice, so each training batch is unseen when its
+# loss is taken: an estimate of the loss on the training distribution over ~12× more tokens than
+# the validation windows (but averaged over the last steps' models, not the final one alone).
+METRICS = {"val": "val_loss", "train_tail": "train_loss_tail"}
+
 _ALL_ROWS = (("paper", ""), ("paper_sp", ""), ("mup", ""), ("sp", ""), ("paper", "mixer_out"))
 # Row variants, each the identity at the base width (so they share the base row's runs there):
 #   mixer_out  the paper's d0/d multiplier on every GDN mixer's output
@@ -109,6 +115,10 @@ _ROWS = flags.DEFINE_list("rows", None, "Only these rows, e.g. paper,paper+mixer
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes sharing the device (1: in-process).")
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", None, "Submit no job after this long.")
 _ANALYZE = flags.DEFINE_bool("analyze_only", False, "Only analyse the JSONL and plot.")
+_METRIC = flags.DEFINE_enum("metric", "val", list(METRICS), "The loss the analysis fits: val (the "
+                            "fixed validation windows) or train_tail (the training loss of the "
+                            "last 10 % of steps, each batch unseen before its step); outputs of "
+                            "train_tail get the suffix _train_tail.")
 _OUT_EPS = flags.DEFINE_float("output_norm_eps", None, "Variant: base output-norm eps.")
 _QK_EPS = flags.DEFINE_float("qk_norm_eps", None, "Variant: q/k L2-norm eps.")
 _LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Variant: NAME[:out]:POWER LR scalings.")
@@ -414,10 +424,19 @@ def plot(summary: dict, path: str):
   plt.close(fig)
 
 
-def write_outputs(rows: list[dict], prefix: str, base_width: int):
-  summary = analyze(rows, base_width)
+def with_metric(rows: list[dict], metric: str) -> list[dict]:
+  """The rows with `val_loss` holding `metric`'s loss (the analysis reads val_loss)."""
+  field = METRICS[metric]
+  return rows if field == "val_loss" else [dict(r, val_loss=r[field]) for r in rows]
+
+
+def write_outputs(rows: list[dict], prefix: str, base_width: int, metric: str = "val"):
+  source = os.path.basename(prefix) + ".jsonl"
+  summary = analyze(with_metric(rows, metric), base_width)
+  if metric != "val":
+    prefix += f"_{metric}"
   with open(prefix + ".json", "w") as f:
-    json.dump(dict(source=os.path.basename(prefix) + ".jsonl", summary=summary,
+    json.dump(dict(source=source, metric=METRICS[metric], summary=summary,
                    criterion="drift of the seed-mean optimum <= 0.5 log2 over >= 8x, each "
                              "width's interval overlapping the base's; SP drift >= 2"),
               f, indent=1)
@@ -435,7 +454,7 @@ def main(argv):
   if not _ANALYZE.value:
     run_sweep(p)
   path = results_path()
-  write_outputs(read_rows(path), path[:-len(".jsonl")], p.base_width)
+  write_outputs(read_rows(path), path[:-len(".jsonl")], p.base_width, _METRIC.value)
 
 
 if __name__ == "__main__":

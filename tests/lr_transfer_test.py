@@ -80,3 +80,24 @@ def test_sgd_runs_of_another_qk_heads_factor_are_refused():
   with pytest.raises(ValueError, match=r"width 1024 .*\^0; the table now gives \^-1.*q_proj:1"):
     lr_transfer.check_table(heads, [old(128), old(1024)], "f.jsonl")
   lr_transfer.check_table(heads, [dict(old(1024), parametrization="sp")], "f.jsonl")
+
+
+def test_the_train_tail_metric_fits_the_training_loss_and_writes_its_own_files(tmp_path):
+  """--metric=train_tail: the same analysis on train_loss_tail (a curve with another optimum
+  here), into files with the suffix, the val files untouched."""
+  rows = [dict(kind="run", scheme="heads", parametrization=p, variant="", optimizer="adamw",
+               width=w, seed=s, log2_lr=x, phase="fine", data="x",
+               val_loss=1.0 + 0.05 * (x + 8) ** 2 + 0.001 * s,
+               train_loss_tail=0.9 + 0.05 * (x + 9) ** 2 + 0.001 * s)
+          for p in ("mup", "sp") for w in (128, 1024) for s in (0, 1)
+          for x in (-11.0, -10.0, -9.0, -8.0, -7.0, -6.0)]
+  assert lr_transfer.with_metric(rows, "val") is rows
+  prefix = str(tmp_path / "lr_transfer_t")
+  val = lr_transfer.write_outputs(rows, prefix, 128)
+  tail = lr_transfer.write_outputs(rows, prefix, 128, metric="train_tail")
+  opt = lambda s: s["heads/mup/adamw"]["optimum"][1024]["log2_lr"]
+  assert abs(opt(val) + 8) < 0.05 and abs(opt(tail) + 9) < 0.05, (opt(val), opt(tail))
+  import json
+  saved = json.loads((tmp_path / "lr_transfer_t_train_tail.json").read_text())
+  assert saved["metric"] == "train_loss_tail" and saved["source"] == "lr_transfer_t.jsonl"
+  assert json.loads((tmp_path / "lr_transfer_t.json").read_text())["metric"] == "val_loss"
