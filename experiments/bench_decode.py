@@ -78,7 +78,8 @@ class Options:
   main: str = "xla:float32"            # impl:state_dtype of the rows at every (batch, prompt)
   # First prompt only. IMPL@ROWS: generate(matmul_rows=ROWS); no "@": generate's default
   # (`default_matmul_rows()`: 8 on GPUs, 1 elsewhere), so "@1" rows show the unpadded products.
-  variants: tuple = ("pallas:float32", "xla:bfloat16", "pallas:bfloat16", "xla@1:float32",
+  variants: tuple = ("pallas:float32", "pallas_fused:float32", "xla:bfloat16",
+                     "pallas:bfloat16", "pallas_fused:bfloat16", "xla@1:float32",
                      "pallas@1:float32")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "pallas_fused")
 
 
 def sample_logits(logits_BxV, rng, *, temperature: float = 1.0, top_k: int | None = None):
@@ -131,8 +131,10 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
     top_k: sample among the k most likely tokens only (None: all).
     rng: a jax PRNG key.
     state_dtype: dtype of the decode state S (None: float32).
-    impl: the rule's single-token update, "xla" (fused jnp) or "pallas" (one kernel per layer
-      that reads and writes the state once; kernels_pallas/decode_step.py).
+    impl: the rule's single-token update, "xla" (fused jnp), "pallas" (one kernel per layer
+      that reads and writes the state once; kernels_pallas/decode_step.py) or "pallas_fused"
+      (that kernel with the short conv, SiLU and q/k L2 norms inside;
+      kernels_pallas/decode_fused.py).
     bucket: pad the prompt to `bucket_length(T)` (one prefill program per bucket); False
       compiles the prefill for the exact length.
     matmul_rows: each decode step's weight products run on the batch padded with zero rows to

@@ -442,8 +442,10 @@ class GatedDeltaNet(nnx.Module):
     """One decode token; returns (y [B, D], new cache), what `__call__` gives for this token.
 
     `cache` as `init_cache` makes it; `weights` from `decode_weights()` (None: built here). The
-    rule's update is `gated_delta_rule_step` (impl "xla") or its Pallas kernel (impl "pallas",
-    `kernels_pallas/decode_step.py`). `matmul_rows`: `decode_dot`'s padding of the projections.
+    rule's update is `gated_delta_rule_step` (impl "xla"), its Pallas kernel (impl "pallas",
+    `kernels_pallas/decode_step.py`), or one kernel that also runs the short conv, SiLU and q/k
+    L2 norms (impl "pallas_fused", `kernels_pallas/decode_fused.py`; without a short conv it is
+    "pallas"). `matmul_rows`: `decode_dot`'s padding of the projections.
     """
     w = self.decode_weights() if weights is None else weights
     B, dt = x_BxD.shape[0], self.dtype
@@ -454,30 +456,44 @@ class GatedDeltaNet(nnx.Module):
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
       y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows), projs)
     with jax.named_scope("conv_gates"):
-      if self.use_short_conv:
-        f, new_cache['conv'] = short_conv_step(y[:, :C], cache['conv'], w['conv'])
-      else:
-        f = jax.nn.silu(y[:, :C])
-      l2 = lambda x: (x.astype(jnp.float32) * jax.lax.rsqrt(
-          jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + self.qk_norm_eps)
-                      ).astype(dt)   # as gated_delta_rule's use_qk_l2norm
-      q = l2(f[:, :Hk * K].reshape(B, Hk, K))
-      k = l2(f[:, Hk * K:2 * Hk * K].reshape(B, Hk, K))
-      v = f[:, 2 * Hk * K:].reshape(B, H, V)
       beta = (jax.nn.sigmoid(y[:, -H:].astype(jnp.float32))
               * (2.0 if self.allow_neg_eigval else 1.0))
       g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
           y[:, -2 * H:-H].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-    with jax.named_scope("rule"):
-      if impl == "xla":
-        o, new_cache['S'] = gated_delta_rule_step(q, k, v, g, beta, cache['S'],
-                                                  scale=self.qk_scale)
-      elif impl == "pallas":  # imported lazily: kernels are an optional layer
-        from kernels_pallas.decode_step import gated_delta_rule_step_pallas
-        o, new_cache['S'] = gated_delta_rule_step_pallas(q, k, v, g, beta, cache['S'],
-                                                         scale=self.qk_scale)
-      else:
-        raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla' or 'pallas'.")
+    if impl == "pallas_fused" and self.use_short_conv:
+      # The conv, SiLU, L2 norms and the rule in one kernel; the window is the conv state with
+      # this token appended, and its last W − 1 inputs are the new conv state.
+      from kernels_pallas.decode_fused import gdn_decode_fused_pallas
+      with jax.named_scope("rule"):
+        conv = cache['conv']
+        window = jnp.concatenate([conv, y[:, None, :C].astype(conv.dtype)], axis=1)
+        new_cache['conv'] = window[:, 1:]
+        o, new_cache['S'] = gdn_decode_fused_pallas(
+            window, w['conv'], g, beta, cache['S'], num_heads=Hk, head_k_dim=K,
+            scale=self.qk_scale, qk_norm_eps=self.qk_norm_eps)
+    else:
+      with jax.named_scope("conv_gates"):
+        if self.use_short_conv:
+          f, new_cache['conv'] = short_conv_step(y[:, :C], cache['conv'], w['conv'])
+        else:
+          f = jax.nn.silu(y[:, :C])
+        l2 = lambda x: (x.astype(jnp.float32) * jax.lax.rsqrt(
+            jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + self.qk_norm_eps)
+                        ).astype(dt)   # as gated_delta_rule's use_qk_l2norm
+        q = l2(f[:, :Hk * K].reshape(B, Hk, K))
+        k = l2(f[:, Hk * K:2 * Hk * K].reshape(B, Hk, K))
+        v = f[:, 2 * Hk * K:].reshape(B, H, V)
+      with jax.named_scope("rule"):
+        if impl == "xla":
+          o, new_cache['S'] = gated_delta_rule_step(q, k, v, g, beta, cache['S'],
+                                                    scale=self.qk_scale)
+        elif impl in ("pallas", "pallas_fused"):  # imported lazily: an optional layer
+          from kernels_pallas.decode_step import gated_delta_rule_step_pallas
+          o, new_cache['S'] = gated_delta_rule_step_pallas(q, k, v, g, beta, cache['S'],
+                                                           scale=self.qk_scale)
+        else:
+          raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla', 'pallas' or "
+                           "'pallas_fused'.")
     with jax.named_scope("out_proj"):
       gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
       out = decode_dot(self.o_norm(o.astype(dt), gate).reshape(B, H * V), w['o'], matmul_rows)

@@ -231,9 +231,9 @@ class GatedDeltaNetLM(nnx.Module):
                   matmul_rows: int = 1):
     """One token with the recurrent update: (logits [B, V] float32, new cache).
 
-    `weights` from `decode_weights()` (None: built in this call); `impl` "xla" or "pallas"
-    (the rule's single-token update, `GatedDeltaNet.step`); `matmul_rows`: every weight product
-    on the batch padded to at least this many rows (`layers.decode_dot`; 1 = none).
+    `weights` from `decode_weights()` (None: built in this call); `impl` "xla", "pallas" or
+    "pallas_fused" (the rule's single-token update, `GatedDeltaNet.step`); `matmul_rows`: every
+    weight product on the batch padded to at least this many rows (`layers.decode_dot`; 1 = none).
     """
     w = self.decode_weights() if weights is None else weights
     with jax.named_scope("embed"):

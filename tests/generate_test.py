@@ -85,11 +85,12 @@ def test_bf16_state_is_stored_in_bf16_and_decodes():
   np.testing.assert_array_equal(b16[:, :11], f32[:, :11])   # the prefill's token, one step
 
 
-def test_pallas_step_generates_what_the_xla_step_does():
+@pytest.mark.parametrize("impl", ["pallas", "pallas_fused"])
+def test_pallas_step_generates_what_the_xla_step_does(impl):
   model = make(seed=8)          # K = 8, V = 12: interpret mode on CPU takes any head dims
   prompt = jax.random.randint(jax.random.key(8), (2, 6), 0, 64)
   kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(1))
-  np.testing.assert_array_equal(gen.generate(model, prompt, 10, impl="pallas", **kw),
+  np.testing.assert_array_equal(gen.generate(model, prompt, 10, impl=impl, **kw),
                                 gen.generate(model, prompt, 10, impl="xla", **kw))
 
 

@@ -1,0 +1,105 @@
+"""kernels_pallas/decode_fused.py: the conv + SiLU + q/k L2 norm + rule kernel of one decode token
+against the unfused step (`layers.short_conv_step`, the L2 norm, `layers.gated_delta_rule_step`)
+and its lowering to one Triton call for an H100. (A model's generation with it:
+tests/generate_test.py.)"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_jax.layers import gated_delta_rule_step, short_conv_step
+from kernels_pallas.decode_fused import fused_block_v, gdn_decode_fused_pallas, unsupported
+
+
+def unfused(window, conv_w, g, beta, S, *, Hk, K, scale, eps):
+  """The unfused step's math: conv of the window (its last input is this token), SiLU, L2 norms
+  rounded to the window's dtype, then the fused-jnp rule."""
+  B, W, C = window.shape
+  f, new_conv = short_conv_step(window[:, -1], window[:, :-1], conv_w)
+  l2 = lambda x: (x.astype(jnp.float32) * jax.lax.rsqrt(
+      jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + eps)).astype(window.dtype)
+  q = l2(f[:, :Hk * K].reshape(B, Hk, K))
+  k = l2(f[:, Hk * K:2 * Hk * K].reshape(B, Hk, K))
+  H, V = S.shape[1], S.shape[3]
+  v = f[:, 2 * Hk * K:].reshape(B, H, V)
+  return gated_delta_rule_step(q, k, v, g, beta, S, scale=scale), new_conv
+
+
+def inputs(B, W, Hk, H, K, V, seed=0, dtype=jnp.float32, state_dtype=jnp.float32):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  C = 2 * Hk * K + H * V
+  window = jax.random.normal(ks[0], (B, W, C)).astype(dtype)
+  conv_w = (jax.random.normal(ks[1], (W, C)) / W ** 0.5).astype(dtype)
+  g = -jax.nn.softplus(jax.random.normal(ks[2], (B, H)))
+  beta = 2 * jax.nn.sigmoid(jax.random.normal(ks[3], (B, H)))
+  S = jax.random.normal(ks[4], (B, H, K, V)).astype(state_dtype)
+  return window, conv_w, g, beta, S
+
+
+@pytest.mark.parametrize("B, W, Hk, H, K, V, block_v", [
+    (2, 4, 2, 4, 8, 16, None),     # GVA
+    (1, 4, 1, 2, 16, 32, 8),       # several V blocks per head
+    (2, 2, 3, 3, 16, 16, None)])
+def test_kernel_equals_the_unfused_step(B, W, Hk, H, K, V, block_v):
+  args = inputs(B, W, Hk, H, K, V)
+  o, S = gdn_decode_fused_pallas(*args, num_heads=Hk, head_k_dim=K, scale=K ** -0.5,
+                                 qk_norm_eps=1e-6, block_v=block_v)
+  (o_ref, S_ref), _ = unfused(*args, Hk=Hk, K=K, scale=K ** -0.5, eps=1e-6)
+  assert o.shape == (B, H, V) and S.dtype == jnp.float32
+  assert float(jnp.abs(o_ref).max()) > 0.1       # the comparison can see differences
+  np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(S, S_ref, atol=2e-5, rtol=2e-5)
+
+
+def test_bf16_compute_and_state():
+  """bf16 window and state: the kernel rounds the conv output and q, k as the unfused step does,
+  so both agree to the state's one bf16 rounding."""
+  args = inputs(2, 4, 2, 4, 16, 32, seed=3, dtype=jnp.bfloat16, state_dtype=jnp.bfloat16)
+  o, S = gdn_decode_fused_pallas(*args, num_heads=2, head_k_dim=16, scale=0.25, qk_norm_eps=1e-6)
+  (o_ref, S_ref), _ = unfused(*args, Hk=2, K=16, scale=0.25, eps=1e-6)
+  assert S.dtype == jnp.bfloat16
+  np.testing.assert_allclose(o, o_ref, atol=2e-2, rtol=2e-2)
+  np.testing.assert_allclose(np.asarray(S, np.float32), np.asarray(S_ref, np.float32),
+                             atol=2e-2, rtol=2 ** -7)
+
+
+def test_block_v_divides_the_qk_channels():
+  assert fused_block_v(6, 256, 512) == 32                 # the 512M config: decode_step's block
+  assert fused_block_v(1, 8, 512, block_v=256) == 16      # 2·Hk·K = 16 channels before v
+  assert unsupported(3, 16, 16) and unsupported(4, 16, 12) and unsupported(4, 16, 16) is None
+
+
+@pytest.mark.parametrize("state_dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_lowers_to_one_triton_call_for_h100(state_dtype):
+  """What interpret mode cannot check (Triton's rules on blocks and ops); Triton IR → PTX needs a
+  GPU (experiments/bench_decode.py runs it)."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=device)
+  sds = jax.ShapeDtypeStruct
+  B, W, Hk, H, K, V = 2, 4, 3, 6, 256, 512         # the 512M config's heads, with GVA
+  C = 2 * Hk * K + H * V
+  args = (sds((B, W, C), jnp.bfloat16), sds((W, C), jnp.bfloat16), sds((B, H), jnp.float32),
+          sds((B, H), jnp.float32), sds((B, H, K, V), state_dtype))
+  fn = functools.partial(gdn_decode_fused_pallas, num_heads=Hk, head_k_dim=K, scale=K ** -0.5,
+                         qk_norm_eps=1e-6, interpret=False)
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  with jax.sharding.use_abstract_mesh(mesh):
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
+  text = exported.mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  assert "output_operand_alias" in text
+
+
+def test_errors_name_the_argument():
+  args = inputs(1, 4, 1, 1, 16, 16)
+  with pytest.raises(ValueError, match="num_heads=2"):
+    gdn_decode_fused_pallas(*args, num_heads=2, head_k_dim=16, scale=1.0, qk_norm_eps=1e-6)
+  with pytest.raises(ValueError, match="conv_w"):
+    gdn_decode_fused_pallas(args[0], args[1][:2], *args[2:], num_heads=1, head_k_dim=16,
+                            scale=1.0, qk_norm_eps=1e-6)
+  with pytest.raises(ValueError, match="conv width W=3"):
+    gdn_decode_fused_pallas(*inputs(1, 3, 1, 1, 16, 16), num_heads=1, head_k_dim=16, scale=1.0,
+                            qk_norm_eps=1e-6, interpret=False)
