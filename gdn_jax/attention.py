@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gdn_jax.layers import Linear, RMSNorm, decode_dot
+from gdn_jax.layers import Linear, RMSNorm, decode_dot, scale_columns, stacked_kernel
 
 
 def segment_positions(segment_ids_BxT, B: int, T: int, offset_B=None):
@@ -252,8 +252,7 @@ class Attention(nnx.Module):
     """`step`'s weights in the compute dtype, built once per generation: 'in', the input
     projections side by side [D, (2N + 2N_kv)·H or without the gate (N + 2N_kv)·H] (columns
     q | k | v | gate), and 'o', W_o."""
-    return {'in': jnp.concatenate([p.kernel[...].astype(self.dtype) for p in self._in_projs()],
-                                  axis=1),
+    return {'in': stacked_kernel(self._in_projs(), self.dtype),
             'o': self.o_proj.kernel[...].astype(self.dtype)}
 
   def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1):
@@ -266,9 +265,7 @@ class Attention(nnx.Module):
     N, Nkv, H = self.num_heads, self.num_kv_heads, self.head_dim
     projs = self._in_projs()
     with jax.named_scope("in_proj"):
-      y = decode_dot(x_BxD.astype(dt), w['in'], matmul_rows)
-      if any(p.multiplier != 1.0 for p in projs):  # each Linear's forward multiplier, per column
-        y = y * jnp.concatenate([jnp.full((p.kernel.shape[1],), p.multiplier, dt) for p in projs])
+      y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows), projs)
     with jax.named_scope("attention"):
       q = y[:, :N * H].reshape(B, 1, N, H)
       k = y[:, N * H:(N + Nkv) * H].reshape(B, 1, Nkv, H)
