@@ -187,8 +187,10 @@ class GdnBench:
     if impl == "baseline":
       return baseline_decode_program.lower(*args, max_new_tokens=self.new_tokens).compile()
     impl, matmul_rows = split_impl(impl)
+    impl, decode_config = split_launch(impl)
     return gen.decode_program.lower(*args, max_new_tokens=self.new_tokens, temperature=0.0,
-                                    top_k=None, impl=impl, matmul_rows=matmul_rows).compile()
+                                    top_k=None, impl=impl, matmul_rows=matmul_rows,
+                                    decode_config=decode_config).compile()
 
   def compile(self, key, alone: bool):
     if key in self.compiled or key in self.errors:
@@ -484,13 +486,37 @@ def split_impl(impl: str) -> tuple[str, int]:
   return base, int(rows) if rows.isdigit() else 0
 
 
+def split_launch(impl: str):
+  """"pallas_fused+bv16+w8" → ("pallas_fused", DecodeConfig(block_v=16, num_warps=8)): the Pallas
+  step kernels' launch settings (no "+": None, their defaults). ValueError on a bad part."""
+  from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+  base, *parts = impl.split("+")
+  if not parts:
+    return base, None
+  kw = {}
+  for part in parts:
+    key = {"bv": "block_v", "w": "num_warps"}.get(part.rstrip("0123456789"))
+    digits = part[len(part.rstrip("0123456789")):]
+    if key is None or not digits or key in kw:
+      raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
+                       "(V block) or +wN (warps), each at most once.")
+    kw[key] = int(digits)
+  return base, DecodeConfig(**kw)
+
+
 def parse_variant(spec: str) -> tuple[str, str]:
   impl, _, dtype = spec.partition(":")
   base, rows = split_impl(impl)
-  if base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1:
-    raise ValueError(f"bench_decode: variant {spec!r}; expected IMPL[@ROWS]:STATE_DTYPE with "
-                     f"IMPL in {gen.IMPLS}, ROWS an int ≥ 1 (generate's matmul_rows) and "
-                     "STATE_DTYPE float32 or bfloat16.")
+  try:
+    base, launch = split_launch(base)
+  except ValueError as e:
+    raise ValueError(f"bench_decode: variant {spec!r}: {e}") from None
+  if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1
+      or (launch is not None and not base.startswith("pallas"))):
+    raise ValueError(f"bench_decode: variant {spec!r}; expected IMPL[+bvN][+wN][@ROWS]:STATE_DTYPE "
+                     f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "
+                     "only), ROWS an int ≥ 1 (generate's matmul_rows) and STATE_DTYPE float32 "
+                     "or bfloat16.")
   return impl, dtype
 
 

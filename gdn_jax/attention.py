@@ -255,11 +255,13 @@ class Attention(nnx.Module):
     return {'in': stacked_kernel(self._in_projs(), self.dtype),
             'o': self.o_proj.kernel[...].astype(self.dtype)}
 
-  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1):
+  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1,
+           decode_config=None):
     """One decode token: (y [B, D], new cache), what `__call__` gives for this token. `impl`
     (the GDN rule's kernel choice) does not apply here: attention over the ring is one
-    `jax.nn.dot_product_attention` call. `matmul_rows`: `layers.decode_dot`'s padding."""
-    del impl
+    `jax.nn.dot_product_attention` call (nor does `decode_config`). `matmul_rows`:
+    `layers.decode_dot`'s padding."""
+    del impl, decode_config
     w = self.decode_weights() if weights is None else weights
     B, dt = x_BxD.shape[0], self.dtype
     N, Nkv, H = self.num_heads, self.num_kv_heads, self.head_dim

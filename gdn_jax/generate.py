@@ -73,9 +73,9 @@ def prefill_program(graphdef, state, tokens_BxP, segment_ids_BxP, *, state_dtype
 
 @functools.partial(jax.jit, donate_argnames=('cache',),
                    static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'impl',
-                                    'matmul_rows'))
+                                    'matmul_rows', 'decode_config'))
 def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, temperature,
-                   top_k, impl, matmul_rows=1):
+                   top_k, impl, matmul_rows=1, decode_config=None):
   """(the max_new_tokens tokens sampled after the prompt [B, N], the final cache)."""
   model = nnx.merge(graphdef, state)
   weights = model.decode_weights()            # cast and fused once, outside the loop
@@ -85,7 +85,7 @@ def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, t
   def step(carry, step_rng):
     token_B, cache = carry
     logits_BxV, cache = model.decode_step(token_B, cache, weights, impl=impl,
-                                          matmul_rows=matmul_rows)
+                                          matmul_rows=matmul_rows, decode_config=decode_config)
     with jax.named_scope("sample"):
       next_B = sample_logits(logits_BxV, step_rng, temperature=temperature, top_k=top_k)
     return (next_B, cache), token_B
@@ -120,7 +120,8 @@ def check_sampling(vocab_size: int, max_new_tokens, temperature, top_k, where="g
 
 def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, rng, state_dtype=None, impl: str = "xla",
-             bucket: bool = True, matmul_rows: int | None = None) -> jax.Array:
+             bucket: bool = True, matmul_rows: int | None = None,
+             decode_config=None) -> jax.Array:
   """Returns [B, T + max_new_tokens] int32: the prompt followed by the sampled tokens.
 
   Args:
@@ -140,6 +141,8 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
     matmul_rows: each decode step's weight products run on the batch padded with zero rows to
       at least this many (`layers.decode_dot`: a GEMM instead of XLA's batch-1 reduction on
       GPUs; exact). 1 = no padding; None = `default_matmul_rows()` (8 on GPUs, else 1).
+    decode_config: launch settings of the "pallas" / "pallas_fused" kernels
+      (`kernels_pallas.config.DecodeConfig`: V block, warps); None: their defaults.
   """
   prompt_BxT = jnp.asarray(prompt_BxT)
   if (prompt_BxT.ndim != 2 or prompt_BxT.shape[1] < 1
@@ -154,6 +157,10 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
   if not isinstance(matmul_rows, int) or isinstance(matmul_rows, bool) or matmul_rows < 1:
     raise ValueError(f"generate: `matmul_rows`={matmul_rows!r}; expected an int ≥ 1 (1 = no "
                      "padding; 8 or 16 to make batch-1 products GEMMs).")
+  from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+  if decode_config is not None and not isinstance(decode_config, DecodeConfig):
+    raise ValueError(f"generate: `decode_config`={decode_config!r}; expected None or a "
+                     "kernels_pallas.config.DecodeConfig(block_v=..., num_warps=...).")
   state_dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
   if state_dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"generate: `state_dtype`={state_dtype}; expected float32 or bfloat16.")
@@ -166,5 +173,6 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
                                       max_len=max_len)
   new_BxN, _ = decode_program(graphdef, state, logits_BxV, cache, rng,
                               max_new_tokens=max_new_tokens, temperature=float(temperature),
-                              top_k=top_k, impl=impl, matmul_rows=matmul_rows)
+                              top_k=top_k, impl=impl, matmul_rows=matmul_rows,
+                              decode_config=decode_config)
   return jnp.concatenate([prompt_BxT.astype(jnp.int32), new_BxN], axis=1)

@@ -438,15 +438,19 @@ class GatedDeltaNet(nnx.Module):
                                    for n in ('q', 'k', 'v')], axis=1)
     return w
 
-  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1):
+  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1,
+           decode_config=None):
     """One decode token; returns (y [B, D], new cache), what `__call__` gives for this token.
 
     `cache` as `init_cache` makes it; `weights` from `decode_weights()` (None: built here). The
     rule's update is `gated_delta_rule_step` (impl "xla"), its Pallas kernel (impl "pallas",
     `kernels_pallas/decode_step.py`), or one kernel that also runs the short conv, SiLU and q/k
     L2 norms (impl "pallas_fused", `kernels_pallas/decode_fused.py`; without a short conv it is
-    "pallas"). `matmul_rows`: `decode_dot`'s padding of the projections.
+    "pallas"). `matmul_rows`: `decode_dot`'s padding of the projections. `decode_config`: the
+    Pallas kernels' launch settings (`kernels_pallas.config.DecodeConfig`; None: defaults).
     """
+    launch = {} if decode_config is None else dict(block_v=decode_config.block_v,
+                                                   num_warps=decode_config.num_warps)
     w = self.decode_weights() if weights is None else weights
     B, dt = x_BxD.shape[0], self.dtype
     Hk, H, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
@@ -470,7 +474,7 @@ class GatedDeltaNet(nnx.Module):
         new_cache['conv'] = window[:, 1:]
         o, new_cache['S'] = gdn_decode_fused_pallas(
             window, w['conv'], g, beta, cache['S'], num_heads=Hk, head_k_dim=K,
-            scale=self.qk_scale, qk_norm_eps=self.qk_norm_eps)
+            scale=self.qk_scale, qk_norm_eps=self.qk_norm_eps, **launch)
     else:
       with jax.named_scope("conv_gates"):
         if self.use_short_conv:
@@ -490,7 +494,7 @@ class GatedDeltaNet(nnx.Module):
         elif impl in ("pallas", "pallas_fused"):  # imported lazily: an optional layer
           from kernels_pallas.decode_step import gated_delta_rule_step_pallas
           o, new_cache['S'] = gated_delta_rule_step_pallas(q, k, v, g, beta, cache['S'],
-                                                           scale=self.qk_scale)
+                                                           scale=self.qk_scale, **launch)
         else:
           raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla', 'pallas' or "
                            "'pallas_fused'.")

@@ -87,13 +87,15 @@ class Block(nnx.Module):
                                         mlp.up_proj.kernel[...].astype(dt)], axis=1),
             'down': mlp.down_proj.kernel[...].astype(dt)}
 
-  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1):
+  def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1,
+           decode_config=None):
     """One decode token: (x [B, D], new cache); `weights` from `decode_weights()` (None: here);
     `matmul_rows`: `layers.decode_dot`'s padding of every weight product."""
     w = self.decode_weights() if weights is None else weights
     with jax.named_scope("in_proj"):   # the scopes name the parts in profiles (bench_decode.py)
       h = self.mixer_norm(x_BxD)
-    y, new_cache = self.mixer.step(h, cache, w['mixer'], impl=impl, matmul_rows=matmul_rows)
+    y, new_cache = self.mixer.step(h, cache, w['mixer'], impl=impl, matmul_rows=matmul_rows,
+                                   decode_config=decode_config)
     mlp = self.mlp
     dt = mlp.down_proj.dtype
     scale = lambda y, lin: y if lin.multiplier == 1.0 else y * jnp.asarray(lin.multiplier, dt)
@@ -228,19 +230,21 @@ class GatedDeltaNetLM(nnx.Module):
             'head': head[...].astype(dt)}
 
   def decode_step(self, token_B, cache, weights=None, *, impl: str = "xla",
-                  matmul_rows: int = 1):
+                  matmul_rows: int = 1, decode_config=None):
     """One token with the recurrent update: (logits [B, V] float32, new cache).
 
     `weights` from `decode_weights()` (None: built in this call); `impl` "xla", "pallas" or
     "pallas_fused" (the rule's single-token update, `GatedDeltaNet.step`); `matmul_rows`: every
-    weight product on the batch padded to at least this many rows (`layers.decode_dot`; 1 = none).
+    weight product on the batch padded to at least this many rows (`layers.decode_dot`; 1 = none);
+    `decode_config`: the Pallas step kernels' launch settings (kernels_pallas.config.DecodeConfig).
     """
     w = self.decode_weights() if weights is None else weights
     with jax.named_scope("embed"):
       x = self.embed(token_B)
     new_cache = []
     for i, block in enumerate(self.blocks):
-      x, c = block.step(x, cache[i], w['blocks'][i], impl=impl, matmul_rows=matmul_rows)
+      x, c = block.step(x, cache[i], w['blocks'][i], impl=impl, matmul_rows=matmul_rows,
+                        decode_config=decode_config)
       new_cache.append(c)
     with jax.named_scope("head"):
       h = self.final_norm(x).astype(w['head'].dtype)

@@ -82,6 +82,29 @@ class GpuConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Launch settings of the decode-step kernels (`decode_step.py`, `decode_fused.py`), passed as
+  `generate(..., decode_config=...)`; not yet tuned on a GPU (experiments/NOTES_decode.md).
+
+  block_v: V columns per (batch, head) program. None: `decode_step.default_block_v` (a [K, BV]
+    float32 state tile of ≤ 8K elements; 32 at K = 256: 96 programs at batch 1 with 6 heads and
+    V = 512). The fused kernel halves it until it divides the q | k channels (2·Hk·K).
+  num_warps: warps per program.
+  """
+  block_v: int | None = None
+  num_warps: int = 4
+
+  def __post_init__(self):
+    if self.block_v is not None and (isinstance(self.block_v, bool) or not isinstance(
+        self.block_v, int) or self.block_v < 1 or self.block_v & (self.block_v - 1)):
+      raise ValueError(f"DecodeConfig: `block_v`={self.block_v!r}; expected None or a power of "
+                       "two (Triton blocks).")
+    if self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"DecodeConfig: `num_warps`={self.num_warps!r}; expected 1, 2, 4, 8 or "
+                       "16.")
+
+
+@dataclasses.dataclass(frozen=True)
 class TpuConfig:
   """Settings of the Mosaic TPU kernels.
 

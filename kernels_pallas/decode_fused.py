@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from kernels_pallas.decode_step import block_v as default_block_v
+from kernels_pallas.decode_step import default_block_v
 from kernels_pallas.decode_step import unsupported as rule_unsupported
 
 
@@ -64,7 +64,7 @@ def _kernel(qw_ref, kw_ref, vw_ref, qf_ref, kf_ref, vf_ref, e_ref, beta_ref, s_r
 
 
 def fused_block_v(Hk: int, K: int, V: int, block_v: int | None = None) -> int:
-  """The V block: `block_v` or `decode_step.block_v`'s, halved until it divides the q|k channels
+  """The V block: `block_v` or `decode_step.default_block_v`'s, halved until it divides the q|k channels
   (2·Hk·K) that precede the v channels, so that every v block is a whole block of the window."""
   BV = min(V, block_v or default_block_v(K, V))
   while (2 * Hk * K) % BV:

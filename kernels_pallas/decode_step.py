@@ -32,7 +32,7 @@ def unsupported(K: int, V: int) -> str | None:
   return None
 
 
-def block_v(K: int, V: int) -> int:
+def default_block_v(K: int, V: int) -> int:
   """V block of one program: the [K, BV] float32 state block stays ≤ 8K elements (64 per thread
   at 4 warps)."""
   return max(1, min(V, 8192 // K))
@@ -50,13 +50,14 @@ def _kernel(q_ref, k_ref, v_ref, e_ref, beta_ref, s_ref, o_ref, s_out_ref, *, sc
   o_ref[...] = (scale * (e * c + jnp.sum(k * q) * delta)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_v", "num_warps", "interpret"))
 def gated_delta_rule_step_pallas(q_BxHkxK, k_BxHkxK, v_BxHxV, g_BxH, beta_BxH, S_BxHxKxV, *,
-                                 scale: float, num_warps: int = 4, interpret: bool | None = None):
+                                 scale: float, block_v: int | None = None, num_warps: int = 4,
+                                 interpret: bool | None = None):
   """`gdn_jax.layers.gated_delta_rule_step` as one kernel: (o [B, H, V] float32, S' in S's dtype).
 
   q, k: [B, Hk, K] L2-normalised (value head h reads q/k head h // (H / Hk)); v: [B, H, V];
-  g, β: [B, H]; S: [B, H, K, V].
+  g, β: [B, H]; S: [B, H, K, V]. `block_v`: V columns per program (None: `default_block_v`).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -64,7 +65,7 @@ def gated_delta_rule_step_pallas(q_BxHkxK, k_BxHkxK, v_BxHxV, g_BxH, beta_BxH, S
   H, V = v_BxHxV.shape[1:]
   if not interpret and (why := unsupported(K, V)) is not None:
     raise ValueError(f"gated_delta_rule_step_pallas: {why}; use the XLA step (impl='xla').")
-  G, BV = H // Hk, block_v(K, V)
+  G, BV = H // Hk, min(V, block_v or default_block_v(K, V))
   e_BxHxV = jnp.broadcast_to(jnp.exp(g_BxH.astype(jnp.float32))[..., None], (B, H, V))
   beta_BxHxV = jnp.broadcast_to(beta_BxH.astype(jnp.float32)[..., None], (B, H, V))
   qk_spec = pl.BlockSpec((None, None, K), lambda b, h, j: (b, h // G, 0))

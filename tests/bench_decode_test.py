@@ -5,6 +5,7 @@ import json
 import types
 
 import numpy as np
+import pytest
 
 from experiments import bench_decode
 
@@ -172,3 +173,15 @@ def test_xla_flags_rows_import_the_package_from_the_repository(tmp_path, monkeyp
   assert cmd[1:3] == ["-m", "experiments.bench_decode"] and (root / "gdn_jax").is_dir()
   assert kw["env"]["PYTHONPATH"].split(":")[:2] == [str(root), "/elsewhere"]
   assert kw["env"]["XLA_FLAGS"].endswith("--f")
+
+
+def test_variant_launch_settings_parse_into_a_decode_config():
+  from kernels_pallas.config import DecodeConfig
+  assert bench_decode.split_launch("pallas_fused+bv16+w8") == (
+      "pallas_fused", DecodeConfig(block_v=16, num_warps=8))
+  assert bench_decode.split_launch("pallas") == ("pallas", None)
+  assert bench_decode.parse_variant("pallas+w8@8:bfloat16") == ("pallas+w8@8", "bfloat16")
+  for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
+              "pallas+bv12:float32", "pallas+w8+w4:float32"):
+    with pytest.raises(ValueError, match="bench_decode"):
+      bench_decode.parse_variant(bad)

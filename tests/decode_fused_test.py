@@ -93,6 +93,39 @@ def test_kernel_lowers_to_one_triton_call_for_h100(state_dtype):
   assert "output_operand_alias" in text
 
 
+def test_decode_config_sets_the_launch_of_both_kernels():
+  """DecodeConfig's V block and warps reach the Triton calls (the grid's V axis, num_warps), as
+  exported for an H100, for the step kernel and the fused one."""
+  from kernels_pallas.config import DecodeConfig
+  from kernels_pallas.decode_step import gated_delta_rule_step_pallas
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=device)
+  sds = jax.ShapeDtypeStruct
+  B, W, Hk, H, K, V = 1, 4, 6, 6, 256, 512
+  C = 2 * Hk * K + H * V
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+  def exported(fn, *args):
+    with jax.sharding.use_abstract_mesh(mesh):
+      return jax.export.export(jax.jit(fn), platforms=["cuda"],
+                               disabled_checks=[triton])(*args).mlir_module()
+
+  step_args = (sds((B, Hk, K), jnp.bfloat16), sds((B, Hk, K), jnp.bfloat16),
+               sds((B, H, V), jnp.bfloat16), sds((B, H), jnp.float32), sds((B, H), jnp.float32),
+               sds((B, H, K, V), jnp.float32))
+  fused_args = (sds((B, W, C), jnp.bfloat16), sds((W, C), jnp.bfloat16), sds((B, H), jnp.float32),
+                sds((B, H), jnp.float32), sds((B, H, K, V), jnp.float32))
+  for cfg, grid_v, warps in ((DecodeConfig(), 16, 4),
+                             (DecodeConfig(block_v=16, num_warps=8), 32, 8)):
+    kw = dict(block_v=cfg.block_v, num_warps=cfg.num_warps, interpret=False, scale=0.0625)
+    texts = (exported(functools.partial(gated_delta_rule_step_pallas, **kw), *step_args),
+             exported(functools.partial(gdn_decode_fused_pallas, num_heads=Hk, head_k_dim=K,
+                                        qk_norm_eps=1e-6, **kw), *fused_args))
+    for text in texts:
+      assert f"grid_z = {grid_v} : i32" in text and f"num_warps = {warps} : i32" in text
+
+
 def test_errors_name_the_argument():
   args = inputs(1, 4, 1, 1, 16, 16)
   with pytest.raises(ValueError, match="num_heads=2"):

@@ -85,13 +85,19 @@ def test_bf16_state_is_stored_in_bf16_and_decodes():
   np.testing.assert_array_equal(b16[:, :11], f32[:, :11])   # the prefill's token, one step
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas_fused"])
-def test_pallas_step_generates_what_the_xla_step_does(impl):
+@pytest.mark.parametrize("impl, block_v", [("pallas", None), ("pallas_fused", None),
+                                           ("pallas_fused", 4)])
+def test_pallas_step_generates_what_the_xla_step_does(impl, block_v):
+  """Both kernels, and the fused one with another V block (DecodeConfig), sample the XLA step's
+  tokens."""
+  from kernels_pallas.config import DecodeConfig
   model = make(seed=8)          # K = 8, V = 12: interpret mode on CPU takes any head dims
   prompt = jax.random.randint(jax.random.key(8), (2, 6), 0, 64)
   kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(1))
-  np.testing.assert_array_equal(gen.generate(model, prompt, 10, impl=impl, **kw),
-                                gen.generate(model, prompt, 10, impl="xla", **kw))
+  np.testing.assert_array_equal(
+      gen.generate(model, prompt, 10, impl=impl, decode_config=DecodeConfig(block_v=block_v),
+                   **kw),
+      gen.generate(model, prompt, 10, impl="xla", **kw))
 
 
 @pytest.mark.parametrize("variant", ["untied", "tied", "hybrid"])
@@ -130,6 +136,7 @@ def test_default_matmul_rows_pads_only_on_gpus():
     ({"top_k": 65}, "top_k"),
     ({"impl": "cuda"}, "impl"),
     ({"state_dtype": jnp.float16}, "state_dtype"),
+    ({"decode_config": {"block_v": 8}}, "decode_config"),
 ])
 def test_generate_errors(kwargs, match):
   args = {"max_new_tokens": 2, **kwargs}
