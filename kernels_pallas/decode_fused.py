@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from kernels_pallas.decode_step import default_block_v
+from kernels_pallas.decode_step import default_block_v, rule_update
 from kernels_pallas.decode_step import unsupported as rule_unsupported
 
 
@@ -54,13 +54,9 @@ def _kernel(qw_ref, kw_ref, vw_ref, qf_ref, kf_ref, vf_ref, e_ref, beta_ref, s_r
   q = _l2(_conv_silu(qw_ref, qf_ref, dtype), eps).astype(dtype).astype(f32)       # [K]
   k = _l2(_conv_silu(kw_ref, kf_ref, dtype), eps).astype(dtype).astype(f32)       # [K]
   v = _conv_silu(vw_ref, vf_ref, dtype).astype(f32)                               # [BV]
-  S = s_ref[...].astype(f32)                                                      # [K, BV]
-  e, beta = e_ref[...], beta_ref[...]                                             # [BV]
-  a = jnp.sum(S * k[:, None], axis=0)                                             # Sᵀk
-  c = jnp.sum(S * q[:, None], axis=0)                                             # Sᵀq
-  delta = beta * (v - e * a)
-  s_out_ref[...] = (e[None, :] * S + k[:, None] * delta[None, :]).astype(s_out_ref.dtype)
-  o_ref[...] = (scale * (e * c + jnp.sum(k * q) * delta)).astype(o_ref.dtype)
+  S_new, o = rule_update(s_ref[...].astype(f32), q, k, v, e_ref[...], beta_ref[...], scale)
+  s_out_ref[...] = S_new.astype(s_out_ref.dtype)
+  o_ref[...] = o.astype(o_ref.dtype)
 
 
 def fused_block_v(Hk: int, K: int, V: int, block_v: int | None = None) -> int:

@@ -38,16 +38,21 @@ def default_block_v(K: int, V: int) -> int:
   return max(1, min(V, 8192 // K))
 
 
-def _kernel(q_ref, k_ref, v_ref, e_ref, beta_ref, s_ref, o_ref, s_out_ref, *, scale):
-  f32 = jnp.float32
-  S = s_ref[...].astype(f32)                                # [K, BV]
-  q, k = q_ref[...].astype(f32), k_ref[...].astype(f32)     # [K]
-  e, beta = e_ref[...], beta_ref[...]                       # [BV]
+def rule_update(S, q, k, v, e, beta, scale):
+  """(S', o) of one state block, all float32: S [K, BV]; q, k [K]; v, e^g, β [BV] (the update in
+  the module docstring; shared with decode_fused.py's kernel)."""
   a = jnp.sum(S * k[:, None], axis=0)                       # Sᵀk [BV]
   c = jnp.sum(S * q[:, None], axis=0)                       # Sᵀq
-  delta = beta * (v_ref[...].astype(f32) - e * a)
-  s_out_ref[...] = (e[None, :] * S + k[:, None] * delta[None, :]).astype(s_out_ref.dtype)
-  o_ref[...] = (scale * (e * c + jnp.sum(k * q) * delta)).astype(o_ref.dtype)
+  delta = beta * (v - e * a)
+  return e[None, :] * S + k[:, None] * delta[None, :], scale * (e * c + jnp.sum(k * q) * delta)
+
+
+def _kernel(q_ref, k_ref, v_ref, e_ref, beta_ref, s_ref, o_ref, s_out_ref, *, scale):
+  f32 = jnp.float32
+  S_new, o = rule_update(s_ref[...].astype(f32), q_ref[...].astype(f32), k_ref[...].astype(f32),
+                         v_ref[...].astype(f32), e_ref[...], beta_ref[...], scale)
+  s_out_ref[...] = S_new.astype(s_out_ref.dtype)
+  o_ref[...] = o.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_v", "num_warps", "interpret"))
