@@ -72,7 +72,11 @@ def _start(paths, workdir, log):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
          "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(workdir).parent / "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+         # Compiling the train and eval steps is most of the time: XLA's optimisations would add
+         # ~40% and the tiny model needs no speed (every run here compiles with the same options).
+         "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+  }
   return subprocess.Popen(_cmd(paths, workdir), cwd=REPO, env=env, stdout=open(log, "w"),
                           stderr=subprocess.STDOUT)
 

@@ -24,7 +24,11 @@ def _run(script: str, num_devices: int, tmp_path, *args: str) -> dict:
          # Runs on the same mesh (the reference and a resumed run) compile once.
          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+         # Compiling the train and eval steps is most of the time: XLA's optimisations would add
+         # ~40% and the tiny model needs no speed (every run here compiles with the same options).
+         "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+  }
   proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -34,13 +34,18 @@ def test_grid_replicas_equal_the_trainers_step_run_alone(optimizer, parametrizat
   lrs = [1e-3, 1e-2] if optimizer == "adamw" else [1e-2, 1e-1]
   grid = sweep.train_grid(c, lrs, [0, 3], TOKENS, VAL)
   assert grid.train_loss.shape == (2, 2, 4) and grid.val_loss.shape == (2, 2)
+  # The trainer's step and loss, compiled once: the replicas' models differ in their values only
+  # (the same graph, checked below), and the LR is the step's argument, as in gdn_jax.train.
+  model0 = train_lib.build_model(c, seed=0)
+  graphdef0, tx = nnx.split(model0)[0], train_lib.make_tx(model0, c)
+  step = jax.jit(train_lib.make_train_step(graphdef0, tx))
+  loss_fn = jax.jit(train_lib.make_loss_fn(graphdef0))
   for si, seed in enumerate((0, 3)):
     for li, lr in enumerate(lrs):
       model = train_lib.build_model(c, seed=seed)          # what gdn_jax.train builds
-      tx = train_lib.make_tx(model, c)
       graphdef, params = nnx.split(model)
-      step = jax.jit(train_lib.make_train_step(graphdef, tx))
-      opt_state = tx.init(params)
+      assert graphdef == graphdef0
+      opt_state = train_lib.make_tx(model, c).init(params)
       starts = sweep.epoch_starts(len(TOKENS), seq_len=16, steps=4, batch_size=2, seed=seed)
       losses, norms = [], []
       for t in range(4):
@@ -50,7 +55,7 @@ def test_grid_replicas_equal_the_trainers_step_run_alone(optimizer, parametrizat
         norms.append(float(m["grad_norm"]))
       np.testing.assert_allclose(grid.train_loss[si, li], losses, rtol=2e-5)
       np.testing.assert_allclose(grid.grad_norm[si, li], norms, rtol=1e-4)
-      val = np.mean([float(train_lib.make_loss_fn(graphdef)(params, b)) for b in VAL])
+      val = np.mean([float(loss_fn(params, b)) for b in VAL])
       np.testing.assert_allclose(grid.val_loss[si, li], val, rtol=2e-5)
   # The learning rate and the seed both matter; step 0 is the same init within a seed.
   assert abs(grid.train_loss[0, 0, -1] - grid.train_loss[0, 1, -1]) > 1e-4
