@@ -15,7 +15,17 @@ embedded corpus, the paper's SGD (Nesterov 0.98, clipping 1), one seed, log2 LR 
     python -m experiments.sgd_gap_probe                 # ~1 h on 2 CPU cores
     python -m experiments.sgd_gap_probe --only=mup_ro1:embed:out:-1
 
-Writes one JSON line per run to experiments/results/sgd_gap_probe_cpu.jsonl (skips rows there).
+Writes one JSON line per run to experiments/results/sgd_gap_probe_cpu.jsonl (skips runs there;
+`--log2_lrs=-7,-8` runs other LRs instead of the grid).
+
+`--probe=heads_adamw` (issue 20 item 4, the heads preset's AdamW gap: μP +0.012 behind SP at 1024
+on an H100) asks the same of the heads scheme (heads of dim 16 grow in number, untied embedding)
+under AdamW (no decay, clipping 1), widths 32 (base) and 256, log2 LR −10…−5, with the μP LR
+ablations (identity at the base width) named in experiments/NOTES_lr_transfer.md:
+  a  the vector-like parameters' LR × 1/m (norm gains, conv filters, A_log, dt_bias),
+  b  every *_proj kernel's LR × m_in^0.38 (SP's hidden-matrix LR at 1024),
+  c  the embedding's LR × 1/m.
+Its rows go to experiments/results/gap_probe_heads_adamw_cpu.jsonl.
 """
 from __future__ import annotations
 
@@ -55,34 +65,82 @@ ROWS = ([(32, p, ()) for p in ("sp", "mup", "paper", "paper_sp")]
            (256, "mup_ro1_ab_sp", ("embed:out:-1",))])
 
 
+HEADS_ADAMW_PROTOCOL = Protocol(
+    family="heads", head_dim=16, widths=(32, 256), base_width=32, layers=2, steps=200, batch=8,
+    seq_len=128, warmup=20, dtype="float32", rows=(("mup", ""),), optimizers=("adamw",),
+    seeds=(0,), sp_seeds=(0,), data="embedded", val_batches=4,
+    optimizer_settings={"adamw": dict(weight_decay=0.0, grad_clip=1.0)})
+VECTORS = ("norm:out:-1", "conv:out:-1", "A_log:out:-1", "dt_bias:out:-1")     # a
+HIDDEN = ("_proj:0.38",)                                                      # b
+EMBED = ("embed:out:-1",)                                                     # c
+# The most informative first: the gap at 256, the shared base row, the ablations, then SP at the
+# base width (the same model and updates as μP there: a check).
+HEADS_ADAMW_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup", VECTORS),
+                    (256, "mup", HIDDEN), (256, "mup", EMBED), (32, "sp", ()),
+                    (256, "mup", VECTORS + EMBED)]   # a + c: at μP's optimum, SP's LR for both
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  protocol: Protocol
+  optimizer: str
+  log2_lrs: list
+  rows: list                 # (width, parametrization, lr_overrides)
+  out: str
+
+
+PROBES = {
+    "paper_sgd": Probe(PROTOCOL, "sgd", LOG2_LRS, ROWS, OUT),
+    "heads_adamw": Probe(HEADS_ADAMW_PROTOCOL, "adamw", [-10.0, -9.0, -8.0, -7.0, -6.0, -5.0],
+                         HEADS_ADAMW_ROWS,
+                         os.path.join(lr_transfer.RESULTS, "gap_probe_heads_adamw_cpu.jsonl")),
+}
+_PROBE = flags.DEFINE_enum("probe", "paper_sgd", list(PROBES), "Which probe: the paper family "
+                           "under SGD, or the heads scheme under AdamW (module docstring).")
+_LOG2_LRS = flags.DEFINE_list("log2_lrs", None, "These log2 LRs instead of the probe's grid (e.g. "
+                              "to extend a row whose best point sits at an edge).")
+
+
+def job(probe: Probe, width, param, overrides, log2_lrs=None) -> dict:
+  """The lr_transfer job of one row: its LR grid (default the probe's), seed 0, in one program."""
+  return dict(parametrization=param, variant=",".join(overrides), optimizer=probe.optimizer,
+              width=width, seeds=[0], log2_lrs=list(log2_lrs or probe.log2_lrs), phase="fine",
+              lr_overrides=list(overrides))
+
+
 def name(param, overrides):
   return ":".join((param, *overrides))
+
+
+def run_row(probe: Probe, width, param, overrides, log2_lrs=None):
+  """Trains one row's LR grid and appends its runs to the probe's JSONL."""
+  t = time.time()
+  rows = lr_transfer.run_job(probe.protocol, job(probe, width, param, overrides, log2_lrs), None)
+  with open(probe.out, "a") as f:
+    for r in rows:
+      f.write(json.dumps({k: r[k] for k in ("parametrization", "variant", "width", "seed",
+                                            "log2_lr", "val_loss", "clipped_fraction",
+                                            "grad_norm_median", "steps", "tokens", "params",
+                                            "backend", "date")}) + "\n")
+  losses = [None if r["val_loss"] is None else round(r["val_loss"], 4) for r in rows]
+  print(f"{width} {name(param, overrides)} {losses} ({time.time() - t:.0f} s)", flush=True)
 
 
 def main(argv):
   del argv
   tables.PARAMETRIZATIONS.update(VARIANTS)
+  probe = PROBES[_PROBE.value]
   done = set()
-  if os.path.exists(OUT):
-    with open(OUT) as f:
+  if os.path.exists(probe.out):
+    with open(probe.out) as f:
       done = {(r["width"], name(r["parametrization"], r["variant"].split(",") if r["variant"]
-                                else ())) for r in map(json.loads, f)}
-  for width, param, overrides in ROWS:
-    if (_ONLY.value and name(param, overrides) not in _ONLY.value) or \
-        (width, name(param, overrides)) in done:
+                                else ()), r["log2_lr"]) for r in map(json.loads, f)}
+  log2_lrs = [float(x) for x in _LOG2_LRS.value] if _LOG2_LRS.value else probe.log2_lrs
+  for width, param, overrides in probe.rows:
+    todo = [x for x in log2_lrs if (width, name(param, overrides), x) not in done]
+    if (_ONLY.value and name(param, overrides) not in _ONLY.value) or not todo:
       continue
-    t = time.time()
-    job = dict(parametrization=param, variant=",".join(overrides), optimizer="sgd", width=width,
-               seeds=[0], log2_lrs=LOG2_LRS, phase="fine", lr_overrides=list(overrides))
-    rows = lr_transfer.run_job(PROTOCOL, job, None)
-    with open(OUT, "a") as f:
-      for r in rows:
-        f.write(json.dumps({k: r[k] for k in ("parametrization", "variant", "width", "seed",
-                                              "log2_lr", "val_loss", "clipped_fraction",
-                                              "grad_norm_median", "steps", "tokens", "params",
-                                              "backend", "date")}) + "\n")
-    losses = [None if r["val_loss"] is None else round(r["val_loss"], 4) for r in rows]
-    print(f"{width} {name(param, overrides)} {losses} ({time.time() - t:.0f} s)", flush=True)
+    run_row(probe, width, param, overrides, todo)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """experiments/sgd_gap_probe.py: its variants of the project's μP are that μP at the base width
-(the probe compares them at 256 against runs made once at 32) and differ from it when wider."""
+(the probe compares them at 256 against runs made once at 32) and differ from it when wider; so
+are the heads_adamw probe's LR ablations, which scale exactly the parameters they name."""
 import functools
+import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import sgd_gap_probe
+from experiments import lr_transfer, sgd_gap_probe
 from gdn_jax import families, mup
+from gdn_jax.model import GatedDeltaNetLM
 from gdn_jax.mup import tables
+from gdn_jax.train import config as config_lib
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +47,48 @@ def test_variants_are_the_project_mup_at_the_base_width_only(variant):
       parametrization=p, optimizer="sgd", base_config=base).values()}
   if "ab_sp" in variant:    # W_a, W_b (output-like here) get SP's LR 1 instead of μP's × m
     assert groups(variant)["output"] == 1.0 and groups("mup")["output"] == 2.0
+
+
+# ---- --probe=heads_adamw: the heads scheme under AdamW (issue 20 item 4). ----------------------
+
+HEADS = sgd_gap_probe.PROBES["heads_adamw"]
+
+
+def heads_groups(width, param, overrides):
+  """{dotted path: LR multiplier} of a heads_adamw row's trainer config (shapes only)."""
+  config = lr_transfer.train_config(HEADS.protocol, sgd_gap_probe.job(HEADS, width, param,
+                                                                      overrides))
+  config_lib.validate_config(config)
+  assert config.optimizer.name == "adamw" and config.optimizer.weight_decay == 0.0
+  model = config_lib.model_config(config)
+  assert model.num_heads * model.head_k_dim == width and not model.tie_embeddings
+  shapes = nnx.eval_shape(lambda: GatedDeltaNetLM(model, rngs=nnx.Rngs(0)))
+  groups = mup.param_groups(shapes, parametrization=param, optimizer="adamw",
+                            base_config=config_lib.base_model_config(config),
+                            lr_overrides=config_lib.lr_overrides(config))
+  return {".".join(map(str, k)): g.lr for k, g in groups.items()}
+
+
+def test_heads_adamw_rows_are_the_identity_at_the_base_width_and_ablate_at_256():
+  assert HEADS.protocol.base_width == 32 and HEADS.out.endswith("gap_probe_heads_adamw_cpu.jsonl")
+  assert sgd_gap_probe.PROBES["paper_sgd"].out == sgd_gap_probe.OUT   # the default is unchanged
+  assert {(w, p) for w, p, _ in HEADS.rows} == {(32, "sp"), (32, "mup"), (256, "sp"),
+                                                 (256, "mup")}
+  plain = {w: heads_groups(w, "mup", ()) for w in (32, 256)}
+  assert set(plain[32].values()) == {1.0} and heads_groups(32, "sp", ()) == plain[32]
+  expected = {   # the LR multiplier each ablation gives at 256 (m = 8) over plain μP's
+      sgd_gap_probe.VECTORS: lambda k: 1 / 8 if any(
+          n in k for n in ("norm", "conv", "A_log", "dt_bias")) and "o_norm" not in k else 1,
+      sgd_gap_probe.HIDDEN: lambda k: 8 ** 0.38 if "_proj" in k else 1,
+      sgd_gap_probe.EMBED: lambda k: 1 / 8 if k.startswith("embed") else 1}
+  vec, emb = expected[sgd_gap_probe.VECTORS], expected[sgd_gap_probe.EMBED]
+  expected[sgd_gap_probe.VECTORS + sgd_gap_probe.EMBED] = lambda k: vec(k) * emb(k)
+  ablations = [ov for w, p, ov in HEADS.rows if ov]
+  assert sorted(ablations) == sorted(expected)
+  for overrides in ablations:
+    assert heads_groups(32, "mup", overrides) == plain[32], overrides
+    wide = heads_groups(256, "mup", overrides)
+    ratios = {k: wide[k] / plain[256][k] for k in wide}
+    assert any(r != 1 for r in ratios.values()), overrides
+    for k, r in ratios.items():
+      assert math.isclose(r, expected[overrides](k)), (overrides, k, r)
