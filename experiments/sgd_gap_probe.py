@@ -45,6 +45,18 @@ _ONLY = flags.DEFINE_list("only", None, "Only these rows: PARAM[:OVERRIDE...] as
 OUT = os.path.join(lr_transfer.RESULTS, "sgd_gap_probe_cpu.jsonl")
 
 _SGD_AB_SP = dict(MUP.rules["sgd"], output=Rule(init=Scaling(fan_in=-0.5)))
+# The heads probe's read-out variants (untied LM head, AdamW), identity at the base width:
+#   mup_head_sp    SP's LM head in function space: init × m^-½ (fan-in), no 1/m multiplier, LR × 1/m
+#                  (the same per-step logit change as μP's head);
+#   mup_head_init  μP's head (1/m multiplier, LR 1: its updates and gradients) with SP's logits at
+#                  init: init × m^+½, so multiplier × init = SP's m^-½.
+HEAD_VARIANTS = {
+    "mup_head_sp": dataclasses.replace(MUP, name="mup_head_sp", rules=dict(MUP.rules, adamw=dict(
+        MUP.rules["adamw"], output=Rule(init=Scaling(fan_in=-0.5), lr=Scaling(fan_in=-1))))),
+    "mup_head_init": dataclasses.replace(MUP, name="mup_head_init", rules=dict(
+        MUP.rules, adamw=dict(MUP.rules["adamw"],
+                              output=Rule(init=Scaling(fan_in=0.5), mult=Scaling(fan_in=-1))))),
+}
 VARIANTS = {
     "mup_ro1": dataclasses.replace(MUP, name="mup_ro1", tied_readout=ONE),
     "mup_ab_sp": dataclasses.replace(MUP, name="mup_ab_sp", rules=dict(MUP.rules, sgd=_SGD_AB_SP)),
@@ -77,7 +89,8 @@ EMBED = ("embed:out:-1",)                                                     # 
 # base width (the same model and updates as μP there: a check).
 HEADS_ADAMW_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup", VECTORS),
                     (256, "mup", HIDDEN), (256, "mup", EMBED), (32, "sp", ()),
-                    (256, "mup", VECTORS + EMBED)]   # a + c: at μP's optimum, SP's LR for both
+                    (256, "mup", VECTORS + EMBED),   # a + c: at μP's optimum, SP's LR for both
+                    (256, "mup_head_sp", ()), (256, "mup_head_init", ())]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +110,15 @@ PROBES = {
 }
 _PROBE = flags.DEFINE_enum("probe", "paper_sgd", list(PROBES), "Which probe: the paper family "
                            "under SGD, or the heads scheme under AdamW (module docstring).")
+_SEED = flags.DEFINE_integer("seed", 0, "The runs' seed (model init and data order).")
 _LOG2_LRS = flags.DEFINE_list("log2_lrs", None, "These log2 LRs instead of the probe's grid (e.g. "
                               "to extend a row whose best point sits at an edge).")
 
 
-def job(probe: Probe, width, param, overrides, log2_lrs=None) -> dict:
+def job(probe: Probe, width, param, overrides, log2_lrs=None, seed=0) -> dict:
   """The lr_transfer job of one row: its LR grid (default the probe's), seed 0, in one program."""
   return dict(parametrization=param, variant=",".join(overrides), optimizer=probe.optimizer,
-              width=width, seeds=[0], log2_lrs=list(log2_lrs or probe.log2_lrs), phase="fine",
+              width=width, seeds=[seed], log2_lrs=list(log2_lrs or probe.log2_lrs), phase="fine",
               lr_overrides=list(overrides))
 
 
@@ -112,10 +126,11 @@ def name(param, overrides):
   return ":".join((param, *overrides))
 
 
-def run_row(probe: Probe, width, param, overrides, log2_lrs=None):
+def run_row(probe: Probe, width, param, overrides, log2_lrs=None, seed=0):
   """Trains one row's LR grid and appends its runs to the probe's JSONL."""
   t = time.time()
-  rows = lr_transfer.run_job(probe.protocol, job(probe, width, param, overrides, log2_lrs), None)
+  rows = lr_transfer.run_job(probe.protocol, job(probe, width, param, overrides, log2_lrs, seed),
+                             None)
   with open(probe.out, "a") as f:
     for r in rows:
       f.write(json.dumps({k: r[k] for k in ("parametrization", "variant", "width", "seed",
@@ -128,19 +143,20 @@ def run_row(probe: Probe, width, param, overrides, log2_lrs=None):
 
 def main(argv):
   del argv
-  tables.PARAMETRIZATIONS.update(VARIANTS)
+  tables.PARAMETRIZATIONS.update({**VARIANTS, **HEAD_VARIANTS})
   probe = PROBES[_PROBE.value]
+  seed = _SEED.value
   done = set()
   if os.path.exists(probe.out):
     with open(probe.out) as f:
       done = {(r["width"], name(r["parametrization"], r["variant"].split(",") if r["variant"]
-                                else ()), r["log2_lr"]) for r in map(json.loads, f)}
+                                else ()), r["log2_lr"], r["seed"]) for r in map(json.loads, f)}
   log2_lrs = [float(x) for x in _LOG2_LRS.value] if _LOG2_LRS.value else probe.log2_lrs
   for width, param, overrides in probe.rows:
-    todo = [x for x in log2_lrs if (width, name(param, overrides), x) not in done]
+    todo = [x for x in log2_lrs if (width, name(param, overrides), x, seed) not in done]
     if (_ONLY.value and name(param, overrides) not in _ONLY.value) or not todo:
       continue
-    run_row(probe, width, param, overrides, todo)
+    run_row(probe, width, param, overrides, todo, seed)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from gdn_jax.train import config as config_lib
 
 @pytest.fixture(autouse=True)
 def registered():
-  tables.PARAMETRIZATIONS.update(sgd_gap_probe.VARIANTS)
+  variants = {**sgd_gap_probe.VARIANTS, **sgd_gap_probe.HEAD_VARIANTS}
+  tables.PARAMETRIZATIONS.update(variants)
   yield
-  for name in sgd_gap_probe.VARIANTS:
+  for name in variants:
     tables.PARAMETRIZATIONS.pop(name)
 
 
@@ -73,7 +74,8 @@ def test_heads_adamw_rows_are_the_identity_at_the_base_width_and_ablate_at_256()
   assert HEADS.protocol.base_width == 32 and HEADS.out.endswith("gap_probe_heads_adamw_cpu.jsonl")
   assert sgd_gap_probe.PROBES["paper_sgd"].out == sgd_gap_probe.OUT   # the default is unchanged
   assert {(w, p) for w, p, _ in HEADS.rows} == {(32, "sp"), (32, "mup"), (256, "sp"),
-                                                 (256, "mup")}
+                                                 (256, "mup"), (256, "mup_head_sp"),
+                                                 (256, "mup_head_init")}
   plain = {w: heads_groups(w, "mup", ()) for w in (32, 256)}
   assert set(plain[32].values()) == {1.0} and heads_groups(32, "sp", ()) == plain[32]
   expected = {   # the LR multiplier each ablation gives at 256 (m = 8) over plain μP's
@@ -83,7 +85,7 @@ def test_heads_adamw_rows_are_the_identity_at_the_base_width_and_ablate_at_256()
       sgd_gap_probe.EMBED: lambda k: 1 / 8 if k.startswith("embed") else 1}
   vec, emb = expected[sgd_gap_probe.VECTORS], expected[sgd_gap_probe.EMBED]
   expected[sgd_gap_probe.VECTORS + sgd_gap_probe.EMBED] = lambda k: vec(k) * emb(k)
-  ablations = [ov for w, p, ov in HEADS.rows if ov]
+  ablations = [ov for w, p, ov in HEADS.rows if ov and p == "mup"]
   assert sorted(ablations) == sorted(expected)
   for overrides in ablations:
     assert heads_groups(32, "mup", overrides) == plain[32], overrides
@@ -92,3 +94,26 @@ def test_heads_adamw_rows_are_the_identity_at_the_base_width_and_ablate_at_256()
     assert any(r != 1 for r in ratios.values()), overrides
     for k, r in ratios.items():
       assert math.isclose(r, expected[overrides](k)), (overrides, k, r)
+
+
+@pytest.mark.parametrize("variant", sorted(sgd_gap_probe.HEAD_VARIANTS))
+def test_head_variants_change_only_the_read_out_and_only_when_wider(variant):
+  """mup_head_sp: SP's head (init × m^-½, multiplier 1, LR × 1/m); mup_head_init: μP's head (1/m
+  multiplier, LR 1) with init × m^½. Both are μP at the base width (16 → 16) and elsewhere."""
+  def build(p, width):
+    base = families.heads_config(16, head_dim=8, vocab_size=32, num_layers=1)
+    model = mup.build_model(families.heads_config(width, head_dim=8, vocab_size=32, num_layers=1),
+                            parametrization=p, optimizer="adamw", base_config=base,
+                            rngs=nnx.Rngs(0))
+    groups = mup.param_groups(model, parametrization=p, optimizer="adamw", base_config=base)
+    return model, {".".join(map(str, k)): g.lr for k, g in groups.items()}
+  for width, m in ((16, 1), (64, 4)):
+    (mv, lv), (mm, lm) = build(variant, width), build("mup", width)
+    std = lambda model: float(jnp.std(model.lm_head.kernel[...]))
+    head_sp = variant == "mup_head_sp"
+    assert math.isclose(std(mv) / std(mm), (m ** -0.5 if head_sp else m ** 0.5), rel_tol=1e-5)
+    assert mv.lm_head.multiplier == (1.0 if head_sp else mm.lm_head.multiplier)
+    assert mm.lm_head.multiplier == 1 / m
+    assert math.isclose(lv["lm_head.kernel"], lm["lm_head.kernel"] / (m if head_sp else 1))
+    assert {k: v for k, v in lv.items() if k != "lm_head.kernel"} == {
+        k: v for k, v in lm.items() if k != "lm_head.kernel"}
