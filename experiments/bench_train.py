@@ -319,8 +319,9 @@ def part_of_op(stack: list[tuple[str, str]], op_name: str) -> str:
     part = "attention"
   elif has("cross_entropy") or any(file.endswith("loss.py") for file, _ in stack):
     part = "loss"                    # with loss_chunk_size > 0: the LM head's products too
-  elif has("GatedDeltaNetLM._logits", "GatedDeltaNetLM.loss"):
-    part = "head"
+  elif has("GatedDeltaNetLM._logits") or (has("GatedDeltaNetLM.loss")
+                                          and not has("GatedDeltaNetLM._trunk")):
+    part = "head"                    # the read-out, and the final norm of the fused loss path
   elif has("Embed.__call__"):
     part = "embed"
   elif has("Block._mlp"):
@@ -334,7 +335,7 @@ def part_of_op(stack: list[tuple[str, str]], op_name: str) -> str:
     part = "conv_gates"
   elif has("Block.__call__"):                        # the residual add x + mixer(x)
     part = "mlp"
-  elif has("make_loss_fn.<locals>.loss_fn", "GatedDeltaNetLM.__call__"):
+  elif has("make_loss_fn.<locals>.loss_fn", "GatedDeltaNetLM.__call__", "GatedDeltaNetLM.loss"):
     part = "model other"
   elif has("make_train_step.<locals>.step"):
     return "optimizer"       # the gradient norm, clipping, AdamW, the update, the finite guard
