@@ -76,7 +76,6 @@ class Linear(nnx.Module):
     return y if self.multiplier == 1.0 else y * jnp.asarray(self.multiplier, self.dtype)
 
 
-
 def stacked_kernel(linears, dtype):
   """[W_1 | W_2 | …]: the Linears' kernels side by side [in, Σ out_i], in `dtype`."""
   return jnp.concatenate([lin.kernel[...].astype(dtype) for lin in linears], axis=1)

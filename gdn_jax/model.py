@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn_jax.attention import Attention
-from gdn_jax.layers import Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU, decode_dot
+from gdn_jax.layers import (Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU, decode_dot, scale_columns,
+                            stacked_kernel)
 from gdn_jax.loss import cross_entropy, linear_cross_entropy
 from gdn_jax.model_config import DTYPES, LAYER_KINDS, ModelConfig  # noqa: F401 (re-exported)
 from gdn_jax.model_size import flops_per_token, num_params, rule_flops_per_token_per_head  # noqa: F401
@@ -83,8 +84,7 @@ class Block(nnx.Module):
     MLP's gate and up projections side by side [D, 2F] (one matmul) and its down projection."""
     mlp, dt = self.mlp, self.mlp.down_proj.dtype
     return {'mixer': self.mixer.decode_weights(),
-            'gate_up': jnp.concatenate([mlp.gate_proj.kernel[...].astype(dt),
-                                        mlp.up_proj.kernel[...].astype(dt)], axis=1),
+            'gate_up': stacked_kernel([mlp.gate_proj, mlp.up_proj], dt),
             'down': mlp.down_proj.kernel[...].astype(dt)}
 
   def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1,
@@ -98,13 +98,13 @@ class Block(nnx.Module):
                                    decode_config=decode_config)
     mlp = self.mlp
     dt = mlp.down_proj.dtype
-    scale = lambda y, lin: y if lin.multiplier == 1.0 else y * jnp.asarray(lin.multiplier, dt)
     with jax.named_scope("mlp"):
       x = x_BxD + y
-      gu = decode_dot(self.mlp_norm(x).astype(dt), w['gate_up'], matmul_rows)
+      gu = scale_columns(decode_dot(self.mlp_norm(x).astype(dt), w['gate_up'], matmul_rows),
+                         [mlp.gate_proj, mlp.up_proj])
       F = w['down'].shape[0]
-      h = jax.nn.silu(scale(gu[:, :F], mlp.gate_proj)) * scale(gu[:, F:], mlp.up_proj)
-      return x + scale(decode_dot(h, w['down'], matmul_rows), mlp.down_proj), new_cache
+      h = jax.nn.silu(gu[:, :F]) * gu[:, F:]
+      return x + scale_columns(decode_dot(h, w['down'], matmul_rows), [mlp.down_proj]), new_cache
 
 
 class GatedDeltaNetLM(nnx.Module):
