@@ -62,7 +62,7 @@ PRESETS = {
     # The heads scheme of issues 6 and 20 (4 layers, head dim 32, 32 × 256 tokens per step), with
     # the output-norm eps 1e-3 that SGD needs (docs/mup.md, the tables; AdamW does not care).
     # rule_impl "auto" (here and in "paper"): the Pallas kernels inside the vmapped programs on a
-    # GPU, ~1.5× the chunked rule's replica-steps per second at width 1024 (NOTES_lr_transfer.md).
+    # GPU (their speed against the chunked rule: NOTES_lr_transfer.md).
     "heads": Protocol(family="heads", widths=(128, 256, 512, 1024, 2048), base_width=128,
                       head_dim=32, layers=4, steps=1000, batch=32, seq_len=256, warmup=100,
                       rows=(("mup", ""), ("sp", "")), optimizers=("adamw", "sgd"),
