@@ -16,7 +16,7 @@ launch-bound: several programs at once fill the GPU, and compile while others ru
   python -m experiments.lr_transfer --preset=paper --analyze_only        # JSON, PNG, Markdown
 
 Variants for ablations (keyed and plotted apart): --output_norm_eps, --qk_norm_eps,
---lr_override=NAME[:out]:POWER (identity at the base width, whose runs it shares).
+--lm_head_init_std, --lr_override=NAME[:out]:POWER (identity at the base width, whose runs it shares).
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ import numpy as np
 
 from gdn_jax.lr_protocol import (Ablation, Plan, Protocol, analyze, markdown_loss_table,
                                  markdown_table, row_name)
+from gdn_jax.model_config import ZERO_MEANS_NONE
+from gdn_jax.mup import tables
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -48,7 +50,20 @@ _ALL_ROWS = (("paper", ""), ("paper_sp", ""), ("mup", ""), ("sp", ""), ("paper",
 # Row variants, each the identity at the base width (so they share the base row's runs there):
 #   mixer_out  the paper's d0/d multiplier on every GDN mixer's output
 #   sp_tied    the tied embedding trained as SP trains it (read-out multiplier 1, LR not scaled)
+#   const_init SP with `init_std` (0.02) at every width, as fla's models initialise (its
+#              `initializer_range`), instead of TP5's fan-in init relative to the base
+#   head_sp    μP with SP's untied LM head in function space (issue 20 item 4): fan-in init
+#              (× m^-½), no 1/m multiplier, LR × 1/m. Its per-step logit change is μP's head's,
+#              its logits at init SP's (√m larger than μP's). Under SGD the same rule keeps
+#              μP's effective update (1/m multiplier × LR m × gradient/m).
 _VARIANT_ROWS = (("mup", "sp_tied"), ("paper", "sp_tied"))
+_HEAD_SP_OUTPUT = tables.Rule(init=tables.Scaling(fan_in=-0.5), lr=tables.Scaling(fan_in=-1))
+MUP_HEAD_SP = dataclasses.replace(
+    tables.MUP, name="mup_head_sp", description="μP with SP's LM head init (issue 20 item 4)",
+    rules={opt: dict(rules, output=_HEAD_SP_OUTPUT) for opt, rules in tables.MUP.rules.items()})
+# Row variants trained as another parametrization (registered here: the workers import this).
+_VARIANT_PARAMETRIZATIONS = {("mup", "head_sp"): MUP_HEAD_SP}
+tables.PARAMETRIZATIONS.update({p.name: p for p in _VARIANT_PARAMETRIZATIONS.values()})
 PRESETS = {
     # 2 CPU cores, ~10 minutes: the heads scheme at toy scale, fixed 1-log2 grids, one seed.
     "cpu": Protocol(family="heads", widths=(16, 32, 64, 128), base_width=16, head_dim=16,
@@ -65,7 +80,8 @@ PRESETS = {
     # GPU (their speed against the chunked rule: NOTES_lr_transfer.md).
     "heads": Protocol(family="heads", widths=(128, 256, 512, 1024, 2048), base_width=128,
                       head_dim=32, layers=4, steps=1000, batch=32, seq_len=256, warmup=100,
-                      rows=(("mup", ""), ("sp", "")), optimizers=("adamw", "sgd"),
+                      rows=(("mup", ""), ("sp", ""), ("mup", "head_sp"), ("sp", "const_init")),
+                      optimizers=("adamw", "sgd"),
                       seeds=(100, 101, 102), sp_seeds=(100, 101), data="heldout_a",
                       pilot={"adamw": (-13, -5, 1), "sgd": (-6, 1, 1)},
                       optimizer_settings={"adamw": dict(weight_decay=0.0, grad_clip=1.0),
@@ -121,6 +137,8 @@ _METRIC = flags.DEFINE_enum("metric", "val", list(METRICS), "The loss the analys
                             "train_tail get the suffix _train_tail.")
 _OUT_EPS = flags.DEFINE_float("output_norm_eps", None, "Variant: base output-norm eps.")
 _QK_EPS = flags.DEFINE_float("qk_norm_eps", None, "Variant: q/k L2-norm eps.")
+_HEAD_STD = flags.DEFINE_float("lm_head_init_std", None, "Variant: the untied LM head's init "
+                               "std at the base width (μP keeps it; not the identity there).")
 _LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Variant: NAME[:out]:POWER LR scalings.")
 
 
@@ -145,13 +163,17 @@ def train_config(p: Protocol, job: dict):
   model, base = model_config(p, job["width"], extra), model_config(p, p.base_width, extra)
   c = tiny.get_config()
   fields = {f: getattr(model, f) for f in model.__dataclass_fields__}
-  fields.update(num_v_heads=fields["num_v_heads"] or 0, output_norm_eps=
-                fields["output_norm_eps"] or 0.0)
+  fields.update({name: fields[name] or 0 for name in ZERO_MEANS_NONE})
   c.model = ml_collections.ConfigDict(fields)
   c.mup_base = ml_collections.ConfigDict(dict(
       d_model=base.d_model, num_heads=base.num_heads, head_k_dim=base.head_k_dim,
       head_v_dim=base.head_v_dim, mlp_hidden=base.mlp_hidden))
   c.parametrization = job["parametrization"]
+  if "const_init" in job["variant"].split(","):   # the model is its own base: no rescaled init
+    c.mup_base = ml_collections.ConfigDict({k: 0 for k in c.mup_base})
+  for (param, part), trained_as in _VARIANT_PARAMETRIZATIONS.items():
+    if job["parametrization"] == param and part in job["variant"].split(","):
+      c.parametrization = trained_as.name
   c.mixer_output_multiplier = "mixer_out" in job["variant"].split(",")
   c.sp_tied_embedding = "sp_tied" in job["variant"].split(",")
   settings = {**dict(momentum=0.0, nesterov=False, weight_decay=0.0, grad_clip=0.0),
@@ -251,6 +273,9 @@ def ablation() -> Ablation:
   if _QK_EPS.value is not None:
     parts.append(f"qk_eps={_QK_EPS.value:g}")
     extra.append(("qk_norm_eps", _QK_EPS.value))
+  if _HEAD_STD.value is not None:
+    parts.append(f"head_std={_HEAD_STD.value:g}")
+    extra.append(("lm_head_init_std", _HEAD_STD.value))
   return Ablation(tuple(parts), tuple(extra), tuple(_LR_OVERRIDES.value or []))
 
 

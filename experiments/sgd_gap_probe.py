@@ -37,6 +37,7 @@ import time
 from absl import app, flags
 
 from experiments import lr_transfer
+from gdn_jax import train as train_lib
 from gdn_jax.lr_protocol import Protocol
 from gdn_jax.mup import tables
 from gdn_jax.mup.tables import MUP, ONE, Rule, Scaling
@@ -49,14 +50,20 @@ _SGD_AB_SP = dict(MUP.rules["sgd"], output=Rule(init=Scaling(fan_in=-0.5)))
 #   mup_head_sp    SP's LM head in function space: init × m^-½ (fan-in), no 1/m multiplier, LR × 1/m
 #                  (the same per-step logit change as μP's head);
 #   mup_head_init  μP's head (1/m multiplier, LR 1: its updates and gradients) with SP's logits at
-#                  init: init × m^+½, so multiplier × init = SP's m^-½.
+#                  init: init × m^+½, so multiplier × init = SP's m^-½;
+#   mup_head_cN    μP's head with its init × N at every width (a base-width constant, so still μP;
+#                  not the identity at the base width: these rows need base-width runs of their own).
+#                  The tables' rules cannot say this (at the base width the head is in no width
+#                  class), so `_scaled_head_builder` rescales the built model's head.
+HEAD_INIT_C = (3, 8)
 HEAD_VARIANTS = {
-    "mup_head_sp": dataclasses.replace(MUP, name="mup_head_sp", rules=dict(MUP.rules, adamw=dict(
-        MUP.rules["adamw"], output=Rule(init=Scaling(fan_in=-0.5), lr=Scaling(fan_in=-1))))),
+    "mup_head_sp": lr_transfer.MUP_HEAD_SP,
     "mup_head_init": dataclasses.replace(MUP, name="mup_head_init", rules=dict(
         MUP.rules, adamw=dict(MUP.rules["adamw"],
                               output=Rule(init=Scaling(fan_in=0.5), mult=Scaling(fan_in=-1))))),
 }
+HEAD_CONST_VARIANTS = {f"{p.name}_head_c{c}": dataclasses.replace(p, name=f"{p.name}_head_c{c}")
+                       for c in HEAD_INIT_C for p in (MUP, tables.SP)}
 VARIANTS = {
     "mup_ro1": dataclasses.replace(MUP, name="mup_ro1", tied_readout=ONE),
     "mup_ab_sp": dataclasses.replace(MUP, name="mup_ab_sp", rules=dict(MUP.rules, sgd=_SGD_AB_SP)),
@@ -69,8 +76,11 @@ PROTOCOL = Protocol(family="paper", widths=(32, 256), base_width=32, layers=2, s
                     val_batches=4)
 LOG2_LRS = [-6.0, -5.0, -4.0, -3.0]
 # (width, parametrization, lr_overrides)
-ROWS = ([(32, p, ()) for p in ("sp", "mup", "paper", "paper_sp")]
-        + [(256, p, ()) for p in ("sp", "mup", "paper", "paper_sp")]
+# SP rows: `const_init` (init_std at every width, as every SP row was trained until 2026-12-07),
+# and TP5's fan-in SP (`sp`, the same at the base width).
+CONST = ("const_init",)
+ROWS = ([(32, "sp", CONST)] + [(32, p, ()) for p in ("mup", "paper", "paper_sp")]
+        + [(256, "sp", CONST)] + [(256, p, ()) for p in ("mup", "paper", "paper_sp")]
         + [(256, "mup", ov) for ov in (("embed:out:-1",), ("conv:out:-1",), ("norm:out:-1",),
                                        ("a_proj:0.5", "b_proj:0.5"), ("a_proj:1", "b_proj:1"))]
         + [(256, "mup_ro1", ()), (256, "mup_ro1", ("embed:out:-1",)), (256, "mup_ab_sp", ()),
@@ -87,10 +97,15 @@ HIDDEN = ("_proj:0.38",)                                                      # 
 EMBED = ("embed:out:-1",)                                                     # c
 # The most informative first: the gap at 256, the shared base row, the ablations, then SP at the
 # base width (the same model and updates as μP there: a check).
-HEADS_ADAMW_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup", VECTORS),
-                    (256, "mup", HIDDEN), (256, "mup", EMBED), (32, "sp", ()),
+HEADS_ADAMW_ROWS = [(256, "sp", CONST), (256, "mup", ()), (32, "mup", ()), (256, "mup", VECTORS),
+                    (256, "mup", HIDDEN), (256, "mup", EMBED), (32, "sp", CONST),
                     (256, "mup", VECTORS + EMBED),   # a + c: at μP's optimum, SP's LR for both
-                    (256, "mup_head_sp", ()), (256, "mup_head_init", ())]
+                    (256, "mup_head_sp", ()), (256, "mup_head_init", ()),
+                    # a larger base init constant for μP's head: does the base width want it too?
+                    (32, "mup_head_c3", ()), (256, "mup_head_c3", ()), (32, "mup_head_c8", ()),
+                    (256, "mup_head_c8", ()),
+                    (256, "sp", ()),                  # TP5's fan-in SP
+                    (256, "sp_head_c3", CONST)]        # fla's SP with the same base constant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +134,7 @@ def job(probe: Probe, width, param, overrides, log2_lrs=None, seed=0) -> dict:
   """The lr_transfer job of one row: its LR grid (default the probe's), seed 0, in one program."""
   return dict(parametrization=param, variant=",".join(overrides), optimizer=probe.optimizer,
               width=width, seeds=[seed], log2_lrs=list(log2_lrs or probe.log2_lrs), phase="fine",
-              lr_overrides=list(overrides))
+              lr_overrides=[o for o in overrides if ":" in o])   # else a row variant: const_init
 
 
 def name(param, overrides):
@@ -141,9 +156,21 @@ def run_row(probe: Probe, width, param, overrides, log2_lrs=None, seed=0):
   print(f"{width} {name(param, overrides)} {losses} ({time.time() - t:.0f} s)", flush=True)
 
 
+def _scaled_head_builder(build_model):
+  """`train.build_model` with the LM head's init × N for the *_head_cN rows."""
+  def build(config, seed=None):
+    model = build_model(config, seed)
+    for c in HEAD_INIT_C:
+      if config.parametrization.endswith(f"_head_c{c}"):
+        model.lm_head.kernel[...] = model.lm_head.kernel[...] * c
+    return model
+  return build
+
+
 def main(argv):
   del argv
-  tables.PARAMETRIZATIONS.update({**VARIANTS, **HEAD_VARIANTS})
+  tables.PARAMETRIZATIONS.update({**VARIANTS, **HEAD_VARIANTS, **HEAD_CONST_VARIANTS})
+  train_lib.build_model = _scaled_head_builder(train_lib.build_model)
   probe = PROBES[_PROBE.value]
   seed = _SEED.value
   done = set()

@@ -237,7 +237,7 @@ class Plan:
 
 
 # Row variants that are the identity at the base width (every width rule is 1 there).
-BASE_IDENTITY_VARIANTS = ("mixer_out", "sp_tied")
+BASE_IDENTITY_VARIANTS = ("mixer_out", "sp_tied", "head_sp", "const_init")
 
 
 def at_base_width(variant: str) -> str:
@@ -271,7 +271,8 @@ def _name(key) -> str:
 def analyze(rows: list[dict], base_width: int | None = None) -> dict:
   """Per (scheme, parametrization, optimizer, variant): `lr_stats.transfer_summary` of the fine
   runs, plus runs, divergences and program speed; for μP rows also `loss_vs_sp`: per width, the
-  best loss minus its SP row's best loss (`lr_stats.best_loss_gap`)."""
+  best loss minus its SP row's best loss (`lr_stats.best_loss_gap`), and `loss_vs_const_init_sp`
+  against the `sp+const_init` row (fla's constant init) where the rows hold it."""
   rows = [r for r in rows if r.get("phase", "fine") == "fine"]
   group = lambda r: (r["scheme"], r["parametrization"], r["optimizer"], r.get("variant", ""))
   summary, all_losses = {}, {}
@@ -305,31 +306,37 @@ def analyze(rows: list[dict], base_width: int | None = None) -> dict:
                                     ["seconds"] for r in sel if "program" in r}.values())))
     summary[name] = s
   for key, losses in all_losses.items():
-    base = _baseline_key(key, all_losses)
-    if base is not None:
-      summary[_name(key)]["loss_vs_sp"] = dict(against=_name(base), by_width={
-          w: lr_stats.best_loss_gap(losses[w], all_losses[base][w])
-          for w in sorted(losses) if w in all_losses[base]})
+    const = (key[0], "sp", key[2], "const_init")   # fla's constant-init SP, where it was run
+    for field, base in (("loss_vs_sp", _baseline_key(key, all_losses)),
+                        ("loss_vs_const_init_sp", const if key[1] == "mup" else None)):
+      if base is not None and base in all_losses:
+        summary[_name(key)][field] = dict(against=_name(base), by_width={
+            w: lr_stats.best_loss_gap(losses[w], all_losses[base][w])
+            for w in sorted(losses) if w in all_losses[base]})
   return summary
 
 
 def markdown_loss_table(summary: dict) -> str:
   """μP rows against their SP: best loss [interval] per width and the gap [interval]."""
   lines = ["| row | optimizer | width | best loss [95 % interval] | its SP's best loss | "
-           "gap μP − SP [interval] |", "|---|---|---|---|---|---|"]
+           "gap μP − SP [interval] | SP row |", "|---|---|---|---|---|---|---|"]
   iv = lambda x: "" if not x else f" [{x[0]:.4f}, {x[1]:.4f}]"
   signed = lambda x: "" if not x else f" [{x[0]:+.4f}, {x[1]:+.4f}]"
   for name, s in summary.items():
-    if "loss_vs_sp" not in s:
-      continue
-    scheme, row, opt = name.split("[")[0].split("/")
-    variant = name.split("[")[1][:-1] if "[" in name else ""
-    sp = summary[s["loss_vs_sp"]["against"]]
-    for w, gap in s["loss_vs_sp"]["by_width"].items():
-      lines.append(f"| {row_name(row, variant)} | {opt} | {w} | {s['best_loss'][w]:.4f}"
-                   f"{iv(s['best_loss_interval'][w])} | {sp['best_loss'][w]:.4f}"
-                   f"{iv(sp['best_loss_interval'][w])} | {gap['gap']:+.4f}"
-                   f"{signed(gap['interval'])} |")
+    for field in ("loss_vs_sp", "loss_vs_const_init_sp"):
+      if field not in s:
+        continue
+      scheme, row, opt = name.split("[")[0].split("/")
+      variant = name.split("[")[1][:-1] if "[" in name else ""
+      against = s[field]["against"]
+      sp = summary[against]
+      sp_row = row_name(against.split("/")[1], against.split("[")[1][:-1] if "[" in against
+                        else "")
+      for w, gap in s[field]["by_width"].items():
+        lines.append(f"| {row_name(row, variant)} | {opt} | {w} | {s['best_loss'][w]:.4f}"
+                     f"{iv(s['best_loss_interval'][w])} | {sp['best_loss'][w]:.4f}"
+                     f"{iv(sp['best_loss_interval'][w])} | {gap['gap']:+.4f}"
+                     f"{signed(gap['interval'])} | {sp_row} |")
   return "\n".join(lines) + "\n"
 
 

@@ -123,7 +123,8 @@ class GatedDeltaNetLM(nnx.Module):
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                               param_dtype=param_dtype)
     if not config.tie_embeddings:
-      self.lm_head = Linear(config.d_model, config.vocab_size, init_std=config.init_std,
+      head_std = config.init_std if config.lm_head_init_std is None else config.lm_head_init_std
+      self.lm_head = Linear(config.d_model, config.vocab_size, init_std=head_std,
                             dtype=dtype, param_dtype=param_dtype, rngs=rngs, role="readout")
     self.record = False
 

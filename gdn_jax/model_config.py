@@ -15,6 +15,10 @@ def _round_up(x: float, multiple: int) -> int:
   return int(-(-int(round(x)) // multiple) * multiple)
 
 
+# Optional fields that config files (ml_collections, which cannot hold None) write as 0.
+ZERO_MEANS_NONE = ("num_v_heads", "mlp_hidden", "output_norm_eps", "lm_head_init_std")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Sizes and options of a Gated DeltaNet LM.
@@ -40,6 +44,9 @@ class ModelConfig:
       norm's gain 1/|q| at eps^-1/2 (docs/mup.md, "Bounding the q/k norm's gain").
     tie_embeddings: logits = h Eᵀ instead of a separate LM head.
     init_std: std of every Linear / Embed init at this config (μP rescales it; docs/mup.md).
+    lm_head_init_std: std of the untied LM head's init instead of init_std (None: init_std). μP
+      keeps the head's draw at every width (its 1/m multiplier shrinks the logits), so this is a
+      base-width constant that μP transfers, like the LR (docs/mup.md, "The read-out's init").
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
     chunk_size: chunk length of the chunked rule; rule_impl: gated_delta_rule's `impl`.
     loss_chunk_size: tokens per chunk of the training loss's fused LM head + cross-entropy
@@ -82,6 +89,7 @@ class ModelConfig:
   qk_norm_eps: float = 1e-6
   tie_embeddings: bool = False
   init_std: float = 0.02
+  lm_head_init_std: float | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   chunk_size: int = 64
@@ -113,9 +121,13 @@ class ModelConfig:
       raise ValueError(f"ModelConfig: `num_v_heads`={self.num_v_heads} is not a multiple of "
                        f"`num_heads`={self.num_heads}; expected num_v_heads % num_heads == 0 "
                        "(each value head reads one q/k head).")
-    for name in ("norm_eps", "init_std", "output_norm_eps", "qk_norm_eps"):
+    if self.lm_head_init_std is not None and self.tie_embeddings:
+      raise ValueError(f"ModelConfig: `lm_head_init_std`={self.lm_head_init_std!r} with "
+                       "`tie_embeddings`=True, which has no LM head of its own; expected None "
+                       "(the tied read-out is the embedding, drawn with `init_std`).")
+    for name in ("norm_eps", "init_std", "output_norm_eps", "qk_norm_eps", "lm_head_init_std"):
       value = getattr(self, name)
-      if name == "output_norm_eps" and value is None:
+      if name in ("output_norm_eps", "lm_head_init_std") and value is None:
         continue
       if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig: `{name}`={value!r}; expected a positive float.")

@@ -490,3 +490,11 @@ def test_safetensors_rejects_bad_files(tmp_path):
     st.read(tmp_path / "junk.safetensors")
   with pytest.raises(st.SafetensorsError, match="complex64"):
     st.write(tmp_path / "c.safetensors", {"c": np.zeros(2, np.complex64)})
+
+
+def test_lm_head_init_std_is_init_only_and_exports():
+  """`lm_head_init_std` shapes the init draw only: a model trained with it exports to the same
+  fla config as one without."""
+  from gdn_jax.model import ModelConfig
+  assert (convert.model_config_to_fla_config(ModelConfig(lm_head_init_std=0.08))
+          == convert.model_config_to_fla_config(ModelConfig()))

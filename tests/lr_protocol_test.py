@@ -130,7 +130,7 @@ def test_analyze_judges_each_mup_row_against_its_sp():
 
 def test_a_variant_that_is_the_identity_at_the_base_width_plans_on_the_base_rows_runs():
   assert lp.at_base_width("sp_tied,q_proj:-1,o_eps=0.001") == "o_eps=0.001"
-  assert lp.at_base_width("mixer_out") == ""
+  assert lp.at_base_width("mixer_out") == lp.at_base_width("head_sp") == ""
   rows = dataclasses.replace(P, rows=(("paper", ""), ("paper", "sp_tied")))
   done = (rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -7.0)
           + rows_for("paper", 128, "fine", P.seeds, np.arange(-8.5, -5.25, 0.5), -6.8))
@@ -142,3 +142,26 @@ def test_a_variant_that_is_the_identity_at_the_base_width_plans_on_the_base_rows
   own = done + rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -5.0,
                         variant="sp_tied")
   assert ("sp_tied", 128) in [(j["variant"], j["width"]) for j in lp.Plan(rows, own).jobs()]
+
+
+def test_analyze_also_judges_mup_against_the_const_init_sp_row():
+  """μP rows get `loss_vs_const_init_sp` against sp+const_init (whose base-width runs are SP's),
+  beside `loss_vs_sp` against TP5's fan-in SP; each where that row has the width."""
+  xs = np.arange(-4.0, 0.1, 0.5)
+  rows = (rows_for("mup", 128, "fine", (0, 1, 2), xs, -2.0)
+          + rows_for("mup", 1024, "fine", (0, 1, 2), xs, -2.0)
+          + rows_for("sp", 128, "fine", (0, 1), xs, -2.0)
+          + rows_for("sp", 1024, "fine", (0, 1), xs, -3.0, variant="const_init"))
+  for r in rows:                       # the constant-init SP 0.02 better than μP at 1024
+    r["val_loss"] -= 0.02 if r["variant"] == "const_init" else 0.0
+  s = lp.analyze(rows, base_width=128)
+  mup = s["paper/mup/adamw"]
+  assert mup["loss_vs_sp"]["by_width"].keys() == {128}
+  const = mup["loss_vs_const_init_sp"]
+  assert const["against"] == "paper/sp/adamw[const_init]" and const["by_width"].keys() == {128, 1024}
+  assert const["by_width"][1024]["gap"] == pytest.approx(0.02 + 0.0005)
+  assert const["by_width"][128]["gap"] == pytest.approx(0.0005)      # SP's own base runs
+  assert "loss_vs_const_init_sp" not in s["paper/sp/adamw"]
+  table = lp.markdown_loss_table(s)
+  assert "| mup | adamw | 1024 | 1.0010 [" in table and "+0.0205 [" in table
+  assert table.count("| sp+const_init |") == 2

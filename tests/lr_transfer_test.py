@@ -3,10 +3,11 @@ width, and one of its jobs trains end to end through the trainer's config (tiny,
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 
-
 from experiments import lr_transfer
+from gdn_jax import lr_protocol as lp
 from gdn_jax import mup
 from gdn_jax.attention import Attention
 from gdn_jax.layers import GatedDeltaNet
@@ -101,3 +102,68 @@ def test_the_train_tail_metric_fits_the_training_loss_and_writes_its_own_files(t
   saved = json.loads((tmp_path / "lr_transfer_t_train_tail.json").read_text())
   assert saved["metric"] == "train_loss_tail" and saved["source"] == "lr_transfer_t.jsonl"
   assert json.loads((tmp_path / "lr_transfer_t.json").read_text())["metric"] == "val_loss"
+
+
+def test_the_head_sp_row_trains_mup_with_sps_lm_head_and_is_mup_at_the_base_width():
+  """`mup+head_sp` (issue 20 item 4): SP's head init (× m^-½), no multiplier, LR × 1/m; every
+  other parameter as μP; the identity at the base width (so it shares μP's base runs)."""
+  heads = lr_transfer.PRESETS["heads"]
+  assert ("mup", "head_sp") in heads.rows
+  groups, heads_of = {}, {}
+  for width in (128, 256):
+    for variant in ("", "head_sp"):
+      job = dict(parametrization="mup", variant=variant, optimizer="adamw", width=width)
+      config = lr_transfer.train_config(heads, job)
+      assert config.parametrization == ("mup_head_sp" if variant else "mup")
+      model = config_lib.build_model(config, seed=0)
+      groups[width, variant] = mup.param_groups(
+          model, parametrization=config.parametrization, optimizer="adamw",
+          base_config=config_lib.base_model_config(config))
+      heads_of[width, variant] = (np.asarray(model.lm_head.kernel[...]), model.lm_head.multiplier)
+  head = ("lm_head", "kernel")
+  np.testing.assert_array_equal(heads_of[128, ""][0], heads_of[128, "head_sp"][0])
+  assert heads_of[128, "head_sp"][1] == heads_of[128, ""][1] == 1.0
+  assert groups[128, "head_sp"][head].lr == groups[128, ""][head].lr == 1.0
+  # Width 256 (m = 2): μP's head is the base draw × 1/2 in the forward, LR 1; head_sp's is the
+  # draw × 2^-½, no multiplier, LR ½: the same effective update, √2 larger logits at init.
+  w_mup, mult_mup = heads_of[256, ""]
+  w_sp, mult_sp = heads_of[256, "head_sp"]
+  assert mult_mup == 0.5 and mult_sp == 1.0
+  np.testing.assert_allclose(w_sp, w_mup * 2 ** -0.5, rtol=1e-6)
+  assert groups[256, ""][head].lr == 1.0 and math.isclose(groups[256, "head_sp"][head].lr, 0.5)
+  others = [k for k in groups[256, ""] if k != head]
+  assert others and all(groups[256, ""][k].lr == groups[256, "head_sp"][k].lr for k in others)
+
+
+def test_the_lm_head_init_std_variant_is_a_base_constant_that_mup_keeps():
+  """`--lm_head_init_std` (issue 20 item 4): the head's draw at every width; μP's 1/m multiplier
+  then shrinks its logits as for the default draw. Not the identity at the base width."""
+  heads = lr_transfer.PRESETS["heads"]
+  for width, mult in ((128, 1.0), (512, 0.25)):
+    job = dict(parametrization="mup", variant="head_std=0.06", optimizer="adamw", width=width,
+               model_extra={"lm_head_init_std": 0.06})
+    model = config_lib.build_model(lr_transfer.train_config(heads, job), seed=0)
+    kernel = np.asarray(model.lm_head.kernel[...])
+    assert abs(kernel.std() / 0.06 - 1) < 0.02 and model.lm_head.multiplier == mult
+    others = np.asarray(model.embed.embedding[...]).std()
+    assert abs(others / 0.02 - 1) < 0.02
+  assert lp.at_base_width("head_std=0.06") == "head_std=0.06"
+
+
+def test_sp_rows_draw_fan_in_and_the_const_init_row_draws_init_std_at_every_width():
+  """The `sp` row is TP5's SP (fan-in std relative to the base); `sp+const_init` keeps the
+  model's init_std (0.02) at every width, as fla initialises; both are SP at the base width."""
+  heads = lr_transfer.PRESETS["heads"]
+  assert ("sp", "const_init") in heads.rows and lp.at_base_width("const_init") == ""
+  stds = {}
+  for width in (128, 512):
+    for variant in ("", "const_init"):
+      job = dict(parametrization="sp", variant=variant, optimizer="adamw", width=width)
+      model = config_lib.build_model(lr_transfer.train_config(heads, job), seed=0)
+      stds[width, variant] = (float(np.asarray(model.lm_head.kernel[...]).std()),
+                              float(np.asarray(model.blocks[0].mlp.down_proj.kernel[...]).std()))
+  assert stds[128, ""] == stds[128, "const_init"]
+  for got, want in zip(stds[512, "const_init"], (0.02, 0.02)):
+    assert abs(got / want - 1) < 0.02
+  for got, const in zip(stds[512, ""], stds[512, "const_init"]):
+    assert abs(got / const - 0.5) < 0.01         # (512 / 128)^-½

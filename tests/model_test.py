@@ -245,6 +245,14 @@ def test_generate_errors(kwargs, match):
     generate(make(), tokens(1, 3), args.pop("max_new_tokens"), rng=jax.random.key(0), **args)
 
 
+def test_lm_head_init_std_draws_the_untied_head_only():
+  model = GatedDeltaNetLM(dataclasses.replace(CFG, lm_head_init_std=0.2), rngs=nnx.Rngs(0))
+  default = GatedDeltaNetLM(CFG, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(model.lm_head.kernel[...],
+                             default.lm_head.kernel[...] * (0.2 / CFG.init_std), rtol=1e-5)
+  np.testing.assert_array_equal(model.embed.embedding[...], default.embed.embedding[...])
+
+
 def test_output_norm_eps_reaches_the_mixer_norm_only():
   model = GatedDeltaNetLM(dataclasses.replace(CFG, output_norm_eps=1e-3), rngs=nnx.Rngs(0))
   assert model.blocks[0].mixer.o_norm.eps == 1e-3
@@ -262,6 +270,8 @@ def test_output_norm_eps_reaches_the_mixer_norm_only():
     ({"output_norm_eps": -1e-3}, "output_norm_eps"),
     ({"output_norm_eps": True}, "output_norm_eps"),
     ({"qk_norm_eps": 0.0}, "qk_norm_eps"),
+    ({"lm_head_init_std": 0.0}, "lm_head_init_std"),
+    ({"lm_head_init_std": 0.05, "tie_embeddings": True}, "lm_head_init_std.*tie_embeddings"),
     ({"dtype": "float64"}, "dtype"),
     ({"rule_impl": "fast"}, "rule_impl"),
     ({"chunk_size": 48}, "chunk_size"),

@@ -18,7 +18,8 @@ from gdn_jax.train import config as config_lib
 
 @pytest.fixture(autouse=True)
 def registered():
-  variants = {**sgd_gap_probe.VARIANTS, **sgd_gap_probe.HEAD_VARIANTS}
+  variants = {**sgd_gap_probe.VARIANTS, **sgd_gap_probe.HEAD_VARIANTS,
+              **sgd_gap_probe.HEAD_CONST_VARIANTS}
   tables.PARAMETRIZATIONS.update(variants)
   yield
   for name in variants:
@@ -73,9 +74,10 @@ def heads_groups(width, param, overrides):
 def test_heads_adamw_rows_are_the_identity_at_the_base_width_and_ablate_at_256():
   assert HEADS.protocol.base_width == 32 and HEADS.out.endswith("gap_probe_heads_adamw_cpu.jsonl")
   assert sgd_gap_probe.PROBES["paper_sgd"].out == sgd_gap_probe.OUT   # the default is unchanged
-  assert {(w, p) for w, p, _ in HEADS.rows} == {(32, "sp"), (32, "mup"), (256, "sp"),
-                                                 (256, "mup"), (256, "mup_head_sp"),
-                                                 (256, "mup_head_init")}
+  assert {(w, p) for w, p, _ in HEADS.rows} == {
+      (32, "sp"), (32, "mup"), (256, "sp"), (256, "mup"), (256, "mup_head_sp"),
+      (256, "mup_head_init"), (32, "mup_head_c3"), (256, "mup_head_c3"), (32, "mup_head_c8"),
+      (256, "mup_head_c8"), (256, "sp_head_c3")}
   plain = {w: heads_groups(w, "mup", ()) for w in (32, 256)}
   assert set(plain[32].values()) == {1.0} and heads_groups(32, "sp", ()) == plain[32]
   expected = {   # the LR multiplier each ablation gives at 256 (m = 8) over plain μP's
@@ -117,3 +119,22 @@ def test_head_variants_change_only_the_read_out_and_only_when_wider(variant):
     assert math.isclose(lv["lm_head.kernel"], lm["lm_head.kernel"] / (m if head_sp else 1))
     assert {k: v for k, v in lv.items() if k != "lm_head.kernel"} == {
         k: v for k, v in lm.items() if k != "lm_head.kernel"}
+
+
+@pytest.mark.parametrize("variant, c", [("mup_head_c3", 3), ("mup_head_c8", 8), ("sp_head_c3", 3)])
+def test_head_constant_rows_scale_the_head_draw_at_every_width_and_nothing_else(variant, c):
+  """*_head_cN: the trainer's model with its LM head × N, at the base width too (a base constant,
+  not the identity there); the plain parametrization's every other parameter and multiplier."""
+  build = sgd_gap_probe._scaled_head_builder(config_lib.build_model)
+  plain = variant.split("_head_")[0]
+  variant_rows = [ov for w, p, ov in HEADS.rows if p == variant]
+  for width in (32, 256):
+    job = lambda p: sgd_gap_probe.job(HEADS, width, p, variant_rows[0])
+    got = build(lr_transfer.train_config(HEADS.protocol, job(variant)), 0)
+    want = build(lr_transfer.train_config(HEADS.protocol, job(plain)), 0)
+    assert got.lm_head.multiplier == want.lm_head.multiplier
+    flat = lambda m: dict(nnx.to_flat_state(nnx.state(m, nnx.Param)))
+    g, w = flat(got), flat(want)
+    for path in g:
+      scale = c if path == ("lm_head", "kernel") else 1
+      np.testing.assert_allclose(g[path][...], w[path][...] * scale, rtol=1e-6, err_msg=str(path))

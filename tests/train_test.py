@@ -137,6 +137,27 @@ def test_lr_overrides_scale_only_the_named_parameters(paths):
     np.testing.assert_allclose(ratio, 0.5 if "embed" in path else 1.0, rtol=1e-6, err_msg=path)
 
 
+def test_sp_through_the_trainer_is_tp5s_fan_in_sp_relative_to_the_base(paths):
+  """parametrization "sp" with a base (config.mup_base) draws every matrix that reads a grown
+  dimension with fan-in std, × (fan_in / base fan_in)^-½, as mup.build_model(base_config=...)
+  does; the model as its own base (mup_base all 0) keeps init_std (the sweeps' `const_init`)."""
+  c = tiny_config(paths)
+  c.parametrization = "sp"
+  own = train_lib.build_model(c, seed=0)
+  c.mup_base.update(d_model=16, num_heads=1)      # the model: d_model 32, 2 heads
+  model = train_lib.build_model(c, seed=0)
+  expect = mup.build_model(train_lib.model_config(c), parametrization="sp",
+                           base_config=train_lib.base_model_config(c), rngs=nnx.Rngs(0))
+  flat = lambda m: dict(nnx.to_flat_state(nnx.state(m, nnx.Param)))
+  got, want = flat(model), flat(expect)
+  for path, value in got.items():
+    np.testing.assert_array_equal(value[...], want[path][...], err_msg=str(path))
+  # The read-out reads d_model (2× the base's): its draw × 2^-½; the embedding reads the vocab.
+  np.testing.assert_allclose(model.lm_head.kernel[...], own.lm_head.kernel[...] * 2 ** -0.5,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(model.embed.embedding[...], own.embed.embedding[...])
+
+
 def test_train_step_applies_the_peak_lr_and_the_schedule(paths):
   """The one train step: θ₁ = θ₀ − peak · factor(0) · r_p · g for plain SGD (no clipping), with
   g the gradient of the loss and r_p the μP LR multiplier of each parameter."""

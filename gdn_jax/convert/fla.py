@@ -356,7 +356,8 @@ def model_config_to_fla_config(config: ModelConfig) -> dict:
   handled = {"vocab_size", "d_model", "num_layers", "num_heads", "head_k_dim", "head_v_dim",
              "num_v_heads", "mlp_hidden", "conv_size", "use_gate", "use_short_conv",
              "allow_neg_eigval", "norm_eps", "output_norm_eps", "qk_norm_eps", "tie_embeddings",
-             "init_std", *COMPUTE_FIELDS}
+             "init_std", *COMPUTE_FIELDS,
+             "lm_head_init_std"}   # shapes only the init draw, not the weights being exported
   for f in dataclasses.fields(config):  # fields added to ModelConfig after this converter
     if f.name not in handled and getattr(config, f.name) != getattr(defaults, f.name):
       raise ConversionError(f"ModelConfig: `{f.name}`={getattr(config, f.name)!r} has no "

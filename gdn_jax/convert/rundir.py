@@ -20,6 +20,7 @@ from gdn_jax.convert.fla import (COMPUTE_FIELDS, ConversionError, _listed,
                                  fla_config_to_model_config, fla_state_to_params,
                                  forward_multipliers, load_params, read_fla_config, to_fla)
 from gdn_jax.model import ModelConfig
+from gdn_jax.model_config import ZERO_MEANS_NONE
 
 _CONFIG_PY = '''"""The config of a run converted from fla by gdn_jax.convert (= config.json).
 
@@ -58,7 +59,7 @@ def run_config(model_config: ModelConfig, template):
   import ml_collections  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(template.to_dict())
   fields = dataclasses.asdict(model_config)
-  for name in ("num_v_heads", "mlp_hidden", "output_norm_eps"):  # the config files' 0 = None
+  for name in ZERO_MEANS_NONE:  # the config files' 0 = None
     fields[name] = fields[name] or 0
   for name in COMPUTE_FIELDS:
     if name in template.model:

@@ -22,6 +22,7 @@ from flax import nnx
 
 from gdn_jax import mup
 from gdn_jax.model import GatedDeltaNetLM, ModelConfig
+from gdn_jax.model_config import ZERO_MEANS_NONE
 from gdn_jax.train.schedule import KINDS as SCHEDULES
 from gdn_jax.train.schedule import lr_factor
 
@@ -47,9 +48,9 @@ def read_run_config(workdir, error: type[Exception] = ValueError) -> dict:
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """ModelConfig from config.model (0 → None for num_v_heads, mlp_hidden, output_norm_eps)."""
+  """ModelConfig from config.model (0 → None for the fields in `ZERO_MEANS_NONE`)."""
   fields = dict(config.model)
-  for name in ("num_v_heads", "mlp_hidden", "output_norm_eps"):
+  for name in ZERO_MEANS_NONE:
     fields[name] = fields.get(name) or None
   known = {f.name for f in ModelConfig.__dataclass_fields__.values()}
   unknown = sorted(set(fields) - known)
@@ -167,7 +168,9 @@ def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def _base(config):
-  return base_model_config(config) if config.parametrization != "sp" else None
+  """Every parametrization's base, SP's included: SP's fan-in init is relative to it (docs/mup.md,
+  "The tables"); a model that is its own base (mup_base all 0) keeps `init_std` everywhere."""
+  return base_model_config(config)
 
 
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> GatedDeltaNetLM:
