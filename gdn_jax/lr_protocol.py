@@ -268,6 +268,13 @@ def _name(key) -> str:
   return f"{key[0]}/{row_name(key[1], '')}/{key[2]}" + (f"[{key[3]}]" if key[3] else "")
 
 
+def _parse_name(name: str) -> tuple[str, str, str, str]:
+  """(scheme, parametrization, optimizer, variant) of a summary name (`_name`'s inverse)."""
+  head, _, variant = name.partition("[")
+  scheme, param, opt = head.split("/")
+  return scheme, param, opt, variant[:-1]
+
+
 def analyze(rows: list[dict], base_width: int | None = None) -> dict:
   """Per (scheme, parametrization, optimizer, variant): `lr_stats.transfer_summary` of the fine
   runs, plus runs, divergences and program speed; for μP rows also `loss_vs_sp`: per width, the
@@ -326,12 +333,11 @@ def markdown_loss_table(summary: dict) -> str:
     for field in ("loss_vs_sp", "loss_vs_const_init_sp"):
       if field not in s:
         continue
-      scheme, row, opt = name.split("[")[0].split("/")
-      variant = name.split("[")[1][:-1] if "[" in name else ""
+      _, row, opt, variant = _parse_name(name)
       against = s[field]["against"]
       sp = summary[against]
-      sp_row = row_name(against.split("/")[1], against.split("[")[1][:-1] if "[" in against
-                        else "")
+      _, sp_param, _, sp_variant = _parse_name(against)
+      sp_row = row_name(sp_param, sp_variant)
       for w, gap in s[field]["by_width"].items():
         lines.append(f"| {row_name(row, variant)} | {opt} | {w} | {s['best_loss'][w]:.4f}"
                      f"{iv(s['best_loss_interval'][w])} | {sp['best_loss'][w]:.4f}"
@@ -349,8 +355,7 @@ def markdown_table(summary: dict) -> str:
            "max regret at the base LR | best loss per width |", "|---|---|---|---|---|---|"]
   schemes = {name.split("/")[0] for name in summary}
   for name, s in summary.items():
-    scheme, row, opt = name.split("[")[0].split("/")
-    variant = name.split("[")[1][:-1] if "[" in name else ""
+    scheme, row, opt, variant = _parse_name(name)
     if len(schemes) > 1:
       row = f"{scheme}: {row}"
     optima = "; ".join(f"{w}: {fmt(s['optimum'][w])}" for w in s["widths"])
