@@ -16,7 +16,8 @@ launch-bound: several programs at once fill the GPU, and compile while others ru
   python -m experiments.lr_transfer --preset=paper --analyze_only        # JSON, PNG, Markdown
 
 Variants for ablations (keyed and plotted apart): --output_norm_eps, --qk_norm_eps,
---lm_head_init_std, --lr_override=NAME[:out]:POWER (identity at the base width, whose runs it shares).
+--lm_head_init_std, --lr_override=NAME[:out]:POWER (identity at the base width, whose runs it
+shares).
 """
 from __future__ import annotations
 

@@ -52,10 +52,11 @@ _SGD_AB_SP = dict(MUP.rules["sgd"], output=Rule(init=Scaling(fan_in=-0.5)))
 #   mup_head_init  μP's head (1/m multiplier, LR 1: its updates and gradients) with SP's logits at
 #                  init: init × m^+½, so multiplier × init = SP's m^-½;
 #   mup_head_cN    μP's head with its init × N at every width (a base-width constant, so still μP;
-#                  not the identity at the base width: these rows need base-width runs of their own).
+#                  not the identity at the base width: these rows need base-width runs of their
+#                  own).
 #                  The tables' rules cannot say this (at the base width the head is in no width
 #                  class), so `_scaled_head_builder` rescales the built model's head.
-HEAD_INIT_C = (3, 8)
+HEAD_INIT_C = (3, 8, 16)
 HEAD_VARIANTS = {
     "mup_head_sp": lr_transfer.MUP_HEAD_SP,
     "mup_head_init": dataclasses.replace(MUP, name="mup_head_init", rules=dict(
@@ -103,7 +104,7 @@ HEADS_ADAMW_ROWS = [(256, "sp", CONST), (256, "mup", ()), (32, "mup", ()), (256,
                     (256, "mup_head_sp", ()), (256, "mup_head_init", ()),
                     # a larger base init constant for μP's head: does the base width want it too?
                     (32, "mup_head_c3", ()), (256, "mup_head_c3", ()), (32, "mup_head_c8", ()),
-                    (256, "mup_head_c8", ()),
+                    (256, "mup_head_c8", ()), (32, "mup_head_c16", ()), (256, "mup_head_c16", ()),
                     (256, "sp", ()),                  # TP5's fan-in SP
                     (256, "sp_head_c3", CONST)]        # fla's SP with the same base constant
 

@@ -158,7 +158,8 @@ def test_analyze_also_judges_mup_against_the_const_init_sp_row():
   mup = s["paper/mup/adamw"]
   assert mup["loss_vs_sp"]["by_width"].keys() == {128}
   const = mup["loss_vs_const_init_sp"]
-  assert const["against"] == "paper/sp/adamw[const_init]" and const["by_width"].keys() == {128, 1024}
+  assert const["against"] == "paper/sp/adamw[const_init]"
+  assert const["by_width"].keys() == {128, 1024}
   assert const["by_width"][1024]["gap"] == pytest.approx(0.02 + 0.0005)
   assert const["by_width"][128]["gap"] == pytest.approx(0.0005)      # SP's own base runs
   assert "loss_vs_const_init_sp" not in s["paper/sp/adamw"]

@@ -77,7 +77,7 @@ def test_heads_adamw_rows_are_the_identity_at_the_base_width_and_ablate_at_256()
   assert {(w, p) for w, p, _ in HEADS.rows} == {
       (32, "sp"), (32, "mup"), (256, "sp"), (256, "mup"), (256, "mup_head_sp"),
       (256, "mup_head_init"), (32, "mup_head_c3"), (256, "mup_head_c3"), (32, "mup_head_c8"),
-      (256, "mup_head_c8"), (256, "sp_head_c3")}
+      (256, "mup_head_c8"), (32, "mup_head_c16"), (256, "mup_head_c16"), (256, "sp_head_c3")}
   plain = {w: heads_groups(w, "mup", ()) for w in (32, 256)}
   assert set(plain[32].values()) == {1.0} and heads_groups(32, "sp", ()) == plain[32]
   expected = {   # the LR multiplier each ablation gives at 256 (m = 8) over plain μP's
