@@ -170,13 +170,14 @@ def train_config(p: Protocol, job: dict):
       d_model=base.d_model, num_heads=base.num_heads, head_k_dim=base.head_k_dim,
       head_v_dim=base.head_v_dim, mlp_hidden=base.mlp_hidden))
   c.parametrization = job["parametrization"]
-  if "const_init" in job["variant"].split(","):   # the model is its own base: no rescaled init
+  parts = job["variant"].split(",")
+  if "const_init" in parts:   # the model is its own base: no rescaled init
     c.mup_base = ml_collections.ConfigDict({k: 0 for k in c.mup_base})
   for (param, part), trained_as in _VARIANT_PARAMETRIZATIONS.items():
-    if job["parametrization"] == param and part in job["variant"].split(","):
+    if job["parametrization"] == param and part in parts:
       c.parametrization = trained_as.name
-  c.mixer_output_multiplier = "mixer_out" in job["variant"].split(",")
-  c.sp_tied_embedding = "sp_tied" in job["variant"].split(",")
+  c.mixer_output_multiplier = "mixer_out" in parts
+  c.sp_tied_embedding = "sp_tied" in parts
   settings = {**dict(momentum=0.0, nesterov=False, weight_decay=0.0, grad_clip=0.0),
               **p.optimizer_settings[job["optimizer"]]}
   c.optimizer.update(name=job["optimizer"], lr=1.0, schedule="cosine", warmup_steps=p.warmup,

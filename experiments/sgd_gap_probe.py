@@ -76,7 +76,7 @@ PROTOCOL = Protocol(family="paper", widths=(32, 256), base_width=32, layers=2, s
                     optimizers=("sgd",), seeds=(0,), sp_seeds=(0,), data="embedded",
                     val_batches=4)
 LOG2_LRS = [-6.0, -5.0, -4.0, -3.0]
-# (width, parametrization, lr_overrides)
+# (width, parametrization, overrides: LR overrides and row variants, as `job` takes them)
 # SP rows: `const_init` (init_std at every width, as every SP row was trained until 2026-12-07),
 # and TP5's fan-in SP (`sp`, the same at the base width).
 CONST = ("const_init",)
@@ -114,7 +114,7 @@ class Probe:
   protocol: Protocol
   optimizer: str
   log2_lrs: list
-  rows: list                 # (width, parametrization, lr_overrides)
+  rows: list                 # (width, parametrization, overrides), as ROWS
   out: str
 
 
@@ -132,7 +132,8 @@ _LOG2_LRS = flags.DEFINE_list("log2_lrs", None, "These log2 LRs instead of the p
 
 
 def job(probe: Probe, width, param, overrides, log2_lrs=None, seed=0) -> dict:
-  """The lr_transfer job of one row: its LR grid (default the probe's), seed 0, in one program."""
+  """The lr_transfer job of one row: its LR grid (default the probe's), one seed, in one
+  program. `overrides`: LR overrides (NAME[:out]:POWER) and row variants (const_init)."""
   return dict(parametrization=param, variant=",".join(overrides), optimizer=probe.optimizer,
               width=width, seeds=[seed], log2_lrs=list(log2_lrs or probe.log2_lrs), phase="fine",
               lr_overrides=[o for o in overrides if ":" in o])   # else a row variant: const_init

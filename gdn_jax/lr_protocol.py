@@ -330,10 +330,10 @@ def markdown_loss_table(summary: dict) -> str:
   iv = lambda x: "" if not x else f" [{x[0]:.4f}, {x[1]:.4f}]"
   signed = lambda x: "" if not x else f" [{x[0]:+.4f}, {x[1]:+.4f}]"
   for name, s in summary.items():
+    _, row, opt, variant = _parse_name(name)
     for field in ("loss_vs_sp", "loss_vs_const_init_sp"):
       if field not in s:
         continue
-      _, row, opt, variant = _parse_name(name)
       against = s[field]["against"]
       sp = summary[against]
       _, sp_param, _, sp_variant = _parse_name(against)

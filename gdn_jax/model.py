@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn_jax.attention import Attention
-from gdn_jax.layers import (Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU, decode_dot, scale_columns,
-                            stacked_kernel)
+from gdn_jax.layers import (Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU, decode_dot,
+                            scale_columns, stacked_kernel)
 from gdn_jax.loss import cross_entropy, linear_cross_entropy
 from gdn_jax.model_config import DTYPES, LAYER_KINDS, ModelConfig  # noqa: F401 (re-exported)
 from gdn_jax.model_size import flops_per_token, num_params, rule_flops_per_token_per_head  # noqa: F401

@@ -167,16 +167,14 @@ def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return lambda count: config.optimizer.lr * factor(count)
 
 
-def _base(config):
-  """Every parametrization's base, SP's included: SP's fan-in init is relative to it (docs/mup.md,
-  "The tables"); a model that is its own base (mup_base all 0) keeps `init_std` everywhere."""
-  return base_model_config(config)
-
-
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> GatedDeltaNetLM:
-  """The run's model in its parametrization (init drawn from `seed`, default config.seed)."""
+  """The run's model in its parametrization (init drawn from `seed`, default config.seed).
+
+  Every parametrization is relative to the base (`base_model_config`), SP's included: its fan-in
+  init is (docs/mup.md, "The tables"); a model that is its own base (mup_base all 0) keeps
+  `init_std` everywhere."""
   return mup.build_model(model_config(config), parametrization=config.parametrization,
-                         base_config=_base(config), optimizer=config.optimizer.name,
+                         base_config=base_model_config(config), optimizer=config.optimizer.name,
                          mixer_output_multiplier=mixer_output_multiplier(config),
                          sp_tied_embedding=sp_tied_embedding(config),
                          rngs=nnx.Rngs(config.seed if seed is None else seed))
@@ -188,7 +186,7 @@ def make_tx(model, config: ml_collections.ConfigDict) -> optax.GradientTransform
   o = config.optimizer
   tx = mup.make_optimizer(model, parametrization=config.parametrization, optimizer=o.name,
                           learning_rate=lr_factor_schedule(config), weight_decay=o.weight_decay,
-                          base_config=_base(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                          base_config=base_model_config(config), b1=o.b1, b2=o.b2, eps=o.eps,
                           momentum=o.momentum, nesterov=nesterov(config),
                           lr_overrides=lr_overrides(config),
                           weight_decay_convention=decay_convention(config),
