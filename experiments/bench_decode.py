@@ -488,18 +488,24 @@ def split_impl(impl: str) -> tuple[str, int]:
 
 def split_launch(impl: str):
   """"pallas_fused+bv16+w8" → ("pallas_fused", DecodeConfig(block_v=16, num_warps=8)): the Pallas
-  step kernels' launch settings (no "+": None, their defaults). ValueError on a bad part."""
+  step kernels' launch settings, and "+gemv" (with "+gbnN", "+gbkN": its column and K tiles) the
+  Pallas GEMV for the weight products (no "+": None, the defaults). ValueError on a bad part."""
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   base, *parts = impl.split("+")
   if not parts:
     return base, None
   kw = {}
   for part in parts:
-    key = {"bv": "block_v", "w": "num_warps"}.get(part.rstrip("0123456789"))
+    if part == "gemv" and "gemv" not in kw:
+      kw["gemv"] = True
+      continue
+    key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n",
+           "gbk": "gemv_block_k"}.get(part.rstrip("0123456789"))
     digits = part[len(part.rstrip("0123456789")):]
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
-                       "(V block) or +wN (warps), each at most once.")
+                       "(V block), +wN (warps), +gemv, +gbnN, +gbkN (GEMV tiles), each at most "
+                       "once.")
     kw[key] = int(digits)
   return base, DecodeConfig(**kw)
 
@@ -511,12 +517,14 @@ def parse_variant(spec: str) -> tuple[str, str]:
     base, launch = split_launch(base)
   except ValueError as e:
     raise ValueError(f"bench_decode: variant {spec!r}: {e}") from None
+  step_launch = launch is not None and (launch.block_v is not None or launch.num_warps != 4)
   if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1
-      or (launch is not None and not base.startswith("pallas"))):
-    raise ValueError(f"bench_decode: variant {spec!r}; expected IMPL[+bvN][+wN][@ROWS]:STATE_DTYPE "
+      or (step_launch and not base.startswith("pallas"))):
+    raise ValueError(f"bench_decode: variant {spec!r}; expected "
+                     "IMPL[+bvN][+wN][+gemv][@ROWS]:STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "
-                     "only), ROWS an int ≥ 1 (generate's matmul_rows) and STATE_DTYPE float32 "
-                     "or bfloat16.")
+                     "only; +gemv for any), ROWS an int ≥ 1 (generate's matmul_rows) and "
+                     "STATE_DTYPE float32 or bfloat16.")
   return impl, dtype
 
 

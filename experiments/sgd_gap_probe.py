@@ -26,6 +26,11 @@ ablations (identity at the base width) named in experiments/NOTES_lr_transfer.md
   b  every *_proj kernel's LR × m_in^0.38 (SP's hidden-matrix LR at 1024),
   c  the embedding's LR × 1/m.
 Its rows go to experiments/results/gap_probe_heads_adamw_cpu.jsonl.
+
+`--probe=heads_sgd` (issue 20 item 4 under SGD: μP 0.038 behind TP5's SP at 1024 on an H100) asks
+the same of the heads scheme under the heads preset's SGD (momentum 0.9, clipping 1, output-norm
+eps 1e-3), log2 LR −4 … 1, with one class of μP at a time moved to SP's treatment (HEADS_SGD_ROWS);
+rows go to experiments/results/gap_probe_heads_sgd_cpu.jsonl.
 """
 from __future__ import annotations
 
@@ -109,6 +114,26 @@ HEADS_ADAMW_ROWS = [(256, "sp", CONST), (256, "mup", ()), (32, "mup", ()), (256,
                     (256, "sp_head_c3", CONST)]        # fla's SP with the same base constant
 
 
+# `--probe=heads_sgd` (issue 20 item 4 under SGD: on the held-out GPU sweep μP SGD is 0.038 behind
+# TP5's SP at 1024, 1.1426 against 1.1045): the heads scheme under the heads preset's SGD
+# (momentum 0.9, clipping 1, output-norm eps 1e-3), with the ablations that move one class of μP
+# to SP's treatment at width (identity at the base width):
+#   vectors  norm gains, conv filters, A_log, dt_bias: SGD LR × m (input class) → × 1;
+#   embed    the embedding's SGD LR × m → × 1;
+#   hidden   every *_proj kernel's LR × m^-0.62 (SP's global LR at 1024 is 2^-1.86 below its base);
+#   head     SP's LM head in function space (mup_head_sp: init × m^-½, no 1/m multiplier, LR × 1/m).
+HEADS_SGD_PROTOCOL = dataclasses.replace(
+    HEADS_ADAMW_PROTOCOL, optimizers=("sgd",),
+    optimizer_settings={"sgd": dict(momentum=0.9, grad_clip=1.0)},
+    model_overrides=dict(output_norm_eps=1e-3))
+SGD_HIDDEN = ("_proj:-0.62",)
+HEADS_SGD_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup", VECTORS),
+                  (256, "mup", EMBED), (256, "mup", SGD_HIDDEN), (256, "mup_head_sp", ()),
+                  (256, "sp", CONST), (32, "sp", ()),
+                  (256, "mup", ("embed:out:-0.5",)),   # the embedding's LR × m^½: in between
+                  (256, "mup_head_sp", EMBED)]          # the two that helped, together
+
+
 @dataclasses.dataclass(frozen=True)
 class Probe:
   protocol: Protocol
@@ -123,6 +148,9 @@ PROBES = {
     "heads_adamw": Probe(HEADS_ADAMW_PROTOCOL, "adamw", [-10.0, -9.0, -8.0, -7.0, -6.0, -5.0],
                          HEADS_ADAMW_ROWS,
                          os.path.join(lr_transfer.RESULTS, "gap_probe_heads_adamw_cpu.jsonl")),
+    "heads_sgd": Probe(HEADS_SGD_PROTOCOL, "sgd", [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0],
+                       HEADS_SGD_ROWS,
+                       os.path.join(lr_transfer.RESULTS, "gap_probe_heads_sgd_cpu.jsonl")),
 }
 _PROBE = flags.DEFINE_enum("probe", "paper_sgd", list(PROBES), "Which probe: the paper family "
                            "under SGD, or the heads scheme under AdamW (module docstring).")

@@ -259,15 +259,16 @@ class Attention(nnx.Module):
            decode_config=None):
     """One decode token: (y [B, D], new cache), what `__call__` gives for this token. `impl`
     (the GDN rule's kernel choice) does not apply here: attention over the ring is one
-    `jax.nn.dot_product_attention` call (nor does `decode_config`). `matmul_rows`:
-    `layers.decode_dot`'s padding."""
-    del impl, decode_config
+    `jax.nn.dot_product_attention` call. `matmul_rows`, `decode_config`: `layers.decode_dot`'s
+    padding and GEMV choice for the projections."""
+    del impl
     w = self.decode_weights() if weights is None else weights
     B, dt = x_BxD.shape[0], self.dtype
     N, Nkv, H = self.num_heads, self.num_kv_heads, self.head_dim
     projs = self._in_projs()
     with jax.named_scope("in_proj"):
-      y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows), projs)
+      y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows,
+                                     decode_config=decode_config), projs)
     with jax.named_scope("attention"):
       q = y[:, :N * H].reshape(B, 1, N, H)
       k = y[:, N * H:(N + Nkv) * H].reshape(B, 1, Nkv, H)
@@ -286,7 +287,7 @@ class Attention(nnx.Module):
       if self.use_gate:
         g = y[:, (N + 2 * Nkv) * H:]
         o = (o.astype(jnp.float32) * jax.nn.sigmoid(g.astype(jnp.float32))).astype(dt)
-      out = decode_dot(o.astype(dt), w['o'], matmul_rows)
+      out = decode_dot(o.astype(dt), w['o'], matmul_rows, decode_config=decode_config)
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
     return out, {'k': k_cache, 'v': v_cache, 'pos': pos + 1}

@@ -212,15 +212,24 @@ class ShortConv(nnx.Module):
                            self.weight[...].astype(self.dtype))
 
 
-def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0):
+def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_config=None):
   """x @ w (w [D, N]), or x @ wᵀ (w [N, D], `w_contract`=1: a tied read-out, no transpose made),
   for a decode step, with the batch padded by zero rows to at least `matmul_rows`.
 
   Exact (the padded rows are sliced off). At batch 1 XLA's GPU compiler lowers a 1 × D by D × N
   product to a reduction fusion rather than a GEMM (experiments/NOTES_decode.md); padding to 8
   or 16 rows is the cheap way to ask for a GEMM instead. 1 = no padding.
+  `decode_config` (kernels_pallas.config.DecodeConfig) with `gemv=True`: batches ≤ 8 go through
+  the Pallas GEMV kernel instead (float32 sums, the result in x's dtype as XLA's product gives).
   """
   B = x_BxD.shape[0]
+  if decode_config is not None and decode_config.gemv and B <= 8:
+    from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
+    y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1,
+                                block_n=decode_config.gemv_block_n,
+                                block_k=decode_config.gemv_block_k,
+                                min_programs=decode_config.gemv_min_programs)
+    return y.astype(jnp.result_type(x_BxD, w))
   x = x_BxD if B >= matmul_rows else jnp.pad(x_BxD, ((0, matmul_rows - B), (0, 0)))
   if w_contract == 0:
     y = jnp.dot(x, w)
@@ -457,7 +466,8 @@ class GatedDeltaNet(nnx.Module):
     projs = self._in_projs()
     new_cache = {}
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
-      y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows), projs)
+      y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows,
+                                     decode_config=decode_config), projs)
     with jax.named_scope("conv_gates"):
       beta = (jax.nn.sigmoid(y[:, -H:].astype(jnp.float32))
               * (2.0 if self.allow_neg_eigval else 1.0))
@@ -499,7 +509,8 @@ class GatedDeltaNet(nnx.Module):
                            "'pallas_fused'.")
     with jax.named_scope("out_proj"):
       gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
-      out = decode_dot(self.o_norm(o.astype(dt), gate).reshape(B, H * V), w['o'], matmul_rows)
+      out = decode_dot(self.o_norm(o.astype(dt), gate).reshape(B, H * V), w['o'], matmul_rows,
+                       decode_config=decode_config)
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
     return out, new_cache

@@ -100,11 +100,13 @@ class Block(nnx.Module):
     dt = mlp.down_proj.dtype
     with jax.named_scope("mlp"):
       x = x_BxD + y
-      gu = scale_columns(decode_dot(self.mlp_norm(x).astype(dt), w['gate_up'], matmul_rows),
+      gu = scale_columns(decode_dot(self.mlp_norm(x).astype(dt), w['gate_up'], matmul_rows,
+                                    decode_config=decode_config),
                          [mlp.gate_proj, mlp.up_proj])
       F = w['down'].shape[0]
       h = jax.nn.silu(gu[:, :F]) * gu[:, F:]
-      return x + scale_columns(decode_dot(h, w['down'], matmul_rows), [mlp.down_proj]), new_cache
+      down = decode_dot(h, w['down'], matmul_rows, decode_config=decode_config)
+      return x + scale_columns(down, [mlp.down_proj]), new_cache
 
 
 class GatedDeltaNetLM(nnx.Module):
@@ -250,10 +252,12 @@ class GatedDeltaNetLM(nnx.Module):
     with jax.named_scope("head"):
       h = self.final_norm(x).astype(w['head'].dtype)
       if self.config.tie_embeddings:  # h Eᵀ, contracting E's feature axis (no transpose)
-        logits = decode_dot(h, w['head'], matmul_rows, w_contract=1)
+        logits = decode_dot(h, w['head'], matmul_rows, w_contract=1,
+                            decode_config=decode_config)
         m = self.embed.attend_multiplier
       else:
-        logits, m = decode_dot(h, w['head'], matmul_rows), self.lm_head.multiplier
+        logits = decode_dot(h, w['head'], matmul_rows, decode_config=decode_config)
+        m = self.lm_head.multiplier
       if m != 1.0:
         logits = logits * (m if self.config.tie_embeddings else jnp.asarray(m, logits.dtype))
       return logits.astype(jnp.float32), new_cache

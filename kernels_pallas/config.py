@@ -90,11 +90,29 @@ class DecodeConfig:
     float32 state tile of ≤ 8K elements; 32 at K = 256: 96 programs at batch 1 with 6 heads and
     V = 512). The fused kernel halves it until it divides the q | k channels (2·Hk·K).
   num_warps: warps per program.
+  gemv: the step's weight products at batch ≤ 8 as Pallas GEMV kernels (`decode_gemv.py`: W read
+    in [gemv_block_k, gemv_block_n] tiles, K split until there are ≥ gemv_min_programs programs)
+    instead of XLA's products on `matmul_rows` padded rows. Off by default: not yet timed on a GPU.
   """
   block_v: int | None = None
   num_warps: int = 4
+  gemv: bool = False
+  gemv_block_n: int = 64
+  gemv_block_k: int = 128
+  gemv_min_programs: int = 256
 
   def __post_init__(self):
+    if not isinstance(self.gemv, bool):
+      raise ValueError(f"DecodeConfig: `gemv`={self.gemv!r}; expected True or False.")
+    for name in ("gemv_block_n", "gemv_block_k"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"DecodeConfig: `{name}`={value!r}; expected a power of two ≥ 16 "
+                         "(Triton blocks).")
+    if (isinstance(self.gemv_min_programs, bool) or not isinstance(self.gemv_min_programs, int)
+        or self.gemv_min_programs < 1):
+      raise ValueError(f"DecodeConfig: `gemv_min_programs`={self.gemv_min_programs!r}; expected "
+                       "an int ≥ 1 (e.g. twice the GPU's SM count).")
     if self.block_v is not None and (isinstance(self.block_v, bool) or not isinstance(
         self.block_v, int) or self.block_v < 1 or self.block_v & (self.block_v - 1)):
       raise ValueError(f"DecodeConfig: `block_v`={self.block_v!r}; expected None or a power of "

@@ -100,13 +100,15 @@ def test_pallas_step_generates_what_the_xla_step_does(impl, block_v):
       gen.generate(model, prompt, 10, impl="xla", **kw))
 
 
-@pytest.mark.parametrize("variant", ["untied", "tied", "hybrid"])
+DECODE_VARIANTS = {"untied": CFG, "tied": dataclasses.replace(CFG, tie_embeddings=True),
+                   "hybrid": dataclasses.replace(CFG, num_layers=2, layer_pattern="GA")}
+
+
+@pytest.mark.parametrize("variant", sorted(DECODE_VARIANTS))
 def test_padded_decode_products_equal_the_unpadded_ones(variant):
   """`matmul_rows` pads each decode product's batch with zero rows (a GEMM on GPUs instead of a
   batch-1 reduction): the same logits up to float32 rounding, and generate's greedy tokens."""
-  cfg = {"untied": CFG, "tied": dataclasses.replace(CFG, tie_embeddings=True),
-         "hybrid": dataclasses.replace(CFG, num_layers=2, layer_pattern="GA")}[variant]
-  model = make(cfg, seed=9)
+  model = make(DECODE_VARIANTS[variant], seed=9)
   prompt = jax.random.randint(jax.random.key(9), (2, 5), 0, 64)
   logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
   token = jnp.argmax(logits[:, 0], -1)

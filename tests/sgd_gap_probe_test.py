@@ -56,20 +56,25 @@ def test_variants_are_the_project_mup_at_the_base_width_only(variant):
 HEADS = sgd_gap_probe.PROBES["heads_adamw"]
 
 
-def heads_groups(width, param, overrides):
-  """{dotted path: LR multiplier} of a heads_adamw row's trainer config (shapes only)."""
-  config = lr_transfer.train_config(HEADS.protocol, sgd_gap_probe.job(HEADS, width, param,
+def probe_groups(probe, width, param, overrides):
+  """({dotted path: LR multiplier}, model config) of a probe row's trainer config (shapes only)."""
+  config = lr_transfer.train_config(probe.protocol, sgd_gap_probe.job(probe, width, param,
                                                                       overrides))
   config_lib.validate_config(config)
-  assert config.optimizer.name == "adamw" and config.optimizer.weight_decay == 0.0
+  assert config.optimizer.name == probe.optimizer and config.optimizer.grad_clip == 1.0
   model = config_lib.model_config(config)
   assert model.num_heads * model.head_k_dim == width and not model.tie_embeddings
   shapes = nnx.eval_shape(lambda: GatedDeltaNetLM(model, rngs=nnx.Rngs(0)))
-  groups = mup.param_groups(shapes, parametrization=param, optimizer="adamw",
+  groups = mup.param_groups(shapes, parametrization=param, optimizer=probe.optimizer,
                             base_config=config_lib.base_model_config(config),
                             lr_overrides=config_lib.lr_overrides(config))
-  return {".".join(map(str, k)): g.lr for k, g in groups.items()}
+  return {".".join(map(str, k)): g.lr for k, g in groups.items()}, model
 
+
+def heads_groups(width, param, overrides):
+  """{dotted path: LR multiplier} of a heads_adamw row (AdamW without decay)."""
+  assert HEADS.protocol.optimizer_settings["adamw"]["weight_decay"] == 0.0
+  return probe_groups(HEADS, width, param, overrides)[0]
 
 def test_heads_adamw_rows_are_the_identity_at_the_base_width_and_ablate_at_256():
   assert HEADS.protocol.base_width == 32 and HEADS.out.endswith("gap_probe_heads_adamw_cpu.jsonl")
@@ -138,3 +143,38 @@ def test_head_constant_rows_scale_the_head_draw_at_every_width_and_nothing_else(
     for path in g:
       scale = c if path == ("lm_head", "kernel") else 1
       np.testing.assert_allclose(g[path][...], w[path][...] * scale, rtol=1e-6, err_msg=str(path))
+
+
+# ---- --probe=heads_sgd: the heads scheme under SGD against TP5's SP (issue 20 item 4). ---------
+
+HEADS_SGD = sgd_gap_probe.PROBES["heads_sgd"]
+
+
+def sgd_groups(width, param, overrides):
+  """{dotted path: SGD LR multiplier} of a heads_sgd row (momentum 0.9), and its model config."""
+  assert HEADS_SGD.protocol.optimizer_settings["sgd"]["momentum"] == 0.9
+  return probe_groups(HEADS_SGD, width, param, overrides)
+
+def test_heads_sgd_rows_are_the_identity_at_the_base_width_and_ablate_one_class_at_256():
+  assert HEADS_SGD.out.endswith("gap_probe_heads_sgd_cpu.jsonl") and HEADS_SGD.optimizer == "sgd"
+  plain = {w: sgd_groups(w, "mup", ())[0] for w in (32, 256)}
+  _, model = sgd_groups(256, "mup", ())
+  assert model.output_norm_eps == 1e-3 and model.num_heads == 16    # the heads preset's SGD eps
+  assert set(plain[32].values()) == {1.0} and sgd_groups(32, "sp", ())[0] == plain[32]
+  # μP SGD at 256 (m = 8): the embedding's and the vectors' LR × m (input class), W_q, W_k's × 1/H
+  assert plain[256]["embed.embedding"] == 8 and plain[256]["lm_head.kernel"] == 8
+  expected = {   # each ablation's LR multiplier at 256 over plain μP's
+      sgd_gap_probe.VECTORS: lambda k: 1 / 8 if any(
+          n in k for n in ("norm", "conv", "A_log", "dt_bias")) and "o_norm" not in k else 1,
+      sgd_gap_probe.SGD_HIDDEN: lambda k: 8 ** -0.62 if "_proj" in k else 1,
+      sgd_gap_probe.EMBED: lambda k: 1 / 8 if k.startswith("embed") else 1,
+      ("embed:out:-0.5",): lambda k: 8 ** -0.5 if k.startswith("embed") else 1}
+  ablations = [ov for w, p, ov in HEADS_SGD.rows if ov and p == "mup"]
+  assert sorted(ablations) == sorted(expected)
+  for overrides in ablations:
+    assert sgd_groups(32, "mup", overrides)[0] == plain[32], overrides
+    wide = sgd_groups(256, "mup", overrides)[0]
+    ratios = {k: wide[k] / plain[256][k] for k in wide}
+    assert any(r != 1 for r in ratios.values()), overrides
+    for k, r in ratios.items():
+      assert math.isclose(r, expected[overrides](k)), (overrides, k, r)

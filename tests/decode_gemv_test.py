@@ -1,0 +1,135 @@
+"""kernels_pallas.decode_gemv: the decode step's batch ≤ 8 weight products as a Pallas GEMV,
+against float64 NumPy (interpret mode on CPU), its Triton lowering for an H100, its errors, and
+generate with `DecodeConfig(gemv=True)` against the XLA products."""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import decode_gemv
+from kernels_pallas.config import DecodeConfig
+from kernels_pallas.decode_gemv import gemv_pallas
+from tests.generate_test import DECODE_VARIANTS, make
+
+
+def _operands(B, K, N, transposed, seed=0):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (B, K), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (N, K) if transposed else (K, N), jnp.float32).astype(jnp.bfloat16)
+  ref = np.asarray(x, np.float64) @ (np.asarray(w, np.float64).T if transposed
+                                     else np.asarray(w, np.float64))
+  return x, w, ref
+
+
+@pytest.mark.parametrize("B, K, N, transposed, kw", [
+    (1, 1024, 200, False, {}),                       # N not a multiple of the column block
+    (3, 2816, 100, False, dict(block_n=32)),         # K = 11 · 256: K tile 128, several splits
+    (8, 256, 77, True, {}),                          # a tied read-out's [N, K] layout
+    (1, 512, 300, True, dict(splits=2)),
+    (2, 96, 50, False, dict(block_k=64)),            # K tile lowered to 32 (96 = 3 · 32)
+    (5, 128, 64, False, dict(splits=1, block_n=64)),
+])
+def test_equals_the_float64_product(B, K, N, transposed, kw):
+  x, w, ref = _operands(B, K, N, transposed)
+  y = gemv_pallas(x, w, transposed=transposed, **kw)
+  assert y.shape == (B, N) and y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4 * np.sqrt(K))
+
+
+def test_every_split_contributes():
+  """The K splits' partials are all summed: zeroing one split's rows of W changes y by exactly
+  that split's share."""
+  x, w, _ = _operands(1, 512, 64, False, seed=3)
+  w_cut = w.at[128:256].set(0)
+  y, y_cut = (np.asarray(gemv_pallas(x, m, splits=4, block_k=128), np.float64) for m in (w, w_cut))
+  share = np.asarray(x[:, 128:256], np.float64) @ np.asarray(w[128:256], np.float64)
+  np.testing.assert_allclose(y - y_cut, share, rtol=1e-4, atol=1e-3)
+
+
+def test_choose_splits_reaches_the_program_count():
+  assert decode_gemv.choose_splits(1024, 9228, 64, 128, 256) == 2     # 145 column blocks
+  assert decode_gemv.choose_splits(2816, 1024, 64, 128, 256) == 22    # 22 K tiles, 16 blocks
+  assert decode_gemv.choose_splits(1024, 32000, 64, 128, 256) == 1
+  assert decode_gemv.block_k_for(2816, 512) == 256 and decode_gemv.block_k_for(96, 128) == 32
+
+
+def test_lowers_to_one_triton_call_for_an_h100():
+  """The kernel's Triton lowering (what a GPU compiles) succeeds for the 512M model's products,
+  with the grid `choose_splits` gives."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=device)
+  sds = jax.ShapeDtypeStruct
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  for B, K, N, transposed, grid in ((1, 1024, 9228, False, (145, 2)),
+                                    (1, 2816, 1024, False, (16, 22)),
+                                    (8, 1024, 32000, True, (500, 1))):
+    fn = functools.partial(gemv_pallas, transposed=transposed, interpret=False)
+    w = sds((N, K) if transposed else (K, N), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(mesh):
+      text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
+          sds((B, K), jnp.bfloat16), w).mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert tuple(int(v) for v in re.findall(r"grid_[xy] = (\d+)", text)) == grid
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(x=(9, 64), w=(64, 32)), "batch 9"),
+    (dict(x=(1, 64), w=(32, 32)), "K=64"),
+    (dict(x=(1, 64), w=(64, 32), block_n=48), "block_n"),
+    (dict(x=(1, 512), w=(512, 32), splits=3), "splits"),
+])
+def test_errors_name_the_argument(kwargs, match):
+  x = jnp.zeros(kwargs.pop("x"), jnp.bfloat16)
+  w = jnp.zeros(kwargs.pop("w"), jnp.bfloat16)
+  with pytest.raises(ValueError, match=match):
+    gemv_pallas(x, w, **kwargs)
+
+
+@pytest.mark.parametrize("field, value", [("gemv", 1), ("gemv_block_n", 48), ("gemv_block_k", 8),
+                                          ("gemv_min_programs", 0)])
+def test_decode_config_refuses_bad_gemv_settings(field, value):
+  with pytest.raises(ValueError, match=field):
+    DecodeConfig(**{field: value})
+
+
+@pytest.mark.parametrize("variant", sorted(DECODE_VARIANTS))
+def test_decode_step_with_the_gemv_equals_the_xla_products(variant):
+  """Every weight product of a decode step (in-projections, output, MLP, read-out; attention's
+  too) through the GEMV: the same logits up to float32 rounding."""
+  cfg = DECODE_VARIANTS[variant]
+  model = make(cfg, seed=11)
+  prompt = jax.random.randint(jax.random.key(11), (2, 5), 0, 64)
+  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
+  token = jnp.argmax(logits[:, 0], -1)
+  calls = []
+  real = decode_gemv.gemv_pallas
+
+  def counting(*a, **k):
+    calls.append(a[1].shape)
+    return real(*a, **k)
+
+  decode_gemv.gemv_pallas = counting
+  try:
+    gemv = model.decode_step(token, cache, impl="xla",
+                             decode_config=DecodeConfig(gemv=True, gemv_block_n=16))[0]
+  finally:
+    decode_gemv.gemv_pallas = real
+  xla = model.decode_step(token, cache, impl="xla")[0]
+  np.testing.assert_allclose(gemv, xla, rtol=1e-5, atol=1e-5)
+  per_layer = 2 + 2    # mixer in / out, MLP gate-up / down
+  assert len(calls) == per_layer * cfg.num_layers + 1
+
+
+def test_generate_with_the_gemv_samples_the_xla_tokens():
+  from gdn_jax import generate as gen
+  model = make(seed=12)
+  prompt = jax.random.randint(jax.random.key(12), (2, 6), 0, 64)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(1))
+  np.testing.assert_array_equal(
+      gen.generate(model, prompt, 8, impl="pallas_fused",
+                   decode_config=DecodeConfig(gemv=True, gemv_block_n=16), **kw),
+      gen.generate(model, prompt, 8, impl="xla", **kw))
