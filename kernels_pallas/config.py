@@ -92,7 +92,8 @@ class DecodeConfig:
   num_warps: warps per program.
   gemv: the step's weight products at batch ≤ 8 as Pallas GEMV kernels (`decode_gemv.py`: W read
     in [gemv_block_k, gemv_block_n] tiles, K split until there are ≥ gemv_min_programs programs)
-    instead of XLA's products on `matmul_rows` padded rows. Off by default: not yet timed on a GPU.
+    instead of XLA's products on `matmul_rows` padded rows (off by default, untimed:
+    experiments/NOTES_decode.md).
   """
   block_v: int | None = None
   num_warps: int = 4

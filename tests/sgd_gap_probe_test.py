@@ -161,7 +161,7 @@ def test_heads_sgd_rows_are_the_identity_at_the_base_width_and_ablate_one_class_
   _, model = sgd_groups(256, "mup", ())
   assert model.output_norm_eps == 1e-3 and model.num_heads == 16    # the heads preset's SGD eps
   assert set(plain[32].values()) == {1.0} and sgd_groups(32, "sp", ())[0] == plain[32]
-  # μP SGD at 256 (m = 8): the embedding's and the vectors' LR × m (input class), W_q, W_k's × 1/H
+  # μP SGD at 256 (m = 8): the embedding's LR × m (input class), the head's × m (output class)
   assert plain[256]["embed.embedding"] == 8 and plain[256]["lm_head.kernel"] == 8
   expected = {   # each ablation's LR multiplier at 256 over plain μP's
       sgd_gap_probe.VECTORS: lambda k: 1 / 8 if any(
