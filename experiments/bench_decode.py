@@ -794,8 +794,12 @@ def markdown(res) -> str:
   if res.get("prefill_fallback"):
     out += ["", "The prefill ran the chunked XLA rule: rule_impl 'auto' failed with "
             f"{res['prefill_fallback'][:200]}"]
-  out += ["", f"fla: {fla.get('error') or 'fla ' + str(fla.get('version'))} "
-          f"({fla.get('num_params', '?')} parameters)" if fla else "fla: not run"]
+  if not fla:
+    out += ["", "fla: not run"]
+  elif fla.get("error"):
+    out += ["", f"fla: not measured ({fla['error']})"]
+  else:
+    out += ["", f"fla: fla {fla.get('version')} ({fla.get('num_params', '?')} parameters)"]
   if res["skipped"]:
     out += ["", "Skipped: " + "; ".join(res["skipped"])]
   for name, p in res["profiles"].items():
