@@ -223,8 +223,10 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   the Pallas GEMV kernel instead (float32 sums, the result in x's dtype as XLA's product gives).
   """
   B = x_BxD.shape[0]
-  if decode_config is not None and decode_config.gemv and B <= 8:
+  gemv = decode_config is not None and decode_config.gemv
+  if gemv:
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
+  if gemv and B <= decode_gemv.MAX_ROWS:
     y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1,
                                 block_n=decode_config.gemv_block_n,
                                 block_k=decode_config.gemv_block_k,

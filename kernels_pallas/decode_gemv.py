@@ -10,7 +10,7 @@ the B ≤ 8 rows of x in registers:
     y = Σ_s y_s                                                  (float32; XLA sums the splits)
 
 The S splits of K give enough programs when N / BN alone would leave SMs idle (the MLP's down
-product: N = 1024); their sum is left to XLA, which fuses it into the consumer's elementwise
+product: N = 1024); their sum is left to XLA, which can fuse it into the consumer's elementwise
 kernel. `transposed=True` takes W as [N, K] (a tied read-out, h Eᵀ, without a transpose). Columns
 past N (N need not divide by BN) are masked. On CPU the kernel runs in interpret mode.
 """
@@ -27,9 +27,8 @@ MAX_ROWS = 8   # rows of x kept in registers; larger batches are GEMMs (generate
 
 
 def block_k_for(K: int, block_k: int) -> int:
-  """The K tile: the largest power of two ≤ `block_k` that divides K (K = 2816 → 256)."""
-  bk = min(block_k, K & -K)
-  return bk
+  """The K tile: the largest power of two ≤ `block_k` dividing K (K 2816, block_k 512 → 256)."""
+  return min(block_k, K & -K)
 
 
 def choose_splits(K: int, N: int, block_n: int, block_k: int, min_programs: int) -> int:
