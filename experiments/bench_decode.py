@@ -517,7 +517,9 @@ def parse_variant(spec: str) -> tuple[str, str]:
     base, launch = split_launch(base)
   except ValueError as e:
     raise ValueError(f"bench_decode: variant {spec!r}: {e}") from None
-  step_launch = launch is not None and (launch.block_v is not None or launch.num_warps != 4)
+  from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+  step = lambda c: (c.block_v, c.num_warps)      # the step kernels' settings (+gemv: any impl)
+  step_launch = launch is not None and step(launch) != step(DecodeConfig())
   if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "

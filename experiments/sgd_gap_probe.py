@@ -153,7 +153,7 @@ PROBES = {
                        os.path.join(lr_transfer.RESULTS, "gap_probe_heads_sgd_cpu.jsonl")),
 }
 _PROBE = flags.DEFINE_enum("probe", "paper_sgd", list(PROBES), "Which probe: the paper family "
-                           "under SGD, or the heads scheme under AdamW (module docstring).")
+                           "under SGD, or the heads scheme under AdamW or SGD (module docstring).")
 _SEED = flags.DEFINE_integer("seed", 0, "The runs' seed (model init and data order).")
 _LOG2_LRS = flags.DEFINE_list("log2_lrs", None, "These log2 LRs instead of the probe's grid (e.g. "
                               "to extend a row whose best point sits at an edge).")

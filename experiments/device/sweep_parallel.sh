@@ -12,7 +12,7 @@
 # its own results folder $OUT/rN holding a copy of $JSONL, so no two processes append to one file
 # and each plans from the runs already there. Logs go to $OUT/logN.txt; at the end only the JSONL
 # files stay in $OUT/rN (the device tool returns at most 8 files). Merge them on this machine with
-#   python -m experiments.device.merge_jsonl experiments/results/<file>.jsonl /work/.device/.../r*/*.jsonl
+#   python -m experiments.merge_jsonl experiments/results/<file>.jsonl /work/.device/.../r*/*.jsonl
 # Source experiments/device/setup.sh first (wheels, data); --data_dir defaults to .data.
 set -u
 if [ $# -lt 1 ] || [ -z "${JSONL:-}" ] || [ ! -f "$JSONL" ]; then
