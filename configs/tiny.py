@@ -49,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
       weight_decay_convention="",
       grad_clip=1.0,         # global-norm clipping; 0 = off
       # Extra μP LR width scalings on top of the rules table, "NAME[:out]:POWER,..." (LR × m^POWER
-      # for parameters whose path contains NAME; 1 at the base width). "" = the table as is.
+      # for parameters whose path contains NAME; 1 at the base width), or "NAME:x:FACTOR" (LR ×
+      # FACTOR at every width, the base included). "" = the table as is.
       # For ablations: the μP SGD table already has W_q, W_k's (H/H_base)^-1 (docs/mup.md).
       lr_overrides="",
       # μP SGD: W_q, W_k's LR × (H/H_base)^-1, the table's edge rule (docs/mup.md). False = the

@@ -488,8 +488,9 @@ def split_impl(impl: str) -> tuple[str, int]:
 
 def split_launch(impl: str):
   """"pallas_fused+bv16+w8" → ("pallas_fused", DecodeConfig(block_v=16, num_warps=8)): the Pallas
-  step kernels' launch settings, and "+gemv" (with "+gbnN", "+gbkN": its column and K tiles) the
-  Pallas GEMV for the weight products (no "+": None, the defaults). ValueError on a bad part."""
+  step kernels' launch settings, and "+gemv" (with "+gbnN", "+gbkN": its column and K tiles;
+  "+gwN": its warps; "+gmpN": its least program count) the Pallas GEMV for the weight products
+  (no "+": None, the defaults). ValueError on a bad part."""
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   base, *parts = impl.split("+")
   if not parts:
@@ -499,12 +500,13 @@ def split_launch(impl: str):
     if part == "gemv" and "gemv" not in kw:
       kw["gemv"] = True
       continue
-    key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n",
-           "gbk": "gemv_block_k"}.get(part.rstrip("0123456789"))
+    key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
+           "gw": "gemv_num_warps", "gmp": "gemv_min_programs"}.get(part.rstrip("0123456789"))
     digits = part[len(part.rstrip("0123456789")):]
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
-                       "(V block), +wN (warps), +gemv, +gbnN, +gbkN (GEMV tiles), each at most "
+                       "(V block), +wN (warps), +gemv, +gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), "
+                       "+gmpN (GEMV programs), each at most "
                        "once.")
     kw[key] = int(digits)
   return base, DecodeConfig(**kw)

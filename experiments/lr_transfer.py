@@ -17,7 +17,7 @@ launch-bound: several programs at once fill the GPU, and compile while others ru
 
 Variants for ablations (keyed and plotted apart): --output_norm_eps, --qk_norm_eps,
 --lm_head_init_std, --lr_override=NAME[:out]:POWER (identity at the base width, whose runs it
-shares).
+shares) or NAME:x:FACTOR (a constant LR factor: its own base-width runs).
 """
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ _OUT_EPS = flags.DEFINE_float("output_norm_eps", None, "Variant: base output-nor
 _QK_EPS = flags.DEFINE_float("qk_norm_eps", None, "Variant: q/k L2-norm eps.")
 _HEAD_STD = flags.DEFINE_float("lm_head_init_std", None, "Variant: the untied LM head's init "
                                "std at the base width (μP keeps it; not the identity there).")
-_LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Variant: NAME[:out]:POWER LR scalings.")
+_LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Variant: NAME[:out]:POWER LR scalings, "
+                                  "or NAME:x:FACTOR (× FACTOR at every width).")
 
 
 # ---- Configs. ---------------------------------------------------------------------------------

@@ -230,7 +230,8 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
     y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1,
                                 block_n=decode_config.gemv_block_n,
                                 block_k=decode_config.gemv_block_k,
-                                min_programs=decode_config.gemv_min_programs)
+                                min_programs=decode_config.gemv_min_programs,
+                                num_warps=decode_config.gemv_num_warps)
     return y.astype(jnp.result_type(x_BxD, w))
   x = x_BxD if B >= matmul_rows else jnp.pad(x_BxD, ((0, matmul_rows - B), (0, 0)))
   if w_contract == 0:

@@ -242,9 +242,11 @@ BASE_IDENTITY_VARIANTS = ("mixer_out", "sp_tied", "head_sp", "const_init")
 
 def at_base_width(variant: str) -> str:
   """The variant without its parts that are the identity at the base width: NAME[:out]:POWER LR
-  overrides and `BASE_IDENTITY_VARIANTS` (a row without base-width runs of its own uses these)."""
-  return ",".join(v for v in variant.split(",")
-                  if v and ":" not in v and v not in BASE_IDENTITY_VARIANTS)
+  overrides and `BASE_IDENTITY_VARIANTS` (a row without base-width runs of its own uses these).
+  A constant LR factor (NAME:x:FACTOR) is kept: it changes the base-width model too."""
+  def identity(v):
+    return (":" in v and v.split(":")[-2] != "x") or v in BASE_IDENTITY_VARIANTS
+  return ",".join(v for v in variant.split(",") if v and not identity(v))
 
 
 # The SP each μP row is judged against (issue 20, item 4: μP at its transferred LR must reach a

@@ -3,11 +3,18 @@
 At batch 1 a decode step is a chain of products y = x W (x [B, K], W [K, N] in bf16), each of
 which should take the time of reading W. XLA lowers them to reduction fusions (unpadded) or to
 GEMMs on 8 padded rows with split-K and a separate reduction kernel plus a padding kernel
-(experiments/NOTES_decode.md, the B1 profiles). This kernel reads W in [BK, BN] tiles and keeps
-the B ≤ 8 rows of x in registers:
+(experiments/NOTES_decode.md, the B1 profiles). This kernel reads W in [BK, BN] tiles:
 
     program (j, s):   y_s[b, n] = Σ_{k ∈ K-split s} x[b, k] W[k, n],   n ∈ column block j
     y = Σ_s y_s                                                  (float32; XLA sums the splits)
+
+Two inner loops, by batch:
+- B = 1: a [BK, BN] float32 accumulator takes x[k] W[k, n] element by element and is summed
+  over k once, after the last tile (no reduction across warps inside the loop);
+- 2 ≤ B ≤ 8: x is padded to 16 rows (the smallest tensor-core tile) and each tile is one
+  product of [16, BK] × [BK, BN] into a [16, BN] float32 accumulator.
+(The first version summed every tile across warps once per row of x; on an H100 it was 1.4× the
+XLA products at B1 and 20× at B8: experiments/NOTES_decode.md, 2026-12-07.)
 
 The S splits of K give enough programs when N / BN alone would leave SMs idle (the MLP's down
 product: N = 1024); their sum is left to XLA, which can fuse it into the consumer's elementwise
@@ -23,7 +30,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-MAX_ROWS = 8   # rows of x kept in registers; larger batches are GEMMs (generate's matmul_rows)
+from kernels_pallas import chunk_math
+
+MAX_ROWS = 8    # the largest batch taken; larger batches are GEMMs (generate's matmul_rows)
+DOT_ROWS = 16   # batches 2 … MAX_ROWS are padded to this many rows for the tensor cores
 
 
 def block_k_for(K: int, block_k: int) -> int:
@@ -42,26 +52,37 @@ def choose_splits(K: int, N: int, block_n: int, block_k: int, min_programs: int)
   return tiles
 
 
-def _kernel(x_ref, w_ref, y_ref, *, rows, n, block_n, block_k, tiles, transposed):
-  """x_ref: [B, Ks] (`transposed`) or [Ks, B]; w_ref: [BN, Ks] or [Ks, BN]; y_ref: [B, BN]."""
+def _kernel(x_ref, w_ref, y_ref, *, n, block_n, block_k, tiles, transposed):
+  """x_ref: [R, Ks] (R = 1 or 16 padded rows); w_ref: [BN, Ks] (`transposed`) or [Ks, BN];
+  y_ref: [R, BN]."""
   f32 = jnp.float32
+  rows = x_ref.shape[0]
   cols = pl.program_id(0) * block_n + jnp.arange(block_n)
   valid = cols < n
 
-  def body(i, acc):
-    ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+  def w_tile(ks):
     if transposed:   # rows of the W block are output columns
-      w = plt.load(w_ref.at[:, ks], mask=valid[:, None], other=0).astype(f32)     # [BN, BK]
-      return tuple(a + jnp.sum(w * x_ref[pl.ds(b, 1), ks].astype(f32), axis=1)
-                   for b, a in enumerate(acc))
-    w = plt.load(w_ref.at[ks, :], mask=valid[None, :], other=0).astype(f32)       # [BK, BN]
-    return tuple(a + jnp.sum(w * x_ref[ks, pl.ds(b, 1)].astype(f32), axis=0)
-                 for b, a in enumerate(acc))
+      return plt.load(w_ref.at[:, ks], mask=valid[:, None], other=0)      # [BN, BK]
+    return plt.load(w_ref.at[ks, :], mask=valid[None, :], other=0)        # [BK, BN]
 
-  acc = jax.lax.fori_loop(0, tiles, body,
-                          tuple(jnp.zeros((block_n,), f32) for _ in range(rows)))
-  for b in range(rows):
-    plt.store(y_ref.at[pl.ds(b, 1), :], acc[b][None, :], mask=valid[None, :])
+  def k_slice(i):
+    return pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+
+  if rows == 1:
+    def body(i, acc):
+      ks = k_slice(i)
+      x = x_ref[:, ks].astype(f32)                                         # [1, BK]
+      w = w_tile(ks).astype(f32)
+      return acc + (w * x if transposed else w * x.reshape(block_k, 1))
+    shape = (block_n, block_k) if transposed else (block_k, block_n)
+    acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros(shape, f32))
+    y = jnp.sum(acc, axis=1 if transposed else 0)[None, :]                 # [1, BN]
+  else:
+    def body(i, acc):
+      ks = k_slice(i)
+      return acc + chunk_math.dot(x_ref[:, ks], w_tile(ks), trans_b=transposed)   # [16, BN]
+    y = jax.lax.fori_loop(0, tiles, body, jnp.zeros((rows, block_n), f32))
+  plt.store(y_ref.at[:, :], y, mask=valid[None, :])
 
 
 @functools.partial(jax.jit, static_argnames=("transposed", "block_n", "block_k", "splits",
@@ -98,19 +119,20 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
     raise ValueError(f"gemv_pallas: `splits`={S} does not divide the {tiles} K tiles of {bk}; "
                      "expected a divisor (or None).")
   Ks = K // S
+  R = 1 if B == 1 else DOT_ROWS
+  x = x_BxK if R == B else jnp.pad(x_BxK, ((0, R - B), (0, 0)))
   w_block = (block_n, Ks) if transposed else (Ks, block_n)
   w_index = (lambda j, s: (j, s)) if transposed else (lambda j, s: (s, j))
   y = pl.pallas_call(
-      functools.partial(_kernel, rows=B, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
+      functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
                         transposed=transposed),
       grid=(pl.cdiv(N, block_n), S),
-      in_specs=[pl.BlockSpec((B, Ks), lambda j, s: (0, s)) if transposed
-                else pl.BlockSpec((Ks, B), lambda j, s: (s, 0)),
-                pl.BlockSpec(w_block, w_index)],
-      out_specs=pl.BlockSpec((None, B, block_n), lambda j, s: (s, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((S, B, N), jnp.float32),
+      in_specs=[pl.BlockSpec((R, Ks), lambda j, s: (0, s)), pl.BlockSpec(w_block, w_index)],
+      out_specs=pl.BlockSpec((None, R, block_n), lambda j, s: (s, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((S, R, N), jnp.float32),
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       name="decode_gemv",
-  )(x_BxK if transposed else x_BxK.T, w)
-  return y[0] if S == 1 else jnp.sum(y, axis=0)
+  )(x.astype(w.dtype), w)
+  y = y[0] if S == 1 else jnp.sum(y, axis=0)
+  return y[:B]

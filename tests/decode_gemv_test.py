@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gdn_jax import layers
 from kernels_pallas import decode_gemv
 from kernels_pallas.config import DecodeConfig
 from kernels_pallas.decode_gemv import gemv_pallas
@@ -31,6 +32,9 @@ def _operands(B, K, N, transposed, seed=0):
     (1, 512, 300, True, dict(splits=2)),
     (2, 96, 50, False, dict(block_k=64)),            # K tile lowered to 32 (96 = 3 · 32)
     (5, 128, 64, False, dict(splits=1, block_n=64)),
+    (4, 512, 64, False, dict(splits=1)),             # the tensor-core loop over 4 K tiles
+    (6, 384, 40, True, dict(splits=1)),              # … transposed, over 3 K tiles
+    (1, 640, 72, False, dict(splits=1)),             # the B1 accumulator over 5 K tiles
 ])
 def test_equals_the_float64_product(B, K, N, transposed, kw):
   x, w, ref = _operands(B, K, N, transposed)
@@ -74,6 +78,12 @@ def test_lowers_to_one_triton_call_for_an_h100():
           sds((B, K), jnp.bfloat16), w).mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert tuple(int(v) for v in re.findall(r"grid_[xy] = (\d+)", text)) == grid
+    assert re.findall(r"num_warps = (\d+)", text) == ["4"]
+  fn = functools.partial(gemv_pallas, interpret=False, num_warps=8)   # DecodeConfig.gemv_num_warps
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
+        sds((2, 1024), jnp.bfloat16), sds((1024, 2048), jnp.bfloat16)).mlir_module()
+  assert re.findall(r"num_warps = (\d+)", text) == ["8"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -90,7 +100,7 @@ def test_errors_name_the_argument(kwargs, match):
 
 
 @pytest.mark.parametrize("field, value", [("gemv", 1), ("gemv_block_n", 48), ("gemv_block_k", 8),
-                                          ("gemv_min_programs", 0)])
+                                          ("gemv_min_programs", 0), ("gemv_num_warps", 3)])
 def test_decode_config_refuses_bad_gemv_settings(field, value):
   with pytest.raises(ValueError, match=field):
     DecodeConfig(**{field: value})
@@ -133,3 +143,19 @@ def test_generate_with_the_gemv_samples_the_xla_tokens():
       gen.generate(model, prompt, 8, impl="pallas_fused",
                    decode_config=DecodeConfig(gemv=True, gemv_block_n=16), **kw),
       gen.generate(model, prompt, 8, impl="xla", **kw))
+
+
+def test_decode_dot_passes_every_gemv_setting(monkeypatch):
+  """layers.decode_dot hands DecodeConfig's GEMV tiles, program count and warps to the kernel."""
+  seen = {}
+
+  def spy(x, w, **kw):
+    seen.update(kw)
+    return jnp.zeros((x.shape[0], w.shape[0] if kw["transposed"] else w.shape[1]), jnp.float32)
+
+  monkeypatch.setattr(decode_gemv, "gemv_pallas", spy)
+  config = DecodeConfig(gemv=True, gemv_block_n=32, gemv_block_k=256, gemv_min_programs=64,
+                        gemv_num_warps=8)
+  layers.decode_dot(jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 16), jnp.bfloat16),
+                    decode_config=config)
+  assert seen == dict(transposed=False, block_n=32, block_k=256, min_programs=64, num_warps=8)

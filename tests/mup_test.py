@@ -217,9 +217,29 @@ def test_lr_overrides_scale_one_group_and_keep_the_base_model():
   conv = {k: v for k, v in get(lr_overrides=mup.parse_lr_overrides(["conv:out:-0.5"])).items()
           if "conv" in k}
   assert conv and all(lr == plain[k][1] / 2 for k, (_, lr, _) in conv.items())   # m_out = 4
-  for bad in ("g_proj", "g_proj:x", ":-1", ":out:-1"):
+  for bad in ("g_proj", "g_proj:x", ":-1", ":out:-1", "embed:x:0", "embed:x:-2", ":x:2"):
     with pytest.raises(ValueError, match="NAME:POWER"):
       mup.parse_lr_overrides([bad])
+
+
+def test_a_constant_lr_factor_applies_at_every_width_including_the_base():
+  """`NAME:x:FACTOR` multiplies the matched LRs by FACTOR at the base width and at any other, on
+  top of the table's width scaling (a base-width constant; the power forms are 1 at the base)."""
+  base = heads_cfg(32)
+  over = mup.parse_lr_overrides(["embed:x:0.125"])
+  assert over == {"embed": mup.Scaling(factor=0.125)}
+  for width in (32, 128):
+    model = mup.build_model(heads_cfg(width), parametrization="mup", base_config=base,
+                            rngs=nnx.Rngs(0))
+    get = lambda **kw: {name(k): v for k, v in mup.multipliers(
+        model, parametrization="mup", optimizer="sgd", base_config=base, **kw).items()}
+    plain, scaled = get(), get(lr_overrides=over)
+    emb = [k for k in plain if "embed" in k]
+    assert emb and all(scaled[k][1] == pytest.approx(plain[k][1] * 0.125) for k in emb)
+    assert {k: v for k, v in scaled.items() if k not in emb} == \
+           {k: v for k, v in plain.items() if k not in emb}
+    if width == 128:   # the table's SGD rule for the embedding (× m) stays under the factor
+      assert all(plain[k][1] == pytest.approx(4.0) for k in emb)
 
 
 @pytest.mark.parametrize("parametrization", ["mup", "paper"])

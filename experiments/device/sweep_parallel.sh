@@ -11,7 +11,11 @@
 # Each JOB is "MEM_FRACTION FLAGS...": its own process under XLA_PYTHON_CLIENT_MEM_FRACTION, with
 # its own results folder $OUT/rN holding a copy of $JSONL, so no two processes append to one file
 # and each plans from the runs already there. Logs go to $OUT/logN.txt; at the end only the JSONL
-# files stay in $OUT/rN (the device tool returns at most 8 files). Merge them on this machine with
+# files that a process changed or created stay in $OUT/rN: the device tool returns at most 8 files,
+# so copies identical to the carried $JSONL (a process that wrote to another slice's file, or
+# nothing) are deleted, and the logs are joined into $OUT/log.txt when there are more than 4 jobs.
+# Merge the JSONL files on this machine, before the next call carries $JSONL again (a process plans
+# only from what its copy holds, and would redo the runs of the last call otherwise):
 #   python -m experiments.merge_jsonl experiments/results/<file>.jsonl /work/.device/.../r*/*.jsonl
 # Source experiments/device/setup.sh first (wheels, data); --data_dir defaults to .data.
 set -u
@@ -36,5 +40,18 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 find "$OUT" -path "$OUT/r*" -type f ! -name '*.jsonl' -delete
+base=$(basename "$JSONL")
+for i in $(seq 1 "$n"); do
+  if cmp -s "$JSONL" "$OUT/r$i/$base"; then rm -f "$OUT/r$i/$base"; fi
+done
 tail -n 4 "$OUT"/log*.txt
+if [ "$n" -gt 4 ]; then
+  for i in $(seq 1 "$n"); do echo "==> job $i: ${*:$i:1}"; cat "$OUT/log$i.txt"; done \
+      > "$OUT/log.txt" && rm -f "$OUT"/log[0-9]*.txt
+fi
+returned=$(find "$OUT" -type f | wc -l)
+if [ "$returned" -gt 8 ]; then
+  echo "sweep_parallel.sh: $returned files under \$OUT but the device tool returns 8, and \$OUT" \
+       "is emptied before the next call: run at most 7 jobs a call." >&2
+fi
 exit $status

@@ -137,24 +137,29 @@ def param_infos(model, base_config: ModelConfig | None = None, *,
 
 
 def parse_lr_overrides(specs) -> dict[str, Scaling]:
-  """["g_proj:-0.5", "conv:out:-0.5", …] → {"g_proj": Scaling(fan_in=-0.5), "conv":
-  Scaling(fan_out=-0.5)}: LR × m_in^p (or × m_out^p with `out`) for every parameter whose dotted
-  path contains the name (the command-line form of `lr_overrides`)."""
+  """["g_proj:-0.5", "conv:out:-0.5", "embed:x:0.125", …] → {"g_proj": Scaling(fan_in=-0.5),
+  "conv": Scaling(fan_out=-0.5), "embed": Scaling(factor=0.125)}: LR × m_in^p (or × m_out^p with
+  `out`, or × a constant c > 0 at every width with `x`, a base-width constant such as μTransfer
+  tunes per layer) for every parameter whose dotted path contains the name (the command-line form
+  of `lr_overrides`)."""
   out = {}
   for spec in specs or ():
-    name, _, power = str(spec).rpartition(":")
+    name, _, value = str(spec).rpartition(":")
     axis = "fan_in"
-    if name.endswith(":out") or name.endswith(":in"):
+    if name.endswith((":out", ":in", ":x")):
       name, _, side = name.rpartition(":")
-      axis = "fan_" + side
+      axis = "factor" if side == "x" else "fan_" + side
     try:
-      out[name] = Scaling(**{axis: float(power)})
+      number = float(value)
+      if axis == "factor" and not number > 0:
+        raise ValueError(value)
+      out[name] = Scaling(**{axis: number})
     except ValueError:
       name = ""
     if not name:
-      raise ValueError(f"LR override {spec!r}; expected 'NAME:POWER' or 'NAME:out:POWER', e.g. "
-                       "'g_proj:-0.5' (LR × m_in^POWER, or m_out^POWER, for parameters whose "
-                       "path contains NAME).")
+      raise ValueError(f"LR override {spec!r}; expected 'NAME:POWER', 'NAME:out:POWER' or "
+                       "'NAME:x:FACTOR', e.g. 'g_proj:-0.5' (LR × m_in^POWER, or m_out^POWER, "
+                       "or × FACTOR > 0 at every width, for parameters whose path contains NAME).")
   return out
 
 
@@ -182,7 +187,8 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
   with it, gdn_jax.train.config).
   `lr_overrides` {name: Scaling}: an extra width scaling of the LR of every parameter whose dotted
   path contains `name`, on top of the table (for ablations of a rule; 1 at the base width, so μP
-  and SP still agree there). Every name must match some parameter.
+  and SP still agree there, unless it has a constant `factor`). Every name must match some
+  parameter.
   `weight_decay_convention`: "independent" (w_p = 1/r_p), "coupled" (w_p = 1), or None for the
   parametrization's own (tables module docstring).
   `sp_tied_embedding`: a tied embedding matrix gets SP's LR (multiplier 1 at every width), the

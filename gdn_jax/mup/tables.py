@@ -38,13 +38,15 @@ DECAY_CONVENTIONS = ("independent", "coupled")
 
 @dataclasses.dataclass(frozen=True)
 class Scaling:
-  """The width scaling m_in^fan_in · m_out^fan_out · m_d^width (exponents)."""
+  """The width scaling factor · m_in^fan_in · m_out^fan_out · m_d^width (exponents; `factor` is a
+  base-width constant, 1 in every table)."""
   fan_in: float = 0.0
   fan_out: float = 0.0
   width: float = 0.0
+  factor: float = 1.0
 
   def __call__(self, m_in: float, m_out: float, m_d: float) -> float:
-    return m_in ** self.fan_in * m_out ** self.fan_out * m_d ** self.width
+    return self.factor * m_in ** self.fan_in * m_out ** self.fan_out * m_d ** self.width
 
 
 ONE = Scaling()
