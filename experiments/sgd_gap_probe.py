@@ -131,7 +131,10 @@ HEADS_SGD_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup
                   (256, "mup", EMBED), (256, "mup", SGD_HIDDEN), (256, "mup_head_sp", ()),
                   (256, "sp", CONST), (32, "sp", ()),
                   (256, "mup", ("embed:out:-0.5",)),   # the embedding's LR × m^½: in between
-                  (256, "mup_head_sp", EMBED)]          # the two that helped, together
+                  (256, "mup_head_sp", EMBED),          # the two that helped, together
+                  # The embedding's LR × 1/8 at every width (a base constant): at 256 (m = 8) the
+                  # same model and LRs as the EMBED row, so only the base width is new.
+                  (32, "mup", ("embed:x:0.125",))]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from kernels_pallas import chunk_math
-
 MAX_ROWS = 8    # the largest batch taken; larger batches are GEMMs (generate's matmul_rows)
 DOT_ROWS = 16   # batches 2 … MAX_ROWS are padded to this many rows for the tensor cores
 
@@ -78,9 +76,14 @@ def _kernel(x_ref, w_ref, y_ref, *, n, block_n, block_k, tiles, transposed):
     acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros(shape, f32))
     y = jnp.sum(acc, axis=1 if transposed else 0)[None, :]                 # [1, BN]
   else:
+    # float32 weights: IEEE products, as the B = 1 loop (Triton's default would be TF32).
+    precision = jax.lax.Precision.HIGHEST if x_ref.dtype == f32 else None
+    dims = (((1,), (1 if transposed else 0,)), ((), ()))
+
     def body(i, acc):
       ks = k_slice(i)
-      return acc + chunk_math.dot(x_ref[:, ks], w_tile(ks), trans_b=transposed)   # [16, BN]
+      return acc + jax.lax.dot_general(x_ref[:, ks], w_tile(ks), dims, precision=precision,
+                                       preferred_element_type=f32)          # [16, BN]
     y = jax.lax.fori_loop(0, tiles, body, jnp.zeros((rows, block_n), f32))
   plt.store(y_ref.at[:, :], y, mask=valid[None, :])
 
