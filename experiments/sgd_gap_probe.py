@@ -30,7 +30,9 @@ Its rows go to experiments/results/gap_probe_heads_adamw_cpu.jsonl.
 `--probe=heads_sgd` (issue 20 item 4 under SGD: μP 0.038 behind TP5's SP at 1024 on an H100) asks
 the same of the heads scheme under the heads preset's SGD (momentum 0.9, clipping 1, output-norm
 eps 1e-3), log2 LR −4 … 1, with one class of μP at a time moved to SP's treatment (HEADS_SGD_ROWS);
-rows go to experiments/results/gap_probe_heads_sgd_cpu.jsonl.
+rows go to experiments/results/gap_probe_heads_sgd_cpu.jsonl. `--summarize` prints, for the row
+pairs in TRANSFER_PAIRS, the optimum per width with its bootstrap interval over seeds, the drift
+and the best loss (gdn_jax.lr_stats.transfer_summary), from the JSONL alone.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import time
 from absl import app, flags
 
 from experiments import lr_transfer
+from gdn_jax import lr_stats
 from gdn_jax import train as train_lib
 from gdn_jax.lr_protocol import Protocol
 from gdn_jax.mup import tables
@@ -155,6 +158,47 @@ PROBES = {
                        HEADS_SGD_ROWS,
                        os.path.join(lr_transfer.RESULTS, "gap_probe_heads_sgd_cpu.jsonl")),
 }
+# (name, base-width row, wide row): rows as (parametrization, variant, width), the base first.
+# "embedding LR × 1/8" is a base constant: at 256 (m = 8) its model and LRs are the ablation's.
+TRANSFER_PAIRS = {
+    "heads_sgd": [
+        ("μP", ("mup", "", 32), ("mup", "", 256)),
+        ("μP, embedding LR × 1/8 at every width", ("mup", "embed:x:0.125", 32),
+         ("mup", "embed:out:-1", 256)),
+        ("μP, embedding LR × 1 (ablation)", ("mup", "", 32), ("mup", "embed:out:-1", 256)),
+        ("TP5's SP", ("sp", "", 32), ("sp", "", 256)),
+    ],
+}
+
+
+def summarize(path: str, pairs, seeds=None) -> list[dict]:
+  """transfer_summary of each (name, base row, wide row) over the seeds both rows hold (or
+  `seeds`), each width on the log2 LRs that every one of those seeds ran."""
+  runs = {}
+  with open(path) as f:
+    for r in map(json.loads, f):
+      key = (r["parametrization"], r["variant"], r["width"], r["seed"])
+      runs.setdefault(key, {})[r["log2_lr"]] = (float("nan") if r["val_loss"] is None
+                                               else r["val_loss"])
+  out = []
+  for name_, *rows in pairs:
+    held = [{k[3] for k in runs if k[:3] == tuple(row)} for row in rows]
+    use = sorted(set(seeds) if seeds is not None else set.intersection(*held))
+    if not use or any(not set(use) <= h for h in held):
+      raise ValueError(f"summarize: {name_!r} has no runs of seeds {use} for both rows {rows}; "
+                       "expected the probe to have run them (--seed=N).")
+    grids, losses = {}, {}
+    for (param, variant, width) in rows:
+      xs = sorted(set.intersection(*(set(runs[(param, variant, width, s)]) for s in use)))
+      grids[width] = xs
+      losses[width] = {s: [runs[(param, variant, width, s)][x] for x in xs] for s in use}
+    out.append(dict(name=name_, seeds=use, grids=grids,
+                    summary=lr_stats.transfer_summary(grids, losses)))
+  return out
+
+
+_SUMMARIZE = flags.DEFINE_bool("summarize", False, "Print the optima, drift and best losses of "
+                               "the probe's TRANSFER_PAIRS from its JSONL; run nothing.")
 _PROBE = flags.DEFINE_enum("probe", "paper_sgd", list(PROBES), "Which probe: the paper family "
                            "under SGD, or the heads scheme under AdamW or SGD (module docstring).")
 _SEED = flags.DEFINE_integer("seed", 0, "The runs' seed (model init and data order).")
@@ -200,11 +244,23 @@ def _scaled_head_builder(build_model):
   return build
 
 
+def _pair(v) -> str:
+  return "[–]" if v is None else f"[{v[0]:.2f}, {v[1]:.2f}]"
+
+
 def main(argv):
   del argv
   tables.PARAMETRIZATIONS.update({**VARIANTS, **HEAD_VARIANTS, **HEAD_CONST_VARIANTS})
   train_lib.build_model = _scaled_head_builder(train_lib.build_model)
   probe = PROBES[_PROBE.value]
+  if _SUMMARIZE.value:
+    for row in summarize(probe.out, TRANSFER_PAIRS.get(_PROBE.value, [])):
+      sm, (w0, w1) = row["summary"], sorted(row["grids"])
+      fmt = lambda w: (f"{sm['optimum'][w]['log2_lr']:.2f} {_pair(sm['optimum'][w]['interval'])}"
+                       f", best {sm['best_loss'][w]:.4f}")
+      print(f"{row['name']} (seeds {row['seeds']}): {w0}: {fmt(w0)}; {w1}: {fmt(w1)}; drift "
+            f"{sm['drift_log2']:.2f} {_pair(sm['drift_interval'])}")
+    return
   seed = _SEED.value
   done = set()
   if os.path.exists(probe.out):

@@ -2,6 +2,7 @@
 (the probe compares them at 256 against runs made once at 32) and differ from it when wider; so
 are the heads_adamw probe's LR ablations, which scale exactly the parameters they name."""
 import functools
+import json
 import math
 
 import jax.numpy as jnp
@@ -185,3 +186,31 @@ def test_heads_sgd_rows_are_the_identity_at_the_base_width_and_ablate_one_class_
     assert any(r != 1 for r in ratios.values()), overrides
     for k, r in ratios.items():
       assert math.isclose(r, expected[overrides](k)), (overrides, k, r)
+
+
+def test_summarize_finds_each_rows_optimum_and_the_drift_from_the_jsonl(tmp_path):
+  """Parabolas with known vertices (−1 at the base, −2.5 wide; the wide row on a coarser grid,
+  per-seed offsets) come back as the optima, the drift as their distance; a seed missing from
+  one row is an error naming the pair."""
+  path = tmp_path / "probe.jsonl"
+  lines = []
+  for seed, shift in ((0, 0.00), (1, 0.01), (2, -0.02)):
+    for x in [-4 + 0.5 * i for i in range(11)]:
+      lines.append(dict(parametrization="mup", variant="", width=32, seed=seed, log2_lr=x,
+                        val_loss=2.0 + shift + 0.1 * (x + 1) ** 2))
+    for x in (-4.0, -3.0, -2.0, -1.0, 0.0):
+      lines.append(dict(parametrization="mup", variant="embed:out:-1", width=256, seed=seed,
+                        log2_lr=x, val_loss=1.9 + shift + 0.1 * (x + 2.5) ** 2))
+  lines.append(dict(parametrization="mup", variant="embed:out:-1", width=256, seed=3,
+                    log2_lr=-2.0, val_loss=None))                # a seed only one row has
+  path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+  pair = [("pair", ("mup", "", 32), ("mup", "embed:out:-1", 256))]
+  (row,) = sgd_gap_probe.summarize(str(path), pair)
+  sm = row["summary"]
+  assert row["seeds"] == [0, 1, 2] and row["grids"][256] == [-4.0, -3.0, -2.0, -1.0, 0.0]
+  assert math.isclose(sm["optimum"][32]["log2_lr"], -1.0, abs_tol=1e-6)
+  assert math.isclose(sm["optimum"][256]["log2_lr"], -2.5, abs_tol=1e-6)
+  assert math.isclose(sm["drift_log2"], 1.5, abs_tol=1e-6)
+  assert math.isclose(sm["best_loss"][256], 1.9 + 0.1 * 0.25 - 0.01 / 3, abs_tol=1e-6)
+  with pytest.raises(ValueError, match="pair"):
+    sgd_gap_probe.summarize(str(path), pair, seeds=[0, 3])
