@@ -137,7 +137,9 @@ HEADS_SGD_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup
                   (256, "mup_head_sp", EMBED),          # the two that helped, together
                   # The embedding's LR × 1/8 at every width (a base constant): at 256 (m = 8) the
                   # same model and LRs as the EMBED row, so only the base width is new.
-                  (32, "mup", ("embed:x:0.125",))]
+                  (32, "mup", ("embed:x:0.125",)),
+                  # … and the constant's own base-width sweep (μTransfer's per-layer tuning).
+                  *((32, "mup", (f"embed:x:{c}",)) for c in ("0.5", "0.25", "0.0625"))]
 
 
 @dataclasses.dataclass(frozen=True)

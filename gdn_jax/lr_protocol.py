@@ -245,7 +245,9 @@ def at_base_width(variant: str) -> str:
   overrides and `BASE_IDENTITY_VARIANTS` (a row without base-width runs of its own uses these).
   A constant LR factor (NAME:x:FACTOR) is kept: it changes the base-width model too."""
   def identity(v):
-    return (":" in v and v.split(":")[-2] != "x") or v in BASE_IDENTITY_VARIANTS
+    parts = v.split(":")
+    return (len(parts) > 1 and not (len(parts) == 3 and parts[1] == "x")
+            or v in BASE_IDENTITY_VARIANTS)
   return ",".join(v for v in variant.split(",") if v and not identity(v))
 
 

@@ -132,6 +132,7 @@ def test_a_variant_that_is_the_identity_at_the_base_width_plans_on_the_base_rows
   assert lp.at_base_width("sp_tied,q_proj:-1,o_eps=0.001") == "o_eps=0.001"
   assert lp.at_base_width("mixer_out") == lp.at_base_width("head_sp") == ""
   assert lp.at_base_width("embed:x:0.125,q_proj:-1") == "embed:x:0.125"   # changes the base
+  assert lp.at_base_width("x:-1,embed:out:-1") == ""          # a power form, whatever its NAME
   rows = dataclasses.replace(P, rows=(("paper", ""), ("paper", "sp_tied")))
   done = (rows_for("paper", 128, "pilot", (100,), np.arange(-12.0, -3.5), -7.0)
           + rows_for("paper", 128, "fine", P.seeds, np.arange(-8.5, -5.25, 0.5), -6.8))

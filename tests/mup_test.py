@@ -217,7 +217,7 @@ def test_lr_overrides_scale_one_group_and_keep_the_base_model():
   conv = {k: v for k, v in get(lr_overrides=mup.parse_lr_overrides(["conv:out:-0.5"])).items()
           if "conv" in k}
   assert conv and all(lr == plain[k][1] / 2 for k, (_, lr, _) in conv.items())   # m_out = 4
-  for bad in ("g_proj", "g_proj:x", ":-1", ":out:-1", "embed:x:0", "embed:x:-2", ":x:2"):
+  for bad in ("g_proj", "g_proj:x", ":-1", ":out:-1", "embed:x:0", "embed:x:-2", "embed:x:inf", ":x:2"):
     with pytest.raises(ValueError, match="NAME:POWER"):
       mup.parse_lr_overrides([bad])
 

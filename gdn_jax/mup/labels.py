@@ -151,7 +151,7 @@ def parse_lr_overrides(specs) -> dict[str, Scaling]:
       axis = "factor" if side == "x" else "fan_" + side
     try:
       number = float(value)
-      if axis == "factor" and not number > 0:
+      if axis == "factor" and not 0 < number < math.inf:
         raise ValueError(value)
       out[name] = Scaling(**{axis: number})
     except ValueError:
