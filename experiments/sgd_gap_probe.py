@@ -139,7 +139,8 @@ HEADS_SGD_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup
                   # same model and LRs as the EMBED row, so only the base width is new.
                   (32, "mup", ("embed:x:0.125",)),
                   # … and the constant's own base-width sweep (μTransfer's per-layer tuning).
-                  *((32, "mup", (f"embed:x:{c}",)) for c in ("0.5", "0.25", "0.0625"))]
+                  *((32, "mup", (f"embed:x:{c}",)) for c in ("0.5", "0.25", "0.0625")),
+                  (256, "mup", ("embed:x:0.0625",))]   # the best base constant, at width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +161,7 @@ PROBES = {
                        HEADS_SGD_ROWS,
                        os.path.join(lr_transfer.RESULTS, "gap_probe_heads_sgd_cpu.jsonl")),
 }
-# (name, base-width row, wide row): rows as (parametrization, variant, width), the base first.
+# (name, base-width row[, wide row]): rows as (parametrization, variant, width), the base first.
 # "embedding LR × 1/8" is a base constant: at 256 (m = 8) its model and LRs are the ablation's.
 TRANSFER_PAIRS = {
     "heads_sgd": [
@@ -169,6 +170,11 @@ TRANSFER_PAIRS = {
          ("mup", "embed:out:-1", 256)),
         ("μP, embedding LR × 1 (ablation)", ("mup", "", 32), ("mup", "embed:out:-1", 256)),
         ("TP5's SP", ("sp", "", 32), ("sp", "", 256)),
+        ("μP, embedding LR × 1/16 at every width", ("mup", "embed:x:0.0625", 32),
+         ("mup", "embed:x:0.0625", 256)),
+        # The embedding constant's base-width sweep (one width: optimum and best loss only).
+        *((f"μP, embedding LR × {c} (base width)", ("mup", f"embed:x:{c}", 32))
+          for c in ("0.5", "0.25", "0.125", "0.0625")),
     ],
 }
 
@@ -257,11 +263,13 @@ def main(argv):
   probe = PROBES[_PROBE.value]
   if _SUMMARIZE.value:
     for row in summarize(probe.out, TRANSFER_PAIRS.get(_PROBE.value, [])):
-      sm, (w0, w1) = row["summary"], sorted(row["grids"])
-      fmt = lambda w: (f"{sm['optimum'][w]['log2_lr']:.2f} {_pair(sm['optimum'][w]['interval'])}"
-                       f", best {sm['best_loss'][w]:.4f}")
-      print(f"{row['name']} (seeds {row['seeds']}): {w0}: {fmt(w0)}; {w1}: {fmt(w1)}; drift "
-            f"{sm['drift_log2']:.2f} {_pair(sm['drift_interval'])}")
+      sm = row["summary"]
+      fmt = lambda w: (f"{w}: {sm['optimum'][w]['log2_lr']:.2f} "
+                       f"{_pair(sm['optimum'][w]['interval'])}, best {sm['best_loss'][w]:.4f}")
+      drift = ("" if len(row["grids"]) < 2 else
+               f"; drift {sm['drift_log2']:.2f} {_pair(sm['drift_interval'])}")
+      print(f"{row['name']} (seeds {row['seeds']}): "
+            + "; ".join(fmt(w) for w in sorted(row["grids"])) + drift)
     return
   seed = _SEED.value
   done = set()

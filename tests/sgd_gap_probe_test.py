@@ -170,7 +170,8 @@ def test_heads_sgd_rows_are_the_identity_at_the_base_width_and_ablate_one_class_
       sgd_gap_probe.SGD_HIDDEN: lambda k: 8 ** -0.62 if "_proj" in k else 1,
       sgd_gap_probe.EMBED: lambda k: 1 / 8 if k.startswith("embed") else 1,
       ("embed:out:-0.5",): lambda k: 8 ** -0.5 if k.startswith("embed") else 1}
-  ablations = [ov for w, p, ov in HEADS_SGD.rows if ov and p == "mup" and w == 256]
+  ablations = [ov for w, p, ov in HEADS_SGD.rows
+               if ov and p == "mup" and w == 256 and ":x:" not in ov[0]]
   assert sorted(ablations) == sorted(expected)
   # The base-constant row (embedding LR × 1/8 at every width) is new only at the base width; at
   # 256 it is the EMBED ablation's model and LRs.
@@ -179,6 +180,9 @@ def test_heads_sgd_rows_are_the_identity_at_the_base_width_and_ablate_one_class_
   assert const == {k: v / 8 if k.startswith("embed") else v for k, v in plain[32].items()}
   assert sgd_groups(256, "mup", ("embed:x:0.125",))[0] == sgd_groups(256, "mup",
                                                                      sgd_gap_probe.EMBED)[0]
+  assert (256, "mup", ("embed:x:0.0625",)) in HEADS_SGD.rows
+  assert sgd_groups(256, "mup", ("embed:x:0.0625",))[0] == {
+      k: v / 16 if k.startswith("embed") else v for k, v in plain[256].items()}
   for overrides in ablations:
     assert sgd_groups(32, "mup", overrides)[0] == plain[32], overrides
     wide = sgd_groups(256, "mup", overrides)[0]
