@@ -161,7 +161,7 @@ PROBES = {
                        HEADS_SGD_ROWS,
                        os.path.join(lr_transfer.RESULTS, "gap_probe_heads_sgd_cpu.jsonl")),
 }
-# (name, base-width row[, wide row]): rows as (parametrization, variant, width), the base first.
+# (name, base-width row[, wide row]) for --summarize: rows as (parametrization, variant, width).
 # "embedding LR × 1/8" is a base constant: at 256 (m = 8) its model and LRs are the ablation's.
 TRANSFER_PAIRS = {
     "heads_sgd": [
@@ -180,7 +180,7 @@ TRANSFER_PAIRS = {
 
 
 def summarize(path: str, pairs, seeds=None) -> list[dict]:
-  """transfer_summary of each (name, base row, wide row) over the seeds both rows hold (or
+  """transfer_summary of each (name, base row[, wide row]) over the seeds its rows all hold (or
   `seeds`), each width on the log2 LRs that every one of those seeds ran."""
   runs = {}
   with open(path) as f:
@@ -252,6 +252,10 @@ def _scaled_head_builder(build_model):
   return build
 
 
+def _num(v, spec=".2f") -> str:
+  return "–" if v is None else format(v, spec)
+
+
 def _pair(v) -> str:
   return "[–]" if v is None else f"[{v[0]:.2f}, {v[1]:.2f}]"
 
@@ -264,10 +268,11 @@ def main(argv):
   if _SUMMARIZE.value:
     for row in summarize(probe.out, TRANSFER_PAIRS.get(_PROBE.value, [])):
       sm = row["summary"]
-      fmt = lambda w: (f"{w}: {sm['optimum'][w]['log2_lr']:.2f} "
-                       f"{_pair(sm['optimum'][w]['interval'])}, best {sm['best_loss'][w]:.4f}")
+      fmt = lambda w: (f"{w}: {_num(sm['optimum'][w]['log2_lr'])} "
+                       f"{_pair(sm['optimum'][w]['interval'])}, best "
+                       f"{_num(sm['best_loss'][w], '.4f')}")
       drift = ("" if len(row["grids"]) < 2 else
-               f"; drift {sm['drift_log2']:.2f} {_pair(sm['drift_interval'])}")
+               f"; drift {_num(sm['drift_log2'])} {_pair(sm['drift_interval'])}")
       print(f"{row['name']} (seeds {row['seeds']}): "
             + "; ".join(fmt(w) for w in sorted(row["grids"])) + drift)
     return
