@@ -505,9 +505,8 @@ def split_launch(impl: str):
     digits = part[len(part.rstrip("0123456789")):]
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
-                       "(V block), +wN (warps), +gemv, +gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), "
-                       "+gmpN (GEMV programs), each at most "
-                       "once.")
+                       "(V block), +wN (warps), +gemv, +gbnN, +gbkN (GEMV tiles), +gwN (GEMV "
+                       "warps), +gmpN (GEMV programs), each at most once.")
     kw[key] = int(digits)
   return base, DecodeConfig(**kw)
 

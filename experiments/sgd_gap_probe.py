@@ -46,7 +46,7 @@ from absl import app, flags
 from experiments import lr_transfer
 from gdn_jax import lr_stats
 from gdn_jax import train as train_lib
-from gdn_jax.lr_protocol import Protocol
+from gdn_jax.lr_protocol import Protocol, seed_grids
 from gdn_jax.mup import tables
 from gdn_jax.mup.tables import MUP, ONE, Rule, Scaling
 
@@ -182,24 +182,18 @@ TRANSFER_PAIRS = {
 def summarize(path: str, pairs, seeds=None) -> list[dict]:
   """transfer_summary of each (name, base row[, wide row]) over the seeds its rows all hold (or
   `seeds`), each width on the log2 LRs that every one of those seeds ran."""
-  runs = {}
   with open(path) as f:
-    for r in map(json.loads, f):
-      key = (r["parametrization"], r["variant"], r["width"], r["seed"])
-      runs.setdefault(key, {})[r["log2_lr"]] = (float("nan") if r["val_loss"] is None
-                                               else r["val_loss"])
+    runs = [json.loads(line) for line in f if line.strip()]
+  row_of = lambda r: (r["parametrization"], r["variant"], r["width"])
   out = []
   for name_, *rows in pairs:
-    held = [{k[3] for k in runs if k[:3] == tuple(row)} for row in rows]
+    held = [{r["seed"] for r in runs if row_of(r) == tuple(row)} for row in rows]
     use = sorted(set(seeds) if seeds is not None else set.intersection(*held))
     if not use or any(not set(use) <= h for h in held):
       raise ValueError(f"summarize: {name_!r} has no runs of seeds {use} for both rows {rows}; "
                        "expected the probe to have run them (--seed=N).")
-    grids, losses = {}, {}
-    for (param, variant, width) in rows:
-      xs = sorted(set.intersection(*(set(runs[(param, variant, width, s)]) for s in use)))
-      grids[width] = xs
-      losses[width] = {s: [runs[(param, variant, width, s)][x] for x in xs] for s in use}
+    grids, losses = seed_grids([r for r in runs if row_of(r) in map(tuple, rows)
+                                and r["seed"] in use])
     out.append(dict(name=name_, seeds=use, grids=grids,
                     summary=lr_stats.transfer_summary(grids, losses)))
   return out

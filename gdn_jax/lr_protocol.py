@@ -279,6 +279,23 @@ def _parse_name(name: str) -> tuple[str, str, str, str]:
   return scheme, param, opt, variant[:-1]
 
 
+def seed_grids(rows: list[dict]) -> tuple[dict, dict]:
+  """`lr_stats.transfer_summary`'s inputs from runs (dicts with width, seed, log2_lr, val_loss;
+  None = diverged): width → the log2 LRs every seed of that width ran, and width → {seed: its
+  losses on them} (NaN = diverged)."""
+  grids, losses = {}, {}
+  for w in sorted({r["width"] for r in rows}):
+    by_seed = {}
+    for r in rows:
+      if r["width"] == w:
+        by_seed.setdefault(r["seed"], {})[r["log2_lr"]] = (np.nan if r["val_loss"] is None
+                                                           else r["val_loss"])
+    xs = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+    grids[w] = xs
+    losses[w] = {s: [v[x] for x in xs] for s, v in by_seed.items()}
+  return grids, losses
+
+
 def analyze(rows: list[dict], base_width: int | None = None) -> dict:
   """Per (scheme, parametrization, optimizer, variant): `lr_stats.transfer_summary` of the fine
   runs, plus runs, divergences and program speed; for μP rows also `loss_vs_sp`: per width, the
@@ -295,16 +312,7 @@ def analyze(rows: list[dict], base_width: int | None = None) -> dict:
         and not any(r["width"] == base_width for r in sel)):
       shared = plain
       sel += [r for r in rows if r["width"] == base_width and group(r) == (*key[:3], plain)]
-    grids, losses = {}, {}
-    for w in sorted({r["width"] for r in sel}):
-      at = [r for r in sel if r["width"] == w]
-      by_seed = {}
-      for r in at:
-        by_seed.setdefault(r["seed"], {})[r["log2_lr"]] = (np.nan if r["val_loss"] is None
-                                                           else r["val_loss"])
-      xs = sorted(set.intersection(*(set(v) for v in by_seed.values())))
-      grids[w] = xs
-      losses[w] = {s: [v[x] for x in xs] for s, v in by_seed.items()}
+    grids, losses = seed_grids(sel)
     s = lr_stats.transfer_summary(grids, losses)
     all_losses[key] = losses
     name = _name(key)

@@ -92,9 +92,8 @@ class DecodeConfig:
   num_warps: warps per program.
   gemv: the step's weight products at batch ≤ 8 as Pallas GEMV kernels (`decode_gemv.py`: W read
     in [gemv_block_k, gemv_block_n] tiles, K split until there are ≥ gemv_min_programs programs,
-    gemv_num_warps warps each)
-    instead of XLA's products on `matmul_rows` padded rows (off by default: the first version
-    lost to XLA's products on an H100, the second is untimed; experiments/NOTES_decode.md).
+    gemv_num_warps warps each) instead of XLA's products on `matmul_rows` padded rows (off by
+    default: experiments/NOTES_decode.md).
   """
   block_v: int | None = None
   num_warps: int = 4
@@ -120,12 +119,10 @@ class DecodeConfig:
         self.block_v, int) or self.block_v < 1 or self.block_v & (self.block_v - 1)):
       raise ValueError(f"DecodeConfig: `block_v`={self.block_v!r}; expected None or a power of "
                        "two (Triton blocks).")
-    if self.gemv_num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"DecodeConfig: `gemv_num_warps`={self.gemv_num_warps!r}; expected 1, 2, "
-                       "4, 8 or 16.")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"DecodeConfig: `num_warps`={self.num_warps!r}; expected 1, 2, 4, 8 or "
-                       "16.")
+    for name in ("num_warps", "gemv_num_warps"):
+      if getattr(self, name) not in (1, 2, 4, 8, 16):
+        raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected 1, 2, 4, 8 "
+                         "or 16.")
 
 
 @dataclasses.dataclass(frozen=True)
