@@ -77,10 +77,11 @@ class Options:
   fla_new_tokens: int = 32
   main: str = "xla:float32"            # impl:state_dtype of the rows at every (batch, prompt)
   # First prompt only. IMPL@ROWS: generate(matmul_rows=ROWS); no "@": generate's default
-  # (`default_matmul_rows()`: 8 on GPUs, 1 elsewhere), so "@1" rows show the unpadded products.
+  # (`default_matmul_rows()`: 8 on GPUs, 1 elsewhere), so "+nogemv@1" rows show XLA's unpadded
+  # products (the GEMV takes batch 1 on GPUs by default, "+nogemv" gives XLA's padded GEMM).
   variants: tuple = ("pallas:float32", "pallas_fused:float32", "xla:bfloat16",
-                     "pallas:bfloat16", "pallas_fused:bfloat16", "xla@1:float32",
-                     "pallas@1:float32")
+                     "pallas:bfloat16", "pallas_fused:bfloat16", "xla+nogemv@1:float32",
+                     "pallas+nogemv@1:float32", "pallas_fused+nogemv:bfloat16")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
@@ -489,24 +490,25 @@ def split_impl(impl: str) -> tuple[str, int]:
 def split_launch(impl: str):
   """"pallas_fused+bv16+w8" → ("pallas_fused", DecodeConfig(block_v=16, num_warps=8)): the Pallas
   step kernels' launch settings, and "+gemv" (with "+gbnN", "+gbkN": its column and K tiles;
-  "+gwN": its warps; "+gmpN": its least program count) the Pallas GEMV for the weight products
-  (no "+": None, the defaults). ValueError on a bad part."""
+  "+gwN": its warps; "+gmpN": its least program count) the Pallas GEMV for the weight products at
+  batch ≤ 8, "+nogemv" XLA's products at every batch (no "+": None, the defaults: the GEMV at
+  batch 1 on GPUs). ValueError on a bad part."""
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   base, *parts = impl.split("+")
   if not parts:
     return base, None
   kw = {}
   for part in parts:
-    if part == "gemv" and "gemv" not in kw:
-      kw["gemv"] = True
+    if part in ("gemv", "nogemv") and "gemv" not in kw:
+      kw["gemv"] = part == "gemv"
       continue
     key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
            "gw": "gemv_num_warps", "gmp": "gemv_min_programs"}.get(part.rstrip("0123456789"))
     digits = part[len(part.rstrip("0123456789")):]
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
-                       "(V block), +wN (warps), +gemv, +gbnN, +gbkN (GEMV tiles), +gwN (GEMV "
-                       "warps), +gmpN (GEMV programs), each at most once.")
+                       "(V block), +wN (warps), +gemv or +nogemv, +gbnN, +gbkN (GEMV tiles), +gwN "
+                       "(GEMV warps), +gmpN (GEMV programs), each at most once.")
     kw[key] = int(digits)
   return base, DecodeConfig(**kw)
 
@@ -524,9 +526,9 @@ def parse_variant(spec: str) -> tuple[str, str]:
   if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "
-                     "IMPL[+bvN][+wN][+gemv][@ROWS]:STATE_DTYPE "
+                     "IMPL[+bvN][+wN][+gemv|+nogemv][@ROWS]:STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "
-                     "only; +gemv for any), ROWS an int ≥ 1 (generate's matmul_rows) and "
+                     "only; +gemv, +nogemv for any), ROWS an int ≥ 1 (generate's matmul_rows) and "
                      "STATE_DTYPE float32 or bfloat16.")
   return impl, dtype
 

@@ -140,6 +140,9 @@ HEADS_SGD_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup
                   (32, "mup", ("embed:x:0.125",)),
                   # … and the constant's own base-width sweep (μTransfer's per-layer tuning).
                   *((32, "mup", (f"embed:x:{c}",)) for c in ("0.5", "0.25", "0.0625")),
+                  # Past the GPU's best (1/16 at 128, still falling): does it bottom out, or is
+                  # a frozen embedding the limit?
+                  *((32, "mup", (f"embed:x:{c}",)) for c in ("0.03125", "0.0078125")),
                   (256, "mup", ("embed:x:0.0625",))]   # the best base constant, at width
 
 
@@ -174,7 +177,7 @@ TRANSFER_PAIRS = {
          ("mup", "embed:x:0.0625", 256)),
         # The embedding constant's base-width sweep (one width: optimum and best loss only).
         *((f"μP, embedding LR × {c} (base width)", ("mup", f"embed:x:{c}", 32))
-          for c in ("0.5", "0.25", "0.125", "0.0625")),
+          for c in ("0.5", "0.25", "0.125", "0.0625", "0.03125", "0.0078125")),
     ],
 }
 

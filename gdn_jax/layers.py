@@ -219,14 +219,15 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   Exact (the padded rows are sliced off). At batch 1 XLA's GPU compiler lowers a 1 × D by D × N
   product to a reduction fusion rather than a GEMM (experiments/NOTES_decode.md); padding to 8
   or 16 rows is the cheap way to ask for a GEMM instead. 1 = no padding.
-  `decode_config` (kernels_pallas.config.DecodeConfig) with `gemv=True`: batches ≤ 8 go through
-  the Pallas GEMV kernel instead (float32 sums, the result in x's dtype as XLA's product gives).
+  Where `decode_config` (kernels_pallas.config.DecodeConfig; None: its defaults) says so
+  (`use_gemv`: by default batch 1 on GPUs; `gemv=True`: batches ≤ 8), the product runs in the
+  Pallas GEMV kernel instead (float32 sums, the result in x's dtype as XLA's product gives).
   """
+  from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   B = x_BxD.shape[0]
-  gemv = decode_config is not None and decode_config.gemv
-  if gemv:
+  decode_config = DecodeConfig() if decode_config is None else decode_config
+  if decode_config.use_gemv(B):
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
-  if gemv and B <= decode_gemv.MAX_ROWS:
     y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1,
                                 block_n=decode_config.gemv_block_n,
                                 block_k=decode_config.gemv_block_k,

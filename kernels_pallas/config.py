@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+GEMV_MAX_ROWS = 8   # the largest batch the decode GEMV takes (decode_gemv.MAX_ROWS)
+
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
@@ -90,22 +92,25 @@ class DecodeConfig:
     float32 state tile of ≤ 8K elements; 32 at K = 256: 96 programs at batch 1 with 6 heads and
     V = 512). The fused kernel halves it until it divides the q | k channels (2·Hk·K).
   num_warps: warps per program.
-  gemv: the step's weight products at batch ≤ 8 as Pallas GEMV kernels (`decode_gemv.py`: W read
-    in [gemv_block_k, gemv_block_n] tiles, K split until there are ≥ gemv_min_programs programs,
-    gemv_num_warps warps each) instead of XLA's products on `matmul_rows` padded rows (off by
-    default: experiments/NOTES_decode.md).
+  gemv: the step's weight products as Pallas GEMV kernels (`decode_gemv.py`: W read in
+    [gemv_block_k, gemv_block_n] tiles, K split until there are ≥ gemv_min_programs programs,
+    gemv_num_warps warps each) instead of XLA's products on `matmul_rows` padded rows. True: at
+    batch ≤ 8 on any backend (the interpreter on CPU); False: never; None (default): at batch 1 on
+    GPUs only, where it is faster than XLA's padded GEMM (at batch 8 it is not;
+    experiments/NOTES_decode.md). `use_gemv` says which.
   """
   block_v: int | None = None
   num_warps: int = 4
-  gemv: bool = False
+  gemv: bool | None = None
   gemv_block_n: int = 64
   gemv_block_k: int = 128
   gemv_min_programs: int = 256
   gemv_num_warps: int = 4
 
   def __post_init__(self):
-    if not isinstance(self.gemv, bool):
-      raise ValueError(f"DecodeConfig: `gemv`={self.gemv!r}; expected True or False.")
+    if self.gemv is not None and not isinstance(self.gemv, bool):
+      raise ValueError(f"DecodeConfig: `gemv`={self.gemv!r}; expected None (batch 1 on GPUs), "
+                       "True or False.")
     for name in ("gemv_block_n", "gemv_block_k"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
@@ -123,6 +128,15 @@ class DecodeConfig:
       if getattr(self, name) not in (1, 2, 4, 8, 16):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected 1, 2, 4, 8 "
                          "or 16.")
+
+  def use_gemv(self, batch: int, backend: str | None = None) -> bool:
+    """Whether a decode step's weight products at this batch go through the Pallas GEMV (`gemv`;
+    the kernel takes at most GEMV_MAX_ROWS rows)."""
+    if batch > GEMV_MAX_ROWS or self.gemv is False:
+      return False
+    if self.gemv:
+      return True
+    return batch == 1 and (backend or jax.default_backend()) in ("gpu", "cuda", "rocm")
 
 
 @dataclasses.dataclass(frozen=True)

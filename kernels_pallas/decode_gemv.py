@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-MAX_ROWS = 8    # the largest batch taken; larger batches are GEMMs (generate's matmul_rows)
+from kernels_pallas.config import GEMV_MAX_ROWS as MAX_ROWS   # larger batches: GEMMs
 DOT_ROWS = 16   # batches 2 … MAX_ROWS are padded to this many rows for the tensor cores
 
 

@@ -187,8 +187,10 @@ def test_variant_launch_settings_parse_into_a_decode_config():
   assert bench_decode.split_launch("pallas_fused+gemv+gw8+gmp132") == (
       "pallas_fused", DecodeConfig(gemv=True, gemv_num_warps=8, gemv_min_programs=132))
   assert bench_decode.parse_variant("xla+gemv:float32") == ("xla+gemv", "float32")
+  assert bench_decode.split_launch("pallas_fused+nogemv") == (
+      "pallas_fused", DecodeConfig(gemv=False))
   for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
               "pallas+bv12:float32", "pallas+w8+w4:float32", "xla+gemv+gemv:float32",
-              "xla+gbn48:float32"):
+              "xla+gbn48:float32", "xla+gemv+nogemv:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)

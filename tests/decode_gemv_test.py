@@ -106,6 +106,28 @@ def test_decode_config_refuses_bad_gemv_settings(field, value):
     DecodeConfig(**{field: value})
 
 
+def test_the_gemv_is_used_at_batch_1_on_gpus_by_default():
+  """DecodeConfig.gemv: None takes the GEMV only where it was measured faster (batch 1, GPUs);
+  True at every batch it takes (≤ 8) on any backend; False never."""
+  auto, on, off = DecodeConfig(), DecodeConfig(gemv=True), DecodeConfig(gemv=False)
+  assert [auto.use_gemv(b, "gpu") for b in (1, 2, 8, 9)] == [True, False, False, False]
+  assert not auto.use_gemv(1, "cpu") and not auto.use_gemv(1, "tpu")
+  assert [on.use_gemv(b, "cpu") for b in (1, 8, 9)] == [True, True, False]
+  assert not off.use_gemv(1, "gpu")
+  assert not auto.use_gemv(1)   # these tests run on CPU
+
+
+def test_decode_dot_takes_the_default_config_when_given_none(monkeypatch):
+  """decode_config=None behaves as DecodeConfig(): the GEMV at batch 1 where `use_gemv` says so."""
+  calls = []
+  monkeypatch.setattr(DecodeConfig, "use_gemv", lambda self, batch, backend=None: batch == 1)
+  monkeypatch.setattr(decode_gemv, "gemv_pallas",
+                      lambda x, w, **kw: calls.append(x.shape) or jnp.zeros((x.shape[0], 16)))
+  for batch in (1, 2):
+    layers.decode_dot(jnp.ones((batch, 64)), jnp.ones((64, 16)))
+  assert calls == [(1, 64)]
+
+
 @pytest.mark.parametrize("variant", sorted(DECODE_VARIANTS))
 def test_decode_step_with_the_gemv_equals_the_xla_products(variant):
   """Every weight product of a decode step (in-projections, output, MLP, read-out; attention's
