@@ -81,7 +81,8 @@ class Options:
   # products (the GEMV takes batch 1 on GPUs by default, "+nogemv" gives XLA's padded GEMM).
   variants: tuple = ("pallas:float32", "pallas_fused:float32", "xla:bfloat16",
                      "pallas:bfloat16", "pallas_fused:bfloat16", "xla+nogemv@1:float32",
-                     "pallas+nogemv@1:float32", "pallas_fused+nogemv:bfloat16")
+                     "pallas+nogemv@1:float32", "pallas_fused+nogemv:bfloat16",
+                     "pallas_fused+noring:bfloat16")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
@@ -491,8 +492,9 @@ def split_launch(impl: str):
   """"pallas_fused+bv16+w8" → ("pallas_fused", DecodeConfig(block_v=16, num_warps=8)): the Pallas
   step kernels' launch settings, and "+gemv" (with "+gbnN", "+gbkN": its column and K tiles;
   "+gwN": its warps; "+gmpN": its least program count) the Pallas GEMV for the weight products at
-  batch ≤ 8, "+nogemv" XLA's products at every batch (no "+": None, the defaults: the GEMV at
-  batch 1 on GPUs). ValueError on a bad part."""
+  batch ≤ 8, "+nogemv" XLA's products at every batch, "+noring" the fused kernel on a window
+  built per step instead of conv rings (no "+": None, the defaults: the GEMV at batch 1 on GPUs,
+  rings). ValueError on a bad part."""
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   base, *parts = impl.split("+")
   if not parts:
@@ -502,13 +504,16 @@ def split_launch(impl: str):
     if part in ("gemv", "nogemv") and "gemv" not in kw:
       kw["gemv"] = part == "gemv"
       continue
+    if part == "noring" and "conv_ring" not in kw:
+      kw["conv_ring"] = False
+      continue
     key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
            "gw": "gemv_num_warps", "gmp": "gemv_min_programs"}.get(part.rstrip("0123456789"))
     digits = part[len(part.rstrip("0123456789")):]
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
-                       "(V block), +wN (warps), +gemv or +nogemv, +gbnN, +gbkN (GEMV tiles), +gwN "
-                       "(GEMV warps), +gmpN (GEMV programs), each at most once.")
+                       "(V block), +wN (warps), +gemv or +nogemv, +noring, +gbnN, +gbkN (GEMV tiles), "
+                       "+gwN (GEMV warps), +gmpN (GEMV programs), each at most once.")
     kw[key] = int(digits)
   return base, DecodeConfig(**kw)
 

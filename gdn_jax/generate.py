@@ -82,19 +82,56 @@ def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, t
   rng, first_rng = jax.random.split(rng)
   token_B = sample_logits(logits_BxV, first_rng, temperature=temperature, top_k=top_k)
 
-  def step(carry, step_rng):
+  # impl "pallas_fused" keeps the conv states as rings during the loop (decode_fused.py): converted
+  # here once, and back after it; step i's token replaces ring row i mod W.
+  rings = (impl == "pallas_fused" and model.config.use_short_conv
+           and (decode_config is None or decode_config.conv_ring))
+  W = model.config.conv_size
+  if rings:
+    cache = conv_rings(model, cache)
+
+  def step(carry, xs):
+    step_rng, pos_W = xs
     token_B, cache = carry
-    logits_BxV, cache = model.decode_step(token_B, cache, weights, impl=impl,
+    cache_in = [dict(c, ring_pos=pos_W) if 'ring_q' in c else c for c in cache]
+    logits_BxV, cache = model.decode_step(token_B, cache_in, weights, impl=impl,
                                           matmul_rows=matmul_rows, decode_config=decode_config)
     with jax.named_scope("sample"):
       next_B = sample_logits(logits_BxV, step_rng, temperature=temperature, top_k=top_k)
     return (next_B, cache), token_B
 
   rngs = jax.random.split(rng, max_new_tokens - 1)
-  (last_B, cache), tokens_NxB = jax.lax.scan(step, (token_B, cache), rngs)
+  pos_NxW = jnp.broadcast_to((jnp.arange(max_new_tokens - 1, dtype=jnp.int32) % W)[:, None],
+                             (max_new_tokens - 1, W))
+  (last_B, cache), tokens_NxB = jax.lax.scan(step, (token_B, cache), (rngs, pos_NxW))
+  if rings:
+    cache = conv_states(cache, (max_new_tokens - 1) % W)
   # The final cache is returned so that it can alias the donated one (the loop then works in the
   # prefill's buffers, without a copy of the states).
   return jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1), cache
+
+
+def conv_rings(model, cache):
+  """The decode cache with every GDN layer's conv state [B, W − 1, C] as the rings of the fused
+  ring kernel ('ring_q', 'ring_k', 'ring_v'; the next token replaces row 0)."""
+  from kernels_pallas.decode_fused import ring_from_state  # pylint: disable=import-outside-toplevel
+  out = []
+  for block, c in zip(model.blocks, cache):
+    if 'conv' in c:
+      rq, rk, rv = ring_from_state(c['conv'], block.mixer.num_heads, block.mixer.head_k_dim)
+      c = {**{k: v for k, v in c.items() if k != 'conv'}, 'ring_q': rq, 'ring_k': rk,
+           'ring_v': rv}
+    out.append(c)
+  return out
+
+
+def conv_states(cache, pos):
+  """`conv_rings` undone, for rings whose next token would replace row `pos`."""
+  from kernels_pallas.decode_fused import state_from_ring  # pylint: disable=import-outside-toplevel
+  names = ('ring_q', 'ring_k', 'ring_v')
+  return [{**{k: v for k, v in c.items() if k not in names},
+           'conv': state_from_ring(tuple(c[n] for n in names), pos)} if 'ring_q' in c else c
+          for c in cache]
 
 
 def default_matmul_rows(backend: str | None = None) -> int:

@@ -122,3 +122,138 @@ def gdn_decode_fused_pallas(window_BxWxC, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV
       name="gdn_decode_fused",
   )(window_BxWxC, window_BxWxC, window_BxWxC, conv_w_WxC, conv_w_WxC, conv_w_WxC, e_BxHxV,
     beta_BxHxV, S_BxHxKxV)
+
+
+# ---- The conv state as a ring (no window built per step) ----
+#
+# The kernel above needs the window [state, x] built by XLA (a concatenation) and the new conv
+# state cut from it (a slice): two small kernels per layer and token. A ring avoids both: the conv
+# state of each of q, k, v is kept as W rows [B, W, N] where row r holds the input of the step
+# ≡ r (mod W), and `pos` is the row that holds the oldest input, which this token's input
+# replaces. The window's input i < W − 1 is then row (pos + 1 + i) mod W and input W − 1 is x:
+#
+#     conv = Σ_r w_{tap(r)} ⊙ ring_r + w_{W−1} ⊙ x,   tap(r) = (r − pos − 1) mod W,
+#
+# with tap(pos) = W − 1 left out (row pos is the input the window has just dropped). The kernel
+# writes x into row pos in place (input/output aliasing); no program reads row pos, so the
+# programs that share a q/k head may write it in any order (they write the same values).
+
+
+def _ring_conv_silu(ring_ref, x_ref, w_ref, pos, dtype):
+  """(SiLU(conv) [N] rounded to `dtype`, the ring block with x in row `pos`) of one token."""
+  f32 = jnp.float32
+  W = ring_ref.shape[0]
+  rows = jax.lax.broadcasted_iota(jnp.int32, (W,), 0)
+  tap = ((rows + (W - 1) - pos) & (W - 1))[:, None]             # W is a power of two
+  ring = ring_ref[...]
+  x = x_ref[...]
+  w_of_row = jnp.zeros(ring.shape, f32)
+  for i in range(W - 1):
+    w_of_row = w_of_row + jnp.where(tap == i, w_ref[i, :].astype(f32)[None, :], 0.0)
+  y = (jnp.sum(w_of_row * ring.astype(f32), axis=0)
+       + w_ref[W - 1, :].astype(f32) * x.astype(f32))
+  new_ring = jnp.where((rows == pos)[:, None], x.astype(ring.dtype)[None, :], ring)
+  return jax.nn.silu(y).astype(dtype), new_ring
+
+
+def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref, kf_ref, vf_ref,
+                 e_ref, beta_ref, s_ref, o_ref, s_out_ref, rq_out_ref, rk_out_ref, rv_out_ref, *,
+                 scale, eps, dtype):
+  f32 = jnp.float32
+  pos = pos_ref[...]                                                              # [W], all equal
+  q, rq = _ring_conv_silu(rq_ref, xq_ref, qf_ref, pos, dtype)
+  k, rk = _ring_conv_silu(rk_ref, xk_ref, kf_ref, pos, dtype)
+  v, rv = _ring_conv_silu(rv_ref, xv_ref, vf_ref, pos, dtype)
+  q = _l2(q, eps).astype(dtype).astype(f32)
+  k = _l2(k, eps).astype(dtype).astype(f32)
+  S_new, o = rule_update(s_ref[...].astype(f32), q, k, v.astype(f32), e_ref[...], beta_ref[...],
+                         scale)
+  s_out_ref[...] = S_new.astype(s_out_ref.dtype)
+  o_ref[...] = o.astype(o_ref.dtype)
+  rq_out_ref[...] = rq
+  rk_out_ref[...] = rk
+  rv_out_ref[...] = rv
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "head_k_dim", "scale", "qk_norm_eps",
+                                             "block_v", "num_warps", "interpret"))
+def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV, *,
+                                 num_heads: int, head_k_dim: int, scale: float,
+                                 qk_norm_eps: float, block_v: int | None = None,
+                                 num_warps: int = 4, interpret: bool | None = None):
+  """(o [B, H, V] float32, S', (ring_q', ring_k', ring_v')) of one token, from the conv rings.
+
+  pos_W: int32 [W], every entry the ring row that this token's input replaces; rings: (ring_q,
+  ring_k, ring_v), [B, W, Hk·K], [B, W, Hk·K], [B, W, H·V] in the compute dtype (`ring_from_state`
+  makes them); x: [B, N ≥ C], this token's projections whose first C = 2·Hk·K + H·V columns are
+  q | k | v (the rest, the gates, is not read); conv_w, g, β, S as `gdn_decode_fused_pallas`.
+  The same as that kernel on the window [state, x] (tests/decode_fused_test.py); the rings and S
+  are updated in place.
+  """
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  ring_q, ring_k, ring_v = rings
+  B, W, _ = ring_q.shape
+  Hk, K = num_heads, head_k_dim
+  H, V = S_BxHxKxV.shape[1], S_BxHxKxV.shape[3]
+  C = 2 * Hk * K + H * V
+  if (ring_q.shape != (B, W, Hk * K) or ring_k.shape != ring_q.shape
+      or ring_v.shape != (B, W, H * V) or S_BxHxKxV.shape != (B, H, K, V) or H % Hk
+      or x_BxN.shape[0] != B or x_BxN.shape[1] < C or pos_W.shape != (W,)):
+    raise ValueError(f"gdn_decode_fused_ring_pallas: rings {ring_q.shape}, {ring_k.shape}, "
+                     f"{ring_v.shape}, x {x_BxN.shape}, pos {pos_W.shape} and state "
+                     f"{S_BxHxKxV.shape} do not fit num_heads={Hk}, head_k_dim={K}; expected "
+                     "rings [B, W, Hk·K] (q, k) and [B, W, H·V] (v), x [B, ≥ 2·Hk·K + H·V], "
+                     "pos [W] and S [B, H, K, V].")
+  if conv_w_WxC.shape != (W, C):
+    raise ValueError(f"gdn_decode_fused_ring_pallas: `conv_w` has shape {conv_w_WxC.shape}; "
+                     f"expected {(W, C)} (the rings' rows, the q | k | v channels).")
+  if not interpret and (why := unsupported(W, K, V)) is not None:
+    raise ValueError(f"gdn_decode_fused_ring_pallas: {why}; use impl='pallas' or 'xla'.")
+  G, BV = H // Hk, fused_block_v(Hk, K, V, block_v)
+  v0, per_head = 2 * Hk * K // BV, V // BV          # v channels of x and conv_w, in blocks of BV
+  e_BxHxV = jnp.broadcast_to(jnp.exp(g_BxH.astype(jnp.float32))[..., None], (B, H, V))
+  beta_BxHxV = jnp.broadcast_to(beta_BxH.astype(jnp.float32)[..., None], (B, H, V))
+  pos_spec = pl.BlockSpec((W,), lambda b, h, j: (0,))
+  qk_ring = pl.BlockSpec((None, W, K), lambda b, h, j: (b, 0, h // G))
+  v_ring = pl.BlockSpec((None, W, BV), lambda b, h, j: (b, 0, h * per_head + j))
+  x_q = pl.BlockSpec((None, K), lambda b, h, j: (b, h // G))
+  x_k = pl.BlockSpec((None, K), lambda b, h, j: (b, Hk + h // G))
+  x_v = pl.BlockSpec((None, BV), lambda b, h, j: (b, v0 + h * per_head + j))
+  q_w = pl.BlockSpec((W, K), lambda b, h, j: (0, h // G))
+  k_w = pl.BlockSpec((W, K), lambda b, h, j: (0, Hk + h // G))
+  v_w = pl.BlockSpec((W, BV), lambda b, h, j: (0, v0 + h * per_head + j))
+  row_spec = pl.BlockSpec((None, None, BV), lambda b, h, j: (b, h, j))
+  s_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+  o, S, rq, rk, rv = pl.pallas_call(
+      functools.partial(_ring_kernel, scale=float(scale), eps=float(qk_norm_eps),
+                        dtype=ring_q.dtype),
+      grid=(B, H, V // BV),
+      in_specs=[pos_spec, qk_ring, qk_ring, v_ring, x_q, x_k, x_v, q_w, k_w, v_w, row_spec,
+                row_spec, s_spec],
+      out_specs=[row_spec, s_spec, qk_ring, qk_ring, v_ring],
+      out_shape=[jax.ShapeDtypeStruct((B, H, V), jnp.float32),
+                 jax.ShapeDtypeStruct(S_BxHxKxV.shape, S_BxHxKxV.dtype),
+                 *(jax.ShapeDtypeStruct(r.shape, r.dtype) for r in rings)],
+      input_output_aliases={12: 1, 1: 2, 2: 3, 3: 4},
+      interpret=interpret,
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+      name="gdn_decode_fused_ring",
+  )(pos_W.astype(jnp.int32), ring_q, ring_k, ring_v, x_BxN, x_BxN, x_BxN, conv_w_WxC,
+    conv_w_WxC, conv_w_WxC, e_BxHxV, beta_BxHxV, S_BxHxKxV)
+  return o, S, (rq, rk, rv)
+
+
+def ring_from_state(conv_BxWm1xC, Hk: int, K: int):
+  """The rings (q, k, v) of a conv state [B, W − 1, C] (oldest input first), for pos = 0: row 0
+  is free, rows 1 … W − 1 hold the state."""
+  ring = jnp.pad(conv_BxWm1xC, ((0, 0), (1, 0), (0, 0)))
+  return ring[..., :Hk * K], ring[..., Hk * K:2 * Hk * K], ring[..., 2 * Hk * K:]
+
+
+def state_from_ring(rings, pos):
+  """The conv state [B, W − 1, C] (oldest input first) of rings whose next token replaces row
+  `pos` (an int or a traced int32 scalar): rows (pos + 1 + i) mod W, i < W − 1."""
+  ring = jnp.concatenate(rings, axis=-1)
+  W = ring.shape[1]
+  return jnp.take(ring, (pos + 1 + jnp.arange(W - 1)) % W, axis=1)

@@ -133,7 +133,7 @@ def test_rows_without_rows_spec_use_generates_default_padding():
   assert bench_decode.split_impl("xla") == ("xla", bench_decode.gen.default_matmul_rows())
   assert bench_decode.split_impl("pallas@1") == ("pallas", 1)
   assert bench_decode.split_impl("xla@x") == ("xla", 0)
-  assert any(v.startswith("xla@1:") for v in bench_decode.Options().variants)
+  assert any(v.startswith("xla+nogemv@1:") for v in bench_decode.Options().variants)
 
 
 def test_profile_of_an_uncompiled_batch_says_so():
@@ -189,8 +189,11 @@ def test_variant_launch_settings_parse_into_a_decode_config():
   assert bench_decode.parse_variant("xla+gemv:float32") == ("xla+gemv", "float32")
   assert bench_decode.split_launch("pallas_fused+nogemv") == (
       "pallas_fused", DecodeConfig(gemv=False))
+  assert bench_decode.split_launch("pallas_fused+noring") == (
+      "pallas_fused", DecodeConfig(conv_ring=False))
   for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
               "pallas+bv12:float32", "pallas+w8+w4:float32", "xla+gemv+gemv:float32",
-              "xla+gbn48:float32", "xla+gemv+nogemv:float32"):
+              "xla+gbn48:float32", "xla+gemv+nogemv:float32",
+              "pallas_fused+noring+noring:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from gdn_jax.layers import gated_delta_rule_step, short_conv_step
-from kernels_pallas.decode_fused import fused_block_v, gdn_decode_fused_pallas, unsupported
+from kernels_pallas.decode_fused import (fused_block_v, gdn_decode_fused_pallas,
+                                         gdn_decode_fused_ring_pallas, ring_from_state,
+                                         state_from_ring, unsupported)
 
 
 def unfused(window, conv_w, g, beta, S, *, Hk, K, scale, eps):
@@ -53,6 +55,36 @@ def test_kernel_equals_the_unfused_step(B, W, Hk, H, K, V, block_v):
   np.testing.assert_allclose(S, S_ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("B, W, Hk, H, K, V, block_v, dtype", [
+    (2, 4, 2, 4, 8, 16, None, jnp.float32),     # GVA
+    (1, 4, 1, 2, 16, 32, 8, jnp.float32),       # several V blocks per head
+    (2, 2, 3, 3, 16, 16, None, jnp.bfloat16)])
+def test_ring_kernel_equals_the_window_kernel_step_after_step(B, W, Hk, H, K, V, block_v, dtype):
+  """Seven tokens (the ring wraps): the same outputs and states as the window kernel, and the
+  rings read back (`state_from_ring`) as the window's conv state. x carries 5 more columns (the
+  gates), which the ring kernel must not read as q | k | v."""
+  C = 2 * Hk * K + H * V
+  state, conv_w, _, _, S = inputs(B, W, Hk, H, K, V, seed=4, dtype=dtype)
+  state = state[:, 1:]
+  rings, S_ring = ring_from_state(state, Hk, K), S
+  kw = dict(num_heads=Hk, head_k_dim=K, scale=K ** -0.5, qk_norm_eps=1e-6, block_v=block_v)
+  for t in range(7):
+    key = jax.random.key(100 + t)
+    x = jax.random.normal(key, (B, C + 5)).astype(dtype)
+    g = -jax.nn.softplus(jax.random.normal(jax.random.fold_in(key, 1), (B, H)))
+    beta = jax.nn.sigmoid(jax.random.normal(jax.random.fold_in(key, 2), (B, H)))
+    window = jnp.concatenate([state, x[:, None, :C]], axis=1)
+    o, S = gdn_decode_fused_pallas(window, conv_w, g, beta, S, **kw)
+    state = window[:, 1:]
+    o_ring, S_ring, rings = gdn_decode_fused_ring_pallas(jnp.full((W,), t % W), rings, x, conv_w,
+                                                         g, beta, S_ring, **kw)
+    np.testing.assert_allclose(o_ring, o, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(S_ring.astype(jnp.float32), S.astype(jnp.float32), atol=1e-5,
+                               rtol=1e-5)
+    np.testing.assert_array_equal(state_from_ring(rings, (t + 1) % W), state)
+  assert float(jnp.abs(o).max()) > 0.01     # the comparison can see differences
+
+
 def test_bf16_compute_and_state():
   """bf16 window and state: the kernel rounds the conv output and q, k as the unfused step does,
   so both agree to the state's one bf16 rounding."""
@@ -91,6 +123,28 @@ def test_kernel_lowers_to_one_triton_call_for_h100(state_dtype):
   text = exported.mlir_module()
   assert text.count("__gpu$xla.gpu.triton") == 1
   assert "output_operand_alias" in text
+
+
+def test_ring_kernel_lowers_to_one_triton_call_for_h100():
+  """The ring kernel's Triton lowering for the 512M model's heads at batch 1: one call, the rings
+  and the state updated in place."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=device)
+  sds = jax.ShapeDtypeStruct
+  B, W, Hk, H, K, V = 1, 4, 6, 6, 256, 512
+  C, bf16 = 2 * Hk * K + H * V, jnp.bfloat16
+  rings = (sds((B, W, Hk * K), bf16), sds((B, W, Hk * K), bf16), sds((B, W, H * V), bf16))
+  args = (sds((W,), jnp.int32), rings, sds((B, C + 3084), bf16), sds((W, C), bf16),
+          sds((B, H), jnp.float32), sds((B, H), jnp.float32), sds((B, H, K, V), bf16))
+  fn = functools.partial(gdn_decode_fused_ring_pallas, num_heads=Hk, head_k_dim=K,
+                         scale=K ** -0.5, qk_norm_eps=1e-6, interpret=False)
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
+        *args).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  assert text.count("output_operand_alias<output_tuple_indices") == 4
 
 
 def test_decode_config_sets_the_launch_of_both_kernels():

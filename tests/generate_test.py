@@ -85,19 +85,44 @@ def test_bf16_state_is_stored_in_bf16_and_decodes():
   np.testing.assert_array_equal(b16[:, :11], f32[:, :11])   # the prefill's token, one step
 
 
-@pytest.mark.parametrize("impl, block_v", [("pallas", None), ("pallas_fused", None),
-                                           ("pallas_fused", 4)])
-def test_pallas_step_generates_what_the_xla_step_does(impl, block_v):
-  """Both kernels, and the fused one with another V block (DecodeConfig), sample the XLA step's
-  tokens."""
+@pytest.mark.parametrize("impl, block_v, conv_ring", [
+    ("pallas", None, True), ("pallas_fused", None, True), ("pallas_fused", 4, True),
+    ("pallas_fused", None, False)])
+def test_pallas_step_generates_what_the_xla_step_does(impl, block_v, conv_ring):
+  """Both kernels, and the fused one with another V block (DecodeConfig) and on a window built
+  per step instead of conv rings, sample the XLA step's tokens (10 tokens: the rings wrap)."""
   from kernels_pallas.config import DecodeConfig
   model = make(seed=8)          # K = 8, V = 12: interpret mode on CPU takes any head dims
   prompt = jax.random.randint(jax.random.key(8), (2, 6), 0, 64)
   kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(1))
+  config = DecodeConfig(block_v=block_v, conv_ring=conv_ring)
   np.testing.assert_array_equal(
-      gen.generate(model, prompt, 10, impl=impl, decode_config=DecodeConfig(block_v=block_v),
-                   **kw),
+      gen.generate(model, prompt, 10, impl=impl, decode_config=config, **kw),
       gen.generate(model, prompt, 10, impl="xla", **kw))
+
+
+@pytest.mark.parametrize("new_tokens", [1, 6])
+def test_the_ring_loop_returns_the_window_loops_cache(new_tokens):
+  """decode_program with conv rings hands back the cache in the usual layout: the same conv
+  states and decode states as the window kernel's loop (1 token: no step; 6: the rings wrapped)."""
+  from kernels_pallas.config import DecodeConfig
+  model = make(dataclasses.replace(CFG, num_layers=2, layer_pattern="GA"), seed=10)
+  graphdef, state = nnx.split(model)
+  prompt = jax.random.randint(jax.random.key(10), (2, 5), 0, 64)
+  out = []
+  for ring in (True, False):
+    logits, cache = gen.prefill_program(graphdef, state, *gen.pad_prompt(prompt, 8),
+                                        state_dtype=jnp.float32, max_len=8 + new_tokens)
+    out.append(gen.decode_program(graphdef, state, logits, cache, jax.random.key(0),
+                                  max_new_tokens=new_tokens, temperature=0.0, top_k=None,
+                                  impl="pallas_fused", decode_config=DecodeConfig(conv_ring=ring)))
+  (tokens, ring_cache), (window_tokens, window_cache) = out
+  np.testing.assert_array_equal(tokens, window_tokens)
+  assert jax.tree.structure(ring_cache) == jax.tree.structure(window_cache)
+  assert 'conv' in ring_cache[0] and 'ring_q' not in ring_cache[0]
+  np.testing.assert_array_equal(ring_cache[0]['conv'], window_cache[0]['conv'])
+  for a, b in zip(jax.tree.leaves(ring_cache), jax.tree.leaves(window_cache)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 DECODE_VARIANTS = {"untied": CFG, "tied": dataclasses.replace(CFG, tie_embeddings=True),
