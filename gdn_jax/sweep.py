@@ -132,9 +132,12 @@ def train_grid(config: ml_collections.ConfigDict, learning_rates: Sequence[float
       params, opt_state, m = jax.vmap(step_fn)(params, opt_state, batch, lr_G)
       return (params, opt_state), (m["loss"], m["grad_norm"], m["finite"])
 
-    (params, _), curves = jax.lax.scan(body, (params, opt_state), jnp.arange(steps))
+    (params, opt_state), curves = jax.lax.scan(body, (params, opt_state), jnp.arange(steps))
     val = jax.lax.map(lambda b: jax.vmap(loss_fn, in_axes=(0, None))(params, b), val_NxBxT1)
-    return curves, jnp.mean(val, axis=0)
+    # The trained replicas are returned (and dropped by the caller) so that the donated inputs'
+    # buffers can hold the loop's state: without an output to alias, XLA cannot use them
+    # ("Some donated buffers were not usable") and the state is held twice.
+    return curves, jnp.mean(val, axis=0), params, opt_state
 
   def stacked(group):
     params = jax.tree.map(lambda *xs: jnp.stack(xs), *[inits[r // L] for r in group])
@@ -144,7 +147,7 @@ def train_grid(config: ml_collections.ConfigDict, learning_rates: Sequence[float
   starts_d, val_d = jnp.asarray(starts), jnp.asarray(val_batches, jnp.int32)
   lr_of = lambda g: jnp.asarray(lrs[[r % L for r in g]])
   seed_of = lambda g: jnp.asarray([r // L for r in g], jnp.int32)
-  # CPU buffers cannot be donated; on accelerators donation halves the replicas' memory.
+  # CPU buffers cannot be donated; on accelerators the loop then runs in the inputs' buffers.
   compiled_fn = jax.jit(run, donate_argnums=() if jax.default_backend() == "cpu" else (0, 1))
   t0 = time.perf_counter()
   params0, opt0 = stacked(groups[0])
@@ -157,7 +160,7 @@ def train_grid(config: ml_collections.ConfigDict, learning_rates: Sequence[float
   for i, group in enumerate(groups):
     params, opt_state = (params0, opt0) if i == 0 else stacked(group)
     outputs.append(compiled(params, opt_state, lr_of(group), seed_of(group), corpus, starts_d,
-                            val_d))
+                            val_d)[:2])
   outputs = jax.device_get(outputs)        # one sync for everything
   seconds = time.perf_counter() - t0
 
