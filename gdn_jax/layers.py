@@ -90,14 +90,23 @@ def scale_columns(y, linears):
                               for lin in linears])
 
 
-def fused_linears(x, linears, dtype) -> list:
+def fused_linears(x, linears, dtype, column_multiple: int = 128) -> list:
   """[lin(x) for lin in linears] as one product x [W_1 | W_2 | …]: one GEMM (and one for dx, one
   for the weights' gradient in the backward) instead of one per Linear. Each output is its
   columns of the product times its Linear's multiplier, as `Linear.__call__` computes it; the
-  parameters stay separate (their μP labels, groups and checkpoints do not change)."""
-  y = scale_columns(jnp.dot(x.astype(dtype), stacked_kernel(linears, dtype)), linears)
+  parameters stay separate (their μP labels, groups and checkpoints do not change).
+
+  The stacked kernel gets zero columns up to a multiple of `column_multiple`, whose outputs are
+  dropped: GDN's q | k | v | g | a | b is 9228 columns in the 512M model (a, b: one per head), and
+  a bf16 matrix whose rows are not a multiple of 8 elements is off the GEMM libraries' aligned
+  paths (experiments/NOTES_train.md)."""
+  w = stacked_kernel(linears, dtype)
+  pad = -w.shape[1] % column_multiple
+  y = jnp.dot(x.astype(dtype), jnp.pad(w, ((0, 0), (0, pad))) if pad else w)
   ends = list(itertools.accumulate(lin.kernel.shape[1] for lin in linears))
-  return jnp.split(y, ends[:-1], axis=-1)
+  parts = jnp.split(y, ends, axis=-1)[:len(linears)]
+  return [part if lin.multiplier == 1.0 else part * jnp.asarray(lin.multiplier, part.dtype)
+          for part, lin in zip(parts, linears)]
 
 
 class Embed(nnx.Module):

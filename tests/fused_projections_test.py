@@ -52,6 +52,23 @@ def test_fused_linears_apply_each_multiplier_to_its_columns():
     np.testing.assert_allclose(got, lin(x), rtol=1e-6, atol=1e-6)
 
 
+def test_the_fused_product_has_aligned_columns():
+  """The stacked kernel is padded with zero columns to a multiple of 128 (8 + 1 + 4 → 128; 128
+  stays 128), and the outputs keep their own widths."""
+  rngs = nnx.Rngs(3)
+  x = jax.random.normal(jax.random.key(4), (2, 5))
+  for widths, n in (((8, 1, 4), 128), ((64, 64), 128), ((100, 100), 256)):
+    lins = [Linear(5, w, init_std=1.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+            for w in widths]
+    jaxpr = jax.make_jaxpr(lambda x: fused_linears(x, lins, jnp.float32))(x)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [d.outvars[0].aval.shape for d in dots] == [(2, n)]
+    outs = fused_linears(x, lins, jnp.float32)
+    assert [o.shape[-1] for o in outs] == list(widths)
+    for got, lin in zip(outs, lins):
+      np.testing.assert_allclose(got, lin(x), rtol=1e-6, atol=1e-6)
+
+
 def test_fuse_projections_must_be_a_bool():
   with pytest.raises(ValueError, match="fuse_projections"):
     dataclasses.replace(_CONFIG, fuse_projections=1)
