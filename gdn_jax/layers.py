@@ -235,7 +235,7 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   B = x_BxD.shape[0]
   decode_config = DecodeConfig() if decode_config is None else decode_config
-  if decode_config.use_gemv(B):
+  if decode_config.use_gemv(B, contract_dim=x_BxD.shape[1]):
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
     y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1,
                                 block_n=decode_config.gemv_block_n,

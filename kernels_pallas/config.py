@@ -135,14 +135,19 @@ class DecodeConfig:
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected 1, 2, 4, 8 "
                          "or 16.")
 
-  def use_gemv(self, batch: int, backend: str | None = None) -> bool:
-    """Whether a decode step's weight products at this batch go through the Pallas GEMV (`gemv`;
-    the kernel takes at most GEMV_MAX_ROWS rows)."""
+  def use_gemv(self, batch: int, backend: str | None = None, contract_dim: int | None = None
+               ) -> bool:
+    """Whether a decode step's weight product at this batch goes through the Pallas GEMV (`gemv`;
+    the kernel takes at most GEMV_MAX_ROWS rows). The default (None) also leaves a product whose
+    contracted dim has no power-of-two factor ≥ 16 (the compiled kernel's K tile) to XLA;
+    `gemv=True` hands it to the kernel, which refuses it."""
     if batch > GEMV_MAX_ROWS or self.gemv is False:
       return False
     if self.gemv:
       return True
-    return batch == 1 and (backend or jax.default_backend()) in ("gpu", "cuda", "rocm")
+    tileable = contract_dim is None or (contract_dim & -contract_dim) >= 16
+    return (batch == 1 and tileable
+            and (backend or jax.default_backend()) in ("gpu", "cuda", "rocm"))
 
 
 @dataclasses.dataclass(frozen=True)

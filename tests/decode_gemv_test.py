@@ -115,12 +115,16 @@ def test_the_gemv_is_used_at_batch_1_on_gpus_by_default():
   assert [on.use_gemv(b, "cpu") for b in (1, 8, 9)] == [True, True, False]
   assert not off.use_gemv(1, "gpu")
   assert not auto.use_gemv(1)   # these tests run on CPU
+  # A contracted dim the compiled kernel cannot tile (no power-of-two factor ≥ 16) stays XLA's
+  # by default; gemv=True passes it on (the kernel names the problem).
+  assert auto.use_gemv(1, "gpu", contract_dim=1024) and auto.use_gemv(1, "gpu", contract_dim=2816)
+  assert not auto.use_gemv(1, "gpu", contract_dim=100) and on.use_gemv(1, "gpu", contract_dim=100)
 
 
 def test_decode_dot_takes_the_default_config_when_given_none(monkeypatch):
   """decode_config=None behaves as DecodeConfig(): the GEMV at batch 1 where `use_gemv` says so."""
   calls = []
-  monkeypatch.setattr(DecodeConfig, "use_gemv", lambda self, batch, backend=None: batch == 1)
+  monkeypatch.setattr(DecodeConfig, "use_gemv", lambda self, batch, **_: batch == 1)
   monkeypatch.setattr(decode_gemv, "gemv_pallas",
                       lambda x, w, **kw: calls.append(x.shape) or jnp.zeros((x.shape[0], 16)))
   for batch in (1, 2):
