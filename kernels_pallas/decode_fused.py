@@ -68,6 +68,30 @@ def fused_block_v(Hk: int, K: int, V: int, block_v: int | None = None) -> int:
   return BV
 
 
+def _shared_launch(where, conv_w_WxC, g_BxH, beta_BxH, *, B, W, Hk, K, H, V, block_v,
+                   interpret):
+  """What both fused kernels share: the conv filters' and the platform's checks, e^g and β
+  broadcast over V, and the grid's V block BV with the BlockSpecs of the filters (q, k, v), of
+  the [B, H, V] rows and of the state. Returns (BV, G, v0, per_head, filter specs, row spec,
+  state spec, e, β), v0 and per_head in blocks of BV (the v channels start at v0)."""
+  C = 2 * Hk * K + H * V
+  if conv_w_WxC.shape != (W, C):
+    raise ValueError(f"{where}: `conv_w` has shape {conv_w_WxC.shape}; expected {(W, C)} (the "
+                     "conv taps, the q | k | v channels).")
+  if not interpret and (why := unsupported(W, K, V)) is not None:
+    raise ValueError(f"{where}: {why}; use impl='pallas' or 'xla'.")
+  G, BV = H // Hk, fused_block_v(Hk, K, V, block_v)
+  v0, per_head = 2 * Hk * K // BV, V // BV
+  filters = [pl.BlockSpec((W, K), lambda b, h, j: (0, h // G)),
+             pl.BlockSpec((W, K), lambda b, h, j: (0, Hk + h // G)),
+             pl.BlockSpec((W, BV), lambda b, h, j: (0, v0 + h * per_head + j))]
+  row_spec = pl.BlockSpec((None, None, BV), lambda b, h, j: (b, h, j))
+  s_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+  e_BxHxV = jnp.broadcast_to(jnp.exp(g_BxH.astype(jnp.float32))[..., None], (B, H, V))
+  beta_BxHxV = jnp.broadcast_to(beta_BxH.astype(jnp.float32)[..., None], (B, H, V))
+  return BV, G, v0, per_head, filters, row_spec, s_spec, e_BxHxV, beta_BxHxV
+
+
 @functools.partial(jax.jit, static_argnames=("num_heads", "head_k_dim", "scale", "qk_norm_eps",
                                              "block_v", "num_warps", "interpret"))
 def gdn_decode_fused_pallas(window_BxWxC, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV, *,
@@ -91,28 +115,17 @@ def gdn_decode_fused_pallas(window_BxWxC, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV
     raise ValueError(f"gdn_decode_fused_pallas: window {window_BxWxC.shape} and state "
                      f"{S_BxHxKxV.shape} do not fit num_heads={Hk}, head_k_dim={K}; expected "
                      "window [B, W, 2·Hk·K + H·V] and S [B, H, K, V] with H divisible by Hk.")
-  if conv_w_WxC.shape != (W, C):
-    raise ValueError(f"gdn_decode_fused_pallas: `conv_w` has shape {conv_w_WxC.shape}; expected "
-                     f"{(W, C)} (the window's taps and channels).")
-  if not interpret and (why := unsupported(W, K, V)) is not None:
-    raise ValueError(f"gdn_decode_fused_pallas: {why}; use impl='pallas' or 'xla'.")
-  G, BV = H // Hk, fused_block_v(Hk, K, V, block_v)
-  v0, per_head = 2 * Hk * K // BV, V // BV          # v channels, in blocks of BV
-  e_BxHxV = jnp.broadcast_to(jnp.exp(g_BxH.astype(jnp.float32))[..., None], (B, H, V))
-  beta_BxHxV = jnp.broadcast_to(beta_BxH.astype(jnp.float32)[..., None], (B, H, V))
+  BV, G, v0, per_head, filters, row_spec, s_spec, e_BxHxV, beta_BxHxV = _shared_launch(
+      "gdn_decode_fused_pallas", conv_w_WxC, g_BxH, beta_BxH, B=B, W=W, Hk=Hk, K=K, H=H, V=V,
+      block_v=block_v, interpret=interpret)
   q_win = pl.BlockSpec((None, W, K), lambda b, h, j: (b, 0, h // G))
   k_win = pl.BlockSpec((None, W, K), lambda b, h, j: (b, 0, Hk + h // G))
   v_win = pl.BlockSpec((None, W, BV), lambda b, h, j: (b, 0, v0 + h * per_head + j))
-  q_w = pl.BlockSpec((W, K), lambda b, h, j: (0, h // G))
-  k_w = pl.BlockSpec((W, K), lambda b, h, j: (0, Hk + h // G))
-  v_w = pl.BlockSpec((W, BV), lambda b, h, j: (0, v0 + h * per_head + j))
-  row_spec = pl.BlockSpec((None, None, BV), lambda b, h, j: (b, h, j))
-  s_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   return pl.pallas_call(
       functools.partial(_kernel, scale=float(scale), eps=float(qk_norm_eps),
                         dtype=window_BxWxC.dtype),
       grid=(B, H, V // BV),
-      in_specs=[q_win, k_win, v_win, q_w, k_w, v_w, row_spec, row_spec, s_spec],
+      in_specs=[q_win, k_win, v_win, *filters, row_spec, row_spec, s_spec],
       out_specs=[row_spec, s_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, V), jnp.float32),
                  jax.ShapeDtypeStruct(S_BxHxKxV.shape, S_BxHxKxV.dtype)],
@@ -205,31 +218,20 @@ def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, g_BxH, beta_Bx
                      f"{S_BxHxKxV.shape} do not fit num_heads={Hk}, head_k_dim={K}; expected "
                      "rings [B, W, Hk·K] (q, k) and [B, W, H·V] (v), x [B, ≥ 2·Hk·K + H·V], "
                      "pos [W] and S [B, H, K, V].")
-  if conv_w_WxC.shape != (W, C):
-    raise ValueError(f"gdn_decode_fused_ring_pallas: `conv_w` has shape {conv_w_WxC.shape}; "
-                     f"expected {(W, C)} (the rings' rows, the q | k | v channels).")
-  if not interpret and (why := unsupported(W, K, V)) is not None:
-    raise ValueError(f"gdn_decode_fused_ring_pallas: {why}; use impl='pallas' or 'xla'.")
-  G, BV = H // Hk, fused_block_v(Hk, K, V, block_v)
-  v0, per_head = 2 * Hk * K // BV, V // BV          # v channels of x and conv_w, in blocks of BV
-  e_BxHxV = jnp.broadcast_to(jnp.exp(g_BxH.astype(jnp.float32))[..., None], (B, H, V))
-  beta_BxHxV = jnp.broadcast_to(beta_BxH.astype(jnp.float32)[..., None], (B, H, V))
+  BV, G, v0, per_head, filters, row_spec, s_spec, e_BxHxV, beta_BxHxV = _shared_launch(
+      "gdn_decode_fused_ring_pallas", conv_w_WxC, g_BxH, beta_BxH, B=B, W=W, Hk=Hk, K=K, H=H,
+      V=V, block_v=block_v, interpret=interpret)
   pos_spec = pl.BlockSpec((W,), lambda b, h, j: (0,))
   qk_ring = pl.BlockSpec((None, W, K), lambda b, h, j: (b, 0, h // G))
   v_ring = pl.BlockSpec((None, W, BV), lambda b, h, j: (b, 0, h * per_head + j))
   x_q = pl.BlockSpec((None, K), lambda b, h, j: (b, h // G))
   x_k = pl.BlockSpec((None, K), lambda b, h, j: (b, Hk + h // G))
   x_v = pl.BlockSpec((None, BV), lambda b, h, j: (b, v0 + h * per_head + j))
-  q_w = pl.BlockSpec((W, K), lambda b, h, j: (0, h // G))
-  k_w = pl.BlockSpec((W, K), lambda b, h, j: (0, Hk + h // G))
-  v_w = pl.BlockSpec((W, BV), lambda b, h, j: (0, v0 + h * per_head + j))
-  row_spec = pl.BlockSpec((None, None, BV), lambda b, h, j: (b, h, j))
-  s_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   o, S, rq, rk, rv = pl.pallas_call(
       functools.partial(_ring_kernel, scale=float(scale), eps=float(qk_norm_eps),
                         dtype=ring_q.dtype),
       grid=(B, H, V // BV),
-      in_specs=[pos_spec, qk_ring, qk_ring, v_ring, x_q, x_k, x_v, q_w, k_w, v_w, row_spec,
+      in_specs=[pos_spec, qk_ring, qk_ring, v_ring, x_q, x_k, x_v, *filters, row_spec,
                 row_spec, s_spec],
       out_specs=[row_spec, s_spec, qk_ring, qk_ring, v_ring],
       out_shape=[jax.ShapeDtypeStruct((B, H, V), jnp.float32),

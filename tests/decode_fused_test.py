@@ -190,3 +190,18 @@ def test_errors_name_the_argument():
   with pytest.raises(ValueError, match="conv width W=3"):
     gdn_decode_fused_pallas(*inputs(1, 3, 1, 1, 16, 16), num_heads=1, head_k_dim=16, scale=1.0,
                             qk_norm_eps=1e-6, interpret=False)
+
+
+def test_ring_kernel_errors_name_the_argument():
+  window, conv_w, g, beta, S = inputs(1, 4, 1, 1, 16, 16)
+  rings, x = ring_from_state(window[:, 1:], 1, 16), window[:, -1]
+  kw = dict(num_heads=1, head_k_dim=16, scale=1.0, qk_norm_eps=1e-6)
+  pos = jnp.zeros((4,), jnp.int32)
+  with pytest.raises(ValueError, match="num_heads=2"):
+    gdn_decode_fused_ring_pallas(pos, rings, x, conv_w, g, beta, S, **{**kw, "num_heads": 2})
+  with pytest.raises(ValueError, match=r"x \(1, 40\)"):          # fewer than the q | k | v channels
+    gdn_decode_fused_ring_pallas(pos, rings, x[:, :40], conv_w, g, beta, S, **kw)
+  with pytest.raises(ValueError, match="pos"):
+    gdn_decode_fused_ring_pallas(pos[:3], rings, x, conv_w, g, beta, S, **kw)
+  with pytest.raises(ValueError, match="conv_w"):
+    gdn_decode_fused_ring_pallas(pos, rings, x, conv_w[:2], g, beta, S, **kw)
