@@ -488,13 +488,17 @@ class GatedDeltaNet(nnx.Module):
           y[:, -2 * H:-H].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
     if impl == "pallas_fused" and self.use_short_conv and 'ring_q' in cache:
       # The conv state as rings (`generate` converts it once per call; decode_fused.py): no window
-      # is built and no state cut from it; the kernel writes this token's input into row pos.
+      # is built and no state cut from it; the kernel writes this token's input into row pos,
+      # and makes the gates itself (g and β above are then unused, and not computed).
       from kernels_pallas.decode_fused import gdn_decode_fused_ring_pallas
       with jax.named_scope("rule"):
         rings = (cache['ring_q'], cache['ring_k'], cache['ring_v'])
+        N = y.shape[1]           # y's last 2H columns are W_a x, W_b x: the kernel makes g, β
         o, new_cache['S'], rings = gdn_decode_fused_ring_pallas(
-            cache['ring_pos'], rings, y, w['conv'], g, beta, cache['S'], num_heads=Hk,
-            head_k_dim=K, scale=self.qk_scale, qk_norm_eps=self.qk_norm_eps, **launch)
+            cache['ring_pos'], rings, y, w['conv'], self.A_log[...], self.dt_bias[...],
+            cache['S'], num_heads=Hk, head_k_dim=K, scale=self.qk_scale,
+            qk_norm_eps=self.qk_norm_eps, gate_columns=(N - 2 * H, N - H),
+            beta_scale=2.0 if self.allow_neg_eigval else 1.0, **launch)
         new_cache.update(zip(('ring_q', 'ring_k', 'ring_v'), rings))
     elif impl == "pallas_fused" and self.use_short_conv:
       # The conv, SiLU, L2 norms and the rule in one kernel; the window is the conv state with

@@ -68,12 +68,11 @@ def fused_block_v(Hk: int, K: int, V: int, block_v: int | None = None) -> int:
   return BV
 
 
-def _shared_launch(where, conv_w_WxC, g_BxH, beta_BxH, *, B, W, Hk, K, H, V, block_v,
-                   interpret):
-  """What both fused kernels share: the conv filters' and the platform's checks, e^g and β
-  broadcast over V, and the grid's V block BV with the BlockSpecs of the filters (q, k, v), of
-  the [B, H, V] rows and of the state. Returns (BV, G, v0, per_head, filter specs, row spec,
-  state spec, e, β), v0 and per_head in blocks of BV (the v channels start at v0)."""
+def _shared_launch(where, conv_w_WxC, *, W, Hk, K, H, V, block_v, interpret):
+  """What both fused kernels share: the conv filters' and the platform's checks, and the grid's
+  V block BV with the BlockSpecs of the filters (q, k, v), of the [B, H, V] rows and of the
+  state. Returns (BV, G, v0, per_head, filter specs, row spec, state spec), v0 and per_head in
+  blocks of BV (the v channels start at v0)."""
   C = 2 * Hk * K + H * V
   if conv_w_WxC.shape != (W, C):
     raise ValueError(f"{where}: `conv_w` has shape {conv_w_WxC.shape}; expected {(W, C)} (the "
@@ -87,9 +86,7 @@ def _shared_launch(where, conv_w_WxC, g_BxH, beta_BxH, *, B, W, Hk, K, H, V, blo
              pl.BlockSpec((W, BV), lambda b, h, j: (0, v0 + h * per_head + j))]
   row_spec = pl.BlockSpec((None, None, BV), lambda b, h, j: (b, h, j))
   s_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
-  e_BxHxV = jnp.broadcast_to(jnp.exp(g_BxH.astype(jnp.float32))[..., None], (B, H, V))
-  beta_BxHxV = jnp.broadcast_to(beta_BxH.astype(jnp.float32)[..., None], (B, H, V))
-  return BV, G, v0, per_head, filters, row_spec, s_spec, e_BxHxV, beta_BxHxV
+  return BV, G, v0, per_head, filters, row_spec, s_spec
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "head_k_dim", "scale", "qk_norm_eps",
@@ -115,9 +112,11 @@ def gdn_decode_fused_pallas(window_BxWxC, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV
     raise ValueError(f"gdn_decode_fused_pallas: window {window_BxWxC.shape} and state "
                      f"{S_BxHxKxV.shape} do not fit num_heads={Hk}, head_k_dim={K}; expected "
                      "window [B, W, 2·Hk·K + H·V] and S [B, H, K, V] with H divisible by Hk.")
-  BV, G, v0, per_head, filters, row_spec, s_spec, e_BxHxV, beta_BxHxV = _shared_launch(
-      "gdn_decode_fused_pallas", conv_w_WxC, g_BxH, beta_BxH, B=B, W=W, Hk=Hk, K=K, H=H, V=V,
-      block_v=block_v, interpret=interpret)
+  BV, G, v0, per_head, filters, row_spec, s_spec = _shared_launch(
+      "gdn_decode_fused_pallas", conv_w_WxC, W=W, Hk=Hk, K=K, H=H, V=V, block_v=block_v,
+      interpret=interpret)
+  e_BxHxV = jnp.broadcast_to(jnp.exp(g_BxH.astype(jnp.float32))[..., None], (B, H, V))
+  beta_BxHxV = jnp.broadcast_to(beta_BxH.astype(jnp.float32)[..., None], (B, H, V))
   q_win = pl.BlockSpec((None, W, K), lambda b, h, j: (b, 0, h // G))
   k_win = pl.BlockSpec((None, W, K), lambda b, h, j: (b, 0, Hk + h // G))
   v_win = pl.BlockSpec((None, W, BV), lambda b, h, j: (b, 0, v0 + h * per_head + j))
@@ -169,18 +168,33 @@ def _ring_conv_silu(ring_ref, x_ref, w_ref, pos, dtype):
   return jax.nn.silu(y).astype(dtype), new_ring
 
 
-def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref, kf_ref, vf_ref,
-                 e_ref, beta_ref, s_ref, o_ref, s_out_ref, rq_out_ref, rk_out_ref, rv_out_ref, *,
-                 scale, eps, dtype):
+def _gates(x_any, a_log_any, dt_bias_any, *, a_col, b_col, beta_scale):
+  """(e^g, β) of this program's value head h, each [1] float32, from its columns of x:
+  g = −exp(A_log_h) softplus(x[a_col + h] + dt_bias_h), β = beta_scale · σ(x[b_col + h])
+  (`GatedDeltaNet._gates`). The refs are whole arrays (memory space ANY): a head's gate
+  columns are not a block of x."""
   f32 = jnp.float32
+  b, h = pl.program_id(0), pl.program_id(1)
+  a = x_any[b, pl.ds(a_col + h, 1)].astype(f32)
+  g = -jnp.exp(a_log_any[pl.ds(h, 1)].astype(f32)) * jax.nn.softplus(
+      a + dt_bias_any[pl.ds(h, 1)].astype(f32))
+  beta = jax.nn.sigmoid(x_any[b, pl.ds(b_col + h, 1)].astype(f32)) * beta_scale
+  return jnp.exp(g), beta
+
+
+def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref, kf_ref, vf_ref,
+                 x_any, a_log_any, dt_bias_any, s_ref, o_ref, s_out_ref, rq_out_ref, rk_out_ref,
+                 rv_out_ref, *, scale, eps, dtype, a_col, b_col, beta_scale):
+  f32 = jnp.float32
+  e, beta = _gates(x_any, a_log_any, dt_bias_any, a_col=a_col, b_col=b_col,
+                   beta_scale=beta_scale)
   pos = pos_ref[...]                                                              # [W], all equal
   q, rq = _ring_conv_silu(rq_ref, xq_ref, qf_ref, pos, dtype)
   k, rk = _ring_conv_silu(rk_ref, xk_ref, kf_ref, pos, dtype)
   v, rv = _ring_conv_silu(rv_ref, xv_ref, vf_ref, pos, dtype)
   q = _l2(q, eps).astype(dtype).astype(f32)
   k = _l2(k, eps).astype(dtype).astype(f32)
-  S_new, o = rule_update(s_ref[...].astype(f32), q, k, v.astype(f32), e_ref[...], beta_ref[...],
-                         scale)
+  S_new, o = rule_update(s_ref[...].astype(f32), q, k, v.astype(f32), e, beta, scale)
   s_out_ref[...] = S_new.astype(s_out_ref.dtype)
   o_ref[...] = o.astype(o_ref.dtype)
   rq_out_ref[...] = rq
@@ -189,19 +203,24 @@ def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "head_k_dim", "scale", "qk_norm_eps",
-                                             "block_v", "num_warps", "interpret"))
-def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV, *,
-                                 num_heads: int, head_k_dim: int, scale: float,
-                                 qk_norm_eps: float, block_v: int | None = None,
+                                             "gate_columns", "beta_scale", "block_v",
+                                             "num_warps", "interpret"))
+def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, a_log_H, dt_bias_H, S_BxHxKxV,
+                                 *, num_heads: int, head_k_dim: int, scale: float,
+                                 qk_norm_eps: float, gate_columns: tuple[int, int],
+                                 beta_scale: float = 1.0, block_v: int | None = None,
                                  num_warps: int = 4, interpret: bool | None = None):
   """(o [B, H, V] float32, S', (ring_q', ring_k', ring_v')) of one token, from the conv rings.
 
   pos_W: int32 [W], every entry the ring row that this token's input replaces; rings: (ring_q,
   ring_k, ring_v), [B, W, Hk·K], [B, W, Hk·K], [B, W, H·V] in the compute dtype (`ring_from_state`
-  makes them); x: [B, N ≥ C], this token's projections whose first C = 2·Hk·K + H·V columns are
-  q | k | v (the rest, the gates, is not read); conv_w, g, β, S as `gdn_decode_fused_pallas`.
-  The same as that kernel on the window [state, x] (tests/decode_fused_test.py); the rings and S
-  are updated in place.
+  makes them); x: [B, N], this token's projections: its first C = 2·Hk·K + H·V columns are
+  q | k | v, and the columns a_col + h, b_col + h (`gate_columns` = (a_col, b_col)) are W_a x and
+  W_b x of value head h, from which the kernel makes the gates:
+      g = −exp(A_log) softplus(W_a x + dt_bias),  β = beta_scale · σ(W_b x)
+  (a_log, dt_bias: [H]); conv_w, S as `gdn_decode_fused_pallas`. The same as that kernel on the
+  window [state, x] with those gates (tests/decode_fused_test.py); the rings and S are updated in
+  place.
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -212,15 +231,20 @@ def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, g_BxH, beta_Bx
   C = 2 * Hk * K + H * V
   if (ring_q.shape != (B, W, Hk * K) or ring_k.shape != ring_q.shape
       or ring_v.shape != (B, W, H * V) or S_BxHxKxV.shape != (B, H, K, V) or H % Hk
-      or x_BxN.shape[0] != B or x_BxN.shape[1] < C or pos_W.shape != (W,)):
+      or x_BxN.shape[0] != B or x_BxN.shape[1] < C or pos_W.shape != (W,)
+      or a_log_H.shape != (H,) or dt_bias_H.shape != (H,)
+      or not all(C <= col and col + H <= x_BxN.shape[1] for col in gate_columns)):
     raise ValueError(f"gdn_decode_fused_ring_pallas: rings {ring_q.shape}, {ring_k.shape}, "
                      f"{ring_v.shape}, x {x_BxN.shape}, pos {pos_W.shape} and state "
-                     f"{S_BxHxKxV.shape} do not fit num_heads={Hk}, head_k_dim={K}; expected "
-                     "rings [B, W, Hk·K] (q, k) and [B, W, H·V] (v), x [B, ≥ 2·Hk·K + H·V], "
-                     "pos [W] and S [B, H, K, V].")
-  BV, G, v0, per_head, filters, row_spec, s_spec, e_BxHxV, beta_BxHxV = _shared_launch(
-      "gdn_decode_fused_ring_pallas", conv_w_WxC, g_BxH, beta_BxH, B=B, W=W, Hk=Hk, K=K, H=H,
-      V=V, block_v=block_v, interpret=interpret)
+                     f"{S_BxHxKxV.shape}, A_log {a_log_H.shape}, dt_bias {dt_bias_H.shape} and "
+                     f"gate_columns={gate_columns} do not fit num_heads={Hk}, head_k_dim={K}; "
+                     "expected rings [B, W, Hk·K] (q, k) and [B, W, H·V] (v), x [B, N ≥ "
+                     "2·Hk·K + H·V], pos [W], S [B, H, K, V], A_log and dt_bias [H], and gate "
+                     "columns past q | k | v with H columns each inside x.")
+  BV, G, v0, per_head, filters, row_spec, s_spec = _shared_launch(
+      "gdn_decode_fused_ring_pallas", conv_w_WxC, W=W, Hk=Hk, K=K, H=H, V=V, block_v=block_v,
+      interpret=interpret)
+  whole = pl.BlockSpec(memory_space=pl.ANY)
   pos_spec = pl.BlockSpec((W,), lambda b, h, j: (0,))
   qk_ring = pl.BlockSpec((None, W, K), lambda b, h, j: (b, 0, h // G))
   v_ring = pl.BlockSpec((None, W, BV), lambda b, h, j: (b, 0, h * per_head + j))
@@ -229,20 +253,21 @@ def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, g_BxH, beta_Bx
   x_v = pl.BlockSpec((None, BV), lambda b, h, j: (b, v0 + h * per_head + j))
   o, S, rq, rk, rv = pl.pallas_call(
       functools.partial(_ring_kernel, scale=float(scale), eps=float(qk_norm_eps),
-                        dtype=ring_q.dtype),
+                        dtype=ring_q.dtype, a_col=int(gate_columns[0]),
+                        b_col=int(gate_columns[1]), beta_scale=float(beta_scale)),
       grid=(B, H, V // BV),
-      in_specs=[pos_spec, qk_ring, qk_ring, v_ring, x_q, x_k, x_v, *filters, row_spec,
-                row_spec, s_spec],
+      in_specs=[pos_spec, qk_ring, qk_ring, v_ring, x_q, x_k, x_v, *filters, whole, whole,
+                whole, s_spec],
       out_specs=[row_spec, s_spec, qk_ring, qk_ring, v_ring],
       out_shape=[jax.ShapeDtypeStruct((B, H, V), jnp.float32),
                  jax.ShapeDtypeStruct(S_BxHxKxV.shape, S_BxHxKxV.dtype),
                  *(jax.ShapeDtypeStruct(r.shape, r.dtype) for r in rings)],
-      input_output_aliases={12: 1, 1: 2, 2: 3, 3: 4},
+      input_output_aliases={13: 1, 1: 2, 2: 3, 3: 4},
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
       name="gdn_decode_fused_ring",
   )(pos_W.astype(jnp.int32), ring_q, ring_k, ring_v, x_BxN, x_BxN, x_BxN, conv_w_WxC,
-    conv_w_WxC, conv_w_WxC, e_BxHxV, beta_BxHxV, S_BxHxKxV)
+    conv_w_WxC, conv_w_WxC, x_BxN, a_log_H, dt_bias_H, S_BxHxKxV)
   return o, S, (rq, rk, rv)
 
 

@@ -60,24 +60,28 @@ def test_kernel_equals_the_unfused_step(B, W, Hk, H, K, V, block_v):
     (1, 4, 1, 2, 16, 32, 8, jnp.float32),       # several V blocks per head
     (2, 2, 3, 3, 16, 16, None, jnp.bfloat16)])
 def test_ring_kernel_equals_the_window_kernel_step_after_step(B, W, Hk, H, K, V, block_v, dtype):
-  """Seven tokens (the ring wraps): the same outputs and states as the window kernel, and the
-  rings read back (`state_from_ring`) as the window's conv state. x carries 5 more columns (the
-  gates), which the ring kernel must not read as q | k | v."""
+  """Seven tokens (the ring wraps): the same outputs and states as the window kernel given the
+  gates made in XLA as `GatedDeltaNet._gates` makes them, and the rings read back
+  (`state_from_ring`) as the window's conv state. x holds q | k | v, 3 other columns, then W_a x
+  and W_b x (H columns each), then one more: the kernel reads each where it is told."""
   C = 2 * Hk * K + H * V
+  a_col, b_col = C + 3, C + 3 + H
   state, conv_w, _, _, S = inputs(B, W, Hk, H, K, V, seed=4, dtype=dtype)
   state = state[:, 1:]
+  a_log = jnp.log(jnp.linspace(1.0, 16.0, H))
+  dt_bias = jnp.linspace(-4.0, -2.0, H)
   rings, S_ring = ring_from_state(state, Hk, K), S
   kw = dict(num_heads=Hk, head_k_dim=K, scale=K ** -0.5, qk_norm_eps=1e-6, block_v=block_v)
   for t in range(7):
-    key = jax.random.key(100 + t)
-    x = jax.random.normal(key, (B, C + 5)).astype(dtype)
-    g = -jax.nn.softplus(jax.random.normal(jax.random.fold_in(key, 1), (B, H)))
-    beta = jax.nn.sigmoid(jax.random.normal(jax.random.fold_in(key, 2), (B, H)))
+    x = jax.random.normal(jax.random.key(100 + t), (B, b_col + H + 1)).astype(dtype)
+    beta = 2 * jax.nn.sigmoid(x[:, b_col:b_col + H].astype(jnp.float32))
+    g = -jnp.exp(a_log) * jax.nn.softplus(x[:, a_col:a_col + H].astype(jnp.float32) + dt_bias)
     window = jnp.concatenate([state, x[:, None, :C]], axis=1)
     o, S = gdn_decode_fused_pallas(window, conv_w, g, beta, S, **kw)
     state = window[:, 1:]
-    o_ring, S_ring, rings = gdn_decode_fused_ring_pallas(jnp.full((W,), t % W), rings, x, conv_w,
-                                                         g, beta, S_ring, **kw)
+    o_ring, S_ring, rings = gdn_decode_fused_ring_pallas(
+        jnp.full((W,), t % W), rings, x, conv_w, a_log, dt_bias, S_ring,
+        gate_columns=(a_col, b_col), beta_scale=2.0, **kw)
     np.testing.assert_allclose(o_ring, o, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(S_ring.astype(jnp.float32), S.astype(jnp.float32), atol=1e-5,
                                rtol=1e-5)
@@ -135,10 +139,12 @@ def test_ring_kernel_lowers_to_one_triton_call_for_h100():
   B, W, Hk, H, K, V = 1, 4, 6, 6, 256, 512
   C, bf16 = 2 * Hk * K + H * V, jnp.bfloat16
   rings = (sds((B, W, Hk * K), bf16), sds((B, W, Hk * K), bf16), sds((B, W, H * V), bf16))
-  args = (sds((W,), jnp.int32), rings, sds((B, C + 3084), bf16), sds((W, C), bf16),
-          sds((B, H), jnp.float32), sds((B, H), jnp.float32), sds((B, H, K, V), bf16))
+  N = C + H * V + 2 * H                              # q | k | v | gate | a | b, as the model's
+  args = (sds((W,), jnp.int32), rings, sds((B, N), bf16), sds((W, C), bf16),
+          sds((H,), jnp.float32), sds((H,), jnp.float32), sds((B, H, K, V), bf16))
   fn = functools.partial(gdn_decode_fused_ring_pallas, num_heads=Hk, head_k_dim=K,
-                         scale=K ** -0.5, qk_norm_eps=1e-6, interpret=False)
+                         scale=K ** -0.5, qk_norm_eps=1e-6, gate_columns=(N - 2 * H, N - H),
+                         interpret=False)
   triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   with jax.sharding.use_abstract_mesh(mesh):
     text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
@@ -193,15 +199,24 @@ def test_errors_name_the_argument():
 
 
 def test_ring_kernel_errors_name_the_argument():
-  window, conv_w, g, beta, S = inputs(1, 4, 1, 1, 16, 16)
-  rings, x = ring_from_state(window[:, 1:], 1, 16), window[:, -1]
-  kw = dict(num_heads=1, head_k_dim=16, scale=1.0, qk_norm_eps=1e-6)
+  window, conv_w, _, _, S = inputs(1, 4, 1, 1, 16, 16)
+  rings = ring_from_state(window[:, 1:], 1, 16)
+  x = jnp.concatenate([window[:, -1], jnp.zeros((1, 2))], axis=1)       # q | k | v | a | b
+  a_log = dt_bias = jnp.zeros((1,))
+  kw = dict(num_heads=1, head_k_dim=16, scale=1.0, qk_norm_eps=1e-6, gate_columns=(48, 49))
   pos = jnp.zeros((4,), jnp.int32)
+  ring = functools.partial(gdn_decode_fused_ring_pallas, conv_w_WxC=conv_w, a_log_H=a_log,
+                           dt_bias_H=dt_bias, S_BxHxKxV=S)
+  ring(pos, rings, x, **kw)                                             # the valid call
   with pytest.raises(ValueError, match="num_heads=2"):
-    gdn_decode_fused_ring_pallas(pos, rings, x, conv_w, g, beta, S, **{**kw, "num_heads": 2})
+    ring(pos, rings, x, **{**kw, "num_heads": 2})
   with pytest.raises(ValueError, match=r"x \(1, 40\)"):          # fewer than the q | k | v channels
-    gdn_decode_fused_ring_pallas(pos, rings, x[:, :40], conv_w, g, beta, S, **kw)
+    ring(pos, rings, x[:, :40], **kw)
   with pytest.raises(ValueError, match="pos"):
-    gdn_decode_fused_ring_pallas(pos[:3], rings, x, conv_w, g, beta, S, **kw)
+    ring(pos[:3], rings, x, **kw)
+  with pytest.raises(ValueError, match=r"gate_columns=\(47, 50\)"):    # inside q | k | v, past x
+    ring(pos, rings, x, **{**kw, "gate_columns": (47, 50)})
+  with pytest.raises(ValueError, match="A_log"):
+    ring(pos, rings, x, **kw, a_log_H=jnp.zeros((2,)))
   with pytest.raises(ValueError, match="conv_w"):
-    gdn_decode_fused_ring_pallas(pos, rings, x, conv_w[:2], g, beta, S, **kw)
+    ring(pos, rings, x, **{**kw, "conv_w_WxC": conv_w[:2]})

@@ -85,14 +85,17 @@ def test_bf16_state_is_stored_in_bf16_and_decodes():
   np.testing.assert_array_equal(b16[:, :11], f32[:, :11])   # the prefill's token, one step
 
 
-@pytest.mark.parametrize("impl, block_v, conv_ring", [
-    ("pallas", None, True), ("pallas_fused", None, True), ("pallas_fused", 4, True),
-    ("pallas_fused", None, False)])
-def test_pallas_step_generates_what_the_xla_step_does(impl, block_v, conv_ring):
-  """Both kernels, and the fused one with another V block (DecodeConfig) and on a window built
-  per step instead of conv rings, sample the XLA step's tokens (10 tokens: the rings wrap)."""
+@pytest.mark.parametrize("impl, block_v, conv_ring, neg_eigval", [
+    ("pallas", None, True, False), ("pallas_fused", None, True, False),
+    ("pallas_fused", 4, True, False), ("pallas_fused", None, False, False),
+    ("pallas_fused", None, True, True)])
+def test_pallas_step_generates_what_the_xla_step_does(impl, block_v, conv_ring, neg_eigval):
+  """Both kernels, and the fused one with another V block (DecodeConfig), on a window built per
+  step instead of conv rings, and with β ∈ (0, 2) (the ring kernel makes the gates itself),
+  sample the XLA step's tokens (10 tokens: the rings wrap)."""
   from kernels_pallas.config import DecodeConfig
-  model = make(seed=8)          # K = 8, V = 12: interpret mode on CPU takes any head dims
+  # K = 8, V = 12: interpret mode on CPU takes any head dims
+  model = make(dataclasses.replace(CFG, allow_neg_eigval=neg_eigval), seed=8)
   prompt = jax.random.randint(jax.random.key(8), (2, 6), 0, 64)
   kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(1))
   config = DecodeConfig(block_v=block_v, conv_ring=conv_ring)
