@@ -512,8 +512,8 @@ def split_launch(impl: str):
     digits = part[len(part.rstrip("0123456789")):]
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
-                       "(V block), +wN (warps), +gemv or +nogemv, +noring, +gbnN, +gbkN (GEMV tiles), "
-                       "+gwN (GEMV warps), +gmpN (GEMV programs), each at most once.")
+                       "(V block), +wN (warps), +gemv or +nogemv, +noring, +gbnN, +gbkN (GEMV "
+                       "tiles), +gwN (GEMV warps), +gmpN (GEMV programs), each at most once.")
     kw[key] = int(digits)
   return base, DecodeConfig(**kw)
 
@@ -531,10 +531,10 @@ def parse_variant(spec: str) -> tuple[str, str]:
   if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "
-                     "IMPL[+bvN][+wN][+gemv|+nogemv][@ROWS]:STATE_DTYPE "
+                     "IMPL[+bvN][+wN][+gemv|+nogemv][+noring][@ROWS]:STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "
-                     "only; +gemv, +nogemv for any), ROWS an int ≥ 1 (generate's matmul_rows) and "
-                     "STATE_DTYPE float32 or bfloat16.")
+                     "only; +gemv, +nogemv for any), ROWS an int ≥ 1 (generate's matmul_rows) "
+                     "and STATE_DTYPE float32 or bfloat16.")
   return impl, dtype
 
 
