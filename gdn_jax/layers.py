@@ -251,6 +251,37 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   return y if B >= matmul_rows else y[:B]
 
 
+def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 1, *,
+                  decode_config=None):
+  """SiLU(x W_gate) ⊙ (x W_up) @ W_down for a decode step's MLP (w_gate_up [D, 2F] = [W_gate |
+  W_up] with the Linears' multipliers on their columns; w_down [F, N]; the down product's own
+  multiplier is the caller's).
+
+  Where both products go through the GEMV at batch 1 (`DecodeConfig.use_gemv`) and the gate and
+  up multipliers are 1, `DecodeConfig.gemv_swiglu` chains two GEMV kernels: the second sums the
+  first one's split partials and makes the SiLU product as it reads them (no kernel between
+  them; the same roundings). Else `decode_dot`, the SiLU product, `decode_dot`.
+  """
+  from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+  cfg = DecodeConfig() if decode_config is None else decode_config
+  (B, D), F = x_BxD.shape, w_down.shape[0]
+  if (B == 1 and cfg.gemv_swiglu and cfg.use_gemv(1, contract_dim=D)
+      and cfg.use_gemv(1, contract_dim=F) and all(l.multiplier == 1.0 for l in gate_up_linears)):
+    from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
+    tiles = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k,
+                 min_programs=cfg.gemv_min_programs, num_warps=cfg.gemv_num_warps)
+    parts = decode_gemv.gemv_pallas(x_BxD.astype(w_gate_up.dtype), w_gate_up, sum_splits=False,
+                                    **tiles)                                # [S, 1, 2F]
+    if parts.shape[0] & (parts.shape[0] - 1):    # the kernel takes a power of two of partials
+      parts = jnp.sum(parts, axis=0, keepdims=True)
+    y = decode_gemv.gemv_swiglu_pallas(parts, w_down, **tiles)
+    return y.astype(jnp.result_type(x_BxD, w_down))
+  gu = scale_columns(decode_dot(x_BxD, w_gate_up, matmul_rows, decode_config=decode_config),
+                     gate_up_linears)
+  return decode_dot(jax.nn.silu(gu[:, :F]) * gu[:, F:], w_down, matmul_rows,
+                    decode_config=decode_config)
+
+
 def short_conv_step(x_BxC, state_BxWxC, w_WxC):
   """One decode token of `ShortConv`: y = SiLU(Σ_i w_i ⊙ window_i), window = [state, x].
 

@@ -31,7 +31,7 @@ from flax import nnx
 
 from gdn_jax.attention import Attention
 from gdn_jax.layers import (Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU, decode_dot,
-                            scale_columns, stacked_kernel)
+                            decode_swiglu, scale_columns, stacked_kernel)
 from gdn_jax.loss import cross_entropy, linear_cross_entropy
 from gdn_jax.model_config import DTYPES, LAYER_KINDS, ModelConfig  # noqa: F401 (re-exported)
 from gdn_jax.model_size import flops_per_token, num_params, rule_flops_per_token_per_head  # noqa: F401
@@ -100,12 +100,8 @@ class Block(nnx.Module):
     dt = mlp.down_proj.dtype
     with jax.named_scope("mlp"):
       x = x_BxD + y
-      gu = scale_columns(decode_dot(self.mlp_norm(x).astype(dt), w['gate_up'], matmul_rows,
-                                    decode_config=decode_config),
-                         [mlp.gate_proj, mlp.up_proj])
-      F = w['down'].shape[0]
-      h = jax.nn.silu(gu[:, :F]) * gu[:, F:]
-      down = decode_dot(h, w['down'], matmul_rows, decode_config=decode_config)
+      down = decode_swiglu(self.mlp_norm(x).astype(dt), w['gate_up'], w['down'],
+                           [mlp.gate_proj, mlp.up_proj], matmul_rows, decode_config=decode_config)
       return x + scale_columns(down, [mlp.down_proj]), new_cache
 
 

@@ -98,6 +98,10 @@ class DecodeConfig:
     batch ≤ 8 on any backend (the interpreter on CPU); False: never; None (default): at batch 1 on
     GPUs only, where it is faster than XLA's padded GEMM (at batch 8 it is not;
     experiments/NOTES_decode.md). `use_gemv` says which.
+  gemv_swiglu: where the MLP's products both go through the GEMV at batch 1, the second one sums
+    the first one's split partials and makes SiLU(gate) ⊙ up as it reads its input
+    (`decode_gemv.gemv_swiglu_pallas`: no kernel between the two products); False: the product,
+    an XLA SiLU product, the product.
   conv_ring: `generate` with impl "pallas_fused" keeps the conv states as rings in the decode loop
     (`decode_fused.gdn_decode_fused_ring_pallas`: no window concatenated and no state sliced per
     layer and token); False: the window kernel.
@@ -109,11 +113,14 @@ class DecodeConfig:
   gemv_block_k: int = 128
   gemv_min_programs: int = 256
   gemv_num_warps: int = 4
+  gemv_swiglu: bool = True
   conv_ring: bool = True
 
   def __post_init__(self):
-    if not isinstance(self.conv_ring, bool):
-      raise ValueError(f"DecodeConfig: `conv_ring`={self.conv_ring!r}; expected True or False.")
+    for name in ("gemv_swiglu", "conv_ring"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected True or "
+                         "False.")
     if self.gemv is not None and not isinstance(self.gemv, bool):
       raise ValueError(f"DecodeConfig: `gemv`={self.gemv!r}; expected None (batch 1 on GPUs), "
                        "True or False.")

@@ -50,11 +50,27 @@ def choose_splits(K: int, N: int, block_n: int, block_k: int, min_programs: int)
   return tiles
 
 
-def _kernel(x_ref, w_ref, y_ref, *, n, block_n, block_k, tiles, transposed):
-  """x_ref: [R, Ks] (R = 1 or 16 padded rows); w_ref: [BN, Ks] (`transposed`) or [Ks, BN];
-  y_ref: [R, BN]."""
+def _swiglu_tile(gate_ref, up_ref, ks, dtype):
+  """[1, BK] float32: SiLU(g) · u of the K tile `ks`, g and u the sums of their split partials
+  ([S_in, 1, Ks] blocks), each rounded to `dtype` as the unfused step's products and the
+  product's input are."""
   f32 = jnp.float32
-  rows = x_ref.shape[0]
+  rnd = lambda a: a.astype(dtype).astype(f32)
+  g = sum(gate_ref[i, :, ks].astype(f32) for i in range(gate_ref.shape[0]))
+  u = sum(up_ref[i, :, ks].astype(f32) for i in range(up_ref.shape[0]))
+  return rnd(jax.nn.silu(rnd(g)) * rnd(u))
+
+
+def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None):
+  """x_ref: [R, Ks] (R = 1 or 16 padded rows), or (`swiglu_dtype`) gate and up partials
+  [S_in, 1, Ks] each; w_ref: [BN, Ks] (`transposed`) or [Ks, BN]; y_ref: [R, BN]."""
+  f32 = jnp.float32
+  if swiglu_dtype is not None:
+    gate_ref, up_ref, w_ref, y_ref = refs
+    rows = 1
+  else:
+    x_ref, w_ref, y_ref = refs
+    rows = x_ref.shape[0]
   cols = pl.program_id(0) * block_n + jnp.arange(block_n)
   valid = cols < n
 
@@ -69,7 +85,8 @@ def _kernel(x_ref, w_ref, y_ref, *, n, block_n, block_k, tiles, transposed):
   if rows == 1:
     def body(i, acc):
       ks = k_slice(i)
-      x = x_ref[:, ks].astype(f32)                                         # [1, BK]
+      x = (_swiglu_tile(gate_ref, up_ref, ks, swiglu_dtype) if swiglu_dtype is not None
+           else x_ref[:, ks].astype(f32))                                  # [1, BK]
       w = w_tile(ks).astype(f32)
       return acc + (w * x if transposed else w * x.reshape(block_k, 1))
     shape = (block_n, block_k) if transposed else (block_k, block_n)
@@ -89,15 +106,17 @@ def _kernel(x_ref, w_ref, y_ref, *, n, block_n, block_k, tiles, transposed):
 
 
 @functools.partial(jax.jit, static_argnames=("transposed", "block_n", "block_k", "splits",
-                                             "min_programs", "num_warps", "interpret"))
+                                             "min_programs", "num_warps", "sum_splits",
+                                             "interpret"))
 def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_k: int = 128,
                 splits: int | None = None, min_programs: int = 256, num_warps: int = 4,
-                interpret: bool | None = None):
+                sum_splits: bool = True, interpret: bool | None = None):
   """x @ W (W [K, N]) or x @ Wᵀ (`transposed`, W [N, K]) in float32, for B ≤ `MAX_ROWS` rows.
 
   `block_n` columns and `block_k` rows of W per tile (powers of two; block_k is lowered to the
   largest power of two dividing K); `splits`: K splits (None: the fewest giving ≥ `min_programs`
-  programs, `choose_splits`).
+  programs, `choose_splits`). `sum_splits=False` returns the splits' partial products
+  [S, B, N] unsummed (`gemv_swiglu_pallas` sums them as it reads them).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -137,5 +156,52 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       name="decode_gemv",
   )(x.astype(w.dtype), w)
+  if not sum_splits:
+    return y[:, :B]
   y = y[0] if S == 1 else jnp.sum(y, axis=0)
   return y[:B]
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "min_programs",
+                                             "num_warps", "interpret"))
+def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int = 128,
+                       splits: int | None = None, min_programs: int = 256, num_warps: int = 4,
+                       interpret: bool | None = None):
+  """(SiLU(g) ⊙ u) @ W_down in float32 at batch 1, where [g | u] = Σ_s gate_up[s] (the MLP's
+  gate and up products, e.g. `gemv_pallas(..., sum_splits=False)`'s partials [S_in, 1, 2F]):
+  the split sum, SiLU and product are made as the tiles are read, so no kernel runs between the
+  two products. g, u and the SiLU product are rounded to W's dtype, as the unfused step's are.
+  S_in must be a power of two (Triton blocks); W: [F, N]. The tiles and splits as `gemv_pallas`.
+  """
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  S_in, B, F2 = gate_up_SxBx2F.shape
+  F, N = w_FxN.shape
+  if B != 1 or F2 != 2 * F or S_in & (S_in - 1):
+    raise ValueError(f"gemv_swiglu_pallas: gate_up {gate_up_SxBx2F.shape} and W {w_FxN.shape}; "
+                     "expected gate_up [S_in, 1, 2·F] with S_in a power of two (its split "
+                     "partials; batch 1) and W [F, N].")
+  bk = block_k_for(F, block_k)
+  if not interpret and bk < 16:
+    raise ValueError(f"gemv_swiglu_pallas: F={F} has no power-of-two factor ≥ 16 for the K "
+                     "tile; expected F divisible by 16, or the XLA product.")
+  tiles = F // bk
+  S = splits or choose_splits(F, N, block_n, bk, min_programs)
+  if tiles % S:
+    raise ValueError(f"gemv_swiglu_pallas: `splits`={S} does not divide the {tiles} K tiles of "
+                     f"{bk}; expected a divisor (or None).")
+  Ks = F // S
+  y = pl.pallas_call(
+      functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
+                        transposed=False, swiglu_dtype=w_FxN.dtype),
+      grid=(pl.cdiv(N, block_n), S),
+      in_specs=[pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, s)),
+                pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, S + s)),
+                pl.BlockSpec((Ks, block_n), lambda j, s: (s, j))],
+      out_specs=pl.BlockSpec((None, 1, block_n), lambda j, s: (s, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
+      interpret=interpret,
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+      name="decode_gemv_swiglu",
+  )(gate_up_SxBx2F, gate_up_SxBx2F, w_FxN)
+  return y[0] if S == 1 else jnp.sum(y, axis=0)

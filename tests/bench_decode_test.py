@@ -189,8 +189,8 @@ def test_variant_launch_settings_parse_into_a_decode_config():
   assert bench_decode.parse_variant("xla+gemv:float32") == ("xla+gemv", "float32")
   assert bench_decode.split_launch("pallas_fused+nogemv") == (
       "pallas_fused", DecodeConfig(gemv=False))
-  assert bench_decode.split_launch("pallas_fused+noring") == (
-      "pallas_fused", DecodeConfig(conv_ring=False))
+  assert bench_decode.split_launch("pallas_fused+noring+noswiglu") == (
+      "pallas_fused", DecodeConfig(conv_ring=False, gemv_swiglu=False))
   for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
               "pallas+bv12:float32", "pallas+w8+w4:float32", "xla+gemv+gemv:float32",
               "xla+gbn48:float32", "xla+gemv+nogemv:float32",

@@ -12,7 +12,7 @@ import pytest
 from gdn_jax import layers
 from kernels_pallas import decode_gemv
 from kernels_pallas.config import DecodeConfig
-from kernels_pallas.decode_gemv import gemv_pallas
+from kernels_pallas.decode_gemv import gemv_pallas, gemv_swiglu_pallas
 from tests.generate_test import DECODE_VARIANTS, make
 
 
@@ -53,6 +53,35 @@ def test_every_split_contributes():
   np.testing.assert_allclose(y - y_cut, share, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("in_splits, splits", [(2, 3), (1, 1), (4, None)])
+def test_swiglu_gemv_equals_the_unfused_mlp(dtype, in_splits, splits):
+  """gemv_swiglu_pallas on gemv_pallas' unsummed partials == the unfused MLP step: the product,
+  its rounding to the compute dtype, SiLU(gate) ⊙ up rounded, the second product (float64
+  reference for the products). F = 384: 3 K tiles of 128, split 3 ways."""
+  D, F, N = 256, 384, 200
+  x = jax.random.normal(jax.random.key(0), (1, D)).astype(dtype)
+  w_gu = (jax.random.normal(jax.random.key(1), (D, 2 * F)) / 16).astype(dtype)
+  w_down = (jax.random.normal(jax.random.key(2), (F, N)) / 20).astype(dtype)
+  parts = gemv_pallas(x, w_gu, splits=in_splits, block_k=64, sum_splits=False)   # 4 K tiles
+  assert parts.shape == (in_splits, 1, 2 * F) and parts.dtype == jnp.float32
+  y = gemv_swiglu_pallas(parts, w_down, splits=splits)
+  f64 = lambda a: np.asarray(a, np.float64)
+  gu = jnp.asarray(f64(x) @ f64(w_gu)).astype(dtype).astype(jnp.float32)
+  h = (jax.nn.silu(gu[:, :F]) * gu[:, F:]).astype(dtype)
+  ref = f64(h) @ f64(w_down)
+  assert y.shape == (1, N) and float(np.abs(ref).max()) > 0.5
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_gemv_refuses_what_it_cannot_take():
+  w = jnp.zeros((64, 32))
+  for shape, match in (((3, 1, 128), "power of two"), ((1, 2, 128), "batch 1"),
+                       ((1, 1, 100), r"2·F")):
+    with pytest.raises(ValueError, match=match):
+      gemv_swiglu_pallas(jnp.zeros(shape), w)
+
+
 def test_choose_splits_reaches_the_program_count():
   assert decode_gemv.choose_splits(1024, 9228, 64, 128, 256) == 2     # 145 column blocks
   assert decode_gemv.choose_splits(2816, 1024, 64, 128, 256) == 22    # 22 K tiles, 16 blocks
@@ -79,6 +108,14 @@ def test_lowers_to_one_triton_call_for_an_h100():
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert tuple(int(v) for v in re.findall(r"grid_[xy] = (\d+)", text)) == grid
     assert re.findall(r"num_warps = (\d+)", text) == ["4"]
+  # The 512M MLP's down product on the gate/up product's 4 partials (F = 2816: 11 K tiles of
+  # 256 at block_k 512; 16 column blocks, split 11 ways).
+  fn = functools.partial(gemv_swiglu_pallas, block_k=512, interpret=False)
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
+        sds((4, 1, 2 * 2816), jnp.float32), sds((2816, 1024), jnp.bfloat16)).mlir_module()
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  assert tuple(int(v) for v in re.findall(r"grid_[xy] = (\d+)", text)) == (16, 11)
   fn = functools.partial(gemv_pallas, interpret=False, num_warps=8)   # DecodeConfig.gemv_num_warps
   with jax.sharding.use_abstract_mesh(mesh):
     text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
@@ -100,7 +137,8 @@ def test_errors_name_the_argument(kwargs, match):
 
 
 @pytest.mark.parametrize("field, value", [("gemv", 1), ("gemv_block_n", 48), ("gemv_block_k", 8),
-                                          ("gemv_min_programs", 0), ("gemv_num_warps", 3)])
+                                          ("gemv_min_programs", 0), ("gemv_num_warps", 3),
+                                          ("gemv_swiglu", 1), ("conv_ring", None)])
 def test_decode_config_refuses_bad_gemv_settings(field, value):
   with pytest.raises(ValueError, match=field):
     DecodeConfig(**{field: value})
@@ -158,6 +196,34 @@ def test_decode_step_with_the_gemv_equals_the_xla_products(variant):
   np.testing.assert_allclose(gemv, xla, rtol=1e-5, atol=1e-5)
   per_layer = 2 + 2    # mixer in / out, MLP gate-up / down
   assert len(calls) == per_layer * cfg.num_layers + 1
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_batch_1_decode_step_chains_the_mlp_gemvs(swiglu):
+  """At batch 1 with the GEMV, the MLP's down product reads the gate/up product's partials
+  itself (DecodeConfig.gemv_swiglu; off: the XLA SiLU product between two GEMVs): once per
+  layer, and the logits are the XLA step's."""
+  cfg = DECODE_VARIANTS["untied"]
+  model = make(cfg, seed=13)
+  prompt = jax.random.randint(jax.random.key(13), (1, 5), 0, 64)
+  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
+  token = jnp.argmax(logits[:, 0], -1)
+  calls = []
+  real = decode_gemv.gemv_swiglu_pallas
+
+  def counting(*a, **k):
+    calls.append(a[0].shape)
+    return real(*a, **k)
+
+  decode_gemv.gemv_swiglu_pallas = counting
+  try:
+    fused = model.decode_step(token, cache, impl="xla", decode_config=DecodeConfig(
+        gemv=True, gemv_block_n=16, gemv_swiglu=swiglu))[0]
+  finally:
+    decode_gemv.gemv_swiglu_pallas = real
+  np.testing.assert_allclose(fused, model.decode_step(token, cache, impl="xla")[0], rtol=1e-5,
+                             atol=1e-5)
+  assert len(calls) == (cfg.num_layers if swiglu else 0)
 
 
 def test_generate_with_the_gemv_samples_the_xla_tokens():
