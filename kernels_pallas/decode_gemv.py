@@ -50,6 +50,24 @@ def choose_splits(K: int, N: int, block_n: int, block_k: int, min_programs: int)
   return tiles
 
 
+def _tiling(where, K, N, block_n, block_k, splits, min_programs, interpret):
+  """(K tile, K splits, K per split) of a product with K rows of W and N columns; ValueError
+  naming the setting that does not fit."""
+  for name, value in (("block_n", block_n), ("block_k", block_k)):
+    if value < 1 or value & (value - 1):
+      raise ValueError(f"{where}: `{name}`={value}; expected a power of two (Triton blocks).")
+  bk = block_k_for(K, block_k)
+  if not interpret and bk < 16:
+    raise ValueError(f"{where}: K={K} has no power-of-two factor ≥ 16 for the K tile; "
+                     "expected K divisible by 16, or the XLA product.")
+  tiles = K // bk
+  S = splits or choose_splits(K, N, block_n, bk, min_programs)
+  if tiles % S:
+    raise ValueError(f"{where}: `splits`={S} does not divide the {tiles} K tiles of {bk}; "
+                     "expected a divisor (or None).")
+  return bk, S, K // S
+
+
 def _swiglu_tile(gate_ref, up_ref, ks, dtype):
   """[1, BK] float32: SiLU(g) · u of the K tile `ks`, g and u the sums of their split partials
   ([S_in, 1, Ks] blocks), each rounded to `dtype` as the unfused step's products and the
@@ -128,19 +146,7 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
   if not 1 <= B <= MAX_ROWS:
     raise ValueError(f"gemv_pallas: batch {B}; expected 1 … {MAX_ROWS} (larger batches are "
                      "GEMMs: layers.decode_dot without the GEMV).")
-  for name, value in (("block_n", block_n), ("block_k", block_k)):
-    if value < 1 or value & (value - 1):
-      raise ValueError(f"gemv_pallas: `{name}`={value}; expected a power of two (Triton blocks).")
-  bk = block_k_for(K, block_k)
-  if not interpret and bk < 16:
-    raise ValueError(f"gemv_pallas: K={K} has no power-of-two factor ≥ 16 for the K tile; "
-                     "expected K divisible by 16, or the XLA product.")
-  tiles = K // bk
-  S = splits or choose_splits(K, N, block_n, bk, min_programs)
-  if tiles % S:
-    raise ValueError(f"gemv_pallas: `splits`={S} does not divide the {tiles} K tiles of {bk}; "
-                     "expected a divisor (or None).")
-  Ks = K // S
+  bk, S, Ks = _tiling("gemv_pallas", K, N, block_n, block_k, splits, min_programs, interpret)
   R = 1 if B == 1 else DOT_ROWS
   x = x_BxK if R == B else jnp.pad(x_BxK, ((0, R - B), (0, 0)))
   w_block = (block_n, Ks) if transposed else (Ks, block_n)
@@ -181,16 +187,8 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
     raise ValueError(f"gemv_swiglu_pallas: gate_up {gate_up_SxBx2F.shape} and W {w_FxN.shape}; "
                      "expected gate_up [S_in, 1, 2·F] with S_in a power of two (its split "
                      "partials; batch 1) and W [F, N].")
-  bk = block_k_for(F, block_k)
-  if not interpret and bk < 16:
-    raise ValueError(f"gemv_swiglu_pallas: F={F} has no power-of-two factor ≥ 16 for the K "
-                     "tile; expected F divisible by 16, or the XLA product.")
-  tiles = F // bk
-  S = splits or choose_splits(F, N, block_n, bk, min_programs)
-  if tiles % S:
-    raise ValueError(f"gemv_swiglu_pallas: `splits`={S} does not divide the {tiles} K tiles of "
-                     f"{bk}; expected a divisor (or None).")
-  Ks = F // S
+  bk, S, Ks = _tiling("gemv_swiglu_pallas", F, N, block_n, block_k, splits, min_programs,
+                      interpret)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
                         transposed=False, swiglu_dtype=w_FxN.dtype),

@@ -170,60 +170,39 @@ def test_decode_dot_takes_the_default_config_when_given_none(monkeypatch):
   assert calls == [(1, 64)]
 
 
-@pytest.mark.parametrize("variant", sorted(DECODE_VARIANTS))
-def test_decode_step_with_the_gemv_equals_the_xla_products(variant):
-  """Every weight product of a decode step (in-projections, output, MLP, read-out; attention's
-  too) through the GEMV: the same logits up to float32 rounding."""
-  cfg = DECODE_VARIANTS[variant]
-  model = make(cfg, seed=11)
-  prompt = jax.random.randint(jax.random.key(11), (2, 5), 0, 64)
+def _gemv_step_against_xla(monkeypatch, kernel, variant, batch, seed, **config):
+  """(the decode step's logits with DecodeConfig(gemv=True, gemv_block_n=16, **config), the XLA
+  step's, the number of calls of decode_gemv.`kernel`)."""
+  model = make(DECODE_VARIANTS[variant], seed=seed)
+  prompt = jax.random.randint(jax.random.key(seed), (batch, 5), 0, 64)
   logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
   token = jnp.argmax(logits[:, 0], -1)
-  calls = []
-  real = decode_gemv.gemv_pallas
+  calls, real = [], getattr(decode_gemv, kernel)
+  monkeypatch.setattr(decode_gemv, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
+  gemv = model.decode_step(token, cache, impl="xla", decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, **config))[0]
+  return gemv, model.decode_step(token, cache, impl="xla")[0], len(calls)
 
-  def counting(*a, **k):
-    calls.append(a[1].shape)
-    return real(*a, **k)
 
-  decode_gemv.gemv_pallas = counting
-  try:
-    gemv = model.decode_step(token, cache, impl="xla",
-                             decode_config=DecodeConfig(gemv=True, gemv_block_n=16))[0]
-  finally:
-    decode_gemv.gemv_pallas = real
-  xla = model.decode_step(token, cache, impl="xla")[0]
+@pytest.mark.parametrize("variant", sorted(DECODE_VARIANTS))
+def test_decode_step_with_the_gemv_equals_the_xla_products(monkeypatch, variant):
+  """Every weight product of a decode step (in-projections, output, MLP, read-out; attention's
+  too) through the GEMV: the same logits up to float32 rounding."""
+  gemv, xla, calls = _gemv_step_against_xla(monkeypatch, "gemv_pallas", variant, 2, 11)
   np.testing.assert_allclose(gemv, xla, rtol=1e-5, atol=1e-5)
   per_layer = 2 + 2    # mixer in / out, MLP gate-up / down
-  assert len(calls) == per_layer * cfg.num_layers + 1
+  assert calls == per_layer * DECODE_VARIANTS[variant].num_layers + 1
 
 
 @pytest.mark.parametrize("swiglu", [True, False])
-def test_batch_1_decode_step_chains_the_mlp_gemvs(swiglu):
+def test_batch_1_decode_step_chains_the_mlp_gemvs(monkeypatch, swiglu):
   """At batch 1 with the GEMV, the MLP's down product reads the gate/up product's partials
   itself (DecodeConfig.gemv_swiglu; off: the XLA SiLU product between two GEMVs): once per
   layer, and the logits are the XLA step's."""
-  cfg = DECODE_VARIANTS["untied"]
-  model = make(cfg, seed=13)
-  prompt = jax.random.randint(jax.random.key(13), (1, 5), 0, 64)
-  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
-  token = jnp.argmax(logits[:, 0], -1)
-  calls = []
-  real = decode_gemv.gemv_swiglu_pallas
-
-  def counting(*a, **k):
-    calls.append(a[0].shape)
-    return real(*a, **k)
-
-  decode_gemv.gemv_swiglu_pallas = counting
-  try:
-    fused = model.decode_step(token, cache, impl="xla", decode_config=DecodeConfig(
-        gemv=True, gemv_block_n=16, gemv_swiglu=swiglu))[0]
-  finally:
-    decode_gemv.gemv_swiglu_pallas = real
-  np.testing.assert_allclose(fused, model.decode_step(token, cache, impl="xla")[0], rtol=1e-5,
-                             atol=1e-5)
-  assert len(calls) == (cfg.num_layers if swiglu else 0)
+  fused, xla, calls = _gemv_step_against_xla(monkeypatch, "gemv_swiglu_pallas", "untied", 1, 13,
+                                             gemv_swiglu=swiglu)
+  np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
+  assert calls == (DECODE_VARIANTS["untied"].num_layers if swiglu else 0)
 
 
 def test_generate_with_the_gemv_samples_the_xla_tokens():
