@@ -101,8 +101,8 @@ def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, t
     return (next_B, cache), token_B
 
   rngs = jax.random.split(rng, max_new_tokens - 1)
-  pos_NxW = jnp.broadcast_to((jnp.arange(max_new_tokens - 1, dtype=jnp.int32) % W)[:, None],
-                             (max_new_tokens - 1, W))
+  pos_NxW = (jnp.broadcast_to((jnp.arange(max_new_tokens - 1, dtype=jnp.int32) % W)[:, None],
+                              (max_new_tokens - 1, W)) if rings else None)   # None: no scan input
   (last_B, cache), tokens_NxB = jax.lax.scan(step, (token_B, cache), (rngs, pos_NxW))
   if rings:
     cache = conv_states(cache, (max_new_tokens - 1) % W)

@@ -238,10 +238,7 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   if decode_config.use_gemv(B, contract_dim=x_BxD.shape[1]):
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
     y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1,
-                                block_n=decode_config.gemv_block_n,
-                                block_k=decode_config.gemv_block_k,
-                                min_programs=decode_config.gemv_min_programs,
-                                num_warps=decode_config.gemv_num_warps)
+                                **decode_config.gemv_launch)
     return y.astype(jnp.result_type(x_BxD, w))
   x = x_BxD if B >= matmul_rows else jnp.pad(x_BxD, ((0, matmul_rows - B), (0, 0)))
   if w_contract == 0:
@@ -268,13 +265,11 @@ def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 
   if (B == 1 and cfg.gemv_swiglu and cfg.use_gemv(1, contract_dim=D)
       and cfg.use_gemv(1, contract_dim=F) and all(l.multiplier == 1.0 for l in gate_up_linears)):
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
-    tiles = dict(block_n=cfg.gemv_block_n, block_k=cfg.gemv_block_k,
-                 min_programs=cfg.gemv_min_programs, num_warps=cfg.gemv_num_warps)
     parts = decode_gemv.gemv_pallas(x_BxD.astype(w_gate_up.dtype), w_gate_up, sum_splits=False,
-                                    **tiles)                                # [S, 1, 2F]
+                                    **cfg.gemv_launch)                      # [S, 1, 2F]
     if parts.shape[0] & (parts.shape[0] - 1):    # the kernel takes a power of two of partials
       parts = jnp.sum(parts, axis=0, keepdims=True)
-    y = decode_gemv.gemv_swiglu_pallas(parts, w_down, **tiles)
+    y = decode_gemv.gemv_swiglu_pallas(parts, w_down, **cfg.gemv_launch)
     return y.astype(jnp.result_type(x_BxD, w_down))
   gu = scale_columns(decode_dot(x_BxD, w_gate_up, matmul_rows, decode_config=decode_config),
                      gate_up_linears)
@@ -360,6 +355,7 @@ class GatedDeltaNet(nnx.Module):
     self.o_proj = Linear(H * V, D, **lin)
     self.use_gate, self.use_short_conv = c.use_gate, c.use_short_conv
     self.allow_neg_eigval = c.allow_neg_eigval
+    self.beta_scale = 2.0 if c.allow_neg_eigval else 1.0   # β = beta_scale · σ(W_b x)
     self.chunk_size, self.rule_impl = c.chunk_size, c.rule_impl
     self.fuse_projections = c.fuse_projections
     self.qk_scale = K ** -0.5
@@ -419,7 +415,7 @@ class GatedDeltaNet(nnx.Module):
   def _gates(self, x, projected=None):
     """β = σ(W_b x) (or 2σ), g = −exp(A_log) softplus(W_a x + dt_bias), float32."""
     b = (projected['b'] if projected else self.b_proj(x)).astype(jnp.float32)
-    beta = jax.nn.sigmoid(b) * (2.0 if self.allow_neg_eigval else 1.0)
+    beta = jax.nn.sigmoid(b) * self.beta_scale
     a = (projected['a'] if projected else self.a_proj(x)).astype(jnp.float32)
     g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
         a + self.dt_bias[...].astype(jnp.float32))
@@ -512,15 +508,15 @@ class GatedDeltaNet(nnx.Module):
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
       y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows,
                                      decode_config=decode_config), projs)
-    with jax.named_scope("conv_gates"):
-      beta = (jax.nn.sigmoid(y[:, -H:].astype(jnp.float32))
-              * (2.0 if self.allow_neg_eigval else 1.0))
-      g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
-          y[:, -2 * H:-H].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+
+    def gates():   # (β, g) from y's last 2H columns, W_a x and W_b x
+      with jax.named_scope("conv_gates"):
+        return self._gates(None, {'a': y[:, -2 * H:-H], 'b': y[:, -H:]})
+
     if impl == "pallas_fused" and self.use_short_conv and 'ring_q' in cache:
       # The conv state as rings (`generate` converts it once per call; decode_fused.py): no window
       # is built and no state cut from it; the kernel writes this token's input into row pos,
-      # and makes the gates itself (g and β above are then unused, and not computed).
+      # and makes the gates itself.
       from kernels_pallas.decode_fused import gdn_decode_fused_ring_pallas
       with jax.named_scope("rule"):
         rings = (cache['ring_q'], cache['ring_k'], cache['ring_v'])
@@ -529,12 +525,13 @@ class GatedDeltaNet(nnx.Module):
             cache['ring_pos'], rings, y, w['conv'], self.A_log[...], self.dt_bias[...],
             cache['S'], num_heads=Hk, head_k_dim=K, scale=self.qk_scale,
             qk_norm_eps=self.qk_norm_eps, gate_columns=(N - 2 * H, N - H),
-            beta_scale=2.0 if self.allow_neg_eigval else 1.0, **launch)
+            beta_scale=self.beta_scale, **launch)
         new_cache.update(zip(('ring_q', 'ring_k', 'ring_v'), rings))
     elif impl == "pallas_fused" and self.use_short_conv:
       # The conv, SiLU, L2 norms and the rule in one kernel; the window is the conv state with
       # this token appended, and its last W − 1 inputs are the new conv state.
       from kernels_pallas.decode_fused import gdn_decode_fused_pallas
+      beta, g = gates()
       with jax.named_scope("rule"):
         conv = cache['conv']
         window = jnp.concatenate([conv, y[:, None, :C].astype(conv.dtype)], axis=1)
@@ -543,6 +540,7 @@ class GatedDeltaNet(nnx.Module):
             window, w['conv'], g, beta, cache['S'], num_heads=Hk, head_k_dim=K,
             scale=self.qk_scale, qk_norm_eps=self.qk_norm_eps, **launch)
     else:
+      beta, g = gates()
       with jax.named_scope("conv_gates"):
         if self.use_short_conv:
           f, new_cache['conv'] = short_conv_step(y[:, :C], cache['conv'], w['conv'])

@@ -142,6 +142,12 @@ class DecodeConfig:
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected 1, 2, 4, 8 "
                          "or 16.")
 
+  @property
+  def gemv_launch(self) -> dict:
+    """The GEMV kernels' tile, split and warp keyword arguments (`decode_gemv`)."""
+    return dict(block_n=self.gemv_block_n, block_k=self.gemv_block_k,
+                min_programs=self.gemv_min_programs, num_warps=self.gemv_num_warps)
+
   def use_gemv(self, batch: int, backend: str | None = None, contract_dim: int | None = None
                ) -> bool:
     """Whether a decode step's weight product at this batch goes through the Pallas GEMV (`gemv`;
