@@ -13,8 +13,7 @@ Two inner loops, by batch:
   over k once, after the last tile (no reduction across warps inside the loop);
 - 2 ≤ B ≤ 8: x is padded to 16 rows (the smallest tensor-core tile) and each tile is one
   product of [16, BK] × [BK, BN] into a [16, BN] float32 accumulator.
-(The first version summed every tile across warps once per row of x; on an H100 it was 1.4× the
-XLA products at B1 and 20× at B8: experiments/NOTES_decode.md, 2026-12-07.)
+(What an earlier version did instead, and its timings: experiments/NOTES_decode.md.)
 
 The S splits of K give enough programs when N / BN alone would leave SMs idle (the MLP's down
 product: N = 1024); their sum is left to XLA, which can fuse it into the consumer's elementwise
