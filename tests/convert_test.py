@@ -498,3 +498,13 @@ def test_lm_head_init_std_is_init_only_and_exports():
   from gdn_jax.model import ModelConfig
   assert (convert.model_config_to_fla_config(ModelConfig(lm_head_init_std=0.08))
           == convert.model_config_to_fla_config(ModelConfig()))
+
+
+@pytest.mark.parametrize("field,value", [("loss_chunk_size", 64), ("fuse_projections", True),
+                                         ("conv_impl", "pallas")])
+def test_compute_knobs_export_like_the_default(field, value):
+  """How a model is computed (the fused loss's chunk, one product for the projections, the
+  conv's kernel) is not part of its checkpoint: such a model exports to the same fla config."""
+  from gdn_jax.model import ModelConfig
+  assert (convert.model_config_to_fla_config(ModelConfig(**{field: value}))
+          == convert.model_config_to_fla_config(ModelConfig()))

@@ -99,7 +99,8 @@ FLA_DEFAULTS = dict(attn_mode="chunk", expand_v=2.0, use_gate=True, use_short_co
 FLA_REQUIRED = ("hidden_size", "num_heads", "head_dim", "num_hidden_layers", "vocab_size")
 FLA_ATTN_MODES = ("chunk", "fused_recurrent")   # kernels of the same math
 # ModelConfig fields that say how to compute, not what: not part of a checkpoint.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "chunk_size", "rule_impl")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "chunk_size", "rule_impl", "loss_chunk_size",
+                  "fuse_projections", "conv_impl")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
