@@ -27,8 +27,10 @@ Per config (batch × seq_len tokens a step, bf16 compute, float32 parameters and
   Pallas kernels on GPU (`--rule_impls=auto,chunked` adds the XLA rule as a row;
   `--loss_chunk_sizes=0,4096` adds rows with the LM head and the loss fused over chunks of 4096
   tokens, ModelConfig.loss_chunk_size; `--fuse_projections=0,1` rows with the GDN input projections
-  and the MLP's gate/up as one product each, ModelConfig.fuse_projections). "pipelined ms" is the
-  mean of `--steps` more steps without waiting between them, as the trainer runs them.
+  and the MLP's gate/up as one product each, ModelConfig.fuse_projections; `--conv_impls=xla,pallas`
+  rows with the short conv of q, k, v in the Pallas kernels, ModelConfig.conv_impl: the rows are
+  the product of the four lists). "pipelined ms" is the mean of `--steps` more steps without waiting
+  between them, as the trainer runs them.
 - fla: `GatedDeltaNetForCausalLM` with the config bench_decode.FlaBench builds (same sizes),
   float32 parameters, `torch.autocast(bfloat16)`, `torch.optim.AdamW(fused=True)` with the
   trainer config's lr, betas, eps and weight decay; a step is loss = model(input_ids,
@@ -43,13 +45,15 @@ Per config (batch × seq_len tokens a step, bf16 compute, float32 parameters and
 - tokens/s = batch · seq_len / step s; MFU = gdn_jax.model.flops_per_token (forward + backward,
   the chunked rule included) × tokens / step s / the device's dense bf16 peak
   (`gdn_jax.train.peak_flops`; `--peak_tflops` overrides it), the same model FLOPs for both sides.
-- A jax.profiler trace of `--profile_steps` gdn-jax steps, summarised as device ms per step by
+- A jax.profiler trace of `--profile_steps` gdn-jax steps (the first row of each conv impl, so
+  `--conv_impls=pallas,xla` profiles both convs in one run), summarised as device ms per step by
   part of the model and by kernel kind. The training forward has no named scopes, so each
   kernel's part is read from the call stack XLA keeps for every HLO instruction (its stack frame
-  tables): rule, in_proj (with the mixer's norm), conv_gates, out_proj, mlp, head, loss, embed,
-  each fwd / bwd (jvp / transpose in its op name), and the optimizer (clipping, the gradient norm,
-  AdamW, the update); kinds are kernel-name patterns (Pallas/Triton rule kernels, gemm/cuBLAS
-  matmuls, reductions/norms, elementwise fusions, copies). Summed by bench_decode.summarize_trace.
+  tables): rule, in_proj (with the mixer's norm), conv_gates (the Pallas conv's kernels too),
+  out_proj, mlp, head, loss, embed, each fwd / bwd (jvp / transpose in its op name), and the
+  optimizer (clipping, the gradient norm, AdamW, the update); kinds are kernel-name patterns
+  (Pallas/Triton kernels: the rule's and the conv's, gemm/cuBLAS matmuls, reductions/norms,
+  elementwise fusions, copies). Summed by bench_decode.summarize_trace.
 
 Writes bench_train_<device>[_<configs>].json and .md into --out_dir ($OUT if set, else
 experiments/results/), rewritten after every row; a row that fails carries its error and the run
@@ -59,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import glob
 import json
@@ -70,6 +75,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -83,6 +89,7 @@ from flax import nnx  # noqa: E402
 from experiments import bench_decode  # noqa: E402
 from gdn_jax import sharding  # noqa: E402
 from gdn_jax.model import flops_per_token, num_params  # noqa: E402
+from gdn_jax.model_config import CONV_IMPLS  # noqa: E402
 from gdn_jax.ops import IMPLS, default_impl  # noqa: E402
 from gdn_jax.train import config as config_lib  # noqa: E402
 from gdn_jax.train.loop import jit_steps  # noqa: E402
@@ -109,6 +116,7 @@ class Options:
   rule_impls: tuple = ("auto",)        # gdn-jax rows: the model's rule_impl
   loss_chunk_sizes: tuple = (0,)       # × the model's loss_chunk_size (0: logits, then the loss)
   fuse_projections: tuple = (False,)   # × the model's fuse_projections
+  conv_impls: tuple = ("xla",)         # × the model's conv_impl
   fla: bool = True
   fla_modes: tuple = ("eager", "compile")
   fla_first: bool = True
@@ -142,6 +150,8 @@ def check_options(opts: Options):
   require(opts.fuse_projections and all(isinstance(b, bool) for b in opts.fuse_projections),
           "fuse_projections", ",".join(map(str, opts.fuse_projections)),
           "a comma-separated list of 0 / 1")
+  require(opts.conv_impls and all(c in CONV_IMPLS for c in opts.conv_impls), "conv_impls",
+          ",".join(map(str, opts.conv_impls)), f"a comma-separated list of {CONV_IMPLS}")
   require(all(m in FLA_MODES for m in opts.fla_modes), "fla_modes", ",".join(opts.fla_modes),
           f"a comma-separated list of {tuple(FLA_MODES)} (empty: none)")
   require(opts.peak_tflops >= 0, "peak_tflops", opts.peak_tflops,
@@ -160,11 +170,13 @@ def train_config(name: str, batch: int, seq_len: int, rule_impl: str = "auto"):
   return c
 
 
-def gdn_label(rule_impl: str, loss_chunk_size: int, fuse_projections: bool = False) -> str:
+def gdn_label(rule_impl: str, loss_chunk_size: int, fuse_projections: bool = False,
+              conv_impl: str = "xla") -> str:
   """A gdn-jax row's name: "gdn-jax" for the trainer's defaults, else what differs."""
   return ("gdn-jax" + ("" if rule_impl == "auto" else f" {rule_impl}")
           + (f" fused loss/{loss_chunk_size}" if loss_chunk_size else "")
-          + (" fused proj" if fuse_projections else ""))
+          + (" fused proj" if fuse_projections else "")
+          + ("" if conv_impl == "xla" else f" {conv_impl} conv"))
 
 
 def step_stats(row: dict, seconds: list, tokens: int, flops: float, peak: float | None) -> dict:
@@ -259,11 +271,12 @@ class GdnTrain:
 
 # ------------------------------------------------------------------- the profile's parts and kinds
 
-KINDS = ("rule kernels (Pallas/Triton)", "matmul (gemm/cuBLAS)", "convolution",
+KINDS = ("Pallas/Triton kernels", "matmul (gemm/cuBLAS)", "convolution",
          "reduction / norm", "gather / scatter", "copy / layout", "elementwise fusion", "other")
 # Files whose code is the rule (a custom_vjp's backward is traced under the train step, not under
 # gated_delta_rule: its frames are these files' functions).
 RULE_FILES = ("/gdn_jax/ops/", "/kernels_pallas/")
+CONV_FILE = "/kernels_pallas/short_conv.py"   # the Pallas conv (conv_impl "pallas"), not the rule
 
 
 def _hlo_table(hlo_text: str, name: str) -> list[str]:
@@ -313,7 +326,9 @@ def part_of_op(stack: list[tuple[str, str]], op_name: str) -> str:
   (the mixer's norm in in_proj, the residual add in mlp, the final norm in head)."""
   funcs = {fn for _, fn in stack}
   has = lambda *names: bool(funcs.intersection(names))
-  if has("gated_delta_rule") or any(d in file for file, _ in stack for d in RULE_FILES):
+  if any(file.endswith(CONV_FILE) for file, _ in stack):
+    part = "conv_gates"              # its custom_vjp backward's frames are short_conv.py's alone
+  elif has("gated_delta_rule") or any(d in file for file, _ in stack for d in RULE_FILES):
     part = "rule"
   elif has("Attention.__call__"):
     part = "attention"
@@ -404,9 +419,12 @@ def train_scopes(hlo_text: str) -> tuple[dict, dict]:
 
 def part_of_kernel(name: str) -> str:
   """A kernel's part when its HLO instruction was not found: the rule's Pallas kernels are
-  named gdn_* (kernels_pallas/gpu), matmul libraries' by their own patterns."""
+  named gdn_* (kernels_pallas/gpu), the conv's short_conv_* (kernels_pallas/short_conv.py),
+  matmul libraries' by their own patterns."""
   if name.startswith("gdn_"):
     return "rule (kernel name)"
+  if name.startswith("short_conv_"):  # its name says the phase: short_conv_fwd / short_conv_bwd
+    return "conv_gates " + name[len("short_conv_"):]
   if re.search(r"nvjet|gemm|cublas|cutlass|xmma", name, re.I):
     return "matmul (unmatched)"
   return "other"
@@ -414,7 +432,7 @@ def part_of_kernel(name: str) -> str:
 
 def kind_of_kernel(name: str) -> str:
   """A kernel's kind from its name alone (when its HLO instruction was not found)."""
-  if name.startswith("gdn_") or "triton" in name.lower():
+  if name.startswith(("gdn_", "short_conv_")) or "triton" in name.lower():
     return KINDS[0]
   if re.search(r"nvjet|gemm|cublas|cutlass|xmma|dot", name, re.I):
     return KINDS[1]
@@ -634,10 +652,12 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
     log(f"{row['config']} {row['impl']}: {row['error']}")
 
   def gdn_rows(name, config, flops):
-    variants = [(impl, lc, fuse) for impl in opts.rule_impls for lc in opts.loss_chunk_sizes
-                for fuse in opts.fuse_projections]
-    for i, (impl, lc, fuse) in enumerate(variants):
-      label = gdn_label(impl, lc, fuse)
+    variants = [(impl, lc, fuse, conv) for impl in opts.rule_impls
+                for lc in opts.loss_chunk_sizes for fuse in opts.fuse_projections
+                for conv in opts.conv_impls]
+    profiled = set()                   # conv impls whose first row was profiled
+    for impl, lc, fuse, conv in variants:
+      label = gdn_label(impl, lc, fuse, conv)
       if over_budget(f"{name} {label}"):
         continue
       row = base_row(name, label)
@@ -646,9 +666,10 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
         config.model.rule_impl = impl
         config.model.loss_chunk_size = lc
         config.model.fuse_projections = fuse
+        config.model.conv_impl = conv
         gdn = gdn_factory(config, device)
         mc = gdn.model_config
-        row.update(rule_impl=impl, loss_chunk_size=lc, fuse_projections=fuse,
+        row.update(rule_impl=impl, loss_chunk_size=lc, fuse_projections=fuse, conv_impl=conv,
                    init_s=gdn.init_s, compile_s=gdn.compile(), memory=gdn.memory())
         if impl == "auto":
           row["rule_impl_resolved"] = default_impl(device.platform, mc.head_k_dim, mc.head_v_dim)
@@ -664,7 +685,8 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
       res["rows"].append(row)
       save()
       if gdn is not None and gdn.compiled is not None and "error" not in row and opts.profile \
-          and i == 0 and not over_budget(f"{name} profile"):
+          and conv not in profiled and not over_budget(f"{name} profile"):
+        profiled.add(conv)
         try:
           res["profiles"][f"{name} {label}"] = p = gdn.profile(opts.profile_steps)
           if "error" not in p:
@@ -828,26 +850,36 @@ def markdown(res: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def main(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  del argv
-  f = flags.FLAGS
+def options_from_flags(f) -> Options:
+  """The Options of parsed absl flag values `f` (those `define_flags` defines)."""
   strs = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
-  opts = Options(configs=strs(f.configs), batch=f.batch, seq_len=f.seq_len, steps=f.steps,
+  return Options(configs=strs(f.configs), batch=f.batch, seq_len=f.seq_len, steps=f.steps,
                  warmup=f.warmup, rule_impls=strs(f.rule_impls),
                  loss_chunk_sizes=tuple(int(x) for x in strs(f.loss_chunk_sizes)),
                  fuse_projections=tuple(bool(int(x)) for x in strs(f.fuse_projections)),
+                 conv_impls=strs(f.conv_impls),
                  fla=f.fla,
                  fla_modes=strs(f.fla_modes), fla_first=f.fla_first, fla_clip=f.fla_clip,
                  fla_fuse_cross_entropy=f.fla_fuse_cross_entropy,
                  fla_lift_guard=f.fla_lift_guard, profile=f.profile,
                  profile_steps=f.profile_steps, peak_tflops=f.peak_tflops,
                  time_budget_s=f.time_budget_s, out_dir=f.out_dir)
-  run(opts)
 
 
-def define_flags():
+def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
+  del argv
+  run(options_from_flags(flags.FLAGS))
+
+
+def define_flags(flag_values=None):
+  """Defines the script's flags on `flag_values` (absl's global FLAGS when None; a test passes a
+  fresh FlagValues)."""
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+  fv = absl_flags.FLAGS if flag_values is None else flag_values
+  flags = types.SimpleNamespace(**{  # the DEFINE_* below, each defining on fv
+      name: functools.partial(getattr(absl_flags, name), flag_values=fv)
+      for name in ("DEFINE_string", "DEFINE_integer", "DEFINE_bool", "DEFINE_float")})
   d = Options()
   flags.DEFINE_string("configs", ",".join(d.configs), "Comma-separated model configs, in order: "
                       f"{', '.join(CONFIGS)} (93m: configs/gpu.py; 512m: bench_decode's).")
@@ -864,6 +896,9 @@ def define_flags():
                       "Comma-separated 0 / 1: the gdn-jax rows' ModelConfig.fuse_projections "
                       "(× rule_impls × loss_chunk_sizes; 1: the input projections as one "
                       "product).")
+  flags.DEFINE_string("conv_impls", ",".join(d.conv_impls), "Comma-separated "
+                      f"ModelConfig.conv_impl of the gdn-jax rows, from {CONV_IMPLS} (× the lists "
+                      "above; pallas: the short conv in kernels_pallas/short_conv.py).")
   flags.DEFINE_bool("fla", d.fla, "fla rows (needs torch, fla-core, flash-linear-attention).")
   flags.DEFINE_string("fla_modes", ",".join(d.fla_modes), "Comma-separated fla rows: eager, "
                       "compile (torch.compile(model)).")
@@ -877,7 +912,7 @@ def define_flags():
                     "guard of the gated backward (issue 640: wrong gradients) and time it anyway; "
                     "such rows are no valid comparison (default off: carry Triton ≥ 3.7.1).")
   flags.DEFINE_bool("profile", d.profile, "jax.profiler breakdown of the first gdn-jax row of "
-                    "each config.")
+                    "each config and conv impl.")
   flags.DEFINE_integer("profile_steps", d.profile_steps, "Steps in the profiled trace.")
   flags.DEFINE_float("peak_tflops", d.peak_tflops, "Dense bf16 peak TFLOP/s for MFU; 0: the "
                      "trainer's table (gdn_jax.train.PEAK_FLOPS).")

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gdn_jax.ops import gated_delta_rule
+from gdn_jax.ops import gated_delta_rule, sharded
 
 
 ROLES = ("embedding", "matrix", "qk_proj", "readout", "conv", "norm", "gate_proj",
@@ -181,14 +181,20 @@ class ShortConv(nnx.Module):
   fresh sequence), and inputs from another packed document (different segment id) count as 0.
   w ~ N(0, 1/W): variance-preserving over the W taps (fla's N(0, 0.02) would shrink v by ~50×
   and push the output RMSNorm into its eps regime at small widths).
+
+  `impl` (ModelConfig.conv_impl): "xla", the taps as XLA ops; "pallas", a call without a conv
+  state (training) runs `kernels_pallas.short_conv` (Triton; the interpreter off GPUs), whose
+  backward makes dx and dw in one pass. A call with a state (prefill from a cache) stays XLA.
   """
 
-  def __init__(self, channels: int, conv_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, channels: int, conv_size: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+               impl: str = "xla"):
     self.weight = param(_normal(rngs, (conv_size, channels), conv_size ** -0.5, param_dtype),
                         fan_in_axes=(0,), fan_out_axes=(1,), weight_decay=False, role="conv",
                         init_std=conv_size ** -0.5)
     self.conv_size = conv_size
     self.dtype = dtype
+    self.impl = impl
 
   def init_state(self, batch: int):
     return jnp.zeros((batch, self.conv_size - 1, self.weight.shape[1]), self.dtype)
@@ -198,9 +204,11 @@ class ShortConv(nnx.Module):
     B, T, C = x_BxTxC.shape
     W = self.conv_size
     x = x_BxTxC.astype(self.dtype)
+    w_WxC = self.weight[...].astype(self.dtype)
+    if self.impl == "pallas" and state_BxWxC is None:
+      return self._pallas(x, w_WxC, segment_ids_BxT)
     state = self.init_state(B) if state_BxWxC is None else state_BxWxC.astype(self.dtype)
     xp_BxPxC = jnp.concatenate([state, x], axis=1)                 # P = T + W − 1
-    w_WxC = self.weight[...].astype(self.dtype)
     if segment_ids_BxT is not None:  # the cached inputs continue the first document
       seg_BxP = jnp.concatenate(
           [jnp.repeat(segment_ids_BxT[:, :1], W - 1, axis=1), segment_ids_BxT], axis=1)
@@ -210,15 +218,36 @@ class ShortConv(nnx.Module):
       if segment_ids_BxT is not None:
         x_i = jnp.where((seg_BxP[:, i:i + T] == segment_ids_BxT)[..., None], x_i, 0)
       y = y + x_i.astype(jnp.float32) * w_WxC[i].astype(jnp.float32)
-    new_state = xp_BxPxC[:, T:]
-    if segment_ids_BxT is not None:
-      new_state = jnp.where((seg_BxP[:, T:] == segment_ids_BxT[:, -1:])[..., None], new_state, 0)
-    return jax.nn.silu(y).astype(self.dtype), new_state
+    return jax.nn.silu(y).astype(self.dtype), _conv_state_after(state, x, segment_ids_BxT)
+
+  def _pallas(self, x_BxTxC, w_WxC, segment_ids_BxT):
+    """`__call__` without a conv state through `kernels_pallas.short_conv` (same outputs)."""
+    from kernels_pallas.short_conv import short_conv_silu  # pylint: disable=import-outside-toplevel
+    if sharded.mapped_mesh() is not None:
+      raise ValueError("ShortConv: conv_impl='pallas' runs one kernel over the whole batch (no "
+                       "per-device mapping yet) and would gather its operands under the mesh "
+                       f"{dict(jax.sharding.get_abstract_mesh().shape)}; use conv_impl='xla' "
+                       "there.")
+    y = short_conv_silu(x_BxTxC, w_WxC, segment_ids_BxT)
+    state = self.init_state(x_BxTxC.shape[0])
+    return y, _conv_state_after(state, x_BxTxC, segment_ids_BxT)
 
   def step(self, x_BxC, state_BxWxC):
     """One token: window = [state, x]; returns (y [B, C], window without its oldest input)."""
     return short_conv_step(x_BxC, state_BxWxC.astype(self.dtype),
                            self.weight[...].astype(self.dtype))
+
+
+def _conv_state_after(state_BxWxC, x_BxTxC, segment_ids_BxT):
+  """The conv state after x: the last W−1 inputs of [state, x], zeroed where they belong to
+  another document than x's last token (the state continues x's first document)."""
+  T, keep = x_BxTxC.shape[1], min(x_BxTxC.shape[1], state_BxWxC.shape[1])   # x's rows kept
+  tail = jnp.concatenate([state_BxWxC, x_BxTxC[:, T - keep:]], axis=1)[:, keep:]
+  if segment_ids_BxT is None:
+    return tail
+  seg = jnp.concatenate([jnp.repeat(segment_ids_BxT[:, :1], state_BxWxC.shape[1], axis=1),
+                         segment_ids_BxT[:, T - keep:]], axis=1)[:, keep:]
+  return jnp.where((seg == segment_ids_BxT[:, -1:])[..., None], tail, 0)
 
 
 def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_config=None):
@@ -336,7 +365,7 @@ class GatedDeltaNet(nnx.Module):
     self.a_proj = Linear(D, H, **lin, role="gate_proj")
     self.b_proj = Linear(D, H, **lin, role="gate_proj")
     if c.use_short_conv:
-      conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=c.conv_impl)
       self.q_conv = ShortConv(Hk * K, c.conv_size, **conv)
       self.k_conv = ShortConv(Hk * K, c.conv_size, **conv)
       self.v_conv = ShortConv(H * V, c.conv_size, **conv)

@@ -8,6 +8,7 @@ import dataclasses
 from gdn_jax.ops import IMPLS
 
 DTYPES = ("float32", "bfloat16", "float16")
+CONV_IMPLS = ("xla", "pallas")   # ShortConv's training path (gdn_jax.layers)
 LAYER_KINDS = {"G": "GDN mixer", "A": "full causal attention", "S": "sliding-window attention"}
 
 
@@ -55,6 +56,11 @@ class ModelConfig:
     fuse_projections: the GDN mixer's input projections (q, k, v, gate, a, b) as one product and
       the MLP's gate and up as another (gdn_jax.layers.fused_linears); parameters stay separate.
       A compute knob, like loss_chunk_size.
+    conv_impl: the short conv of q, k, v in training (calls without a conv state): "xla" (its
+      taps as XLA ops) or "pallas" (kernels_pallas/short_conv.py: a Triton kernel per direction,
+      the backward making dx and every tap's dw in one pass; the interpreter off GPUs; one device,
+      no mesh). Prefill from a cache and decoding stay XLA. A compute knob, like
+      loss_chunk_size; opt-in until measured on a GPU.
 
   Hybrid models (gdn_jax.attention; all ignored while layer_pattern has no 'A' or 'S'):
     layer_pattern: one letter per block, tiled to num_layers: 'G' GDN, 'A' full causal attention,
@@ -96,6 +102,7 @@ class ModelConfig:
   rule_impl: str = "auto"
   loss_chunk_size: int = 0
   fuse_projections: bool = False
+  conv_impl: str = "xla"
   layer_pattern: str = ""
   num_attn_heads: int | None = None
   num_kv_heads: int | None = None
@@ -144,6 +151,9 @@ class ModelConfig:
     if not isinstance(self.fuse_projections, bool):
       raise ValueError(f"ModelConfig: `fuse_projections`={self.fuse_projections!r}; expected "
                        "True or False.")
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f"ModelConfig: `conv_impl`={self.conv_impl!r}; expected one of "
+                       f"{CONV_IMPLS} (the short conv's training path).")
     c = self.chunk_size
     if not isinstance(c, int) or c < 16 or c > 128 or c & (c - 1):
       raise ValueError(f"ModelConfig: `chunk_size`={c!r}; expected a power of two in [16, 128].")

@@ -215,6 +215,61 @@ def test_fused_loss_rows_time_the_same_training_and_profile_it_as_the_loss(tmp_p
   parts = set(bench_train.train_scopes(made[1].compiled.as_text())[0].values())
   assert {"loss fwd", "loss bwd", "rule fwd", "rule bwd", "head fwd"} <= parts, parts
 
+def test_conv_impl_rows_train_alike_and_profile_the_pallas_conv_as_the_conv(tmp_path):
+  """--conv_impls=xla,pallas: a row per conv impl (the Pallas kernels interpreted on CPU), the
+  same first loss (bf16 compute: within bf16 error), both profiled, and the Pallas conv's
+  kernels (forward and its custom VJP's backward) counted as conv_gates, not as the rule."""
+  made = []
+
+  def gdn_factory(config, device):
+    g = bench_train.GdnTrain(config, device)
+    made.append(g)
+    return g
+
+  opts = bench_train.Options(configs=("tiny",), batch=B, seq_len=T, steps=1, warmup=0,
+                             conv_impls=("xla", "pallas"), fla=False, profile_steps=1,
+                             out_dir=str(tmp_path))
+  res = bench_train.run(opts, log=lambda *a: None, gdn_factory=gdn_factory)
+  assert [r["impl"] for r in res["rows"]] == ["gdn-jax", "gdn-jax pallas conv"]
+  assert [g.model_config.conv_impl for g in made] == ["xla", "pallas"]
+  xla, pallas = res["rows"]
+  assert "error" not in pallas and pallas["step_ms"] > 0 and pallas["conv_impl"] == "pallas"
+  assert xla["conv_impl"] == "xla"
+  assert abs(pallas["loss_step1"] - xla["loss_step1"]) < 2e-2
+  assert set(res["profiles"]) == {"tiny gdn-jax", "tiny gdn-jax pallas conv"}   # one per conv
+  stacks = bench_train.stack_functions(made[1].compiled.as_text())
+  part_of, _ = bench_train.train_scopes(made[1].compiled.as_text())
+  parts = set(part_of.values())
+  assert {"conv_gates fwd", "conv_gates bwd", "rule fwd", "rule bwd"} <= parts, parts
+  conv_frames = [s for s in stacks.values()
+                 if any(f.endswith(bench_train.CONV_FILE) for f, _ in s)]
+  assert conv_frames                                      # the kernels' ops are in the step
+  assert all(bench_train.part_of_op(s, "transpose(jvp())") == "conv_gates bwd"
+             for s in conv_frames)
+
+
+def test_flags_parse_into_options():
+  """The GPU A/B's command line: --conv_impls=pallas,xla gives both rows' conv impls, in order."""
+  from absl import flags
+  fv = flags.FlagValues()
+  bench_train.define_flags(fv)
+  fv(["bench_train", "--configs=512m", "--conv_impls=pallas,xla", "--nofla"])
+  opts = bench_train.options_from_flags(fv)
+  assert opts.configs == ("512m",) and opts.conv_impls == ("pallas", "xla") and not opts.fla
+  assert opts.profile and opts.fuse_projections == (False,)
+  bench_train.check_options(opts)
+  fv.unparse_flags()
+  fv(["bench_train"])
+  assert bench_train.options_from_flags(fv) == bench_train.Options()   # the defaults agree
+
+
+def test_gdn_label_names_what_differs_from_the_defaults():
+  assert bench_train.gdn_label("auto", 0) == "gdn-jax"
+  assert bench_train.gdn_label("auto", 0, False, "xla") == "gdn-jax"
+  assert bench_train.gdn_label("chunked", 8, True, "pallas") == (
+      "gdn-jax chunked fused loss/8 fused proj pallas conv")
+
+
 _HLO = '''FileNames
 1 "/w/gdn_jax/train/step.py"
 2 "/w/gdn_jax/model.py"
@@ -271,7 +326,7 @@ def test_profile_parts_kinds_and_phases_from_a_trace():
   assert part_of["wrapped_negate"] == "mlp fwd"          # no stack: its computation's root's
   assert kind_of["wrapped_negate"] == "elementwise fusion"
   assert part_of["custom-call.3"] == "rule bwd"           # a custom_vjp backward in gdn_jax/ops
-  assert kind_of["custom-call.3"] == "rule kernels (Pallas/Triton)"
+  assert kind_of["custom-call.3"] == "Pallas/Triton kernels"
   assert part_of["input_reduce_fusion.4"] == "optimizer"
   ev = lambda start, dur, op: types.SimpleNamespace(start_ns=start, duration_ns=dur,
                                                     name=f"k_{op}", stats=[("hlo_op", op)])
@@ -283,7 +338,7 @@ def test_profile_parts_kinds_and_phases_from_a_trace():
   assert p["ms_per_step_by_part"] == {"mlp fwd": 4.5, "rule bwd": 4.0, "optimizer": 1.0}
   assert p["ms_per_step_by_phase"] == {"fwd": 4.5, "bwd": 4.0, "optimizer": 1.0}
   assert p["ms_per_step_by_kind"] == {"matmul (gemm/cuBLAS)": 4.0,
-                                      "rule kernels (Pallas/Triton)": 4.0,
+                                      "Pallas/Triton kernels": 4.0,
                                       "reduction / norm": 1.0, "elementwise fusion": 0.5}
   assert p["device_busy_ms_per_step"] == 9.5 and p["idle_gap_ms_per_step"] == 0.5
   res = {"date": "d", "device": "H100", "versions": {"jax": "x"}, "xla_flags": "",
@@ -292,7 +347,7 @@ def test_profile_parts_kinds_and_phases_from_a_trace():
          "fla": {}, "skipped": [], "profiles": {"93m gdn-jax": p}}
   md = bench_train.markdown(res)
   assert "| rule bwd | 4.000 | 42.1% |" in md
-  assert "| `k_custom-call.3` | 0.5 | 4.000 | rule bwd | rule kernels (Pallas/Triton) |" in md
+  assert "| `k_custom-call.3` | 0.5 | 4.000 | rule bwd | Pallas/Triton kernels |" in md
 
 
 
@@ -306,7 +361,9 @@ def test_compile_settings_apply_where_torch_has_them():
   assert dynamo.config.recompile_limit == 64 and dynamo.config.allow_unspec_int_on_nn_module
 
 @pytest.mark.parametrize("name, part, kind", [
-    ("gdn_walk_bwd", "rule (kernel name)", "rule kernels (Pallas/Triton)"),
+    ("gdn_walk_bwd", "rule (kernel name)", "Pallas/Triton kernels"),
+    ("short_conv_bwd", "conv_gates bwd", "Pallas/Triton kernels"),
+    ("short_conv_fwd", "conv_gates fwd", "Pallas/Triton kernels"),
     ("nvjet_sm90_tst_128x160_64x5_1x2_h_bz_NNT", "matmul (unmatched)", "matmul (gemm/cuBLAS)"),
     ("input_add_reduce_fusion_1", "other", "reduction / norm"),
     ("loop_multiply_fusion_23", "other", "elementwise fusion"),
@@ -321,7 +378,8 @@ def test_unmatched_kernels_are_named_from_their_kernel_names(name, part, kind):
     ("configs", ("93m", "1b"), "--configs"), ("batch", 0, "--batch"), ("seq_len", -1, "--seq_len"),
     ("steps", 0, "--steps"), ("warmup", -1, "--warmup"), ("rule_impls", ("fast",), "--rule_impls"),
     ("fla_modes", ("jit",), "--fla_modes"), ("loss_chunk_sizes", (0, -8), "--loss_chunk_sizes"),
-    ("fuse_projections", (1,), "--fuse_projections"), ("peak_tflops", -1.0, "--peak_tflops"),
+    ("fuse_projections", (1,), "--fuse_projections"), ("conv_impls", ("triton",), "--conv_impls"),
+    ("conv_impls", (), "--conv_impls"), ("peak_tflops", -1.0, "--peak_tflops"),
     ("time_budget_s", 0.0, "--time_budget_s")])
 def test_bad_options_name_the_flag(field, value, flag):
   opts = bench_train.dataclasses.replace(bench_train.Options(), **{field: value})

@@ -13,6 +13,7 @@ from gdn_jax.layers import gated_delta_rule_step, short_conv_step
 from kernels_pallas.decode_fused import (fused_block_v, gdn_decode_fused_pallas,
                                          gdn_decode_fused_ring_pallas, ring_from_state,
                                          state_from_ring, unsupported)
+from tests.triton_export import TRITON_CALL, export_for_h100
 
 
 def unfused(window, conv_w, g, beta, S, *, Hk, K, scale, eps):
@@ -111,9 +112,6 @@ def test_block_v_divides_the_qk_channels():
 def test_kernel_lowers_to_one_triton_call_for_h100(state_dtype):
   """What interpret mode cannot check (Triton's rules on blocks and ops); Triton IR → PTX needs a
   GPU (experiments/bench_decode.py runs it)."""
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=device)
   sds = jax.ShapeDtypeStruct
   B, W, Hk, H, K, V = 2, 4, 3, 6, 256, 512         # the 512M config's heads, with GVA
   C = 2 * Hk * K + H * V
@@ -121,20 +119,14 @@ def test_kernel_lowers_to_one_triton_call_for_h100(state_dtype):
           sds((B, H), jnp.float32), sds((B, H, K, V), state_dtype))
   fn = functools.partial(gdn_decode_fused_pallas, num_heads=Hk, head_k_dim=K, scale=K ** -0.5,
                          qk_norm_eps=1e-6, interpret=False)
-  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-  with jax.sharding.use_abstract_mesh(mesh):
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
-  text = exported.mlir_module()
-  assert text.count("__gpu$xla.gpu.triton") == 1
+  text = export_for_h100(fn, *args)
+  assert text.count(TRITON_CALL) == 1
   assert "output_operand_alias" in text
 
 
 def test_ring_kernel_lowers_to_one_triton_call_for_h100():
   """The ring kernel's Triton lowering for the 512M model's heads at batch 1: one call, the rings
   and the state updated in place."""
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=device)
   sds = jax.ShapeDtypeStruct
   B, W, Hk, H, K, V = 1, 4, 6, 6, 256, 512
   C, bf16 = 2 * Hk * K + H * V, jnp.bfloat16
@@ -145,11 +137,8 @@ def test_ring_kernel_lowers_to_one_triton_call_for_h100():
   fn = functools.partial(gdn_decode_fused_ring_pallas, num_heads=Hk, head_k_dim=K,
                          scale=K ** -0.5, qk_norm_eps=1e-6, gate_columns=(N - 2 * H, N - H),
                          interpret=False)
-  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-  with jax.sharding.use_abstract_mesh(mesh):
-    text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(
-        *args).mlir_module()
-  assert text.count("__gpu$xla.gpu.triton") == 1
+  text = export_for_h100(fn, *args)
+  assert text.count(TRITON_CALL) == 1
   assert text.count("output_operand_alias<output_tuple_indices") == 4
 
 
@@ -158,19 +147,9 @@ def test_decode_config_sets_the_launch_of_both_kernels():
   exported for an H100, for the step kernel and the fused one."""
   from kernels_pallas.config import DecodeConfig
   from kernels_pallas.decode_step import gated_delta_rule_step_pallas
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=device)
   sds = jax.ShapeDtypeStruct
   B, W, Hk, H, K, V = 1, 4, 6, 6, 256, 512
   C = 2 * Hk * K + H * V
-  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-
-  def exported(fn, *args):
-    with jax.sharding.use_abstract_mesh(mesh):
-      return jax.export.export(jax.jit(fn), platforms=["cuda"],
-                               disabled_checks=[triton])(*args).mlir_module()
-
   step_args = (sds((B, Hk, K), jnp.bfloat16), sds((B, Hk, K), jnp.bfloat16),
                sds((B, H, V), jnp.bfloat16), sds((B, H), jnp.float32), sds((B, H), jnp.float32),
                sds((B, H, K, V), jnp.float32))
@@ -179,9 +158,10 @@ def test_decode_config_sets_the_launch_of_both_kernels():
   for cfg, grid_v, warps in ((DecodeConfig(), 16, 4),
                              (DecodeConfig(block_v=16, num_warps=8), 32, 8)):
     kw = dict(block_v=cfg.block_v, num_warps=cfg.num_warps, interpret=False, scale=0.0625)
-    texts = (exported(functools.partial(gated_delta_rule_step_pallas, **kw), *step_args),
-             exported(functools.partial(gdn_decode_fused_pallas, num_heads=Hk, head_k_dim=K,
-                                        qk_norm_eps=1e-6, **kw), *fused_args))
+    texts = (export_for_h100(functools.partial(gated_delta_rule_step_pallas, **kw), *step_args),
+             export_for_h100(functools.partial(gdn_decode_fused_pallas, num_heads=Hk,
+                                               head_k_dim=K, qk_norm_eps=1e-6, **kw),
+                             *fused_args))
     for text in texts:
       assert f"grid_z = {grid_v} : i32" in text and f"num_warps = {warps} : i32" in text
 

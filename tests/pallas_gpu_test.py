@@ -18,6 +18,7 @@ import pytest
 from gdn_jax.ops import gated_delta_rule
 from kernels_pallas import GpuConfig, chunk_math, gpu
 from tests.np_reference import gated_delta_rule_ref
+from tests.triton_export import TRITON_CALL, export_for_h100, triton_launch
 
 
 def _inputs(B, T, Hk, H, K, V, seed, g_scale=1.0):
@@ -188,12 +189,6 @@ def test_mm_dtype_narrows_only_bfloat16():
 
 # --- lowering to Triton for an abstract H100 --------------------------------------------------
 
-def _abstract_h100_mesh():
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-  return jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=device)
-
-
 def _export_for_h100(config, with_grad, dtype, K, V):
   """The exported StableHLO text of the forward (or forward+backward) for an abstract H100."""
   B, T, Hk, H, C = 1, 200, 1, 2, 64                     # GVA, ragged T: the real layout
@@ -210,10 +205,7 @@ def _export_for_h100(config, with_grad, dtype, K, V):
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
   fn = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)) if with_grad else fwd
-  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-  with jax.sharding.use_abstract_mesh(_abstract_h100_mesh()):
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
-  return exported.mlir_module()
+  return export_for_h100(fn, *args)
 
 
 COMPILED = GpuConfig(interpret=False)
@@ -229,30 +221,22 @@ COMPILED = GpuConfig(interpret=False)
     (GpuConfig(interpret=False, walk_block_v=16, part_block_v=16, grads_block_v=16,
                grads_block_k=16), True, 6, jnp.float32, 32, 32)])
 def test_kernels_lower_to_triton_for_h100(config, with_grad, kernels, dtype, K, V):
-  assert _export_for_h100(config, with_grad, dtype, K, V).count("__gpu$xla.gpu.triton") == kernels
-
-
-def _launch(text, name):
-  """(grid, num_stages, num_warps) of the Triton launch named `name` in an exported module."""
-  i = text.index(f'name = "{name}"')
-  config = text[text.rindex("mhlo.backend_config", 0, i):text.index("}", i)]
-  field = lambda key: int(config.split(f"{key} = ")[1].split(" ")[0])
-  return ((field("grid_x"), field("grid_y"), field("grid_z")), field("num_stages"),
-          field("num_warps"))
+  assert _export_for_h100(config, with_grad, dtype, K, V).count(TRITON_CALL) == kernels
 
 
 def test_config_fields_reach_the_launches():
   """Warps, stages and grids in the lowered module follow the config and its per-shape rules."""
   default = _export_for_h100(COMPILED, True, jnp.bfloat16, 256, 512)
-  assert _launch(default, "gdn_walk_bwd") == ((32, 1, 2), 2, 4)   # K > 128: 2 stages; BV 16 (B·H 2)
-  key_grid, _, key_warps = _launch(default, "gdn_grads_key")
+  # K > 128: 2 stages; BV 16 (B·H 2)
+  assert triton_launch(default, "gdn_walk_bwd") == ((32, 1, 2), 2, 4)
+  key_grid, _, key_warps = triton_launch(default, "gdn_grads_key")
   assert key_grid[0] == 4 and key_warps == 8                       # K/BK = 4 blocks first; 8 warps
   tuned = GpuConfig(interpret=False, walk_block_v=64, walk_num_stages=1, walk_num_warps=8,
                     part_num_warps=8, dv_local_num_warps=2, grads_key_num_warps=2,
                     grads_wy_num_warps=8)
   text = _export_for_h100(tuned, True, jnp.bfloat16, 256, 512)
-  assert _launch(text, "gdn_walk_fwd") == ((8, 1, 2), 1, 8)        # V/BV = 512/64, B, H
-  assert _launch(text, "gdn_walk_bwd") == ((8, 1, 2), 1, 8)
+  assert triton_launch(text, "gdn_walk_fwd") == ((8, 1, 2), 1, 8)  # V/BV = 512/64, B, H
+  assert triton_launch(text, "gdn_walk_bwd") == ((8, 1, 2), 1, 8)
   for name, warps in (("gdn_prep", 8), ("gdn_dv_local", 2), ("gdn_grads_key", 2),
                       ("gdn_grads_wy", 8)):
-    assert _launch(text, name)[1:] == (1, warps), name
+    assert triton_launch(text, name)[1:] == (1, warps), name
