@@ -56,10 +56,6 @@ def get_config() -> ml_collections.ConfigDict:
       # μP SGD: W_q, W_k's LR × (H/H_base)^-1, the table's edge rule (docs/mup.md). False = the
       # table before 2026-12-06 (what a config.json without the field resumes with).
       sgd_qk_heads_rule=True,
-      # μP SGD: an untied embedding's LR × the table's base constant `sgd_embedding_lr_factor`
-      # (docs/mup.md). False = the table before it (what a config.json without the field resumes
-      # with).
-      sgd_embedding_rule=True,
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -261,7 +261,6 @@ def run_job(p: Protocol, job: dict, data_dir: str | None) -> list[dict]:
           params=num_params(train.model_config(config)), program=program,
           sgd_qk_heads_power=(tables.get(job["parametrization"]).sgd_qk_heads_power
                               if config.optimizer.sgd_qk_heads_rule else 0.0),
-          sgd_embedding_lr_factor=sgd_embedding_factor(config),
           rule_impl=config.model.rule_impl, **env))
   return rows
 
@@ -327,46 +326,27 @@ def read_rows(path: str) -> list[dict]:
     return [r for r in (json.loads(line) for line in f if line.strip()) if r.get("kind") == "run"]
 
 
-def sgd_embedding_factor(config) -> float:
-  """The table's SGD embedding base constant that `config` trains with (1 where none applies:
-  AdamW, a tied embedding, or a config without the rule)."""
-  from gdn_jax.mup import tables  # pylint: disable=import-outside-toplevel
-  on = (config.optimizer.name == "sgd" and config.optimizer.get("sgd_embedding_rule", False)
-        and not config.model.tie_embeddings)
-  return tables.get(config.parametrization).sgd_embedding_lr_factor if on else 1.0
-
-
 def check_table(p: Protocol, rows: list[dict], path: str):
-  """ValueError if `path` holds SGD runs trained with another SGD rule than this code's table
-  gives them: W_q, W_k's heads factor (a row written before the rule records none: power 0; only
-  the factor (H/H_base)^power counts, so runs at the base width, and in families whose head count
-  is fixed (the paper's), are the same under either table), or an untied embedding's base constant
-  (a row without one: 1; it counts at every width)."""
+  """ValueError if `path` holds SGD runs trained with another W_q, W_k heads factor than this
+  code's table gives them (a row written before the rule records none: power 0). Only the factor
+  (H/H_base)^power counts, so runs at the base width, and in families whose head count is fixed
+  (the paper's), are the same under either table."""
   from gdn_jax.mup import tables  # pylint: disable=import-outside-toplevel
   heads = lambda width: model_config(p, width, {}).num_heads
   base_heads = heads(p.base_width)
-  untied = not model_config(p, p.base_width, {}).tie_embeddings
-  advice = ("so new runs would not extend them. Expected --tag naming another file, or an "
-            "--lr_override that gives the old factor ({}) with rows relabelled as in "
-            "experiments/NOTES_lr_transfer.md.")
   for r in rows:
     if r["optimizer"] != "sgd":
       continue
-    table = tables.get(r["parametrization"])
     ratio = heads(r["width"]) / base_heads
-    then, now = r.get("sgd_qk_heads_power", 0.0), table.sgd_qk_heads_power
+    then = r.get("sgd_qk_heads_power", 0.0)
+    now = tables.get(r["parametrization"]).sgd_qk_heads_power
     if ratio ** then != ratio ** now:
       raise ValueError(
           f"{path} holds {r['parametrization']} SGD runs at width {r['width']} trained with W_q, "
-          f"W_k's LR × (H/H_base)^{then:g}; the table now gives ^{now:g}, "
-          + advice.format(f"e.g. q_proj:{then - now:g},k_proj:{then - now:g}"))
-    then = r.get("sgd_embedding_lr_factor", 1.0)
-    now = table.sgd_embedding_lr_factor if untied else 1.0
-    if then != now:
-      raise ValueError(
-          f"{path} holds {r['parametrization']} SGD runs trained with the embedding's LR × "
-          f"{then:g}; the table now gives × {now:g}, "
-          + advice.format(f"embed:x:{then / now:g}"))
+          f"W_k's LR × (H/H_base)^{then:g}; the table now gives ^{now:g}, so new runs would not "
+          "extend them. Expected --tag naming another file, or an --lr_override that gives the "
+          f"old factor (e.g. q_proj:{then - now:g},k_proj:{then - now:g}) with rows relabelled "
+          "as in experiments/NOTES_lr_transfer.md.")
 
 
 def run_sweep(p: Protocol):

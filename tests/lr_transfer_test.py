@@ -83,32 +83,6 @@ def test_sgd_runs_of_another_qk_heads_factor_are_refused():
   lr_transfer.check_table(heads, [dict(old(1024), parametrization="sp")], "f.jsonl")
 
 
-def test_sgd_runs_of_another_embedding_base_constant_are_refused(monkeypatch):
-  """Once the μP SGD table has an embedding base constant C ≠ 1, a file of runs without it
-  (no field: 1) cannot be extended at any width (C counts at the base width too), runs recording
-  C can, and the paper's tied family (no constant applies) is unaffected."""
-  from gdn_jax.mup import tables
-  heads, paper = lr_transfer.PRESETS["heads"], lr_transfer.PRESETS["paper"]
-  run = lambda width, **kw: dict(parametrization="mup", optimizer="sgd", width=width,
-                                 sgd_qk_heads_power=-1.0, **kw)
-  lr_transfer.check_table(heads, [run(128), run(1024)], "f.jsonl")   # the table's C is 1 today
-  new = dataclasses.replace(tables.MUP, sgd_embedding_lr_factor=0.0625)
-  monkeypatch.setitem(tables.PARAMETRIZATIONS, "mup", new)
-  lr_transfer.check_table(heads, [run(128, sgd_embedding_lr_factor=0.0625)], "f.jsonl")
-  lr_transfer.check_table(paper, [run(128)], "f.jsonl")
-  with pytest.raises(ValueError, match=r"LR × 1; the table now gives × 0.0625.*embed:x:16"):
-    lr_transfer.check_table(heads, [run(128)], "f.jsonl")
-  # The rows record what the trainer's config applies: C under SGD with the rule and untied.
-  job = dict(parametrization="mup", variant="", optimizer="sgd", width=256, seeds=[0],
-             log2_lrs=[-1.0], phase="fine", lr_overrides=[])
-  config = lr_transfer.train_config(heads, job)
-  assert lr_transfer.sgd_embedding_factor(config) == 0.0625
-  config.optimizer.sgd_embedding_rule = False
-  assert lr_transfer.sgd_embedding_factor(config) == 1.0
-  config = lr_transfer.train_config(heads, dict(job, optimizer="adamw"))
-  assert lr_transfer.sgd_embedding_factor(config) == 1.0
-
-
 def test_the_train_tail_metric_fits_the_training_loss_and_writes_its_own_files(tmp_path):
   """--metric=train_tail: the same analysis on train_loss_tail (a curve with another optimum
   here), into files with the suffix, the val files untouched."""

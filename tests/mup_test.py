@@ -300,34 +300,3 @@ def test_sgd_qk_rule_scales_wq_wk_by_a_power_of_the_head_count_only():
     groups = get(make, d, opt)
     v = groups["blocks.0.mixer.v_proj.kernel"]
     assert all(groups[key] == v for key in qk), (make.__name__, d, opt)
-
-
-def test_sgd_embedding_base_constant_scales_an_untied_embedding_only(monkeypatch):
-  """The μP SGD table's embedding base constant C multiplies an untied embedding's LR at every
-  width, the base included (it is a constant, not a width rule) and nothing else; AdamW, a tied
-  embedding, SP and `sgd_embedding_rule=False` are untouched."""
-  factor = 0.0625
-  monkeypatch.setitem(mup.tables.PARAMETRIZATIONS, "mup", dataclasses.replace(
-      mup.tables.MUP, sgd_embedding_lr_factor=factor))
-
-  def get(d, opt="sgd", parametrization="mup", tie=False, **kw):
-    make = lambda w: heads_cfg(w, tie_embeddings=tie)
-    model = mup.build_model(make(d), parametrization=parametrization, base_config=make(32),
-                            rngs=nnx.Rngs(0))
-    return {name(k): v for k, v in mup.param_groups(
-        model, parametrization=parametrization, optimizer=opt, base_config=make(32),
-        **kw).items()}
-
-  for d in (32, 128):
-    with_c, without = get(d), get(d, sgd_embedding_rule=False)
-    assert with_c["embed.embedding"].lr == pytest.approx(factor * without["embed.embedding"].lr)
-    assert with_c["embed.embedding"].decay == pytest.approx(without["embed.embedding"].decay
-                                                            / factor)
-    del with_c["embed.embedding"], without["embed.embedding"]
-    assert with_c == without, d
-  assert get(128, "adamw") == get(128, "adamw", sgd_embedding_rule=False)
-  assert get(128, tie=True) == get(128, tie=True, sgd_embedding_rule=False)
-  assert get(128, parametrization="sp") == get(128, parametrization="sp",
-                                               sgd_embedding_rule=False)
-  with pytest.raises(ValueError, match="sgd_embedding_lr_factor=0.*> 0"):
-    dataclasses.replace(mup.tables.MUP, sgd_embedding_lr_factor=0.0)

@@ -38,7 +38,6 @@ def config_for(paths, optimizer):
   c.optimizer.update(name=optimizer)
   c.sp_tied_embedding = False   # the value the upgrade writes (what runs before the field did)
   c.optimizer.sgd_qk_heads_rule = False    # likewise
-  c.optimizer.sgd_embedding_rule = False   # likewise
   if optimizer == "sgd":
     c.optimizer.update(lr=0.05, momentum=0.9)
   return c
@@ -176,7 +175,7 @@ def make_old_run(reference_dir, workdir, config, *, clip=True):
   config_json = json.loads((workdir / "config.json").read_text())
   del config_json["mixer_output_multiplier"], config_json["sp_tied_embedding"]
   del config_json["optimizer"]["nesterov"], config_json["optimizer"]["weight_decay_convention"]
-  del config_json["optimizer"]["sgd_qk_heads_rule"], config_json["optimizer"]["sgd_embedding_rule"]
+  del config_json["optimizer"]["sgd_qk_heads_rule"]
   (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
   return state, old
 
@@ -211,8 +210,7 @@ def test_old_run_resumes_after_upgrade(tmp_path, paths, reference, optimizer):
   assert summary["config_fields_added"] == ["mixer_output_multiplier", "sp_tied_embedding",
                                             "optimizer.nesterov",
                                             "optimizer.weight_decay_convention",
-                                            "optimizer.sgd_qk_heads_rule",
-                                            "optimizer.sgd_embedding_rule"]
+                                            "optimizer.sgd_qk_heads_rule"]
   assert (workdir / upgrade.CONFIG_BACKUP).read_text() == old_config
   assert json.loads((workdir / "config.json").read_text()) == json.loads(config.to_json())
   assert not (workdir / upgrade.UPGRADING).exists()
@@ -268,22 +266,20 @@ def test_old_run_resumes_after_upgrade(tmp_path, paths, reference, optimizer):
 
 def test_a_current_layout_run_without_a_newer_field_gets_only_the_field(tmp_path, paths,
                                                                          reference):
-  """A run of the current optimizer layout whose config.json predates `sgd_qk_heads_rule` and
-  `sgd_embedding_rule`: the upgrade adds the fields with the value that reproduces it (False),
-  leaves every checkpoint
+  """A run of the current optimizer layout whose config.json predates `sgd_qk_heads_rule`:
+  the upgrade adds the field with the value that reproduces it (False), leaves every checkpoint
   byte for byte, and the run then resumes with that config."""
   config = config_for(paths, "sgd")
   workdir = tmp_path / "run"
   shutil.copytree(reference("sgd"), workdir)
   config_json = json.loads((workdir / "config.json").read_text())
-  del config_json["optimizer"]["sgd_qk_heads_rule"], config_json["optimizer"]["sgd_embedding_rule"]
+  del config_json["optimizer"]["sgd_qk_heads_rule"]
   (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
   checkpoints = lambda: {p: p.read_bytes() for p in (workdir / "checkpoints").rglob("*")
                          if p.is_file()}
   before = checkpoints()
   summary = upgrade.upgrade_workdir(workdir)
-  assert summary["config_fields_added"] == ["optimizer.sgd_qk_heads_rule",
-                                            "optimizer.sgd_embedding_rule"]
+  assert summary["config_fields_added"] == ["optimizer.sgd_qk_heads_rule"]
   assert summary["steps"] == [] and checkpoints() == before
   assert json.loads((workdir / "config.json").read_text()) == json.loads(config.to_json())
   with pytest.raises(upgrade.UpgradeError, match="already in the current layout"):

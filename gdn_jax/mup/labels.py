@@ -178,16 +178,13 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
                  lr_overrides: dict[str, Scaling] | None = None,
                  weight_decay_convention: str | None = None,
                  sp_tied_embedding: bool = False,
-                 sgd_qk_heads_rule: bool = True,
-                 sgd_embedding_rule: bool = True) -> dict[tuple, Group]:
+                 sgd_qk_heads_rule: bool = True) -> dict[tuple, Group]:
   """{path: Group(class, LR multiplier r_p, weight-decay multiplier w_p or 0 where no decay)}.
 
   Under SGD the W_q, W_k kernels (role "qk_proj") get the table's × (H/H_base)^sgd_qk_heads_power
   on top of their class's rule (H = the GDN layers' num_heads; tables.Parametrization);
   `sgd_qk_heads_rule=False` leaves it out (the tables before 2026-12-06: runs started then resume
-  with it, gdn_jax.train.config). Likewise an untied embedding gets the table's
-  × sgd_embedding_lr_factor under SGD (its base constant); `sgd_embedding_rule=False` leaves it
-  out (configs written before the table had it).
+  with it, gdn_jax.train.config).
   `lr_overrides` {name: Scaling}: an extra width scaling of the LR of every parameter whose dotted
   path contains `name`, on top of the table (for ablations of a rule; 1 at the base width, so μP
   and SP still agree there, unless it has a constant `factor`). Every name must match some
@@ -207,8 +204,6 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
   base_heads = (model.config if base_config is None else base_config).num_heads
   qk_heads = ((model.config.num_heads / base_heads) ** p.sgd_qk_heads_power
               if optimizer == "sgd" and sgd_qk_heads_rule else 1.0)
-  embed_factor = (p.sgd_embedding_lr_factor if optimizer == "sgd" and sgd_embedding_rule
-                  and not model.config.tie_embeddings else 1.0)
   names = {path: dotted(path) for path in infos}
   for name in lr_overrides:
     if not any(name in d for d in names.values()):
@@ -222,8 +217,6 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
     table_lr = 1.0 if tied else info.scale(rule.lr)
     if info.role == "qk_proj":
       table_lr *= qk_heads
-    if info.role == "embedding":
-      table_lr *= embed_factor
     lr = table_lr * extra
     decays = info.weight_decay if rule.decay is None else rule.decay
     decay = (1.0 / lr if convention == "independent" else 1.0) if decays else 0.0

@@ -94,12 +94,6 @@ class Parametrization:
   SGD's stability edge on a layer's q–k block is its most curved head, the largest of H draws
   (docs/mup.md, "What rule for W_q, W_k under SGD follows from this"), so it falls with the
   number of heads, not with d or K: a power of H, not of the fans.
-
-  SGD base constant of an untied embedding (role "embedding", `tie_embeddings=False`):
-    SGD LR multiplier × sgd_embedding_lr_factor                 (every width; AdamW: none)
-  Not a width rule: the embedding's per-layer base LR, the constant μTransfer tunes at the base
-  width and then keeps (its width rule stays the class's). A tied matrix is also the read-out and
-  keeps its class's LR (not measured; docs/mup.md, "The embedding's SGD base constant").
   """
   name: str
   classes: tuple[str, ...]
@@ -114,16 +108,12 @@ class Parametrization:
   description: str
   attn_scale_power: float | None = None
   sgd_qk_heads_power: float = 0.0
-  sgd_embedding_lr_factor: float = 1.0
 
   def __post_init__(self):
     for optimizer, table in self.rules.items():
       if set(table) != set(self.classes):
         raise ValueError(f"{self.name}/{optimizer}: rules for {sorted(table)}; expected one "
                          f"for every class {sorted(self.classes)}.")
-    if not 0 < self.sgd_embedding_lr_factor < float("inf"):
-      raise ValueError(f"{self.name}: sgd_embedding_lr_factor={self.sgd_embedding_lr_factor}; "
-                       "expected a finite number > 0.")
     if self.decay_convention not in DECAY_CONVENTIONS:
       raise ValueError(f"{self.name}: decay convention {self.decay_convention!r}; expected one "
                        f"of {DECAY_CONVENTIONS}.")

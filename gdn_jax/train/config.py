@@ -8,8 +8,7 @@
 Fields added after the first release are read with defaults, so older configs keep working:
 `mixer_output_multiplier` (False), `sp_tied_embedding` (False), `optimizer.nesterov` (False),
 `optimizer.weight_decay_convention` ("" = the parametrization's own), `optimizer.sgd_qk_heads_rule`
-(False: the μP SGD table without its W_q, W_k heads rule, as before 2026-12-06),
-`optimizer.sgd_embedding_rule` (False: without the table's SGD embedding base constant).
+(False: the μP SGD table without its W_q, W_k heads rule, as before 2026-12-06).
 """
 from __future__ import annotations
 
@@ -87,10 +86,6 @@ def decay_convention(config) -> str | None:
 
 def sgd_qk_heads_rule(config) -> bool:
   return bool(config.optimizer.get("sgd_qk_heads_rule", False))
-
-
-def sgd_embedding_rule(config) -> bool:
-  return bool(config.optimizer.get("sgd_embedding_rule", False))
 
 
 def mixer_output_multiplier(config) -> bool:
@@ -196,6 +191,5 @@ def make_tx(model, config: ml_collections.ConfigDict) -> optax.GradientTransform
                           lr_overrides=lr_overrides(config),
                           weight_decay_convention=decay_convention(config),
                           sp_tied_embedding=sp_tied_embedding(config),
-                          sgd_qk_heads_rule=sgd_qk_heads_rule(config),
-                          sgd_embedding_rule=sgd_embedding_rule(config))
+                          sgd_qk_heads_rule=sgd_qk_heads_rule(config))
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip else tx

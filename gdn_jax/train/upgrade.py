@@ -13,8 +13,7 @@ config file resumes them.
 
 config.json: the missing fields are added with the defaults that give the earlier behaviour
 (`mixer_output_multiplier` False, `sp_tied_embedding` False, `optimizer.nesterov` False,
-`optimizer.weight_decay_convention` "", `optimizer.sgd_qk_heads_rule` False,
-`optimizer.sgd_embedding_rule` False); the file before is
+`optimizer.weight_decay_convention` "", `optimizer.sgd_qk_heads_rule` False); the file before is
 kept as config.json.before-upgrade.
 
 Every checkpoint (not only the latest): `opt_state` goes from the earlier chain (per-leaf μP
@@ -67,8 +66,7 @@ NEW_FIELDS = ((("mixer_output_multiplier",), False),
               (("sp_tied_embedding",), False),
               (("optimizer", "nesterov"), False),
               (("optimizer", "weight_decay_convention"), ""),
-              (("optimizer", "sgd_qk_heads_rule"), False),
-              (("optimizer", "sgd_embedding_rule"), False))
+              (("optimizer", "sgd_qk_heads_rule"), False))
 
 CONFIG_BACKUP = "config.json.before-upgrade"
 UPGRADING = "checkpoints.upgrading"
