@@ -188,18 +188,22 @@ def test_tiny_run_times_the_trainers_step(tmp_path):
   assert "matmul (gemm/cuBLAS)" in kind_of.values()
 
 
+def recording_factory():
+  """(made, factory): a `gdn_factory` for `bench_train.run` that keeps every GdnTrain it makes."""
+  made = []
+
+  def gdn_factory(config, device):
+    made.append(bench_train.GdnTrain(config, device))
+    return made[-1]
+
+  return made, gdn_factory
+
 
 def test_fused_loss_rows_time_the_same_training_and_profile_it_as_the_loss(tmp_path):
   """--loss_chunk_sizes=0,8 --fuse_projections=1: rows whose models fuse the projections, the
   second also the LM head with the loss; same first loss (bf16 compute: within bf16 error), and
   the fused loss's products count as the loss part."""
-  made = []
-
-  def gdn_factory(config, device):
-    g = bench_train.GdnTrain(config, device)
-    made.append(g)
-    return g
-
+  made, gdn_factory = recording_factory()
   opts = bench_train.Options(configs=("tiny",), batch=B, seq_len=T, steps=1, warmup=0,
                              loss_chunk_sizes=(0, 8), fuse_projections=(True,), fla=False,
                              profile=False, out_dir=str(tmp_path))
@@ -215,17 +219,12 @@ def test_fused_loss_rows_time_the_same_training_and_profile_it_as_the_loss(tmp_p
   parts = set(bench_train.train_scopes(made[1].compiled.as_text())[0].values())
   assert {"loss fwd", "loss bwd", "rule fwd", "rule bwd", "head fwd"} <= parts, parts
 
+
 def test_conv_impl_rows_train_alike_and_profile_the_pallas_conv_as_the_conv(tmp_path):
   """--conv_impls=xla,pallas: a row per conv impl (the Pallas kernels interpreted on CPU), the
   same first loss (bf16 compute: within bf16 error), both profiled, and the Pallas conv's
   kernels (forward and its custom VJP's backward) counted as conv_gates, not as the rule."""
-  made = []
-
-  def gdn_factory(config, device):
-    g = bench_train.GdnTrain(config, device)
-    made.append(g)
-    return g
-
+  made, gdn_factory = recording_factory()
   opts = bench_train.Options(configs=("tiny",), batch=B, seq_len=T, steps=1, warmup=0,
                              conv_impls=("xla", "pallas"), fla=False, profile_steps=1,
                              out_dir=str(tmp_path))
