@@ -82,7 +82,8 @@ class Options:
   variants: tuple = ("pallas:float32", "pallas_fused:float32", "xla:bfloat16",
                      "pallas:bfloat16", "pallas_fused:bfloat16", "xla+nogemv@1:float32",
                      "pallas+nogemv@1:float32", "pallas_fused+nogemv:bfloat16",
-                     "pallas_fused+noswiglu:bfloat16", "pallas_fused+noring:bfloat16")
+                     "pallas_fused+noswiglu:bfloat16", "pallas_fused+norm:bfloat16",
+                     "pallas_fused+noring:bfloat16")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
@@ -493,8 +494,10 @@ def split_launch(impl: str):
   step kernels' launch settings, and "+gemv" (with "+gbnN", "+gbkN": its column and K tiles;
   "+gwN": its warps; "+gmpN": its least program count) the Pallas GEMV for the weight products at
   batch ≤ 8, "+nogemv" XLA's products at every batch, "+noswiglu" an XLA SiLU product between
-  the MLP's two GEMVs, "+noring" the fused kernel on a window built per step instead of conv
-  rings (no "+": None, the defaults: the GEMV at batch 1 on GPUs with the chained MLP, rings).
+  the MLP's two GEMVs, "+norm" the RMSNorms and the mixer's residual add made in the batch-1
+  GEMVs' prologues ("+nonorm": XLA's kernels between them, the default; DecodeConfig.gemv_norm),
+  "+noring" the fused kernel on a window built per step instead of conv rings (no "+": None,
+  the defaults: the GEMV at batch 1 on GPUs with the chained MLP, rings).
   ValueError on a bad part."""
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   base, *parts = impl.split("+")
@@ -511,14 +514,18 @@ def split_launch(impl: str):
     if part == "noswiglu" and "gemv_swiglu" not in kw:
       kw["gemv_swiglu"] = False
       continue
+    if part in ("norm", "nonorm") and "gemv_norm" not in kw:
+      kw["gemv_norm"] = part == "norm"
+      continue
     key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
            "gw": "gemv_num_warps", "gmp": "gemv_min_programs"}.get(part.rstrip("0123456789"))
     digits = part[len(part.rstrip("0123456789")):]
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
-                       "(V block), +wN (warps), +gemv or +nogemv, +noswiglu, +noring, +gbnN, "
-                       "+gbkN (GEMV tiles), +gwN (GEMV warps), +gmpN (GEMV programs), each at "
-                       "most once.")
+                       "(V block), +wN (warps), +gemv or +nogemv, +noswiglu, +norm or +nonorm, "
+                       "+noring, "
+                       "+gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), +gmpN (GEMV programs), "
+                       "each at most once.")
     kw[key] = int(digits)
   return base, DecodeConfig(**kw)
 
@@ -536,7 +543,8 @@ def parse_variant(spec: str) -> tuple[str, str]:
   if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "
-                     "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+noring][@ROWS]:STATE_DTYPE "
+                     "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+norm|+nonorm][+noring][@ROWS]:"
+                     "STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "
                      "only; +gemv, +nogemv for any), ROWS an int ≥ 1 (generate's matmul_rows) "
                      "and STATE_DTYPE float32 or bfloat16.")

@@ -277,8 +277,26 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   return y if B >= matmul_rows else y[:B]
 
 
+def decode_norm_dot(x_1xD, w, norm, addends_SxD=None, *, addend_multiplier: float = 1.0,
+                    w_contract: int = 0, sum_splits: bool = True, decode_config=None):
+  """(norm(r) @ w, r) at batch 1 as one GEMV kernel whose prologue makes the residual stream
+  r = x + rnd(m · Σ_i addends[i]) (None: r = x) and the RMSNorm `norm` (its gain and eps):
+  `decode_gemv.gemv_norm_pallas`, the same roundings as `decode_dot(norm(r), w)` after an XLA
+  add. The caller checks `DecodeConfig.use_gemv_norm` and that x, the norm and w share a dtype.
+  Returns y in that dtype ([1, N]), or with `sum_splits=False` its float32 split partials
+  [S, 1, N]; and r [1, D]."""
+  from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
+  from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+  cfg = DecodeConfig() if decode_config is None else decode_config
+  y, r = decode_gemv.gemv_norm_pallas(
+      x_1xD, w, norm.weight[...], addends_SxD, eps=float(norm.eps),
+      addend_multiplier=float(addend_multiplier), transposed=w_contract == 1,
+      sum_splits=sum_splits, **cfg.gemv_launch)
+  return (y.astype(jnp.result_type(norm.dtype, w)) if sum_splits else y), r
+
+
 def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 1, *,
-                  decode_config=None):
+                  decode_config=None, gate_up_parts=None):
   """SiLU(x W_gate) ⊙ (x W_up) @ W_down for a decode step's MLP (w_gate_up [D, 2F] = [W_gate |
   W_up] with the Linears' multipliers on their columns; w_down [F, N]; the down product's own
   multiplier is the caller's).
@@ -287,21 +305,29 @@ def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 
   up multipliers are 1, `DecodeConfig.gemv_swiglu` chains two GEMV kernels: the second sums the
   first one's split partials and makes the SiLU product as it reads them (no kernel between
   them; the same roundings). Else `decode_dot`, the SiLU product, `decode_dot`.
+  `gate_up_parts`: x W_gate_up's float32 split partials [S, 1, 2F], already made at batch 1
+  (`decode_norm_dot`, which also made x); x_BxD is then None.
   """
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   cfg = DecodeConfig() if decode_config is None else decode_config
-  (B, D), F = x_BxD.shape, w_down.shape[0]
+  (B, D), F = ((1, w_gate_up.shape[0]) if x_BxD is None else x_BxD.shape), w_down.shape[0]
+  dtype = w_gate_up.dtype if x_BxD is None else jnp.result_type(x_BxD, w_gate_up)
   if (B == 1 and cfg.gemv_swiglu and cfg.use_gemv(1, contract_dim=D)
       and cfg.use_gemv(1, contract_dim=F) and all(l.multiplier == 1.0 for l in gate_up_linears)):
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
-    parts = decode_gemv.gemv_pallas(x_BxD.astype(w_gate_up.dtype), w_gate_up, sum_splits=False,
-                                    **cfg.gemv_launch)                      # [S, 1, 2F]
+    parts = gate_up_parts
+    if parts is None:
+      parts = decode_gemv.gemv_pallas(x_BxD.astype(w_gate_up.dtype), w_gate_up,
+                                      sum_splits=False, **cfg.gemv_launch)   # [S, 1, 2F]
     if parts.shape[0] & (parts.shape[0] - 1):    # the kernel takes a power of two of partials
       parts = jnp.sum(parts, axis=0, keepdims=True)
     y = decode_gemv.gemv_swiglu_pallas(parts, w_down, **cfg.gemv_launch)
-    return y.astype(jnp.result_type(x_BxD, w_down))
-  gu = scale_columns(decode_dot(x_BxD, w_gate_up, matmul_rows, decode_config=decode_config),
-                     gate_up_linears)
+    return y.astype(jnp.result_type(dtype, w_down))
+  if gate_up_parts is not None:
+    gu = jnp.sum(gate_up_parts, axis=0).astype(dtype)       # as decode_dot sums the GEMV's
+  else:
+    gu = decode_dot(x_BxD, w_gate_up, matmul_rows, decode_config=decode_config)
+  gu = scale_columns(gu, gate_up_linears)
   return decode_dot(jax.nn.silu(gu[:, :F]) * gu[:, F:], w_down, matmul_rows,
                     decode_config=decode_config)
 
@@ -516,7 +542,7 @@ class GatedDeltaNet(nnx.Module):
     return w
 
   def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1,
-           decode_config=None):
+           decode_config=None, in_norm=None, sum_out: bool = True):
     """One decode token; returns (y [B, D], new cache), what `__call__` gives for this token.
 
     `cache` as `init_cache` makes it; `weights` from `decode_weights()` (None: built here). The
@@ -525,6 +551,10 @@ class GatedDeltaNet(nnx.Module):
     L2 norms (impl "pallas_fused", `kernels_pallas/decode_fused.py`; without a short conv it is
     "pallas"). `matmul_rows`: `decode_dot`'s padding of the projections. `decode_config`: the
     Pallas kernels' launch settings (`kernels_pallas.config.DecodeConfig`; None: defaults).
+    Batch 1 on the GEMV path only (`Block.step` checks `DecodeConfig.use_gemv_norm`): `in_norm`
+    (an RMSNorm) takes x as the residual stream and makes in_norm(x) in the in-projection's GEMV
+    (`decode_norm_dot`); `sum_out=False` returns W_o's float32 split partials [S, 1, D] unsummed
+    and without o_proj's multiplier (for the next GEMV's prologue to add).
     """
     launch = {} if decode_config is None else dict(block_v=decode_config.block_v,
                                                    num_warps=decode_config.num_warps)
@@ -535,8 +565,11 @@ class GatedDeltaNet(nnx.Module):
     projs = self._in_projs()
     new_cache = {}
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
-      y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows,
-                                     decode_config=decode_config), projs)
+      if in_norm is not None:
+        y, _ = decode_norm_dot(x_BxD, w['in'], in_norm, decode_config=decode_config)
+      else:
+        y = decode_dot(x_BxD.astype(dt), w['in'], matmul_rows, decode_config=decode_config)
+      y = scale_columns(y, projs)
 
     def gates():   # (β, g) from y's last 2H columns, W_a x and W_b x
       with jax.named_scope("conv_gates"):
@@ -594,8 +627,14 @@ class GatedDeltaNet(nnx.Module):
                            "'pallas_fused'.")
     with jax.named_scope("out_proj"):
       gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
-      out = decode_dot(self.o_norm(o.astype(dt), gate).reshape(B, H * V), w['o'], matmul_rows,
-                       decode_config=decode_config)
+      h_o = self.o_norm(o.astype(dt), gate).reshape(B, H * V)
+      if not sum_out:
+        from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
+        from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+        cfg = DecodeConfig() if decode_config is None else decode_config
+        return decode_gemv.gemv_pallas(h_o.astype(w['o'].dtype), w['o'], sum_splits=False,
+                                       **cfg.gemv_launch), new_cache
+      out = decode_dot(h_o, w['o'], matmul_rows, decode_config=decode_config)
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
     return out, new_cache

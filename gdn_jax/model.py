@@ -31,7 +31,7 @@ from flax import nnx
 
 from gdn_jax.attention import Attention
 from gdn_jax.layers import (Embed, GatedDeltaNet, Linear, RMSNorm, SwiGLU, decode_dot,
-                            decode_swiglu, scale_columns, stacked_kernel)
+                            decode_norm_dot, decode_swiglu, scale_columns, stacked_kernel)
 from gdn_jax.loss import cross_entropy, linear_cross_entropy
 from gdn_jax.model_config import DTYPES, LAYER_KINDS, ModelConfig  # noqa: F401 (re-exported)
 from gdn_jax.model_size import flops_per_token, num_params, rule_flops_per_token_per_head  # noqa: F401
@@ -92,6 +92,8 @@ class Block(nnx.Module):
     """One decode token: (x [B, D], new cache); `weights` from `decode_weights()` (None: here);
     `matmul_rows`: `layers.decode_dot`'s padding of every weight product."""
     w = self.decode_weights() if weights is None else weights
+    if self._fuses_norms(x_BxD, w, decode_config):
+      return self._step_with_norm_gemvs(x_BxD, cache, w, impl, decode_config)
     with jax.named_scope("in_proj"):   # the scopes name the parts in profiles (bench_decode.py)
       h = self.mixer_norm(x_BxD)
     y, new_cache = self.mixer.step(h, cache, w['mixer'], impl=impl, matmul_rows=matmul_rows,
@@ -102,6 +104,38 @@ class Block(nnx.Module):
       x = x_BxD + y
       down = decode_swiglu(self.mlp_norm(x).astype(dt), w['gate_up'], w['down'],
                            [mlp.gate_proj, mlp.up_proj], matmul_rows, decode_config=decode_config)
+      return x + scale_columns(down, [mlp.down_proj]), new_cache
+
+  def _fuses_norms(self, x_BxD, w, decode_config) -> bool:
+    """Whether `step` makes its norms and the mixer's residual add in the GEMVs' prologues:
+    `DecodeConfig.use_gemv_norm` (batch 1 on the GEMV path), a GDN mixer whose output product
+    is a GEMV too, and the stream, the norms and the weights in one dtype."""
+    from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+    cfg = DecodeConfig() if decode_config is None else decode_config
+    mixer = self.mixer
+    if not isinstance(mixer, GatedDeltaNet):
+      return False
+    dtypes = {jnp.dtype(d) for d in (x_BxD.dtype, self.mixer_norm.dtype, self.mlp_norm.dtype,
+                                      w['mixer']['in'].dtype, w['mixer']['o'].dtype,
+                                      w['gate_up'].dtype)}
+    return (cfg.use_gemv_norm(x_BxD.shape[0], x_BxD.shape[1]) and len(dtypes) == 1
+            and cfg.use_gemv(1, contract_dim=w['mixer']['o'].shape[0]))
+
+  def _step_with_norm_gemvs(self, x_BxD, cache, w, impl, decode_config):
+    """`step` at batch 1 with DecodeConfig.gemv_norm: the mixer's norm in the in-projection's
+    GEMV; W_o's split partials, its multiplier, the residual add and the MLP's norm in the
+    gate/up GEMV (layers.decode_norm_dot), which hands its partials to the down product."""
+    y_parts, new_cache = self.mixer.step(x_BxD, cache, w['mixer'], impl=impl,
+                                         decode_config=decode_config, in_norm=self.mixer_norm,
+                                         sum_out=False)
+    mlp = self.mlp
+    with jax.named_scope("mlp"):
+      gate_up_parts, x = decode_norm_dot(
+          x_BxD, w['gate_up'], self.mlp_norm, y_parts,
+          addend_multiplier=self.mixer.o_proj.multiplier, sum_splits=False,
+          decode_config=decode_config)
+      down = decode_swiglu(None, w['gate_up'], w['down'], [mlp.gate_proj, mlp.up_proj],
+                           decode_config=decode_config, gate_up_parts=gate_up_parts)
       return x + scale_columns(down, [mlp.down_proj]), new_cache
 
 
@@ -246,14 +280,23 @@ class GatedDeltaNetLM(nnx.Module):
                         decode_config=decode_config)
       new_cache.append(c)
     with jax.named_scope("head"):
-      h = self.final_norm(x).astype(w['head'].dtype)
-      if self.config.tie_embeddings:  # h Eᵀ, contracting E's feature axis (no transpose)
-        logits = decode_dot(h, w['head'], matmul_rows, w_contract=1,
-                            decode_config=decode_config)
-        m = self.embed.attend_multiplier
+      tied = self.config.tie_embeddings   # h Eᵀ, contracting E's feature axis (no transpose)
+      m = self.embed.attend_multiplier if tied else self.lm_head.multiplier
+      if self._head_fuses_norm(x, w['head'], decode_config):   # the final norm in the GEMV
+        logits, _ = decode_norm_dot(x, w['head'], self.final_norm, w_contract=int(tied),
+                                    decode_config=decode_config)
       else:
-        logits = decode_dot(h, w['head'], matmul_rows, decode_config=decode_config)
-        m = self.lm_head.multiplier
+        h = self.final_norm(x).astype(w['head'].dtype)
+        logits = decode_dot(h, w['head'], matmul_rows, w_contract=int(tied),
+                            decode_config=decode_config)
       if m != 1.0:
         logits = logits * (m if self.config.tie_embeddings else jnp.asarray(m, logits.dtype))
       return logits.astype(jnp.float32), new_cache
+
+  def _head_fuses_norm(self, x_BxD, w_head, decode_config) -> bool:
+    """Whether `decode_step` makes the final norm in the read-out GEMV's prologue
+    (`DecodeConfig.use_gemv_norm`; the stream, the norm and the read-out in one dtype)."""
+    from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+    cfg = DecodeConfig() if decode_config is None else decode_config
+    one_dtype = jnp.dtype(x_BxD.dtype) == jnp.dtype(self.final_norm.dtype) == w_head.dtype
+    return one_dtype and cfg.use_gemv_norm(x_BxD.shape[0], x_BxD.shape[1])

@@ -102,6 +102,12 @@ class DecodeConfig:
     the first one's split partials and makes SiLU(gate) ⊙ up as it reads its input
     (`decode_gemv.gemv_swiglu_pallas`: no kernel between the two products); False: the product,
     an XLA SiLU product, the product.
+  gemv_norm: where a pre-norm block's products go through the GEMV at batch 1, the residual add
+    and the RMSNorm before a product are made in its prologue (`decode_gemv.gemv_norm_pallas`):
+    the mixer's norm in the in-projection's GEMV, the mixer output's residual add and the MLP's
+    norm in the gate/up GEMV, the final norm in the read-out's (`use_gemv_norm`; GDN blocks);
+    False (the default until it is timed on a GPU; each program re-reads x and the addends for
+    mean(r²)): XLA's norm and add kernels between the GEMVs.
   conv_ring: `generate` with impl "pallas_fused" keeps the conv states as rings in the decode loop
     (`decode_fused.gdn_decode_fused_ring_pallas`: no window concatenated and no state sliced per
     layer and token); False: the window kernel.
@@ -114,10 +120,11 @@ class DecodeConfig:
   gemv_min_programs: int = 256
   gemv_num_warps: int = 4
   gemv_swiglu: bool = True
+  gemv_norm: bool = False
   conv_ring: bool = True
 
   def __post_init__(self):
-    for name in ("gemv_swiglu", "conv_ring"):
+    for name in ("gemv_swiglu", "gemv_norm", "conv_ring"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected True or "
                          "False.")
@@ -161,6 +168,13 @@ class DecodeConfig:
     tileable = contract_dim is None or (contract_dim & -contract_dim) >= 16
     return (batch == 1 and tileable
             and (backend or jax.default_backend()) in ("gpu", "cuda", "rocm"))
+
+  def use_gemv_norm(self, batch: int, contract_dim: int, backend: str | None = None) -> bool:
+    """Whether a product at this batch, contracting a normed residual stream of width
+    `contract_dim`, makes the norm (and the residual add) in its GEMV's prologue (`gemv_norm`):
+    batch 1 on the GEMV path only."""
+    return (self.gemv_norm and batch == 1
+            and self.use_gemv(1, backend, contract_dim=contract_dim))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,20 @@ The S splits of K give enough programs when N / BN alone would leave SMs idle (t
 product: N = 1024); their sum is left to XLA, which can fuse it into the consumer's elementwise
 kernel. `transposed=True` takes W as [N, K] (a tied read-out, h Eᵀ, without a transpose). Columns
 past N (N need not divide by BN) are masked. On CPU the kernel runs in interpret mode.
+
+`gemv_norm_pallas` (batch 1) puts a pre-norm block's residual add and RMSNorm in front of the
+product, so that no XLA kernel runs between two GEMVs. With the residual stream x [1, D] (dtype
+dt), addends a_i [S_a, 1, D] (a previous GEMV's unsummed K-split partials, float32), their
+multiplier m and the norm's gain w and eps, every program makes
+
+    a = rnd(m · rnd(Σ_i a_i))          (Σ in float32, i = 0, 1, …; no m: a = rnd(Σ_i a_i))
+    r = rnd(x + a)                                        the new residual stream
+    h = rnd((r / sqrt(mean(r²) + eps)) · w)               RMSNorm, in float32
+    y_s = Σ_{k ∈ K-split s} h[k] W[k, n]
+
+(rnd: rounding to dt, where the unfused step rounds: the summed product, its multiplier, the
+add, the norm's output), reading all of x and the a_i for mean(r²) (D elements: cheap beside a
+[Ks, BN] tile of W) and its own K range again for h. Program (0, 0) alone writes r.
 """
 from __future__ import annotations
 
@@ -78,13 +92,65 @@ def _swiglu_tile(gate_ref, up_ref, ks, dtype):
   return rnd(jax.nn.silu(rnd(g)) * rnd(u))
 
 
-def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None):
+def _residual_tile(x_ref, add_ref, ks, multiplier):
+  """[1, BK] float32: r = rnd(x + rnd(m · rnd(Σ_i a_i))) on the K slice `ks` of x [1, D] and the
+  addends a [S_a, 1, D] (None: r = x), rounded to x's dtype where the unfused step rounds."""
+  f32 = jnp.float32
+  rnd = lambda a: a.astype(x_ref.dtype).astype(f32)
+  r = x_ref[:, ks].astype(f32)
+  if add_ref is None:
+    return r
+  a = add_ref[0, :, ks].astype(f32)
+  for i in range(1, add_ref.shape[0]):
+    a = a + add_ref[i, :, ks].astype(f32)
+  a = rnd(a)
+  if multiplier != 1.0:
+    a = rnd(a * rnd(jnp.asarray(multiplier, f32)))
+  return rnd(r + a)
+
+
+def _norm_prologue(x_ref, add_ref, gain_ref, r_ref, *, block_k, eps, multiplier, dtype):
+  """The input tile function of `gemv_norm_pallas`'s program: ks (a K slice of this program's
+  split) ↦ h [1, BK] float32, h = rnd((r / sqrt(mean(r²) + eps)) · w) (rounded to `dtype`).
+  mean(r²) sums all of r in [1, BK] tiles; program (0, 0) writes r to `r_ref` on the way."""
+  f32 = jnp.float32
+  D = x_ref.shape[1]
+  tile = lambda i: pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+  writer = (pl.program_id(0) == 0) & (pl.program_id(1) == 0)
+
+  def squares(i, acc):
+    r = _residual_tile(x_ref, add_ref, tile(i), multiplier)
+
+    @pl.when(writer)
+    def _():
+      r_ref[:, tile(i)] = r.astype(r_ref.dtype)
+    return acc + r * r
+  sum_sq = jnp.sum(jax.lax.fori_loop(0, D // block_k, squares, jnp.zeros((1, block_k), f32)),
+                   axis=1, keepdims=True)                                  # [1, 1]
+  inv_rms = jax.lax.rsqrt(sum_sq / D + eps)
+
+  def h_tile(ks):
+    r = _residual_tile(x_ref, add_ref, ks, multiplier)
+    return ((r * inv_rms) * gain_ref[:, ks].astype(f32)).astype(dtype).astype(f32)
+  return h_tile
+
+
+def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, norm=None):
   """x_ref: [R, Ks] (R = 1 or 16 padded rows), or (`swiglu_dtype`) gate and up partials
-  [S_in, 1, Ks] each; w_ref: [BN, Ks] (`transposed`) or [Ks, BN]; y_ref: [R, BN]."""
+  [S_in, 1, Ks] each, or (`norm`: dict of eps and the addends' multiplier) x [1, D], the
+  addends [S_a, 1, D] (if any) and the gain [1, D]; w_ref: [BN, Ks] (`transposed`) or [Ks, BN]; y_ref:
+  [R, BN]; with `norm` also r_ref [1, D]."""
   f32 = jnp.float32
   if swiglu_dtype is not None:
     gate_ref, up_ref, w_ref, y_ref = refs
     rows = 1
+  elif norm is not None:
+    x_ref, *add_refs, gain_ref, w_ref, y_ref, r_ref = refs
+    rows = 1
+    h_tile = _norm_prologue(x_ref, add_refs[0] if add_refs else None, gain_ref, r_ref,
+                            block_k=block_k, eps=norm["eps"], multiplier=norm["multiplier"],
+                            dtype=w_ref.dtype)
+    split_offset = pl.program_id(1) * (tiles * block_k)   # x is whole: this split's K offset
   else:
     x_ref, w_ref, y_ref = refs
     rows = x_ref.shape[0]
@@ -102,8 +168,12 @@ def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None):
   if rows == 1:
     def body(i, acc):
       ks = k_slice(i)
-      x = (_swiglu_tile(gate_ref, up_ref, ks, swiglu_dtype) if swiglu_dtype is not None
-           else x_ref[:, ks].astype(f32))                                  # [1, BK]
+      if swiglu_dtype is not None:
+        x = _swiglu_tile(gate_ref, up_ref, ks, swiglu_dtype)              # [1, BK]
+      elif norm is not None:
+        x = h_tile(pl.ds(pl.multiple_of(split_offset + i * block_k, block_k), block_k))
+      else:
+        x = x_ref[:, ks].astype(f32)
       w = w_tile(ks).astype(f32)
       return acc + (w * x if transposed else w * x.reshape(block_k, 1))
     shape = (block_n, block_k) if transposed else (block_k, block_n)
@@ -202,3 +272,63 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
       name="decode_gemv_swiglu",
   )(gate_up_SxBx2F, gate_up_SxBx2F, w_FxN)
   return y[0] if S == 1 else jnp.sum(y, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "addend_multiplier", "transposed", "block_n",
+                                             "block_k", "splits", "min_programs", "num_warps",
+                                             "sum_splits", "interpret"))
+def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
+                     addend_multiplier: float = 1.0, transposed: bool = False, block_n: int = 64,
+                     block_k: int = 128, splits: int | None = None, min_programs: int = 256,
+                     num_warps: int = 4, sum_splits: bool = True, interpret: bool | None = None):
+  """(h @ W in float32, r) at batch 1, where r = x + rnd(m · Σ_i addends[i]) is the new residual
+  stream (x's dtype) and h = RMSNorm(r) · gain (W's dtype): the residual add and the norm of a
+  pre-norm block made in the GEMV's prologue (module docstring). `addends_SxD` [S_a, 1, D]: e.g.
+  `gemv_pallas(..., sum_splits=False)`'s partials (None: r = x); `addend_multiplier` m: their
+  Linear's forward multiplier. W [D, N] (or [N, D], `transposed`); tiles, splits and
+  `sum_splits` as `gemv_pallas`. Returns (y [1, N] or its partials [S, 1, N], r [1, D]).
+  """
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  B, D = x_1xD.shape
+  N, Kw = (w.shape if transposed else w.shape[::-1])
+  if B != 1 or Kw != D:
+    raise ValueError(f"gemv_norm_pallas: x {x_1xD.shape} and `w` {w.shape} "
+                     f"({'[N, D]' if transposed else '[D, N]'}); expected x [1, D] (batch 1) "
+                     "with D the rows (columns if transposed) of w.")
+  if gain_D.shape != (D,):
+    raise ValueError(f"gemv_norm_pallas: `gain_D` {gain_D.shape}; expected the norm's gain "
+                     f"[{D}] (x's width).")
+  if addends_SxD is not None and (addends_SxD.ndim != 3 or addends_SxD.shape[1:] != (1, D)
+                                  or addends_SxD.shape[0] < 1):
+    raise ValueError(f"gemv_norm_pallas: `addends_SxD` {addends_SxD.shape}; expected [S_a, 1, "
+                     f"{D}] with S_a ≥ 1 (a GEMV's split partials), or None.")
+  bk, S, Ks = _tiling("gemv_norm_pallas", D, N, block_n, block_k, splits, min_programs,
+                      interpret)
+  whole = lambda j, s: (0, 0)
+  in_specs = [pl.BlockSpec((1, D), whole)]                                 # x, whole
+  operands = [x_1xD]
+  if addends_SxD is not None:
+    in_specs.append(pl.BlockSpec(addends_SxD.shape, lambda j, s: (0, 0, 0)))   # addends, whole
+    operands.append(addends_SxD)
+  in_specs += [pl.BlockSpec((1, D), whole),                                 # gain, whole
+               pl.BlockSpec((block_n, Ks) if transposed else (Ks, block_n),  # W tile
+                            (lambda j, s: (j, s)) if transposed else (lambda j, s: (s, j)))]
+  operands += [gain_D.reshape(1, D), w]
+  norm = dict(eps=float(eps), multiplier=float(addend_multiplier))
+  y, r = pl.pallas_call(
+      functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
+                        transposed=transposed, norm=norm),
+      grid=(pl.cdiv(N, block_n), S),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, 1, block_n), lambda j, s: (s, 0, j)),   # y's partials
+                 pl.BlockSpec((1, D), whole)],                              # r (program (0, 0))
+      out_shape=[jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
+                 jax.ShapeDtypeStruct((1, D), x_1xD.dtype)],
+      interpret=interpret,
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+      name="decode_gemv_norm",
+  )(*operands)
+  if not sum_splits:
+    return y, r
+  return (y[0] if S == 1 else jnp.sum(y, axis=0)), r

@@ -191,9 +191,13 @@ def test_variant_launch_settings_parse_into_a_decode_config():
       "pallas_fused", DecodeConfig(gemv=False))
   assert bench_decode.split_launch("pallas_fused+noring+noswiglu") == (
       "pallas_fused", DecodeConfig(conv_ring=False, gemv_swiglu=False))
+  assert bench_decode.split_launch("pallas_fused+nonorm") == (
+      "pallas_fused", DecodeConfig(gemv_norm=False))
+  assert bench_decode.split_launch("pallas_fused+norm") == (
+      "pallas_fused", DecodeConfig(gemv_norm=True))
   for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
               "pallas+bv12:float32", "pallas+w8+w4:float32", "xla+gemv+gemv:float32",
               "xla+gbn48:float32", "xla+gemv+nogemv:float32",
-              "pallas_fused+noring+noring:float32"):
+              "pallas_fused+noring+noring:float32", "pallas_fused+norm+nonorm:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)

@@ -12,8 +12,9 @@ import pytest
 from gdn_jax import layers
 from kernels_pallas import decode_gemv
 from kernels_pallas.config import DecodeConfig
-from kernels_pallas.decode_gemv import gemv_pallas, gemv_swiglu_pallas
+from kernels_pallas.decode_gemv import gemv_norm_pallas, gemv_pallas, gemv_swiglu_pallas
 from tests.generate_test import DECODE_VARIANTS, make
+from tests.triton_export import TRITON_CALL, export_for_h100, triton_launch
 
 
 def _operands(B, K, N, transposed, seed=0):
@@ -138,7 +139,8 @@ def test_errors_name_the_argument(kwargs, match):
 
 @pytest.mark.parametrize("field, value", [("gemv", 1), ("gemv_block_n", 48), ("gemv_block_k", 8),
                                           ("gemv_min_programs", 0), ("gemv_num_warps", 3),
-                                          ("gemv_swiglu", 1), ("conv_ring", None)])
+                                          ("gemv_swiglu", 1), ("gemv_norm", None),
+                                          ("conv_ring", None)])
 def test_decode_config_refuses_bad_gemv_settings(field, value):
   with pytest.raises(ValueError, match=field):
     DecodeConfig(**{field: value})
@@ -230,3 +232,172 @@ def test_decode_dot_passes_every_gemv_setting(monkeypatch):
   layers.decode_dot(jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 16), jnp.bfloat16),
                     decode_config=config)
   assert seen == dict(transposed=False, block_n=32, block_k=256, min_programs=64, num_warps=8)
+
+
+# The residual add and RMSNorm in the GEMV's prologue (gemv_norm_pallas, DecodeConfig.gemv_norm).
+
+def _norm_operands(dtype, D, N, S_a, transposed, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(keys[0], (1, D)).astype(dtype)
+  w = (jax.random.normal(keys[1], (N, D) if transposed else (D, N)) / 16).astype(dtype)
+  gain = 1.0 + 0.5 * jax.random.normal(keys[2], (D,))                     # float32, as params
+  addends = None if not S_a else jax.random.normal(keys[3], (S_a, 1, D))
+  return x, w, gain, addends
+
+
+def _unfused(x, w, gain, addends, multiplier, eps, transposed):
+  """The XLA step's composition: the summed partials rounded, times the multiplier, the residual
+  add, RMSNorm (layers.rms_normalize) rounded, then the product (float32)."""
+  dt = x.dtype
+  r = x
+  if addends is not None:
+    a = jnp.sum(addends, axis=0).astype(dt)
+    r = x + (a if multiplier == 1.0 else a * jnp.asarray(multiplier, dt))
+  h = (layers.rms_normalize(r, eps) * gain).astype(dt)
+  y = jnp.dot(h.astype(jnp.float32), (w.T if transposed else w).astype(jnp.float32),
+              precision=jax.lax.Precision.HIGHEST)
+  return y, r
+
+
+def _float64(x, w, gain, addends, multiplier, eps, transposed):
+  """Float64 NumPy, rounding to x's dtype where the step rounds (the partials summed in order)."""
+  f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  rnd = lambda a: f64(jnp.asarray(a, jnp.float32).astype(x.dtype))
+  r = f64(x)
+  if addends is not None:
+    a = rnd(np.sum(f64(addends), axis=0))
+    r = rnd(r + (a if multiplier == 1.0 else rnd(a * f64(jnp.asarray(multiplier, x.dtype)))))
+  h = rnd(r / np.sqrt(np.mean(r * r) + eps) * f64(gain))
+  return h @ (f64(w).T if transposed else f64(w)), r
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("S_a, multiplier, transposed, kw", [
+    (0, 1.0, False, dict(splits=2)),                   # 2 K splits of 2 K tiles each
+    (3, 1.0, False, dict(splits=4)),                   # addends; one K tile per program
+    (16, 0.5, False, dict(splits=1)),                  # 4 K tiles in one program, a multiplier
+    (2, 1.0, True, dict(splits=2, block_n=32)),        # a tied read-out's [N, D] layout
+])
+def test_norm_gemv_equals_the_unfused_step(dtype, S_a, multiplier, transposed, kw):
+  """y = RMSNorm(x + m Σ addends) · w @ W and the residual r: r the XLA step's (bf16: exactly), y to
+  float32 rounding (bf16: h may round the other way); both against float64 NumPy. D = 256 in
+  K tiles of 64."""
+  D, N, eps = 256, 200, 1e-6
+  x, w, gain, addends = _norm_operands(dtype, D, N, S_a, transposed)
+  y, r = gemv_norm_pallas(x, w, gain, addends, eps=eps, addend_multiplier=multiplier,
+                          transposed=transposed, block_k=64, **kw)
+  assert y.shape == (1, N) and y.dtype == jnp.float32 and r.shape == (1, D) and r.dtype == dtype
+  y_xla, r_xla = _unfused(x, w, gain, addends, multiplier, eps, transposed)
+  # r: XLA may sum the 16 partials pairwise; the kernel sums them in order (float32 rounding).
+  np.testing.assert_allclose(np.asarray(r, np.float32), np.asarray(r_xla, np.float32), rtol=0,
+                             atol=1e-6 if dtype == jnp.float32 else 0)
+  xla_tol = 5e-5 if dtype == jnp.float32 else 1e-3     # mean(r²) summed in another order
+  np.testing.assert_allclose(y, y_xla, rtol=xla_tol, atol=xla_tol)
+  y64, r64 = _float64(x, w, gain, addends, multiplier, eps, transposed)
+  tol_r = 1e-6 if dtype == jnp.float32 else 2 ** -8   # the addends summed in float64 here
+  np.testing.assert_allclose(np.asarray(r, np.float32), r64, rtol=tol_r, atol=tol_r)
+  tol = 5e-5 if dtype == jnp.float32 else 2e-2     # bf16: h may round the other way
+  np.testing.assert_allclose(y, y64, rtol=tol, atol=tol)
+  assert float(np.abs(y64).max()) > 1.0
+
+
+def test_norm_gemv_returns_partials_for_the_next_kernel():
+  """sum_splits=False: the K splits' partials [S, 1, N], which sum to the product."""
+  x, w, gain, addends = _norm_operands(jnp.bfloat16, 256, 64, 2, False, seed=4)
+  parts, r = gemv_norm_pallas(x, w, gain, addends, eps=1e-5, splits=4, block_k=64,
+                              sum_splits=False)
+  y, r_summed = gemv_norm_pallas(x, w, gain, addends, eps=1e-5, splits=4, block_k=64)
+  assert parts.shape == (4, 1, 64)
+  np.testing.assert_allclose(jnp.sum(parts, axis=0), y, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(r, np.float32), np.asarray(r_summed, np.float32))
+
+
+@pytest.mark.parametrize("x, w, gain, addends, match", [
+    ((2, 64), (64, 32), (64,), None, "batch 1"),
+    ((1, 64), (32, 32), (64,), None, r"\[D, N\]"),
+    ((1, 64), (64, 32), (32,), None, "gain_D"),
+    ((1, 64), (64, 32), (64,), (2, 64), "addends_SxD"),
+    ((1, 64), (64, 32), (64,), (2, 1, 32), "addends_SxD"),
+])
+def test_norm_gemv_errors_name_the_argument(x, w, gain, addends, match):
+  zeros = lambda shape: None if shape is None else jnp.zeros(shape, jnp.bfloat16)
+  with pytest.raises(ValueError, match=match):
+    gemv_norm_pallas(zeros(x), zeros(w), zeros(gain), zeros(addends), eps=1e-6)
+
+
+def test_norm_gemv_lowers_to_one_triton_call_for_an_h100():
+  """The 512M model's three prologue GEMVs lower for an H100: the mixer's in-projection (no
+  addends), the MLP's gate/up product on W_o's 16 split partials, the tied read-out."""
+  sds = jax.ShapeDtypeStruct
+  for N, S_a, transposed, grid in ((9228, 0, False, (145, 2, 1)), (5632, 16, False, (88, 4, 1)),
+                                   (32000, 0, True, (500, 1, 1))):
+    fn = functools.partial(gemv_norm_pallas, eps=1e-6, transposed=transposed, interpret=False,
+                           sum_splits=False)
+    args = [sds((1, 1024), jnp.bfloat16), sds((N, 1024) if transposed else (1024, N),
+                                               jnp.bfloat16), sds((1024,), jnp.float32)]
+    text = export_for_h100(fn, *args, *([sds((S_a, 1, 1024), jnp.float32)] if S_a else []))
+    assert text.count(TRITON_CALL) == 1
+    assert triton_launch(text, "decode_gemv_norm") == (grid, 2, 4)
+
+
+def test_the_norm_gemv_is_used_at_batch_1_on_the_gemv_path_only():
+  auto, on = DecodeConfig(gemv_norm=True), DecodeConfig(gemv=True, gemv_norm=True)
+  assert not DecodeConfig().use_gemv_norm(1, 1024, "gpu")       # opt-in until timed
+  assert auto.use_gemv_norm(1, 1024, "gpu") and not auto.use_gemv_norm(2, 1024, "gpu")
+  assert not auto.use_gemv_norm(1, 1024, "cpu") and not auto.use_gemv_norm(1, 100, "gpu")
+  assert on.use_gemv_norm(1, 32) and not on.use_gemv_norm(2, 32)
+  assert not DecodeConfig(gemv_norm=False).use_gemv_norm(1, 1024, "gpu")
+  assert not DecodeConfig(gemv=False).use_gemv_norm(1, 1024, "gpu")
+
+
+def _random_gains(model, seed):
+  """Norm gains away from their init of 1, so that a kernel dropping one changes the logits."""
+  norms = [model.final_norm] + [n for b in model.blocks for n in (b.mixer_norm, b.mlp_norm)]
+  for i, norm in enumerate(norms):
+    norm.weight[...] = 1.0 + 0.5 * jax.random.normal(jax.random.key(seed + i), norm.weight.shape)
+  return model
+
+
+@pytest.mark.parametrize("variant, dtype, multipliers", [
+    ("untied", "float32", False), ("tied", "bfloat16", True), ("hybrid", "bfloat16", False)])
+def test_batch_1_step_with_norm_gemvs_equals_the_unfused_step(monkeypatch, variant, dtype,
+                                                              multipliers):
+  """At batch 1 on the GEMV path, DecodeConfig.gemv_norm makes each GDN block's two norms and the
+  mixer's residual add in the GEMVs (2 per GDN layer, 1 for the read-out), with the logits of
+  gemv_norm=False to float32 rounding (bf16: a few bf16 roundings). `multipliers`: W_o's in the
+  prologue; the gate/up multipliers send the MLP to the unchained path."""
+  import dataclasses
+  model = _random_gains(make(dataclasses.replace(DECODE_VARIANTS[variant], dtype=dtype), seed=21),
+                        seed=5)
+  if multipliers:
+    for block in model.blocks:
+      block.mixer.o_proj.multiplier, block.mlp.gate_proj.multiplier = 0.5, 2.0
+  prompt = jax.random.randint(jax.random.key(21), (1, 5), 0, 64)
+  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
+  token = jnp.argmax(logits[:, 0], -1)
+  calls, real = [], decode_gemv.gemv_norm_pallas
+  monkeypatch.setattr(decode_gemv, "gemv_norm_pallas",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  step = lambda **kw: model.decode_step(token, cache, impl="pallas_fused", decode_config=(
+      DecodeConfig(gemv=True, gemv_block_n=16, **kw)))[0]
+  fused = step(gemv_norm=True)
+  assert len(calls) == 2 * model.config.layer_kinds.count("G") + 1
+  unfused = step(gemv_norm=False)
+  assert len(calls) == 2 * model.config.layer_kinds.count("G") + 1
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  np.testing.assert_allclose(fused, unfused, rtol=tol, atol=tol)
+  assert float(np.abs(np.asarray(unfused)).max()) > 0.5
+
+
+def test_generate_with_norm_gemvs_samples_the_unfused_tokens():
+  """generate at batch 1 (bf16, the fused rule kernel, conv rings): the same 8 sampled tokens
+  with and without DecodeConfig.gemv_norm."""
+  import dataclasses
+  from gdn_jax import generate as gen
+  model = _random_gains(make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16"),
+                             seed=22), seed=9)
+  prompt = jax.random.randint(jax.random.key(22), (1, 6), 0, 64)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(2), impl="pallas_fused")
+  run = lambda norm: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, gemv_norm=norm), **kw)
+  np.testing.assert_array_equal(run(True), run(False))
