@@ -108,6 +108,19 @@ def model_config(name: str) -> ModelConfig:
   return ModelConfig(**CONFIGS[name], dtype="bfloat16", param_dtype="bfloat16", rule_impl="auto")
 
 
+def init_on_host(config: ModelConfig) -> GatedDeltaNetLM:
+  """The model initialised op by op on the host's CPU, then moved to the default device. One
+  jitted init of the 512M model is a large program (37 s to compile on a 2-core CPU; the set-up of
+  a cold GPU call, this init and the bandwidth probe, took 97–128 s, NOTES_decode.md), where each
+  op of the eager init compiles for the CPU in milliseconds (~9 s for the whole init on 2 cores).
+  The draws are the jitted init's (threefry; tests/bench_decode_test.py)."""
+  with jax.default_device(jax.devices("cpu")[0]):
+    graphdef, state = nnx.split(GatedDeltaNetLM(config, rngs=nnx.Rngs(0)))
+  state = jax.device_put(state, jax.devices()[0])
+  jax.block_until_ready(state)
+  return nnx.merge(graphdef, state)
+
+
 def measure_bandwidth(nbytes: int, repeats: int = 10) -> float:
   """Device memory bandwidth (bytes/s) of a jitted copy: reads and writes `nbytes` each."""
   x = jnp.zeros((nbytes // 4,), jnp.float32)
@@ -593,9 +606,7 @@ def run(opts: Options, log=print) -> dict:
       return True
     return False
 
-  # One compiled init (eager init would compile every op of it on its own).
-  model = nnx.jit(lambda: GatedDeltaNetLM(config, rngs=nnx.Rngs(0)))()
-  jax.block_until_ready(nnx.state(model))
+  model = init_on_host(config)
   gdn = GdnBench(model, opts.new_tokens)
   main_impl, main_sd = parse_variant(opts.main)
   first, *rest = opts.prompts

@@ -201,3 +201,18 @@ def test_variant_launch_settings_parse_into_a_decode_config():
               "pallas_fused+noring+noring:float32", "pallas_fused+norm+nonorm:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)
+
+
+def test_the_host_init_draws_the_jitted_inits_parameters():
+  """`init_on_host` (eager on the CPU, then moved) gives the parameters of one jitted init."""
+  import jax
+  from flax import nnx
+  from gdn_jax.model import GatedDeltaNetLM
+  config = bench_decode.model_config("tiny")
+  host = nnx.state(bench_decode.init_on_host(config), nnx.Param)
+  jitted = nnx.state(nnx.jit(lambda: GatedDeltaNetLM(config, rngs=nnx.Rngs(0)))(), nnx.Param)
+  leaves = jax.tree.leaves(host)
+  assert len(leaves) == len(jax.tree.leaves(jitted)) > 10
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32),
+                                                       np.asarray(b, np.float32), rtol=0, atol=0),
+               host, jitted)
