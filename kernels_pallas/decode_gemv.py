@@ -192,6 +192,24 @@ def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, no
   plt.store(y_ref.at[:, :], y, mask=valid[None, :])
 
 
+def _w_spec(transposed: bool, block_n: int, Ks: int):
+  """W's tile of program (j, s): rows of split s, columns of block j ([Ks, BN]; [BN, Ks] for W
+  stored [N, K])."""
+  if transposed:
+    return pl.BlockSpec((block_n, Ks), lambda j, s: (j, s))
+  return pl.BlockSpec((Ks, block_n), lambda j, s: (s, j))
+
+
+def _partials_spec(rows: int, block_n: int):
+  """The output [S, rows, N] of split partials: program (j, s) writes [rows, BN] of split s."""
+  return pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j))
+
+
+def _sum_splits(y_SxRxN):
+  """Σ_s of the split partials (float32; one split: as it is)."""
+  return y_SxRxN[0] if y_SxRxN.shape[0] == 1 else jnp.sum(y_SxRxN, axis=0)
+
+
 @functools.partial(jax.jit, static_argnames=("transposed", "block_n", "block_k", "splits",
                                              "min_programs", "num_warps", "sum_splits",
                                              "interpret"))
@@ -218,23 +236,18 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
   bk, S, Ks = _tiling("gemv_pallas", K, N, block_n, block_k, splits, min_programs, interpret)
   R = 1 if B == 1 else DOT_ROWS
   x = x_BxK if R == B else jnp.pad(x_BxK, ((0, R - B), (0, 0)))
-  w_block = (block_n, Ks) if transposed else (Ks, block_n)
-  w_index = (lambda j, s: (j, s)) if transposed else (lambda j, s: (s, j))
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
                         transposed=transposed),
       grid=(pl.cdiv(N, block_n), S),
-      in_specs=[pl.BlockSpec((R, Ks), lambda j, s: (0, s)), pl.BlockSpec(w_block, w_index)],
-      out_specs=pl.BlockSpec((None, R, block_n), lambda j, s: (s, 0, j)),
+      in_specs=[pl.BlockSpec((R, Ks), lambda j, s: (0, s)), _w_spec(transposed, block_n, Ks)],
+      out_specs=_partials_spec(R, block_n),
       out_shape=jax.ShapeDtypeStruct((S, R, N), jnp.float32),
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       name="decode_gemv",
   )(x.astype(w.dtype), w)
-  if not sum_splits:
-    return y[:, :B]
-  y = y[0] if S == 1 else jnp.sum(y, axis=0)
-  return y[:B]
+  return _sum_splits(y)[:B] if sum_splits else y[:, :B]
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "min_programs",
@@ -264,14 +277,14 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
       grid=(pl.cdiv(N, block_n), S),
       in_specs=[pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, s)),
                 pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, S + s)),
-                pl.BlockSpec((Ks, block_n), lambda j, s: (s, j))],
-      out_specs=pl.BlockSpec((None, 1, block_n), lambda j, s: (s, 0, j)),
+                _w_spec(False, block_n, Ks)],
+      out_specs=_partials_spec(1, block_n),
       out_shape=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       name="decode_gemv_swiglu",
   )(gate_up_SxBx2F, gate_up_SxBx2F, w_FxN)
-  return y[0] if S == 1 else jnp.sum(y, axis=0)
+  return _sum_splits(y)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "addend_multiplier", "transposed", "block_n",
@@ -312,8 +325,7 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
     in_specs.append(pl.BlockSpec(addends_SxD.shape, lambda j, s: (0, 0, 0)))   # addends, whole
     operands.append(addends_SxD)
   in_specs += [pl.BlockSpec((1, D), whole),                                 # gain, whole
-               pl.BlockSpec((block_n, Ks) if transposed else (Ks, block_n),  # W tile
-                            (lambda j, s: (j, s)) if transposed else (lambda j, s: (s, j)))]
+               _w_spec(transposed, block_n, Ks)]
   operands += [gain_D.reshape(1, D), w]
   norm = dict(eps=float(eps), multiplier=float(addend_multiplier))
   y, r = pl.pallas_call(
@@ -321,7 +333,7 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
                         transposed=transposed, norm=norm),
       grid=(pl.cdiv(N, block_n), S),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, 1, block_n), lambda j, s: (s, 0, j)),   # y's partials
+      out_specs=[_partials_spec(1, block_n),                                # y's partials
                  pl.BlockSpec((1, D), whole)],                              # r (program (0, 0))
       out_shape=[jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
                  jax.ShapeDtypeStruct((1, D), x_1xD.dtype)],
@@ -329,6 +341,4 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
       name="decode_gemv_norm",
   )(*operands)
-  if not sum_splits:
-    return y, r
-  return (y[0] if S == 1 else jnp.sum(y, axis=0)), r
+  return (_sum_splits(y) if sum_splits else y), r
