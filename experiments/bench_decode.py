@@ -109,10 +109,9 @@ def model_config(name: str) -> ModelConfig:
 
 
 def init_on_host(config: ModelConfig) -> GatedDeltaNetLM:
-  """The model initialised op by op on the host's CPU, then moved to the default device. One
-  jitted init of the 512M model is a large program (37 s to compile on a 2-core CPU; the set-up of
-  a cold GPU call, this init and the bandwidth probe, took 97–128 s, NOTES_decode.md), where each
-  op of the eager init compiles for the CPU in milliseconds (~9 s for the whole init on 2 cores).
+  """The model initialised op by op on the host's CPU, then moved to the default device: one
+  jitted init of the 512M model is a large program to compile on a cold GPU machine, where each op
+  of the eager init compiles for the CPU in milliseconds (timings: experiments/NOTES_decode.md).
   The draws are the jitted init's (threefry; tests/bench_decode_test.py)."""
   with jax.default_device(jax.devices("cpu")[0]):
     graphdef, state = nnx.split(GatedDeltaNetLM(config, rngs=nnx.Rngs(0)))
