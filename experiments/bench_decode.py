@@ -504,10 +504,11 @@ def split_impl(impl: str) -> tuple[str, int]:
 def split_launch(impl: str):
   """"pallas_fused+bv16+w8" → ("pallas_fused", DecodeConfig(block_v=16, num_warps=8)): the Pallas
   step kernels' launch settings, and "+gemv" (with "+gbnN", "+gbkN": its column and K tiles;
-  "+gwN": its warps; "+gmpN": its least program count) the Pallas GEMV for the weight products at
-  batch ≤ 8, "+nogemv" XLA's products at every batch, "+noswiglu" an XLA SiLU product between
-  the MLP's two GEMVs, "+norm" the RMSNorms and the mixer's residual add made in the batch-1
-  GEMVs' prologues ("+nonorm": XLA's kernels between them, the default; DecodeConfig.gemv_norm),
+  "+gwN": its warps; "+gmpN": its least program count; "+gstN": its pipelining stages) the Pallas
+  GEMV for the weight products at batch ≤ 8, "+nogemv" XLA's products at every batch, "+noswiglu"
+  an XLA SiLU product between the MLP's two GEMVs, "+norm" the RMSNorms and the mixer's residual
+  add made in the batch-1 GEMVs' prologues (the default; "+nonorm": XLA's kernels between them;
+  DecodeConfig.gemv_norm),
   "+noring" the fused kernel on a window built per step instead of conv rings (no "+": None,
   the defaults: the GEMV at batch 1 on GPUs with the chained MLP, rings).
   ValueError on a bad part."""
@@ -530,13 +531,15 @@ def split_launch(impl: str):
       kw["gemv_norm"] = part == "norm"
       continue
     key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
-           "gw": "gemv_num_warps", "gmp": "gemv_min_programs"}.get(part.rstrip("0123456789"))
+           "gw": "gemv_num_warps", "gmp": "gemv_min_programs",
+           "gst": "gemv_num_stages"}.get(part.rstrip("0123456789"))
     digits = part[len(part.rstrip("0123456789")):]
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
                        "(V block), +wN (warps), +gemv or +nogemv, +noswiglu, +norm or +nonorm, "
                        "+noring, "
                        "+gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), +gmpN (GEMV programs), "
+                       "+gstN (GEMV stages), "
                        "each at most once.")
     kw[key] = int(digits)
   return base, DecodeConfig(**kw)

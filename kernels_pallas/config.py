@@ -86,7 +86,7 @@ class GpuConfig:
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   """Launch settings of the decode-step kernels (`decode_step.py`, `decode_fused.py`), passed as
-  `generate(..., decode_config=...)`; not yet tuned on a GPU (experiments/NOTES_decode.md).
+  `generate(..., decode_config=...)`; the GEMV settings tuned on an H100 (experiments/NOTES_decode.md).
 
   block_v: V columns per (batch, head) program. None: `decode_step.default_block_v` (a [K, BV]
     float32 state tile of ≤ 8K elements; 32 at K = 256: 96 programs at batch 1 with 6 heads and
@@ -106,8 +106,10 @@ class DecodeConfig:
     and the RMSNorm before a product are made in its prologue (`decode_gemv.gemv_norm_pallas`):
     the mixer's norm in the in-projection's GEMV, the mixer output's residual add and the MLP's
     norm in the gate/up GEMV, the final norm in the read-out's (`use_gemv_norm`; GDN blocks);
-    False (the default until it is timed on a GPU; each program re-reads x and the addends for
-    mean(r²)): XLA's norm and add kernels between the GEMVs.
+    False: XLA's norm and add kernels between the GEMVs.
+  gemv_num_stages: Triton's software-pipelining depth of the GEMVs' K-tile loop.
+  The GEMV defaults (128-column tiles, ≥ 528 programs, the norms in the prologues) are the fastest
+  of the settings timed in the whole decode step (experiments/NOTES_decode.md).
   conv_ring: `generate` with impl "pallas_fused" keeps the conv states as rings in the decode loop
     (`decode_fused.gdn_decode_fused_ring_pallas`: no window concatenated and no state sliced per
     layer and token); False: the window kernel.
@@ -115,12 +117,13 @@ class DecodeConfig:
   block_v: int | None = None
   num_warps: int = 4
   gemv: bool | None = None
-  gemv_block_n: int = 64
+  gemv_block_n: int = 128
   gemv_block_k: int = 128
-  gemv_min_programs: int = 256
+  gemv_min_programs: int = 528
   gemv_num_warps: int = 4
+  gemv_num_stages: int = 2
   gemv_swiglu: bool = True
-  gemv_norm: bool = False
+  gemv_norm: bool = True
   conv_ring: bool = True
 
   def __post_init__(self):
@@ -144,6 +147,10 @@ class DecodeConfig:
         self.block_v, int) or self.block_v < 1 or self.block_v & (self.block_v - 1)):
       raise ValueError(f"DecodeConfig: `block_v`={self.block_v!r}; expected None or a power of "
                        "two (Triton blocks).")
+    if (isinstance(self.gemv_num_stages, bool) or not isinstance(self.gemv_num_stages, int)
+        or self.gemv_num_stages < 1):
+      raise ValueError(f"DecodeConfig: `gemv_num_stages`={self.gemv_num_stages!r}; expected an "
+                       "int ≥ 1 (Triton's pipelining depth).")
     for name in ("num_warps", "gemv_num_warps"):
       if getattr(self, name) not in (1, 2, 4, 8, 16):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected 1, 2, 4, 8 "
@@ -151,9 +158,10 @@ class DecodeConfig:
 
   @property
   def gemv_launch(self) -> dict:
-    """The GEMV kernels' tile, split and warp keyword arguments (`decode_gemv`)."""
+    """The GEMV kernels' tile, split, warp and stage keyword arguments (`decode_gemv`)."""
     return dict(block_n=self.gemv_block_n, block_k=self.gemv_block_k,
-                min_programs=self.gemv_min_programs, num_warps=self.gemv_num_warps)
+                min_programs=self.gemv_min_programs, num_warps=self.gemv_num_warps,
+                num_stages=self.gemv_num_stages)
 
   def use_gemv(self, batch: int, backend: str | None = None, contract_dim: int | None = None
                ) -> bool:

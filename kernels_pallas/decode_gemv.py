@@ -81,6 +81,14 @@ def _tiling(where, K, N, block_n, block_k, splits, min_programs, interpret):
   return bk, S, K // S
 
 
+def _check_num_stages(where, num_stages):
+  """ValueError naming `num_stages` unless it is an int ≥ 1 (a static argument: a float or bool
+  would hash into the jit cache and reach Triton)."""
+  if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+    raise ValueError(f"{where}: `num_stages`={num_stages!r}; expected an int ≥ 1 (Triton's "
+                     "software-pipelining depth of the K-tile loop).")
+
+
 def _swiglu_tile(gate_ref, up_ref, ks, dtype):
   """[1, BK] float32: SiLU(g) · u of the K tile `ks`, g and u the sums of their split partials
   ([S_in, 1, Ks] blocks), each rounded to `dtype` as the unfused step's products and the
@@ -211,16 +219,18 @@ def _sum_splits(y_SxRxN):
 
 
 @functools.partial(jax.jit, static_argnames=("transposed", "block_n", "block_k", "splits",
-                                             "min_programs", "num_warps", "sum_splits",
-                                             "interpret"))
+                                             "min_programs", "num_warps", "num_stages",
+                                             "sum_splits", "interpret"))
 def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_k: int = 128,
                 splits: int | None = None, min_programs: int = 256, num_warps: int = 4,
-                sum_splits: bool = True, interpret: bool | None = None):
+                num_stages: int = 2, sum_splits: bool = True, interpret: bool | None = None):
   """x @ W (W [K, N]) or x @ Wᵀ (`transposed`, W [N, K]) in float32, for B ≤ `MAX_ROWS` rows.
 
   `block_n` columns and `block_k` rows of W per tile (powers of two; block_k is lowered to the
   largest power of two dividing K); `splits`: K splits (None: the fewest giving ≥ `min_programs`
-  programs, `choose_splits`). `sum_splits=False` returns the splits' partial products
+  programs, `choose_splits`). `num_warps` warps per program; `num_stages`: Triton's
+  software-pipelining depth of the K-tile loop (1: each tile loaded when it is summed; 2: the next
+  one loads meanwhile; an int ≥ 1). `sum_splits=False` returns the splits' partial products
   [S, B, N] unsummed (`gemv_swiglu_pallas` sums them as it reads them).
   """
   if interpret is None:
@@ -233,6 +243,7 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
   if not 1 <= B <= MAX_ROWS:
     raise ValueError(f"gemv_pallas: batch {B}; expected 1 … {MAX_ROWS} (larger batches are "
                      "GEMMs: layers.decode_dot without the GEMV).")
+  _check_num_stages("gemv_pallas", num_stages)
   bk, S, Ks = _tiling("gemv_pallas", K, N, block_n, block_k, splits, min_programs, interpret)
   R = 1 if B == 1 else DOT_ROWS
   x = x_BxK if R == B else jnp.pad(x_BxK, ((0, R - B), (0, 0)))
@@ -244,22 +255,23 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
       out_specs=_partials_spec(R, block_n),
       out_shape=jax.ShapeDtypeStruct((S, R, N), jnp.float32),
       interpret=interpret,
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv",
   )(x.astype(w.dtype), w)
   return _sum_splits(y)[:B] if sum_splits else y[:, :B]
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "min_programs",
-                                             "num_warps", "interpret"))
+                                             "num_warps", "num_stages", "interpret"))
 def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int = 128,
                        splits: int | None = None, min_programs: int = 256, num_warps: int = 4,
-                       interpret: bool | None = None):
+                       num_stages: int = 2, interpret: bool | None = None):
   """(SiLU(g) ⊙ u) @ W_down in float32 at batch 1, where [g | u] = Σ_s gate_up[s] (the MLP's
   gate and up products, e.g. `gemv_pallas(..., sum_splits=False)`'s partials [S_in, 1, 2F]):
   the split sum, SiLU and product are made as the tiles are read, so no kernel runs between the
   two products. g, u and the SiLU product are rounded to W's dtype, as the unfused step's are.
-  S_in must be a power of two (Triton blocks); W: [F, N]. The tiles and splits as `gemv_pallas`.
+  S_in must be a power of two (Triton blocks); W: [F, N]. The tiles, splits, warps and stages
+  as `gemv_pallas`.
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -269,6 +281,7 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
     raise ValueError(f"gemv_swiglu_pallas: gate_up {gate_up_SxBx2F.shape} and W {w_FxN.shape}; "
                      "expected gate_up [S_in, 1, 2·F] with S_in a power of two (its split "
                      "partials; batch 1) and W [F, N].")
+  _check_num_stages("gemv_swiglu_pallas", num_stages)
   bk, S, Ks = _tiling("gemv_swiglu_pallas", F, N, block_n, block_k, splits, min_programs,
                       interpret)
   y = pl.pallas_call(
@@ -281,7 +294,7 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
       out_specs=_partials_spec(1, block_n),
       out_shape=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
       interpret=interpret,
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv_swiglu",
   )(gate_up_SxBx2F, gate_up_SxBx2F, w_FxN)
   return _sum_splits(y)
@@ -289,17 +302,18 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
 
 @functools.partial(jax.jit, static_argnames=("eps", "addend_multiplier", "transposed", "block_n",
                                              "block_k", "splits", "min_programs", "num_warps",
-                                             "sum_splits", "interpret"))
+                                             "num_stages", "sum_splits", "interpret"))
 def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
                      addend_multiplier: float = 1.0, transposed: bool = False, block_n: int = 64,
                      block_k: int = 128, splits: int | None = None, min_programs: int = 256,
-                     num_warps: int = 4, sum_splits: bool = True, interpret: bool | None = None):
+                     num_warps: int = 4, num_stages: int = 2, sum_splits: bool = True,
+                     interpret: bool | None = None):
   """(h @ W in float32, r) at batch 1, where r = x + rnd(m · Σ_i addends[i]) is the new residual
   stream (x's dtype) and h = RMSNorm(r) · gain (W's dtype): the residual add and the norm of a
   pre-norm block made in the GEMV's prologue (module docstring). `addends_SxD` [S_a, 1, D]: e.g.
   `gemv_pallas(..., sum_splits=False)`'s partials (None: r = x); `addend_multiplier` m: their
-  Linear's forward multiplier. W [D, N] (or [N, D], `transposed`); tiles, splits and
-  `sum_splits` as `gemv_pallas`. Returns (y [1, N] or its partials [S, 1, N], r [1, D]).
+  Linear's forward multiplier. W [D, N] (or [N, D], `transposed`); tiles, splits, warps,
+  stages and `sum_splits` as `gemv_pallas`. Returns (y [1, N] or its partials [S, 1, N], r [1, D]).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -316,6 +330,7 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
                                   or addends_SxD.shape[0] < 1):
     raise ValueError(f"gemv_norm_pallas: `addends_SxD` {addends_SxD.shape}; expected [S_a, 1, "
                      f"{D}] with S_a ≥ 1 (a GEMV's split partials), or None.")
+  _check_num_stages("gemv_norm_pallas", num_stages)
   bk, S, Ks = _tiling("gemv_norm_pallas", D, N, block_n, block_k, splits, min_programs,
                       interpret)
   whole = lambda j, s: (0, 0)
@@ -338,7 +353,7 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
       out_shape=[jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
                  jax.ShapeDtypeStruct((1, D), x_1xD.dtype)],
       interpret=interpret,
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv_norm",
   )(*operands)
   return (_sum_splits(y) if sum_splits else y), r

@@ -139,6 +139,7 @@ def test_errors_name_the_argument(kwargs, match):
 
 @pytest.mark.parametrize("field, value", [("gemv", 1), ("gemv_block_n", 48), ("gemv_block_k", 8),
                                           ("gemv_min_programs", 0), ("gemv_num_warps", 3),
+                                          ("gemv_num_stages", 0), ("gemv_num_stages", 2.0),
                                           ("gemv_swiglu", 1), ("gemv_norm", None),
                                           ("conv_ring", None)])
 def test_decode_config_refuses_bad_gemv_settings(field, value):
@@ -219,7 +220,8 @@ def test_generate_with_the_gemv_samples_the_xla_tokens():
 
 
 def test_decode_dot_passes_every_gemv_setting(monkeypatch):
-  """layers.decode_dot hands DecodeConfig's GEMV tiles, program count and warps to the kernel."""
+  """layers.decode_dot hands DecodeConfig's GEMV tiles, program count, warps and stages to the
+  kernel."""
   seen = {}
 
   def spy(x, w, **kw):
@@ -228,10 +230,11 @@ def test_decode_dot_passes_every_gemv_setting(monkeypatch):
 
   monkeypatch.setattr(decode_gemv, "gemv_pallas", spy)
   config = DecodeConfig(gemv=True, gemv_block_n=32, gemv_block_k=256, gemv_min_programs=64,
-                        gemv_num_warps=8)
+                        gemv_num_warps=8, gemv_num_stages=3)
   layers.decode_dot(jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 16), jnp.bfloat16),
                     decode_config=config)
-  assert seen == dict(transposed=False, block_n=32, block_k=256, min_programs=64, num_warps=8)
+  assert seen == dict(transposed=False, block_n=32, block_k=256, min_programs=64, num_warps=8,
+                      num_stages=3)
 
 
 # The residual add and RMSNorm in the GEMV's prologue (gemv_norm_pallas, DecodeConfig.gemv_norm).
@@ -342,7 +345,7 @@ def test_norm_gemv_lowers_to_one_triton_call_for_an_h100():
 
 def test_the_norm_gemv_is_used_at_batch_1_on_the_gemv_path_only():
   auto, on = DecodeConfig(gemv_norm=True), DecodeConfig(gemv=True, gemv_norm=True)
-  assert not DecodeConfig().use_gemv_norm(1, 1024, "gpu")       # opt-in until timed
+  assert DecodeConfig().use_gemv_norm(1, 1024, "gpu")           # the default (timed faster)
   assert auto.use_gemv_norm(1, 1024, "gpu") and not auto.use_gemv_norm(2, 1024, "gpu")
   assert not auto.use_gemv_norm(1, 1024, "cpu") and not auto.use_gemv_norm(1, 100, "gpu")
   assert on.use_gemv_norm(1, 32) and not on.use_gemv_norm(2, 32)
@@ -401,3 +404,53 @@ def test_generate_with_norm_gemvs_samples_the_unfused_tokens():
   run = lambda norm: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
       gemv=True, gemv_block_n=16, gemv_norm=norm), **kw)
   np.testing.assert_array_equal(run(True), run(False))
+
+
+# Triton's pipelining depth (`num_stages`, swept by experiments/bench_decode_kernels.py).
+
+def _three_gemvs(num_stages):
+  """The three GEMV kernels at `num_stages` (None: their default) on small operands with several
+  K tiles per program (the loop the stages pipeline)."""
+  stages = {} if num_stages is None else dict(num_stages=num_stages)
+  x, w, _ = _operands(1, 512, 96, False, seed=7)
+  parts = gemv_pallas(x, w, splits=2, block_k=64, sum_splits=False, **stages)
+  down = (jax.random.normal(jax.random.key(8), (48, 40)) / 8).astype(jnp.bfloat16)
+  gain = 1.0 + 0.5 * jax.random.normal(jax.random.key(9), (512,))
+  return (gemv_pallas(x, w, block_k=64, **stages), parts,
+          gemv_swiglu_pallas(parts, down, block_k=16, splits=1, **stages),
+          gemv_norm_pallas(x, w, gain, eps=1e-6, block_k=64, splits=2, **stages)[0])
+
+
+@pytest.mark.parametrize("num_stages", [1, 3, 4])
+def test_num_stages_leaves_every_gemv_result_unchanged(num_stages):
+  """num_stages only schedules the loads: each kernel's result equals the default's (2), bit for
+  bit (interpret mode)."""
+  for y, y_default in zip(_three_gemvs(num_stages), _three_gemvs(None)):
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_default))
+
+
+@pytest.mark.parametrize("num_stages", [0, -1, 2.0, True, None])
+def test_num_stages_must_be_a_positive_int(num_stages):
+  x, w = jnp.zeros((1, 64), jnp.bfloat16), jnp.zeros((64, 32), jnp.bfloat16)
+  for call in (lambda: gemv_pallas(x, w, num_stages=num_stages),
+               lambda: gemv_swiglu_pallas(jnp.zeros((1, 1, 128)), w, num_stages=num_stages),
+               lambda: gemv_norm_pallas(x, w, jnp.ones((64,)), eps=1e-6,
+                                        num_stages=num_stages)):
+    with pytest.raises(ValueError, match="num_stages"):
+      call()
+
+
+def test_num_stages_reaches_the_triton_launch():
+  """Interpret mode ignores the stages: the H100 lowering carries them (default 2)."""
+  sds = jax.ShapeDtypeStruct
+  x, w = sds((1, 1024), jnp.bfloat16), sds((1024, 512), jnp.bfloat16)
+  for stages in (None, 1, 3):
+    kw = {} if stages is None else dict(num_stages=stages)
+    text = export_for_h100(functools.partial(gemv_pallas, interpret=False, **kw), x, w)
+    assert triton_launch(text, "decode_gemv")[1] == (stages or 2)
+    text = export_for_h100(functools.partial(gemv_norm_pallas, eps=1e-6, interpret=False, **kw),
+                           x, w, sds((1024,), jnp.float32))
+    assert triton_launch(text, "decode_gemv_norm")[1] == (stages or 2)
+  text = export_for_h100(functools.partial(gemv_swiglu_pallas, interpret=False, num_stages=3),
+                         sds((2, 1, 2 * 512), jnp.float32), sds((512, 256), jnp.bfloat16))
+  assert triton_launch(text, "decode_gemv_swiglu")[1] == 3
