@@ -250,7 +250,8 @@ def _conv_state_after(state_BxWxC, x_BxTxC, segment_ids_BxT):
   return jnp.where((seg == segment_ids_BxT[:, -1:])[..., None], tail, 0)
 
 
-def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_config=None):
+def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_config=None,
+               product: str | None = None):
   """x @ w (w [D, N]), or x @ wᵀ (w [N, D], `w_contract`=1: a tied read-out, no transpose made),
   for a decode step, with the batch padded by zero rows to at least `matmul_rows`.
 
@@ -259,15 +260,18 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   or 16 rows is the cheap way to ask for a GEMM instead. 1 = no padding.
   Where `decode_config` (kernels_pallas.config.DecodeConfig; None: its defaults) says so
   (`use_gemv`: by default batch 1 on GPUs; `gemv=True`: batches ≤ 8), the product runs in the
-  Pallas GEMV kernel instead (float32 sums, the result in x's dtype as XLA's product gives).
+  Pallas GEMV kernel instead (float32 sums, the result in x's dtype as XLA's product gives),
+  launched with `product`'s settings (`DecodeConfig.gemv_launch_for`: "in_proj", "out_proj",
+  "mlp_in", "mlp_out", "head"; None: the global `gemv_launch`).
   """
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   B = x_BxD.shape[0]
   decode_config = DecodeConfig() if decode_config is None else decode_config
   if decode_config.use_gemv(B, contract_dim=x_BxD.shape[1]):
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
-    y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1,
-                                **decode_config.gemv_launch)
+    launch = (decode_config.gemv_launch if product is None
+              else decode_config.gemv_launch_for(product))
+    y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1, **launch)
     return y.astype(jnp.result_type(x_BxD, w))
   x = x_BxD if B >= matmul_rows else jnp.pad(x_BxD, ((0, matmul_rows - B), (0, 0)))
   if w_contract == 0:
@@ -278,20 +282,22 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
 
 
 def decode_norm_dot(x_1xD, w, norm, addends_SxD=None, *, addend_multiplier: float = 1.0,
-                    w_contract: int = 0, sum_splits: bool = True, decode_config=None):
+                    w_contract: int = 0, sum_splits: bool = True, decode_config=None,
+                    product: str | None = None):
   """(norm(r) @ w, r) at batch 1 as one GEMV kernel whose prologue makes the residual stream
   r = x + rnd(m · Σ_i addends[i]) (None: r = x) and the RMSNorm `norm` (its gain and eps):
   `decode_gemv.gemv_norm_pallas`, the same roundings as `decode_dot(norm(r), w)` after an XLA
   add. The caller checks `DecodeConfig.use_gemv_norm` and that x, the norm and w share a dtype.
   Returns y in that dtype ([1, N]), or with `sum_splits=False` its float32 split partials
-  [S, 1, N]; and r [1, D]."""
+  [S, 1, N]; and r [1, D]. `product`: whose GEMV settings (`decode_dot`)."""
   from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   cfg = DecodeConfig() if decode_config is None else decode_config
   y, r = decode_gemv.gemv_norm_pallas(
       x_1xD, w, norm.weight[...], addends_SxD, eps=float(norm.eps),
       addend_multiplier=float(addend_multiplier), transposed=w_contract == 1,
-      sum_splits=sum_splits, **cfg.gemv_launch)
+      sum_splits=sum_splits,
+      **(cfg.gemv_launch if product is None else cfg.gemv_launch_for(product)))
   return (y.astype(jnp.result_type(norm.dtype, w)) if sum_splits else y), r
 
 
@@ -307,6 +313,9 @@ def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 
   them; the same roundings). Else `decode_dot`, the SiLU product, `decode_dot`.
   `gate_up_parts`: x W_gate_up's float32 split partials [S, 1, 2F], already made at batch 1
   (`decode_norm_dot`, which also made x); x_BxD is then None.
+  The gate/up product runs with `DecodeConfig.gemv_launch_for("mlp_in")`, the down product with
+  "mlp_out"'s. The chained kernel takes a power of two of partials: another count S (mlp_in's
+  settings split D into S K ranges) is summed by XLA into one partial first (same result).
   """
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   cfg = DecodeConfig() if decode_config is None else decode_config
@@ -317,19 +326,20 @@ def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
     parts = gate_up_parts
     if parts is None:
-      parts = decode_gemv.gemv_pallas(x_BxD.astype(w_gate_up.dtype), w_gate_up,
-                                      sum_splits=False, **cfg.gemv_launch)   # [S, 1, 2F]
+      parts = decode_gemv.gemv_pallas(x_BxD.astype(w_gate_up.dtype), w_gate_up, sum_splits=False,
+                                      **cfg.gemv_launch_for("mlp_in"))   # [S, 1, 2F]
     if parts.shape[0] & (parts.shape[0] - 1):    # the kernel takes a power of two of partials
       parts = jnp.sum(parts, axis=0, keepdims=True)
-    y = decode_gemv.gemv_swiglu_pallas(parts, w_down, **cfg.gemv_launch)
+    y = decode_gemv.gemv_swiglu_pallas(parts, w_down, **cfg.gemv_launch_for("mlp_out"))
     return y.astype(jnp.result_type(dtype, w_down))
   if gate_up_parts is not None:
     gu = jnp.sum(gate_up_parts, axis=0).astype(dtype)       # as decode_dot sums the GEMV's
   else:
-    gu = decode_dot(x_BxD, w_gate_up, matmul_rows, decode_config=decode_config)
+    gu = decode_dot(x_BxD, w_gate_up, matmul_rows, decode_config=decode_config,
+                    product="mlp_in")
   gu = scale_columns(gu, gate_up_linears)
   return decode_dot(jax.nn.silu(gu[:, :F]) * gu[:, F:], w_down, matmul_rows,
-                    decode_config=decode_config)
+                    decode_config=decode_config, product="mlp_out")
 
 
 def short_conv_step(x_BxC, state_BxWxC, w_WxC):
@@ -550,7 +560,8 @@ class GatedDeltaNet(nnx.Module):
     `kernels_pallas/decode_step.py`), or one kernel that also runs the short conv, SiLU and q/k
     L2 norms (impl "pallas_fused", `kernels_pallas/decode_fused.py`; without a short conv it is
     "pallas"). `matmul_rows`: `decode_dot`'s padding of the projections. `decode_config`: the
-    Pallas kernels' launch settings (`kernels_pallas.config.DecodeConfig`; None: defaults).
+    Pallas kernels' launch settings (`kernels_pallas.config.DecodeConfig`; None: defaults; the
+    GEMVs of products "in_proj" and "out_proj", `DecodeConfig.gemv_launch_for`).
     Batch 1 on the GEMV path only (`Block.step` checks `DecodeConfig.use_gemv_norm`): `in_norm`
     (an RMSNorm) takes x as the residual stream and makes in_norm(x) in the in-projection's GEMV
     (`decode_norm_dot`); `sum_out=False` returns W_o's float32 split partials [S, 1, D] unsummed
@@ -566,9 +577,11 @@ class GatedDeltaNet(nnx.Module):
     new_cache = {}
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
       if in_norm is not None:
-        y, _ = decode_norm_dot(x_BxD, w['in'], in_norm, decode_config=decode_config)
+        y, _ = decode_norm_dot(x_BxD, w['in'], in_norm, decode_config=decode_config,
+                               product="in_proj")
       else:
-        y = decode_dot(x_BxD.astype(dt), w['in'], matmul_rows, decode_config=decode_config)
+        y = decode_dot(x_BxD.astype(dt), w['in'], matmul_rows, decode_config=decode_config,
+                       product="in_proj")
       y = scale_columns(y, projs)
 
     def gates():   # (β, g) from y's last 2H columns, W_a x and W_b x
@@ -633,8 +646,8 @@ class GatedDeltaNet(nnx.Module):
         from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
         cfg = DecodeConfig() if decode_config is None else decode_config
         return decode_gemv.gemv_pallas(h_o.astype(w['o'].dtype), w['o'], sum_splits=False,
-                                       **cfg.gemv_launch), new_cache
-      out = decode_dot(h_o, w['o'], matmul_rows, decode_config=decode_config)
+                                       **cfg.gemv_launch_for("out_proj")), new_cache
+      out = decode_dot(h_o, w['o'], matmul_rows, decode_config=decode_config, product="out_proj")
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
     return out, new_cache

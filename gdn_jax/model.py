@@ -133,7 +133,7 @@ class Block(nnx.Module):
       gate_up_parts, x = decode_norm_dot(
           x_BxD, w['gate_up'], self.mlp_norm, y_parts,
           addend_multiplier=self.mixer.o_proj.multiplier, sum_splits=False,
-          decode_config=decode_config)
+          decode_config=decode_config, product="mlp_in")
       down = decode_swiglu(None, w['gate_up'], w['down'], [mlp.gate_proj, mlp.up_proj],
                            decode_config=decode_config, gate_up_parts=gate_up_parts)
       return x + scale_columns(down, [mlp.down_proj]), new_cache
@@ -284,11 +284,11 @@ class GatedDeltaNetLM(nnx.Module):
       m = self.embed.attend_multiplier if tied else self.lm_head.multiplier
       if self._head_fuses_norm(x, w['head'], decode_config):   # the final norm in the GEMV
         logits, _ = decode_norm_dot(x, w['head'], self.final_norm, w_contract=int(tied),
-                                    decode_config=decode_config)
+                                    decode_config=decode_config, product="head")
       else:
         h = self.final_norm(x).astype(w['head'].dtype)
         logits = decode_dot(h, w['head'], matmul_rows, w_contract=int(tied),
-                            decode_config=decode_config)
+                            decode_config=decode_config, product="head")
       if m != 1.0:
         logits = logits * (m if self.config.tie_embeddings else jnp.asarray(m, logits.dtype))
       return logits.astype(jnp.float32), new_cache

@@ -60,7 +60,7 @@ class ModelConfig:
       taps as XLA ops) or "pallas" (kernels_pallas/short_conv.py: a Triton kernel per direction,
       the backward making dx and every tap's dw in one pass; the interpreter off GPUs; one device,
       no mesh). Prefill from a cache and decoding stay XLA. A compute knob, like
-      loss_chunk_size; opt-in until measured on a GPU.
+      loss_chunk_size; opt-in: its backward was timed slower than XLA's (experiments/NOTES_train.md).
 
   Hybrid models (gdn_jax.attention; all ignored while layer_pattern has no 'A' or 'S'):
     layer_pattern: one letter per block, tiled to num_layers: 'G' GDN, 'A' full causal attention,

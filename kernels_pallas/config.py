@@ -8,6 +8,7 @@ behind each default: `NOTES_gpu.md` (H100, bf16, C = 64).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -83,6 +84,75 @@ class GpuConfig:
         interpret=(jax.default_backend() == "cpu") if self.interpret is None else self.interpret)
 
 
+# The decode step's GEMV products that `DecodeConfig.gemv_overrides` can set apart (its docstring).
+GEMV_PRODUCTS = ("in_proj", "out_proj", "mlp_in", "mlp_out", "head")
+# gemv_overrides' setting keys → the GEMV kernels' keyword arguments (`DecodeConfig.gemv_launch`).
+GEMV_OVERRIDE_KEYS = {"bn": "block_n", "bk": "block_k", "mp": "min_programs", "w": "num_warps",
+                      "st": "num_stages"}
+_GEMV_OVERRIDES_FORM = ("expected 'PRODUCT=KEYVALUE[,KEYVALUE…][;PRODUCT=…]' with PRODUCT in "
+                        f"{', '.join(GEMV_PRODUCTS)} and KEY in bn (block_n), bk (block_k), "
+                        "mp (min_programs), w (num_warps), st (num_stages), each at most once, "
+                        "e.g. 'out_proj=bn32,mp128;mlp_out=st3,w8'")
+
+
+def _gemv_setting_problem(kwarg: str, value: int) -> str | None:
+  """None where a GEMV launch setting (`DecodeConfig.gemv_launch`'s keyword `kwarg`) is one the
+  kernels take, else what it must be."""
+  if kwarg in ("block_n", "block_k"):
+    if value < 16 or value & (value - 1):
+      return "a power of two ≥ 16 (Triton blocks)"
+  elif kwarg == "min_programs":
+    if value < 1:
+      return "an int ≥ 1"
+  elif kwarg == "num_warps":
+    if value not in (1, 2, 4, 8, 16):
+      return "1, 2, 4, 8 or 16"
+  elif value < 1:   # num_stages
+    return "an int ≥ 1 (Triton's pipelining depth)"
+  return None
+
+
+def parse_gemv_overrides(spec: str) -> dict[str, dict[str, int]]:
+  """`DecodeConfig.gemv_overrides` text → {product: {GEMV keyword: value}}, e.g.
+  "out_proj=bn32,mp128;mlp_out=st3" → {'out_proj': {'block_n': 32, 'min_programs': 128},
+  'mlp_out': {'num_stages': 3}}; "" → {}. ValueError naming `gemv_overrides`, the bad part and
+  the expected form on anything else (malformed text, an unknown or repeated product or key, a
+  value the kernels refuse)."""
+  if not isinstance(spec, str):
+    raise ValueError(f"DecodeConfig: `gemv_overrides`={spec!r}; {_GEMV_OVERRIDES_FORM} (a str; "
+                     "'' for none).")
+  overrides = {}
+  if not spec.strip():
+    return overrides
+  bad = lambda part, why: ValueError(f"DecodeConfig: `gemv_overrides`={spec!r}: {part!r} {why}; "
+                                     f"{_GEMV_OVERRIDES_FORM}.")
+  for entry in spec.split(";"):
+    product, eq, settings = (t.strip() for t in entry.partition("="))
+    if not eq or not product or not settings:
+      raise bad(entry, "is not PRODUCT=SETTINGS")
+    if product not in GEMV_PRODUCTS:
+      raise bad(product, "is not a GEMV product")
+    if product in overrides:
+      raise bad(product, "is repeated")
+    launch = overrides[product] = {}
+    for setting in settings.split(","):
+      setting = setting.strip()
+      match = re.fullmatch(r"([a-z]+)([0-9]+)", setting)
+      if match is None:
+        raise bad(setting, f"(of {product}) is not KEY then an unsigned int")
+      key, value = match.group(1), int(match.group(2))
+      if key not in GEMV_OVERRIDE_KEYS:
+        raise bad(setting, f"(of {product}) has an unknown key {key!r}")
+      kwarg = GEMV_OVERRIDE_KEYS[key]
+      if kwarg in launch:
+        raise bad(setting, f"(of {product}) repeats the key {key!r}")
+      problem = _gemv_setting_problem(kwarg, value)
+      if problem is not None:
+        raise bad(setting, f"(of {product}) sets {kwarg}={value}, which must be {problem}")
+      launch[kwarg] = value
+  return overrides
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   """Launch settings of the decode-step kernels (`decode_step.py`, `decode_fused.py`), passed as
@@ -108,6 +178,26 @@ class DecodeConfig:
     norm in the gate/up GEMV, the final norm in the read-out's (`use_gemv_norm`; GDN blocks);
     False: XLA's norm and add kernels between the GEMVs.
   gemv_num_stages: Triton's software-pipelining depth of the GEMVs' K-tile loop.
+  gemv_overrides: per-product GEMV launch settings, each in place of its global field
+    (gemv_block_n, gemv_block_k, gemv_min_programs, gemv_num_warps, gemv_num_stages) for one
+    product ("": the global ones everywhere; `gemv_launch_for`). The products, with the kernel
+    each runs in:
+      in_proj   the GDN mixer's fused q | k | v | gate | a | b in-projection [D, N_in]
+                (gemv_pallas; at batch 1 with gemv_norm, gemv_norm_pallas with the mixer's norm);
+      out_proj  the GDN mixer's W_o [H·V, D] (gemv_pallas; with gemv_norm its split partials are
+                handed unsummed to mlp_in's prologue, which reads however many there are);
+      mlp_in    every block's MLP gate | up [D, 2F] (gemv_pallas, or gemv_norm_pallas with the residual
+                add and the MLP's norm; with gemv_swiglu its split partials go to mlp_out, which
+                takes a power of two of them: any other count is summed by XLA first);
+      mlp_out   every block's MLP down [F, D] (gemv_swiglu_pallas when chained, else gemv_pallas);
+      head      the read-out [D, vocab] or the tied [vocab, D] (gemv_pallas, or gemv_norm_pallas
+                with the final norm).
+    The attention layers' projections of hybrid models (gdn_jax/attention.py) take the global
+    settings. Form: entries PRODUCT=SETTINGS joined by ';', SETTINGS a ','-joined list of a key
+    and an unsigned int each: bn (block_n, a power of two ≥ 16), bk (block_k, likewise), mp
+    (min_programs ≥ 1), w (num_warps: 1, 2, 4, 8, 16), st (num_stages ≥ 1); a product or a key at
+    most once. E.g. "out_proj=bn32,mp128;mlp_out=st3,w8": W_o in 32-column tiles split until
+    ≥ 128 programs, the down product with 3 stages and 8 warps, everything else as gemv_*.
   The GEMV defaults (128-column tiles, ≥ 528 programs, the norms in the prologues) are the fastest
   of the settings timed in the whole decode step (experiments/NOTES_decode.md).
   conv_ring: `generate` with impl "pallas_fused" keeps the conv states as rings in the decode loop
@@ -125,6 +215,7 @@ class DecodeConfig:
   gemv_swiglu: bool = True
   gemv_norm: bool = True
   conv_ring: bool = True
+  gemv_overrides: str = ""
 
   def __post_init__(self):
     for name in ("gemv_swiglu", "gemv_norm", "conv_ring"):
@@ -155,6 +246,7 @@ class DecodeConfig:
       if getattr(self, name) not in (1, 2, 4, 8, 16):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected 1, 2, 4, 8 "
                          "or 16.")
+    parse_gemv_overrides(self.gemv_overrides)
 
   @property
   def gemv_launch(self) -> dict:
@@ -162,6 +254,15 @@ class DecodeConfig:
     return dict(block_n=self.gemv_block_n, block_k=self.gemv_block_k,
                 min_programs=self.gemv_min_programs, num_warps=self.gemv_num_warps,
                 num_stages=self.gemv_num_stages)
+
+  def gemv_launch_for(self, product: str) -> dict:
+    """The GEMV keyword arguments of one product of the step (`GEMV_PRODUCTS`): `gemv_launch`
+    with that product's `gemv_overrides` in place of the global values. ValueError naming the
+    products on any other name."""
+    if product not in GEMV_PRODUCTS:
+      raise ValueError(f"DecodeConfig.gemv_launch_for: product {product!r}; expected one of "
+                       f"{', '.join(GEMV_PRODUCTS)}.")
+    return {**self.gemv_launch, **parse_gemv_overrides(self.gemv_overrides).get(product, {})}
 
   def use_gemv(self, batch: int, backend: str | None = None, contract_dim: int | None = None
                ) -> bool:
