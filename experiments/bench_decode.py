@@ -511,13 +511,27 @@ def split_launch(impl: str):
   DecodeConfig.gemv_norm),
   "+noring" the fused kernel on a window built per step instead of conv rings (no "+": None,
   the defaults: the GEMV at batch 1 on GPUs with the chained MLP, rings).
+  "+PRODUCT.KEYN[.KEYN…]" sets one GEMV product's launch apart (DecodeConfig.gemv_overrides;
+  PRODUCT in_proj, out_proj, mlp_in, mlp_out or head; KEY bn, bk, mp, w or st: block_n, block_k,
+  min_programs, num_warps, num_stages), several products allowed, each once:
+  "pallas_fused+out_proj.bn32.mp128+mlp_out.st3" → DecodeConfig(gemv_overrides=
+  "out_proj=bn32,mp128;mlp_out=st3") (':', '+', '@' and ',' are taken by the variant grammar).
   ValueError on a bad part."""
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   base, *parts = impl.split("+")
   if not parts:
     return base, None
-  kw = {}
+  kw, overrides = {}, []
   for part in parts:
+    if "." in part:   # +PRODUCT.KEYN[.KEYN…]: DecodeConfig validates the product, keys, values
+      product, *settings = part.split(".")
+      if not re.fullmatch(r"[a-z_]+", product) or not all(
+          re.fullmatch(r"[a-z]+[0-9]+", setting) for setting in settings):
+        raise ValueError(f"bench_decode: GEMV product setting {part!r} in {impl!r}; expected "
+                         "+PRODUCT.KEYN[.KEYN…] with PRODUCT in_proj, out_proj, mlp_in, mlp_out "
+                         "or head and KEY bn, bk, mp, w or st (e.g. +out_proj.bn32.mp128).")
+      overrides.append(f"{product}={','.join(settings)}")
+      continue
     if part in ("gemv", "nogemv") and "gemv" not in kw:
       kw["gemv"] = part == "gemv"
       continue
@@ -539,9 +553,12 @@ def split_launch(impl: str):
                        "(V block), +wN (warps), +gemv or +nogemv, +noswiglu, +norm or +nonorm, "
                        "+noring, "
                        "+gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), +gmpN (GEMV programs), "
-                       "+gstN (GEMV stages), "
+                       "+gstN (GEMV stages), +PRODUCT.KEYN[.KEYN…] (one GEMV product's "
+                       "settings, e.g. +out_proj.bn32.mp128), "
                        "each at most once.")
     kw[key] = int(digits)
+  if overrides:
+    kw["gemv_overrides"] = ";".join(overrides)
   return base, DecodeConfig(**kw)
 
 
@@ -558,7 +575,8 @@ def parse_variant(spec: str) -> tuple[str, str]:
   if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "
-                     "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+norm|+nonorm][+noring][@ROWS]:"
+                     "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+norm|+nonorm][+noring]"
+                     "[+gbnN][+gbkN][+gwN][+gmpN][+gstN][+PRODUCT.KEYN[.KEYN…]…][@ROWS]:"
                      "STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "
                      "only; +gemv, +nogemv for any), ROWS an int ≥ 1 (generate's matmul_rows) "
