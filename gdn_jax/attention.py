@@ -268,7 +268,7 @@ class Attention(nnx.Module):
     projs = self._in_projs()
     with jax.named_scope("in_proj"):
       y = scale_columns(decode_dot(x_BxD.astype(dt), w['in'], matmul_rows,
-                                     decode_config=decode_config), projs)
+                                     decode_config=decode_config, product="in_proj"), projs)
     with jax.named_scope("attention"):
       q = y[:, :N * H].reshape(B, 1, N, H)
       k = y[:, N * H:(N + Nkv) * H].reshape(B, 1, Nkv, H)
@@ -287,7 +287,8 @@ class Attention(nnx.Module):
       if self.use_gate:
         g = y[:, (N + 2 * Nkv) * H:]
         o = (o.astype(jnp.float32) * jax.nn.sigmoid(g.astype(jnp.float32))).astype(dt)
-      out = decode_dot(o.astype(dt), w['o'], matmul_rows, decode_config=decode_config)
+      out = decode_dot(o.astype(dt), w['o'], matmul_rows, decode_config=decode_config,
+                       product="out_proj")
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
     return out, {'k': k_cache, 'v': v_cache, 'pos': pos + 1}

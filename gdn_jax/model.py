@@ -269,7 +269,8 @@ class GatedDeltaNetLM(nnx.Module):
     `weights` from `decode_weights()` (None: built in this call); `impl` "xla", "pallas" or
     "pallas_fused" (the rule's single-token update, `GatedDeltaNet.step`); `matmul_rows`: every
     weight product on the batch padded to at least this many rows (`layers.decode_dot`; 1 = none);
-    `decode_config`: the Pallas step kernels' launch settings (kernels_pallas.config.DecodeConfig).
+    `decode_config`: the Pallas step kernels' launch settings (kernels_pallas.config.DecodeConfig;
+    the read-out's GEMV is product "head" of its `gemv_overrides`).
     """
     w = self.decode_weights() if weights is None else weights
     with jax.named_scope("embed"):

@@ -89,10 +89,10 @@ GEMV_PRODUCTS = ("in_proj", "out_proj", "mlp_in", "mlp_out", "head")
 # gemv_overrides' setting keys → the GEMV kernels' keyword arguments (`DecodeConfig.gemv_launch`).
 GEMV_OVERRIDE_KEYS = {"bn": "block_n", "bk": "block_k", "mp": "min_programs", "w": "num_warps",
                       "st": "num_stages"}
-_GEMV_OVERRIDES_FORM = ("expected 'PRODUCT=KEYVALUE[,KEYVALUE…][;PRODUCT=…]' with PRODUCT in "
-                        f"{', '.join(GEMV_PRODUCTS)} and KEY in bn (block_n), bk (block_k), "
-                        "mp (min_programs), w (num_warps), st (num_stages), each at most once, "
-                        "e.g. 'out_proj=bn32,mp128;mlp_out=st3,w8'")
+_GEMV_OVERRIDES_FORM = ("expected 'PRODUCT=KEYN[,KEYN…][;PRODUCT=…]' (N an unsigned int) with "
+                        f"PRODUCT in {', '.join(GEMV_PRODUCTS)} and KEY in bn (block_n), "
+                        "bk (block_k), mp (min_programs), w (num_warps), st (num_stages), each "
+                        "at most once, e.g. 'out_proj=bn32,mp128;mlp_out=st3,w8'")
 
 
 def _gemv_setting_problem(kwarg: str, value: int) -> str | None:
@@ -128,6 +128,8 @@ def parse_gemv_overrides(spec: str) -> dict[str, dict[str, int]]:
                                      f"{_GEMV_OVERRIDES_FORM}.")
   for entry in spec.split(";"):
     product, eq, settings = (t.strip() for t in entry.partition("="))
+    if not entry.strip():
+      raise bad(entry, "is an empty entry (a stray ';')")
     if not eq or not product or not settings:
       raise bad(entry, "is not PRODUCT=SETTINGS")
     if product not in GEMV_PRODUCTS:
@@ -182,18 +184,19 @@ class DecodeConfig:
     (gemv_block_n, gemv_block_k, gemv_min_programs, gemv_num_warps, gemv_num_stages) for one
     product ("": the global ones everywhere; `gemv_launch_for`). The products, with the kernel
     each runs in:
-      in_proj   the GDN mixer's fused q | k | v | gate | a | b in-projection [D, N_in]
-                (gemv_pallas; at batch 1 with gemv_norm, gemv_norm_pallas with the mixer's norm);
-      out_proj  the GDN mixer's W_o [H·V, D] (gemv_pallas; with gemv_norm its split partials are
-                handed unsummed to mlp_in's prologue, which reads however many there are);
+      in_proj   the mixer's fused in-projection: a GDN mixer's q | k | v | gate | a | b [D, N_in]
+                (gemv_pallas; at batch 1 with gemv_norm, gemv_norm_pallas with the mixer's norm),
+                an attention mixer's q | k | v (| gate) (gemv_pallas);
+      out_proj  the mixer's output projection: a GDN mixer's W_o [H·V, D] (gemv_pallas; with
+                gemv_norm its split partials are handed unsummed to mlp_in's prologue, which reads
+                however many there are), an attention mixer's (gemv_pallas);
       mlp_in    every block's MLP gate | up [D, 2F] (gemv_pallas, or gemv_norm_pallas with the residual
                 add and the MLP's norm; with gemv_swiglu its split partials go to mlp_out, which
                 takes a power of two of them: any other count is summed by XLA first);
       mlp_out   every block's MLP down [F, D] (gemv_swiglu_pallas when chained, else gemv_pallas);
       head      the read-out [D, vocab] or the tied [vocab, D] (gemv_pallas, or gemv_norm_pallas
                 with the final norm).
-    The attention layers' projections of hybrid models (gdn_jax/attention.py) take the global
-    settings. Form: entries PRODUCT=SETTINGS joined by ';', SETTINGS a ','-joined list of a key
+    Form: entries PRODUCT=SETTINGS joined by ';', SETTINGS a ','-joined list of a key
     and an unsigned int each: bn (block_n, a power of two ≥ 16), bk (block_k, likewise), mp
     (min_programs ≥ 1), w (num_warps: 1, 2, 4, 8, 16), st (num_stages ≥ 1); a product or a key at
     most once. E.g. "out_proj=bn32,mp128;mlp_out=st3,w8": W_o in 32-column tiles split until

@@ -2,6 +2,7 @@
 summary maps kernels to the decode step's named scopes."""
 import contextlib
 import json
+import re
 import types
 
 import numpy as np
@@ -204,6 +205,39 @@ def test_variant_launch_settings_parse_into_a_decode_config():
               "pallas_fused+noring+noring:float32", "pallas_fused+norm+nonorm:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)
+
+
+def test_variant_gemv_product_parts_parse_into_gemv_overrides():
+  """+PRODUCT.KEYN[.KEYN…] (several products, each once) → DecodeConfig.gemv_overrides, in the
+  order given; bad ones raise a ValueError naming the variant and the form."""
+  from kernels_pallas.config import DecodeConfig
+  assert bench_decode.split_launch("pallas_fused+out_proj.bn32.mp128") == (
+      "pallas_fused", DecodeConfig(gemv_overrides="out_proj=bn32,mp128"))
+  assert bench_decode.split_launch("xla+gemv+out_proj.bn32+mlp_out.st3.w8+gbn64") == (
+      "xla", DecodeConfig(gemv=True, gemv_block_n=64,
+                          gemv_overrides="out_proj=bn32;mlp_out=st3,w8"))
+  _, config = bench_decode.split_launch("pallas_fused+head.bn64.st3+in_proj.bk64+mlp_in.mp256")
+  assert config.gemv_launch_for("head")["num_stages"] == 3
+  assert config.gemv_launch_for("in_proj")["block_k"] == 64
+  assert config.gemv_launch_for("mlp_in")["min_programs"] == 256
+  assert bench_decode.parse_variant("pallas_fused+out_proj.bn32+mlp_out.st3@8:bfloat16") == (
+      "pallas_fused+out_proj.bn32+mlp_out.st3@8", "bfloat16")
+  for bad, match in (
+      ("xla+out_proj:float32", "out_proj"),                       # no settings
+      ("xla+out_proj.:float32", r"\+PRODUCT\.KEYN"),             # an empty setting
+      ("xla+out_proj.bn:float32", r"\+PRODUCT\.KEYN"),           # no value
+      ("xla+out_proj.bn32..st3:float32", r"\+PRODUCT\.KEYN"),
+      ("xla+out_proj=bn32:float32", "out_proj=bn32"),             # the config's own form
+      ("xla+attn.bn32:float32", "'attn' is not a GEMV product"),
+      ("xla+out_proj.xx32:float32", "unknown key 'xx'"),
+      ("xla+out_proj.bn48:float32", "power of two"),
+      ("xla+out_proj.w3:float32", "num_warps=3"),
+      ("xla+out_proj.st0:float32", "num_stages=0"),
+      ("xla+out_proj.bn32.bn64:float32", "repeats the key 'bn'"),
+      ("xla+out_proj.bn32+out_proj.st3:float32", "'out_proj' is repeated")):
+    with pytest.raises(ValueError, match="bench_decode") as e:
+      bench_decode.parse_variant(bad)
+    assert re.search(match, str(e.value)), (bad, str(e.value))
 
 
 def test_the_host_init_draws_the_jitted_inits_parameters():

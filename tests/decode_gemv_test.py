@@ -3,6 +3,7 @@ against float64 NumPy (interpret mode on CPU), its Triton lowering for an H100, 
 generate with `DecodeConfig(gemv=True)` against the XLA products."""
 import functools
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from gdn_jax import layers
+from kernels_pallas import config as config_module
 from kernels_pallas import decode_gemv
 from kernels_pallas.config import DecodeConfig
 from kernels_pallas.decode_gemv import gemv_norm_pallas, gemv_pallas, gemv_swiglu_pallas
@@ -454,3 +456,177 @@ def test_num_stages_reaches_the_triton_launch():
   text = export_for_h100(functools.partial(gemv_swiglu_pallas, interpret=False, num_stages=3),
                          sds((2, 1, 2 * 512), jnp.float32), sds((512, 256), jnp.bfloat16))
   assert triton_launch(text, "decode_gemv_swiglu")[1] == 3
+
+
+# Per-product GEMV settings (DecodeConfig.gemv_overrides, gemv_launch_for).
+
+def test_gemv_overrides_parse_into_per_product_settings():
+  parse = config_module.parse_gemv_overrides
+  assert parse("") == {} and parse("  ") == {}
+  assert parse("out_proj=bn32,mp128;mlp_out=st3,w8") == {
+      "out_proj": dict(block_n=32, min_programs=128), "mlp_out": dict(num_stages=3, num_warps=8)}
+  assert parse(" in_proj = bk64 , w1 ; head=bn16,bk256,mp1,w16,st1") == {
+      "in_proj": dict(block_k=64, num_warps=1),
+      "head": dict(block_n=16, block_k=256, min_programs=1, num_warps=16, num_stages=1)}
+  assert parse("mlp_in=mp0528") == {"mlp_in": dict(min_programs=528)}
+  assert set(parse(";".join(f"{p}=st4" for p in config_module.GEMV_PRODUCTS))) == set(
+      config_module.GEMV_PRODUCTS)
+  config = DecodeConfig(gemv_overrides="out_proj=bn32")   # a str field: still hashable
+  assert hash(config) == hash(DecodeConfig(gemv_overrides="out_proj=bn32"))
+  assert config != DecodeConfig()
+
+
+@pytest.mark.parametrize("spec, bad_part", [
+    ("out_proj", "'out_proj' is not PRODUCT=SETTINGS"),           # malformed: no '='
+    ("out_proj=", "'out_proj=' is not PRODUCT=SETTINGS"),          # no settings
+    ("=bn32", "'=bn32' is not PRODUCT=SETTINGS"),                  # no product
+    ("out_proj=bn32;", "empty entry"),                             # a stray ';'
+    ("out_proj=bn32,", "'' (of out_proj) is not KEY then"),        # a stray ','
+    ("out_proj=bn", "'bn' (of out_proj) is not KEY then"),         # no value
+    ("out_proj=bn-32", "'bn-32' (of out_proj) is not KEY then"),
+    ("out_proj=32", "'32' (of out_proj) is not KEY then"),
+    ("attn=bn32", "'attn' is not a GEMV product"),                 # unknown product
+    ("o_proj=bn32", "'o_proj' is not a GEMV product"),
+    ("head=xx4", "unknown key 'xx'"),                              # unknown key
+    ("head=bn32;head=st3", "'head' is repeated"),                  # repeated product
+    ("head=bn32,st3,bn64", "repeats the key 'bn'"),                # repeated key
+    ("head=bn48", "block_n=48, which must be a power of two"),     # non-power-of-two tiles
+    ("head=bn8", "block_n=8, which must be a power of two ≥ 16"),
+    ("head=bk96", "block_k=96, which must be a power of two"),
+    ("head=w3", "num_warps=3, which must be 1, 2, 4, 8 or 16"),    # bad warps
+    ("head=w32", "num_warps=32"),
+    ("head=st0", "num_stages=0, which must be an int ≥ 1"),        # st < 1
+    ("head=mp0", "min_programs=0, which must be an int ≥ 1"),      # mp < 1
+    (3, "expected 'PRODUCT=KEYN"),                                 # not a str
+])
+def test_gemv_overrides_refuse_bad_specs(spec, bad_part):
+  """Each kind of bad spec: a ValueError naming `gemv_overrides`, the bad part and the form."""
+  with pytest.raises(ValueError, match="`gemv_overrides`") as e:
+    DecodeConfig(gemv_overrides=spec)
+  assert bad_part in str(e.value) and "expected 'PRODUCT=KEYN[,KEYN…][;PRODUCT=…]'" in str(e.value)
+
+
+def test_gemv_launch_for_puts_a_products_overrides_over_the_global_launch():
+  config = DecodeConfig(gemv_block_n=64, gemv_num_warps=8,
+                        gemv_overrides="out_proj=bn32,mp128;head=st3,w2")
+  assert config.gemv_launch == dict(block_n=64, block_k=128, min_programs=528, num_warps=8,
+                                    num_stages=2)
+  assert config.gemv_launch_for("out_proj") == dict(block_n=32, block_k=128, min_programs=128,
+                                                    num_warps=8, num_stages=2)
+  assert config.gemv_launch_for("head") == dict(block_n=64, block_k=128, min_programs=528,
+                                                num_warps=2, num_stages=3)
+  for product in ("in_proj", "mlp_in", "mlp_out"):
+    assert config.gemv_launch_for(product) == config.gemv_launch
+  assert DecodeConfig().gemv_launch_for("head") == DecodeConfig().gemv_launch
+  with pytest.raises(ValueError, match="product 'attn'; expected one of in_proj, out_proj"):
+    config.gemv_launch_for("attn")
+
+
+def test_decode_dot_launches_its_products_settings(monkeypatch):
+  """layers.decode_dot(product=…) takes that product's settings; None the global ones."""
+  seen = []
+  monkeypatch.setattr(decode_gemv, "gemv_pallas", lambda x, w, **kw: seen.append(kw) or jnp.zeros(
+      (x.shape[0], w.shape[1]), jnp.float32))
+  config = DecodeConfig(gemv=True, gemv_block_n=32, gemv_overrides="mlp_out=bn64,bk16,st3")
+  x, w = jnp.ones((1, 64), jnp.bfloat16), jnp.ones((64, 16), jnp.bfloat16)
+  layers.decode_dot(x, w, decode_config=config, product="mlp_out")
+  layers.decode_dot(x, w, decode_config=config, product="head")
+  layers.decode_dot(x, w, decode_config=config)
+  assert [(kw["block_n"], kw["block_k"], kw["num_stages"]) for kw in seen] == [
+      (64, 16, 3), (32, 128, 2), (32, 128, 2)]
+  with pytest.raises(ValueError, match="gemv_launch_for"):
+    layers.decode_dot(x, w, decode_config=config, product="mlp")
+
+
+def _product_weights(model, weights):
+  """{id(weight array): product name} for every weight product of `decode_step(weights=…)`
+  (an attention mixer's projections are in_proj and out_proj, as a GDN mixer's)."""
+  names = {id(weights['head']): "head"}
+  for block, w in zip(model.blocks, weights['blocks']):
+    names[id(w['mixer']['in'])] = "in_proj"          # a GDN or an attention mixer's
+    names[id(w['mixer']['o'])] = "out_proj"
+    names[id(w['gate_up'])], names[id(w['down'])] = "mlp_in", "mlp_out"
+  return names
+
+
+@pytest.mark.parametrize("variant", ["untied", "hybrid"])
+def test_each_product_of_a_decode_step_gets_its_own_gemv_settings(monkeypatch, variant):
+  """One batch-1 decode step with in_proj, out_proj and head overrides: the in-projections
+  launch with 4 stages and the output projections with block_n 32 (an attention mixer's too), the
+  read-out with block_n 64 and 3 stages, every other product with the global 16 and 2."""
+  model = make(DECODE_VARIANTS[variant], seed=31)
+  prompt = jax.random.randint(jax.random.key(31), (1, 5), 0, 64)
+  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
+  weights = model.decode_weights()
+  names, launches = _product_weights(model, weights), []
+  for kernel in ("gemv_pallas", "gemv_norm_pallas", "gemv_swiglu_pallas"):
+    real = getattr(decode_gemv, kernel)
+
+    def spy(*args, real=real, **kw):
+      launches.append((names[id(args[1])], kw["block_n"], kw["num_stages"]))
+      return real(*args, **kw)
+
+    monkeypatch.setattr(decode_gemv, kernel, spy)
+  config = DecodeConfig(gemv=True, gemv_block_n=16,
+                        gemv_overrides="in_proj=st4;out_proj=bn32;head=bn64,st3")
+  model.decode_step(jnp.argmax(logits[:, 0], -1), cache, weights, impl="xla",
+                    decode_config=config)
+  kinds = model.config.layer_kinds
+  expected = {"in_proj": (16, 4), "out_proj": (32, 2), "mlp_in": (16, 2), "mlp_out": (16, 2),
+              "head": (64, 3)}
+  assert sorted(launches) == sorted(
+      [(p, *expected[p]) for p in ("in_proj", "out_proj", "mlp_in", "mlp_out")] * len(kinds)
+      + [("head", 64, 3)])
+  assert "A" in kinds or variant == "untied"
+
+
+# Settings that split every product differently: W_o (K = H·V = 48: 3 K tiles of 16) into 3
+# partials for the gate/up prologue, gate/up (K = 32) into 2 for the chained down product, down
+# (K = F = 48) into 3, other tiles, warps and stages per product.
+PER_PRODUCT = ("in_proj=bn32,bk16,mp64,w2;out_proj=bk16,mp1000,st1;mlp_in=bn64,bk16,mp1000,w8;"
+               "mlp_out=bk16,mp1000,st3;head=bn32,bk16,mp8,w1")
+
+
+@pytest.mark.parametrize("variant, batch", [("untied", 1), ("tied", 1), ("hybrid", 1),
+                                            ("untied", 2)])
+def test_decode_step_with_per_product_settings_equals_the_xla_step(monkeypatch, variant, batch):
+  """Per-product tiles, splits, warps and stages (PER_PRODUCT): the XLA step's logits to float32
+  rounding; at batch 1 the gate/up prologue reads W_o's 3 partials and the down product the
+  gate/up's 2."""
+  addend_counts, real_norm = [], decode_gemv.gemv_norm_pallas
+  monkeypatch.setattr(decode_gemv, "gemv_norm_pallas", lambda *a, **k: addend_counts.append(
+      None if a[3] is None else a[3].shape[0]) or real_norm(*a, **k))
+  parts_counts, real_swiglu = [], decode_gemv.gemv_swiglu_pallas
+  monkeypatch.setattr(decode_gemv, "gemv_swiglu_pallas", lambda *a, **k: parts_counts.append(
+      a[0].shape[0]) or real_swiglu(*a, **k))
+  gemv, xla, _ = _gemv_step_against_xla(monkeypatch, "gemv_pallas", variant, batch, 17,
+                                        gemv_overrides=PER_PRODUCT)
+  np.testing.assert_allclose(gemv, xla, rtol=1e-5, atol=1e-5)
+  kinds = DECODE_VARIANTS[variant].layer_kinds
+  if batch == 1:
+    assert sorted(addend_counts, key=str) == sorted(
+        [None] * (kinds.count("G") + 1) + [3] * kinds.count("G"), key=str)
+    assert parts_counts == [2] * len(kinds)
+  else:
+    assert addend_counts == [] and parts_counts == []
+
+
+@pytest.mark.parametrize("D, parts_in", [(48, 1), (64, 4)])
+def test_chained_mlp_sums_a_non_power_of_two_partial_count_first(monkeypatch, D, parts_in):
+  """mlp_in settings that split the gate/up product into 3 partials (D = 48: 3 K tiles of 16):
+  the chained down kernel takes a power of two of them, so XLA sums the 3 into 1 first; 4
+  partials (D = 64) go in as they are. Either way the unchained MLP's result."""
+  F, N = 48, 40
+  x = jax.random.normal(jax.random.key(0), (1, D))
+  w_gu = jax.random.normal(jax.random.key(1), (D, 2 * F)) / 4
+  w_down = jax.random.normal(jax.random.key(2), (F, N)) / 4
+  linears = [types.SimpleNamespace(multiplier=1.0)] * 2
+  seen, real = [], decode_gemv.gemv_swiglu_pallas
+  monkeypatch.setattr(decode_gemv, "gemv_swiglu_pallas",
+                      lambda parts, w, **kw: seen.append(parts.shape[0]) or real(parts, w, **kw))
+  mlp = lambda **kw: layers.decode_swiglu(x, w_gu, w_down, linears, decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, gemv_overrides="mlp_in=bk16,mp1000", **kw))
+  chained, unchained = mlp(), mlp(gemv_swiglu=False)
+  assert seen == [parts_in]
+  assert float(np.abs(np.asarray(unchained)).max()) > 0.5
+  np.testing.assert_allclose(chained, unchained, rtol=1e-5, atol=1e-5)
