@@ -25,6 +25,10 @@ import numpy as np
 from gdn_jax import lr_stats
 
 SP_ROWS = ("sp", "paper_sp")
+# At the base width the project's μP and SP are one model (every width rule is 1 there;
+# tests/mup_test.py, `test_mup_equals_sp_at_base_width`), so an SP row without base-width runs of
+# its own uses μP's of the same variant, and plans them under μP's name.
+SAME_AT_BASE = {"sp": "mup"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +113,7 @@ class Plan:
 
   def __init__(self, p: Protocol, rows: list[dict], ablation: Ablation = Ablation()):
     self.p, self.ablation, self.done = p, ablation, {}
+    self.planned = {(param, ablation.variant(v)) for param, v in p.rows}   # (param, variant)
     for r in rows:
       self.done[self._key(r["parametrization"], r.get("variant", ""), r["optimizer"],
                           r["width"], r.get("phase", "fine"), r["seed"], r["log2_lr"])] = r
@@ -161,16 +166,28 @@ class Plan:
               ready.append(part)
     return sorted(ready, key=lambda j: j["priority"])
 
-  def _base_variant(self, param, variant, opt):
-    """The variant whose base-width runs this row uses: its own if it has any, else the variant
-    without its parts that are the identity at the base width (`at_base_width`)."""
-    own = any(k[:4] == (param, variant, opt, self.p.base_width) for k in self.done)
-    return variant if own else at_base_width(variant)
+  def _base_source(self, param, variant, opt):
+    """(parametrization, variant) whose base-width runs this row uses: its own if it has any;
+    else its variant without the parts that are the identity at the base width (`at_base_width`),
+    if those runs exist or the row has no twin; else, for an SP row, μP's (`SAME_AT_BASE`), by the
+    same rule."""
+    has = lambda prm, v: any(k[:4] == (prm, v, opt, self.p.base_width) for k in self.done)
+    if has(param, variant):
+      return param, variant
+    plain, twin = at_base_width(variant), SAME_AT_BASE.get(param)
+    if twin is None or has(param, plain):
+      return param, plain
+    return self._base_source(twin, variant, opt)
 
   def _row_jobs(self, param, variant, opt, width, seeds):
     p = self.p
     if width == p.base_width:
-      variant = self._base_variant(param, variant, opt)
+      source, variant = self._base_source(param, variant, opt)
+      if source != param:        # μP's runs: planned by a μP row of this sweep that uses them,
+        if any(prm == source and self._base_source(prm, v, opt) == (source, variant)
+               for prm, v in self.planned):
+          return []
+        param, seeds = source, p.seeds                         # else here, with μP's seeds
     base = dict(parametrization=param, variant=variant, optimizer=opt, width=width,
                 model_extra=dict(self.ablation.model_extra),
                 lr_overrides=list(self.ablation.lr_overrides))
@@ -184,8 +201,8 @@ class Plan:
         return [center]
       n = p.fine_points_base
     else:                                     # centred at the base width's fine optimum
-      center = self._fine_optimum(param, self._base_variant(param, variant, opt), opt,
-                                  p.base_width, seeds)
+      center = self._fine_optimum(*self._base_source(param, variant, opt), opt, p.base_width,
+                                  seeds)
       n = p.fine_points
       if center is not None and param in SP_ROWS:
         center += p.sp_slope[opt] * math.log2(width / p.base_width)
@@ -300,18 +317,26 @@ def analyze(rows: list[dict], base_width: int | None = None) -> dict:
   """Per (scheme, parametrization, optimizer, variant): `lr_stats.transfer_summary` of the fine
   runs, plus runs, divergences and program speed; for μP rows also `loss_vs_sp`: per width, the
   best loss minus its SP row's best loss (`lr_stats.best_loss_gap`), and `loss_vs_const_init_sp`
-  against the `sp+const_init` row (fla's constant init) where the rows hold it."""
+  against the `sp+const_init` row (fla's constant init) where the rows hold it.
+  A row without base-width runs of its own uses those `Plan` gives it (`base_width_runs_from`:
+  the variant whose runs they are, or the row name of μP's for an SP row)."""
   rows = [r for r in rows if r.get("phase", "fine") == "fine"]
   group = lambda r: (r["scheme"], r["parametrization"], r["optimizer"], r.get("variant", ""))
   summary, all_losses = {}, {}
   for key in sorted({group(r) for r in rows}):
     sel = [r for r in rows if group(r) == key]
     shared = None
-    plain = at_base_width(key[3])
-    if (base_width is not None and plain != key[3]
-        and not any(r["width"] == base_width for r in sel)):
-      shared = plain
-      sel += [r for r in rows if r["width"] == base_width and group(r) == (*key[:3], plain)]
+    if base_width is not None and not any(r["width"] == base_width for r in sel):
+      # As Plan._base_source: the variant's identity-free part, then (SP) μP's same variant.
+      scheme, param, opt, variant = key
+      plain, twin = at_base_width(variant), SAME_AT_BASE.get(param)
+      for source in ((param, plain), (twin, variant), (twin, plain)):
+        base_runs = [r for r in rows if r["width"] == base_width
+                     and group(r) == (scheme, *source[:1], opt, source[1])]
+        if source[0] is not None and source != (param, variant) and base_runs:
+          shared = source[1] if source[0] == param else row_name(*source)
+          sel += base_runs
+          break
     grids, losses = seed_grids(sel)
     s = lr_stats.transfer_summary(grids, losses)
     all_losses[key] = losses

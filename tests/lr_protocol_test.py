@@ -168,3 +168,43 @@ def test_analyze_also_judges_mup_against_the_const_init_sp_row():
   table = lp.markdown_loss_table(s)
   assert "| mup | adamw | 1024 | 1.0010 [" in table and "+0.0205 [" in table
   assert table.count("| sp+const_init |") == 2
+
+
+def test_sp_rows_use_mups_base_width_runs_where_they_have_none():
+  """At the base width μP and SP are one model: an SP row without base-width runs of its own
+  (e.g. with a new base constant) uses μP's runs of the same variant, planned once, under μP's
+  name and with μP's seeds; an SP row's own runs still come first."""
+  both = dataclasses.replace(P, rows=(("mup", ""), ("sp", "")))
+  # A fresh sweep: only μP plans the base width (no second, identical pilot).
+  assert jobs([], both) == [("mup", 128, "pilot", (100,), tuple(np.arange(-12.0, -3.5, 1.0)))]
+  pilot = rows_for("mup", 128, "pilot", (100,), np.arange(-12.0, -3.5), -7.3)
+  assert [j[:4] for j in jobs(pilot, both)] == [("mup", 128, "fine", P.seeds)]
+  done = pilot + rows_for("mup", 128, "fine", P.seeds, np.arange(-9.0, -5.75, 0.5), -7.0)
+  # Both rows' wide grids centre on μP's base optimum (SP's shifted by its slope, −1 · 3).
+  assert jobs(done, both) == [("mup", 1024, "fine", P.seeds, tuple(np.arange(-8.0, -5.75, 0.5))),
+                              ("sp", 1024, "fine", P.sp_seeds, tuple(np.arange(-11.5, -8.25, 0.5)))]
+  # An SP row alone (`--rows=sp`) plans μP's base runs itself, with μP's seeds.
+  alone = dataclasses.replace(P, rows=(("sp", ""),))
+  assert jobs([], alone) == [("mup", 128, "pilot", (100,), tuple(np.arange(-12.0, -3.5, 1.0)))]
+  assert [j[:4] for j in jobs(pilot, alone)] == [("mup", 128, "fine", P.seeds)]
+  assert [j[:2] for j in jobs(done, alone)] == [("sp", 1024)]
+  # SP's own base-width runs win over μP's.
+  own = done + rows_for("sp", 128, "pilot", (100,), np.arange(-12.0, -3.5), -9.0)
+  assert ("sp", 128, "fine", P.sp_seeds) in [j[:4] for j in jobs(own, alone)]
+  # The paper's pair is not declared one model at the base width: each plans its own.
+  assert {j[0] for j in jobs([])} == {"paper", "paper_sp"}
+
+
+def test_analyze_gives_an_sp_row_without_base_runs_mups():
+  xs = np.arange(-4.0, 0.1, 0.5)
+  rows = [dict(r, scheme="heads") for r in
+          rows_for("mup", 128, "fine", (0, 1, 2), xs, -2.0, variant="head_std=0.08")
+          + rows_for("mup", 1024, "fine", (0, 1, 2), xs, -2.0, variant="head_std=0.08")
+          + rows_for("sp", 1024, "fine", (0, 1), xs - 3.0, -5.0, variant="head_std=0.08")]
+  s = lp.analyze(rows, base_width=128)
+  sp = s["heads/sp/adamw[head_std=0.08]"]
+  assert sp["base_width_runs_from"] == "mup+head_std=0.08" and sp["runs"] == 27 + 18
+  assert sp["drift_log2"] == pytest.approx(3.0, abs=1e-6)
+  assert s["heads/mup/adamw[head_std=0.08]"]["base_width_runs_from"] is None
+  assert s["heads/mup/adamw[head_std=0.08]"]["loss_vs_sp"]["by_width"][128]["gap"] == \
+      pytest.approx(0.0)
