@@ -423,8 +423,8 @@ def part_of_kernel(name: str) -> str:
   matmul libraries' by their own patterns."""
   if name.startswith("gdn_"):
     return "rule (kernel name)"
-  if name.startswith("short_conv_"):  # its name says the phase: short_conv_fwd / short_conv_bwd
-    return "conv_gates " + name[len("short_conv_"):]
+  if name.startswith("short_conv_"):  # its name says the phase: short_conv_fwd, short_conv_bwd*
+    return "conv_gates " + name[len("short_conv_"):].split("_")[0]
   if re.search(r"nvjet|gemm|cublas|cutlass|xmma", name, re.I):
     return "matmul (unmatched)"
   return "other"

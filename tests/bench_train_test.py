@@ -362,6 +362,8 @@ def test_compile_settings_apply_where_torch_has_them():
 @pytest.mark.parametrize("name, part, kind", [
     ("gdn_walk_bwd", "rule (kernel name)", "Pallas/Triton kernels"),
     ("short_conv_bwd", "conv_gates bwd", "Pallas/Triton kernels"),
+    ("short_conv_bwd_dz", "conv_gates bwd", "Pallas/Triton kernels"),
+    ("short_conv_bwd_dxdw__1", "conv_gates bwd", "Pallas/Triton kernels"),
     ("short_conv_fwd", "conv_gates fwd", "Pallas/Triton kernels"),
     ("nvjet_sm90_tst_128x160_64x5_1x2_h_bz_NNT", "matmul (unmatched)", "matmul (gemm/cuBLAS)"),
     ("input_add_reduce_fusion_1", "other", "reduction / norm"),

@@ -1,7 +1,8 @@
 """kernels_pallas/short_conv.py (interpret mode on CPU): the Pallas short conv + SiLU and its
-hand-written VJP against the XLA path of `layers.ShortConv` and a float64 NumPy reference, with
-packed documents (boundaries inside a tile, on a tile edge, a document shorter than the window),
-T and C not multiples of the blocks, W = 1 … 4, one or several T tiles per backward program; a
+hand-written VJP, by both backwards (two_pass, one_pass), against the XLA path of
+`layers.ShortConv`, a float64 NumPy reference and each other, with packed documents (boundaries
+inside a tile, on a tile edge, a document shorter than the window), T and C not multiples of the
+blocks, tiles shorter than the window, W = 1 … 4, one or several T tiles per backward program; a
 model with ModelConfig.conv_impl="pallas" against "xla"; argument errors; and the kernels'
 lowering to Triton for an H100."""
 import dataclasses
@@ -14,7 +15,7 @@ from flax import nnx
 
 from gdn_jax.layers import ShortConv
 from gdn_jax.model import GatedDeltaNetLM, ModelConfig
-from kernels_pallas.short_conv import backward_groups, short_conv_silu
+from kernels_pallas.short_conv import BACKWARDS, backward_groups, short_conv_silu
 from tests.np_reference import short_conv_grads_ref, short_conv_ref
 from tests.triton_export import TRITON_CALL, export_for_h100, triton_launch
 
@@ -47,10 +48,18 @@ def xla_conv(x, w, seg):
   return conv_layer("xla", w, x.dtype)(x, seg)[0]
 
 
+def pallas_conv(**launch):
+  """short_conv_silu interpreted with `launch`'s keywords (filters cast to x's dtype, as the
+  model's)."""
+  return lambda x, w, seg: short_conv_silu(x, w.astype(x.dtype), seg, interpret=True, **launch)
+
+
 def value_and_grads(conv, x, w, seg, r):
-  """(y, dx, dw) of Σ r ⊙ y."""
-  loss = lambda x, w: jnp.sum(r * conv(x, w, seg).astype(jnp.float32))
-  return conv(x, w, seg), *jax.grad(loss, argnums=(0, 1))(x, w)
+  """(y, dx, dw) of Σ r ⊙ y: one forward and its pullback, in one jitted program."""
+  def run(x, w, seg, r):
+    y, pullback = jax.vjp(lambda x, w: conv(x, w, seg), x, w)
+    return y, *pullback(r.astype(y.dtype))
+  return jax.jit(run)(x, w, seg, r)
 
 
 def assert_close(got, want, rel):
@@ -58,36 +67,45 @@ def assert_close(got, want, rel):
   np.testing.assert_allclose(got, want, rtol=0, atol=rel * max(1.0, np.abs(want).max()))
 
 
-@pytest.mark.parametrize("W, T, C, min_programs, segments, dtype", [
-    (4, 37, 40, 1, True, jnp.float32),       # one group: a program walks all 5 tiles
-    (4, 37, 40, 12, False, jnp.float32),     # 2 groups of 3 tiles, the last past T
-    (4, 37, 40, 1000, True, jnp.bfloat16),   # one tile per program
-    (2, 24, 32, 12, True, jnp.float32),      # T and C multiples of the blocks
-    (3, 21, 16, 1, True, jnp.float32),       # W not a power of two
-    (1, 13, 16, 1, True, jnp.float32)])      # no taps back
-def test_kernel_equals_the_xla_conv(W, T, C, min_programs, segments, dtype):
-  """y, dx and dw of the kernel (8 × 16 tiles) equal ShortConv's XLA path: float32 to rounding,
-  bfloat16 within a few ulps (XLA sums the taps' dx in bfloat16, the kernel in float32)."""
+@pytest.mark.parametrize("W, T, C, min_programs, segments, dtype, blocks", [
+    (4, 37, 40, 1, True, jnp.float32, (8, 16)),       # one group: a program walks all 5 tiles
+    (4, 37, 40, 12, False, jnp.float32, (8, 16)),     # 2 groups of 3 tiles, the last past T
+    (4, 37, 40, 1000, True, jnp.bfloat16, (8, 16)),   # one tile per program
+    (2, 24, 32, 12, True, jnp.float32, (8, 16)),      # T and C multiples of the blocks
+    (3, 21, 16, 1, True, jnp.float32, (8, 16)),       # W not a power of two
+    (1, 13, 16, 1, True, jnp.float32, (8, 16)),       # no taps back
+    (4, 37, 40, 1, True, jnp.float32, (16, 32)),      # 3 tiles, 2 channel blocks, C ragged
+    (4, 37, 40, 1, True, jnp.bfloat16, (2, 8))])      # tiles shorter than the window
+def test_kernel_equals_the_xla_conv(W, T, C, min_programs, segments, dtype, blocks):
+  """y, dx and dw of the kernels (BT × BC tiles) by each backward equal ShortConv's XLA path:
+  float32 to rounding, bfloat16 within a few ulps (XLA sums the taps' dx in bfloat16, the kernels
+  in float32); the two backwards make the same float32 sums, so they agree to rounding."""
   B = 2
   x, w, r = inputs(B, T, C, W, dtype)
   seg = documents(B, T) if segments else None
-  pallas = lambda x, w, seg: short_conv_silu(x, w.astype(x.dtype), seg, block_t=8, block_c=16,
-                                             min_programs=min_programs, interpret=True)
+  block_t, block_c = blocks
   rel = 1e-5 if dtype == jnp.float32 else 2 ** -6
-  for got, want in zip(value_and_grads(pallas, x, w, seg, r),
-                       value_and_grads(xla_conv, x, w, seg, r)):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert_close(got, want, rel)
+  want = value_and_grads(xla_conv, x, w, seg, r)
+  results = {}
+  for backward in BACKWARDS:
+    results[backward] = value_and_grads(
+        pallas_conv(block_t=block_t, block_c=block_c, min_programs=min_programs,
+                    backward=backward), x, w, seg, r)
+    for got, expected in zip(results[backward], want):
+      assert got.dtype == expected.dtype and got.shape == expected.shape
+      assert_close(got, expected, rel)
+  for a, b in zip(*results.values()):
+    assert_close(a, b, 1e-6 if dtype == jnp.float32 else 2 ** -8)
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("segments", [False, True])
-def test_kernel_equals_the_float64_reference(segments):
+def test_kernel_equals_the_float64_reference(segments, backward):
   B, T, C, W = 2, 37, 40, 4
   x, w, r = inputs(B, T, C, W, jnp.float32, seed=1)
   seg = documents(B, T) if segments else None
   y, dx, dw = value_and_grads(
-      lambda x, w, seg: short_conv_silu(x, w, seg, block_t=8, block_c=16, min_programs=12,
-                                        interpret=True), x, w, seg, r)
+      pallas_conv(block_t=8, block_c=16, min_programs=12, backward=backward), x, w, seg, r)
   seg_np = None if seg is None else np.asarray(seg)
   y_ref, _ = short_conv_ref(x, w, seg_np)
   dx_ref, dw_ref = short_conv_grads_ref(x, w, r, seg_np)
@@ -152,22 +170,41 @@ def test_backward_groups_fill_an_h100():
   assert backward_groups(2, 37, 40, 8, 16, 1) == (1, 5)
 
 
+def triton_result_types(text: str, name: str) -> str:
+  """The result types of the Triton launch named `name` in an exported module."""
+  i = text.index(f'name = "{name}"')
+  line = text[text.rindex("\n", 0, i):text.index("\n", i)]
+  return line.split(") -> ")[-1].split(" loc(")[0]
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("segments", [False, True])
-def test_kernels_lower_to_triton_for_h100(segments):
-  """Forward and backward of the 512M model's v conv (bf16, C = 3072) lower to one Triton call
-  each, with the grids of the module docstring and 4 warps."""
+def test_kernels_lower_to_triton_for_h100(segments, backward):
+  """Forward and backward of the 512M model's q/k conv (bf16, C = 1536) and v conv (C = 3072)
+  lower to the Triton calls of the module docstring, with its grids and 4 warps: the forward, then
+  two_pass's dz (float32) and dx, dw kernels, or one_pass's single kernel."""
   sds = jax.ShapeDtypeStruct
-  B, T, C, W = 8, 2048, 3072, 4
+  B, T, W = 8, 2048, 4
   seg = sds((B, T), jnp.int32) if segments else None
 
   def loss(x, w, seg):
-    return jnp.sum(short_conv_silu(x, w, seg, interpret=False).astype(jnp.float32))
+    return jnp.sum(short_conv_silu(x, w, seg, backward=backward,
+                                   interpret=False).astype(jnp.float32))
 
-  text = export_for_h100(jax.value_and_grad(loss, argnums=(0, 1)), sds((B, T, C), jnp.bfloat16),
-                         sds((W, C), jnp.bfloat16), seg)
-  assert text.count(TRITON_CALL) == 2
-  assert triton_launch(text, "short_conv_fwd") == ((B, T // 32, C // 128), 1, 4)
-  assert triton_launch(text, "short_conv_bwd") == ((B, 6, C // 128), 1, 4)
+  for C, groups in ((1536, 11), (3072, 6)):      # backward_groups(8, 2048, C, 32, 128, 1024)[0]
+    text = export_for_h100(jax.value_and_grad(loss, argnums=(0, 1)),
+                           sds((B, T, C), jnp.bfloat16), sds((W, C), jnp.bfloat16), seg)
+    assert triton_launch(text, "short_conv_fwd") == ((B, T // 32, C // 128), 1, 4)
+    if backward == "two_pass":
+      assert text.count(TRITON_CALL) == 3 and 'name = "short_conv_bwd"' not in text
+      assert triton_launch(text, "short_conv_bwd_dz") == ((B, T // 32, C // 128), 1, 4)
+      assert triton_result_types(text, "short_conv_bwd_dz") == f"tensor<{B}x{T}x{C}xf32>"
+      assert triton_launch(text, "short_conv_bwd_dxdw") == ((B, groups, C // 128), 1, 4)
+      assert triton_result_types(text, "short_conv_bwd_dxdw") == (
+          f"(tensor<{B}x{T}x{C}xbf16>, tensor<{B * groups}x{W}x{C}xf32>)")
+    else:
+      assert text.count(TRITON_CALL) == 2 and "short_conv_bwd_d" not in text
+      assert triton_launch(text, "short_conv_bwd") == ((B, groups, C // 128), 1, 4)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -180,7 +217,9 @@ def test_kernels_lower_to_triton_for_h100(segments):
     (dict(block_t=24), "`block_t`=24"),
     (dict(block_c=0), "`block_c`=0"),
     (dict(num_warps=3), "`num_warps`=3"),
-    (dict(min_programs=0), "`min_programs`=0")])
+    (dict(min_programs=0), "`min_programs`=0"),
+    (dict(backward="three_pass"), "`backward`='three_pass'; expected one of \\('two_pass', "
+                                  "'one_pass'\\)")])
 def test_errors_name_the_argument(change, match):
   x = jnp.zeros(change.pop("x", (2, 8, 16)), change.pop("x_dtype", jnp.float32))
   w = jnp.zeros(change.pop("w", (4, 16)))
