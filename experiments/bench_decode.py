@@ -508,7 +508,8 @@ def split_launch(impl: str):
   GEMV for the weight products at batch ≤ 8, "+nogemv" XLA's products at every batch, "+noswiglu"
   an XLA SiLU product between the MLP's two GEMVs, "+norm" the RMSNorms and the mixer's residual
   add made in the batch-1 GEMVs' prologues (the default; "+nonorm": XLA's kernels between them;
-  DecodeConfig.gemv_norm),
+  DecodeConfig.gemv_norm), "+onorm" the GDN mixer's gated output norm made in W_o's batch-1 GEMV
+  prologue ("+noonorm": XLA's norm kernel before it, the default; DecodeConfig.gemv_out_norm),
   "+noring" the fused kernel on a window built per step instead of conv rings (no "+": None,
   the defaults: the GEMV at batch 1 on GPUs with the chained MLP, rings).
   "+PRODUCT.KEYN[.KEYN…]" sets one GEMV product's launch apart (DecodeConfig.gemv_overrides;
@@ -544,6 +545,9 @@ def split_launch(impl: str):
     if part in ("norm", "nonorm") and "gemv_norm" not in kw:
       kw["gemv_norm"] = part == "norm"
       continue
+    if part in ("onorm", "noonorm") and "gemv_out_norm" not in kw:
+      kw["gemv_out_norm"] = part == "onorm"
+      continue
     key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
            "gw": "gemv_num_warps", "gmp": "gemv_min_programs",
            "gst": "gemv_num_stages"}.get(part.rstrip("0123456789"))
@@ -551,7 +555,7 @@ def split_launch(impl: str):
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
                        "(V block), +wN (warps), +gemv or +nogemv, +noswiglu, +norm or +nonorm, "
-                       "+noring, "
+                       "+onorm or +noonorm, +noring, "
                        "+gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), +gmpN (GEMV programs), "
                        "+gstN (GEMV stages), +PRODUCT.KEYN[.KEYN…] (one GEMV product's "
                        "settings, e.g. +out_proj.bn32.mp128), "
@@ -575,7 +579,8 @@ def parse_variant(spec: str) -> tuple[str, str]:
   if (base not in gen.IMPLS or dtype not in ("float32", "bfloat16") or rows < 1
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "
-                     "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+norm|+nonorm][+noring]"
+                     "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+norm|+nonorm][+onorm|+noonorm]"
+                     "[+noring]"
                      "[+gbnN][+gbkN][+gwN][+gmpN][+gstN][+PRODUCT.KEYN[.KEYN…]…][@ROWS]:"
                      "STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "

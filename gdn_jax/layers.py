@@ -565,7 +565,9 @@ class GatedDeltaNet(nnx.Module):
     Batch 1 on the GEMV path only (`Block.step` checks `DecodeConfig.use_gemv_norm`): `in_norm`
     (an RMSNorm) takes x as the residual stream and makes in_norm(x) in the in-projection's GEMV
     (`decode_norm_dot`); `sum_out=False` returns W_o's float32 split partials [S, 1, D] unsummed
-    and without o_proj's multiplier (for the next GEMV's prologue to add).
+    and without o_proj's multiplier (for the next GEMV's prologue to add). At batch 1 on the GEMV
+    path with `DecodeConfig.gemv_out_norm` (and V a multiple of out_proj's K tile), the gated
+    output norm is made in W_o's GEMV (`decode_gemv.gemv_gated_norm_pallas`), either way.
     """
     launch = {} if decode_config is None else dict(block_v=decode_config.block_v,
                                                    num_warps=decode_config.num_warps)
@@ -639,15 +641,33 @@ class GatedDeltaNet(nnx.Module):
           raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla', 'pallas' or "
                            "'pallas_fused'.")
     with jax.named_scope("out_proj"):
-      gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
-      h_o = self.o_norm(o.astype(dt), gate).reshape(B, H * V)
-      if not sum_out:
+      from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+      cfg = DecodeConfig() if decode_config is None else decode_config
+      launch_o = cfg.gemv_launch_for("out_proj")
+      norm_in_gemv = cfg.use_gemv_out_norm(B, H * V) and w['o'].dtype == dt
+      if norm_in_gemv or not sum_out:
         from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
-        from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
-        cfg = DecodeConfig() if decode_config is None else decode_config
-        return decode_gemv.gemv_pallas(h_o.astype(w['o'].dtype), w['o'], sum_splits=False,
-                                       **cfg.gemv_launch_for("out_proj")), new_cache
-      out = decode_dot(h_o, w['o'], matmul_rows, decode_config=decode_config, product="out_proj")
+        # The kernel's K tiles must each lie inside one head (else the unfused norm below).
+        norm_in_gemv = (norm_in_gemv
+                        and V % decode_gemv.block_k_for(H * V, launch_o["block_k"]) == 0)
+      if norm_in_gemv:
+        # The gated output norm in W_o's GEMV prologue (DecodeConfig.gemv_out_norm): it reads o
+        # and the gate columns of y where they are and rounds where the norm below rounds.
+        out = decode_gemv.gemv_gated_norm_pallas(
+            o.reshape(1, H * V), y if self.use_gate else None, w['o'], self.o_norm.weight[...],
+            eps=float(self.o_norm.eps), head_dim=V, gate_column=C, sum_splits=sum_out,
+            **launch_o)
+        if not sum_out:
+          return out, new_cache
+        out = out.astype(dt)                          # as decode_dot rounds the GEMV's sum
+      else:
+        gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
+        h_o = self.o_norm(o.astype(dt), gate).reshape(B, H * V)
+        if not sum_out:
+          return decode_gemv.gemv_pallas(h_o.astype(w['o'].dtype), w['o'], sum_splits=False,
+                                         **launch_o), new_cache
+        out = decode_dot(h_o, w['o'], matmul_rows, decode_config=decode_config,
+                         product="out_proj")
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
     return out, new_cache

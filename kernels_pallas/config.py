@@ -179,6 +179,12 @@ class DecodeConfig:
     the mixer's norm in the in-projection's GEMV, the mixer output's residual add and the MLP's
     norm in the gate/up GEMV, the final norm in the read-out's (`use_gemv_norm`; GDN blocks);
     False: XLA's norm and add kernels between the GEMVs.
+  gemv_out_norm: where a GDN mixer's output product W_o goes through the GEMV at batch 1, its gated
+    output norm (RMSNorm_V of the rule's output per head, the gain, SiLU(gate)) is made in W_o's
+    GEMV prologue (`decode_gemv.gemv_gated_norm_pallas`: no XLA kernel between the rule's kernel
+    and W_o's GEMV; `use_gemv_out_norm`), where the head dim V is a multiple of out_proj's K tile
+    (else the unfused norm); False (the default, opt-in until timed on a GPU): XLA's norm kernel
+    before the GEMV.
   gemv_num_stages: Triton's software-pipelining depth of the GEMVs' K-tile loop.
   gemv_overrides: per-product GEMV launch settings, each in place of its global field
     (gemv_block_n, gemv_block_k, gemv_min_programs, gemv_num_warps, gemv_num_stages) for one
@@ -187,7 +193,8 @@ class DecodeConfig:
       in_proj   the mixer's fused in-projection: a GDN mixer's q | k | v | gate | a | b [D, N_in]
                 (gemv_pallas; at batch 1 with gemv_norm, gemv_norm_pallas with the mixer's norm),
                 an attention mixer's q | k | v (| gate) (gemv_pallas);
-      out_proj  the mixer's output projection: a GDN mixer's W_o [H·V, D] (gemv_pallas; with
+      out_proj  the mixer's output projection: a GDN mixer's W_o [H·V, D] (gemv_pallas; at batch 1
+                with gemv_out_norm, gemv_gated_norm_pallas with the gated output norm; with
                 gemv_norm its split partials are handed unsummed to mlp_in's prologue, which reads
                 however many there are), an attention mixer's (gemv_pallas);
       mlp_in    every block's MLP gate | up [D, 2F] (gemv_pallas, or gemv_norm_pallas with the residual
@@ -217,11 +224,12 @@ class DecodeConfig:
   gemv_num_stages: int = 2
   gemv_swiglu: bool = True
   gemv_norm: bool = True
+  gemv_out_norm: bool = False
   conv_ring: bool = True
   gemv_overrides: str = ""
 
   def __post_init__(self):
-    for name in ("gemv_swiglu", "gemv_norm", "conv_ring"):
+    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "conv_ring"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected True or "
                          "False.")
@@ -286,6 +294,13 @@ class DecodeConfig:
     `contract_dim`, makes the norm (and the residual add) in its GEMV's prologue (`gemv_norm`):
     batch 1 on the GEMV path only."""
     return (self.gemv_norm and batch == 1
+            and self.use_gemv(1, backend, contract_dim=contract_dim))
+
+  def use_gemv_out_norm(self, batch: int, contract_dim: int, backend: str | None = None) -> bool:
+    """Whether a GDN mixer's output product at this batch, contracting H·V = `contract_dim`,
+    makes the gated output norm in its GEMV's prologue (`gemv_out_norm`): batch 1 on the GEMV
+    path only (the caller also checks that V is a multiple of out_proj's K tile)."""
+    return (self.gemv_out_norm and batch == 1
             and self.use_gemv(1, backend, contract_dim=contract_dim))
 
 

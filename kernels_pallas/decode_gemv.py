@@ -33,10 +33,25 @@ multiplier m and the norm's gain w and eps, every program makes
 (rnd: rounding to dt, where the unfused step rounds: the summed product, its multiplier, the
 add, the norm's output), reading all of x and the a_i for mean(r²) (D elements: cheap beside a
 [Ks, BN] tile of W) and its own K range again for h. Program (0, 0) alone writes r.
+
+`gemv_gated_norm_pallas` (batch 1) puts the GDN mixer's gated output norm in front of W_o, so
+that no XLA kernel runs between the rule's kernel and W_o's GEMV. With the rule's output o
+[1, H·V] (float32), the gate g [1, H·V] (dt; none without the mixer's gate) and the norm's gain
+w [V], shared by the H heads, and eps, every program makes, for each K tile of its split,
+
+    o_dt = rnd(o)                                       as the step rounds the rule's output
+    h[i·V + j] = rnd((o_dt[i·V + j] / sqrt(mean_j'(o_dt[i·V + j']²) + eps)) · w[j]
+                     · SiLU(g[i·V + j]))                head i; no gate: no SiLU factor
+    y_s = Σ_{k ∈ K-split s} h[k] W_o[k, n]
+
+A K tile lies inside one head (V a multiple of the K tile): its head's mean(o_dt²) sums that
+head's V values of o in [1, BK] tiles (cheap beside a [BK, BN] tile of W_o), once per program
+where the whole split lies inside one head, else once per K tile.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +104,12 @@ def _check_num_stages(where, num_stages):
                      "software-pipelining depth of the K-tile loop).")
 
 
+def _tile_at(start, size: int, multiple: int | None = None):
+  """The slice of `size` elements from `start`, a traced int known to be a multiple of
+  `multiple` (default: `size`; the hint lets Triton vectorise the load)."""
+  return pl.ds(pl.multiple_of(start, size if multiple is None else multiple), size)
+
+
 def _swiglu_tile(gate_ref, up_ref, ks, dtype):
   """[1, BK] float32: SiLU(g) · u of the K tile `ks`, g and u the sums of their split partials
   ([S_in, 1, Ks] blocks), each rounded to `dtype` as the unfused step's products and the
@@ -118,12 +139,13 @@ def _residual_tile(x_ref, add_ref, ks, multiplier):
 
 
 def _norm_prologue(x_ref, add_ref, gain_ref, r_ref, *, block_k, eps, multiplier, dtype):
-  """The input tile function of `gemv_norm_pallas`'s program: ks (a K slice of this program's
-  split) ↦ h [1, BK] float32, h = rnd((r / sqrt(mean(r²) + eps)) · w) (rounded to `dtype`).
-  mean(r²) sums all of r in [1, BK] tiles; program (0, 0) writes r to `r_ref` on the way."""
+  """The input tile function of `gemv_norm_pallas`'s program: k0 (the first row of a K tile of
+  this program's split) ↦ h [1, BK] float32, h = rnd((r / sqrt(mean(r²) + eps)) · w) (rounded
+  to `dtype`). mean(r²) sums all of r in [1, BK] tiles; program (0, 0) writes r to `r_ref` on
+  the way."""
   f32 = jnp.float32
   D = x_ref.shape[1]
-  tile = lambda i: pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+  tile = lambda i: _tile_at(i * block_k, block_k)
   writer = (pl.program_id(0) == 0) & (pl.program_id(1) == 0)
 
   def squares(i, acc):
@@ -137,18 +159,62 @@ def _norm_prologue(x_ref, add_ref, gain_ref, r_ref, *, block_k, eps, multiplier,
                    axis=1, keepdims=True)                                  # [1, 1]
   inv_rms = jax.lax.rsqrt(sum_sq / D + eps)
 
-  def h_tile(ks):
+  def h_tile(k0):
+    ks = _tile_at(k0, block_k)
     r = _residual_tile(x_ref, add_ref, ks, multiplier)
     return ((r * inv_rms) * gain_ref[:, ks].astype(f32)).astype(dtype).astype(f32)
   return h_tile
 
 
-def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, norm=None):
+def _gated_norm_prologue(o_ref, gate_ref, gain_ref, *, block_k, eps, gate_column, split_start,
+                         split_rows, dtype):
+  """The input tile function of `gemv_gated_norm_pallas`'s program: k0 (the first of BK rows of
+  W_o, inside one head of V = gain's width) ↦ h [1, BK] float32,
+  h = rnd((o_dt / sqrt(mean_head(o_dt²) + eps)) · w · SiLU(g)) with o_dt = rnd(o) (rounded to
+  `dtype`; no SiLU factor without `gate_ref`). The gate is columns `gate_column` … of gate_ref.
+  mean_head sums the head's V values of o in [1, BK] tiles: once, if the program's split
+  (`split_rows` rows from `split_start`) lies inside one head, else per K tile."""
+  f32 = jnp.float32
+  V = gain_ref.shape[1]
+  o_tile = lambda k0: o_ref[:, _tile_at(k0, block_k)].astype(dtype).astype(f32)        # o_dt
+
+  def head_stats(k0):   # (the head's first row, 1 / sqrt(mean(o_dt²) + eps) [1, 1])
+    head_start = pl.multiple_of(jax.lax.div(k0, V) * V, block_k)
+
+    def squares(i, acc):
+      o = o_tile(head_start + i * block_k)
+      return acc + o * o
+    sum_sq = jnp.sum(jax.lax.fori_loop(0, V // block_k, squares, jnp.zeros((1, block_k), f32)),
+                     axis=1, keepdims=True)
+    return head_start, jax.lax.rsqrt(sum_sq / V + eps)
+
+  if V % split_rows == 0:   # the split lies inside one head: its stats once per program
+    program_stats = head_stats(split_start)
+    stats = lambda k0: program_stats
+  else:
+    stats = head_stats
+
+  def h_tile(k0):
+    head_start, inv_rms = stats(k0)
+    h = (o_tile(k0) * inv_rms) * gain_ref[:, _tile_at(k0 - head_start, block_k)].astype(f32)
+    if gate_ref is not None:
+      gate = gate_ref[:, _tile_at(gate_column + k0, block_k, math.gcd(gate_column, block_k))]
+      h = h * jax.nn.silu(gate.astype(f32))
+    return h.astype(dtype).astype(f32)
+  return h_tile
+
+
+def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, norm=None,
+            gated_norm=None):
   """x_ref: [R, Ks] (R = 1 or 16 padded rows), or (`swiglu_dtype`) gate and up partials
   [S_in, 1, Ks] each, or (`norm`: dict of eps and the addends' multiplier) x [1, D], the
-  addends [S_a, 1, D] (if any) and the gain [1, D]; w_ref: [BN, Ks] (`transposed`) or [Ks, BN]; y_ref:
-  [R, BN]; with `norm` also r_ref [1, D]."""
+  addends [S_a, 1, D] (if any) and the gain [1, D], or (`gated_norm`: dict of eps and the gate's
+  first column) o [1, H·V], the gate [1, ≥ H·V] (if any) and the gain [1, V]; w_ref: [BN, Ks]
+  (`transposed`) or [Ks, BN]; y_ref: [R, BN]; with `norm` also r_ref [1, D]. The two norm
+  prologues read their whole input and make the tiles of this program's split (`h_tile`)."""
   f32 = jnp.float32
+  h_tile = None
+  split_start = pl.program_id(1) * (tiles * block_k)   # this split's first row of W
   if swiglu_dtype is not None:
     gate_ref, up_ref, w_ref, y_ref = refs
     rows = 1
@@ -158,7 +224,13 @@ def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, no
     h_tile = _norm_prologue(x_ref, add_refs[0] if add_refs else None, gain_ref, r_ref,
                             block_k=block_k, eps=norm["eps"], multiplier=norm["multiplier"],
                             dtype=w_ref.dtype)
-    split_offset = pl.program_id(1) * (tiles * block_k)   # x is whole: this split's K offset
+  elif gated_norm is not None:
+    o_ref, *gate_refs, gain_ref, w_ref, y_ref = refs
+    rows = 1
+    h_tile = _gated_norm_prologue(o_ref, gate_refs[0] if gate_refs else None, gain_ref,
+                                  block_k=block_k, eps=gated_norm["eps"],
+                                  gate_column=gated_norm["gate_column"], split_start=split_start,
+                                  split_rows=tiles * block_k, dtype=w_ref.dtype)
   else:
     x_ref, w_ref, y_ref = refs
     rows = x_ref.shape[0]
@@ -178,8 +250,8 @@ def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, no
       ks = k_slice(i)
       if swiglu_dtype is not None:
         x = _swiglu_tile(gate_ref, up_ref, ks, swiglu_dtype)              # [1, BK]
-      elif norm is not None:
-        x = h_tile(pl.ds(pl.multiple_of(split_offset + i * block_k, block_k), block_k))
+      elif h_tile is not None:
+        x = h_tile(split_start + i * block_k)
       else:
         x = x_ref[:, ks].astype(f32)
       w = w_tile(ks).astype(f32)
@@ -357,3 +429,83 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
       name="decode_gemv_norm",
   )(*operands)
   return (_sum_splits(y) if sum_splits else y), r
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "head_dim", "gate_column", "block_n",
+                                             "block_k", "splits", "min_programs", "num_warps",
+                                             "num_stages", "sum_splits", "interpret"))
+def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim: int,
+                           gate_column: int = 0, block_n: int = 64, block_k: int = 128,
+                           splits: int | None = None, min_programs: int = 256,
+                           num_warps: int = 4, num_stages: int = 2, sum_splits: bool = True,
+                           interpret: bool | None = None):
+  """h @ W_o in float32 at batch 1, where h is the GDN mixer's gated output norm of the rule's
+  output o (module docstring), made in the GEMV's prologue: with o_dt = rnd(o) and V = head_dim,
+
+      h[i·V + j] = rnd((o_dt[i·V + j] / sqrt(mean_j'(o_dt[i·V + j']²) + eps)) · w[j]
+                       · SiLU(g[i·V + j]))                         (head i, 0 ≤ j < V)
+
+  in float32, rnd rounding to W_o's dtype (where the unfused step rounds: the rule's output
+  before the norm, the norm's output), as `GatedRMSNorm(o.astype(dt), g)` then the product.
+  o_1xHV: [1, H·V] (float32, the rule's output; batch 1); gate_1xHV: the gate g as columns
+  `gate_column` … `gate_column` + H·V of a [1, ≥ H·V] array (e.g. the in-projection's whole
+  output, so that no slice of it is made), or None (no gate: h = rnd(RMSNorm_V(o_dt) · w));
+  w: W_o [H·V, N]; gain_V: w [V], shared by the heads. Each K tile lies inside one head: V must
+  be a multiple of the K tile (`block_k` lowered to the largest power of two dividing H·V).
+  Tiles, splits, warps, stages and `sum_splits` as `gemv_pallas`. Returns y [1, N] or its
+  split partials [S, 1, N] (float32).
+  """
+  where = "gemv_gated_norm_pallas"
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  if o_1xHV.ndim != 2 or o_1xHV.shape[0] != 1:
+    raise ValueError(f"{where}: `o_1xHV` {o_1xHV.shape}; expected [1, H·V] (batch 1: the rule's "
+                     "output with its heads side by side).")
+  HV = o_1xHV.shape[1]
+  if w.ndim != 2 or w.shape[0] != HV:
+    raise ValueError(f"{where}: `w` {w.shape}; expected W_o [H·V, N] with H·V = {HV} rows "
+                     "(o's width).")
+  N = w.shape[1]
+  if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1 or HV % head_dim:
+    raise ValueError(f"{where}: `head_dim`={head_dim!r}; expected the value head dim V, an int "
+                     f"≥ 1 dividing o's width {HV}.")
+  if gain_V.shape != (head_dim,):
+    raise ValueError(f"{where}: `gain_V` {gain_V.shape}; expected the norm's gain [{head_dim}] "
+                     "(head_dim: shared by the heads).")
+  if isinstance(gate_column, bool) or not isinstance(gate_column, int) or gate_column < 0:
+    raise ValueError(f"{where}: `gate_column`={gate_column!r}; expected an int ≥ 0 (the gate's "
+                     "first column in `gate_1xHV`).")
+  if gate_1xHV is not None and (gate_1xHV.ndim != 2 or gate_1xHV.shape[0] != 1
+                                or gate_1xHV.shape[1] < gate_column + HV):
+    raise ValueError(f"{where}: `gate_1xHV` {gate_1xHV.shape} with `gate_column`={gate_column}; "
+                     f"expected [1, ≥ {gate_column + HV}] (the gate's {HV} columns from "
+                     "gate_column), or None (no gate).")
+  _check_num_stages(where, num_stages)
+  bk, S, Ks = _tiling(where, HV, N, block_n, block_k, splits, min_programs, interpret)
+  if head_dim % bk:
+    raise ValueError(f"{where}: `block_k`={block_k} gives K tiles of {bk} rows, which do not "
+                     f"divide `head_dim` V={head_dim} (a K tile must lie inside one head); "
+                     "expected block_k ≤ V's largest power-of-two factor "
+                     f"{head_dim & -head_dim}, or the unfused norm and product.")
+  whole = lambda j, s: (0, 0)
+  in_specs = [pl.BlockSpec((1, HV), whole)]                                # o, whole
+  operands = [o_1xHV]
+  if gate_1xHV is not None:
+    in_specs.append(pl.BlockSpec(gate_1xHV.shape, whole))                  # the gate, whole
+    operands.append(gate_1xHV)
+  in_specs += [pl.BlockSpec((1, head_dim), whole),                          # gain, whole
+               _w_spec(False, block_n, Ks)]
+  operands += [gain_V.reshape(1, head_dim), w]
+  y = pl.pallas_call(
+      functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
+                        transposed=False, gated_norm=dict(eps=float(eps),
+                                                          gate_column=gate_column)),
+      grid=(pl.cdiv(N, block_n), S),
+      in_specs=in_specs,
+      out_specs=_partials_spec(1, block_n),
+      out_shape=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
+      interpret=interpret,
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      name="decode_gemv_gated_norm",
+  )(*operands)
+  return _sum_splits(y) if sum_splits else y

@@ -198,11 +198,22 @@ def test_variant_launch_settings_parse_into_a_decode_config():
       "pallas_fused", DecodeConfig(gemv_norm=True))
   assert bench_decode.split_launch("pallas_fused+gst3+gbn64") == (
       "pallas_fused", DecodeConfig(gemv_num_stages=3, gemv_block_n=64))
+  assert bench_decode.split_launch("pallas_fused+onorm") == (
+      "pallas_fused", DecodeConfig(gemv_out_norm=True))
+  assert bench_decode.split_launch("pallas_fused+noonorm") == (
+      "pallas_fused", DecodeConfig(gemv_out_norm=False))
+  assert bench_decode.split_launch("pallas_fused+nonorm+onorm+out_proj.bk128") == (
+      "pallas_fused", DecodeConfig(gemv_norm=False, gemv_out_norm=True,
+                                   gemv_overrides="out_proj=bk128"))
+  assert bench_decode.parse_variant("pallas_fused+onorm:bfloat16") == (
+      "pallas_fused+onorm", "bfloat16")
   for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
               "pallas+bv12:float32", "pallas+w8+w4:float32", "xla+gemv+gemv:float32",
               "xla+gst0:float32", "xla+gst2+gst3:float32",
               "xla+gbn48:float32", "xla+gemv+nogemv:float32",
-              "pallas_fused+noring+noring:float32", "pallas_fused+norm+nonorm:float32"):
+              "pallas_fused+noring+noring:float32", "pallas_fused+norm+nonorm:float32",
+              "pallas_fused+onorm+noonorm:float32", "pallas_fused+onorm+onorm:float32",
+              "pallas_fused+onorm4:float32", "pallas_fused+oonorm:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)
 

@@ -1,6 +1,7 @@
 """kernels_pallas.decode_gemv: the decode step's batch ≤ 8 weight products as a Pallas GEMV,
 against float64 NumPy (interpret mode on CPU), its Triton lowering for an H100, its errors, and
 generate with `DecodeConfig(gemv=True)` against the XLA products."""
+import dataclasses
 import functools
 import re
 import types
@@ -14,7 +15,8 @@ from gdn_jax import layers
 from kernels_pallas import config as config_module
 from kernels_pallas import decode_gemv
 from kernels_pallas.config import DecodeConfig
-from kernels_pallas.decode_gemv import gemv_norm_pallas, gemv_pallas, gemv_swiglu_pallas
+from kernels_pallas.decode_gemv import (gemv_gated_norm_pallas, gemv_norm_pallas, gemv_pallas,
+                                        gemv_swiglu_pallas)
 from tests.generate_test import DECODE_VARIANTS, make
 from tests.triton_export import TRITON_CALL, export_for_h100, triton_launch
 
@@ -143,7 +145,7 @@ def test_errors_name_the_argument(kwargs, match):
                                           ("gemv_min_programs", 0), ("gemv_num_warps", 3),
                                           ("gemv_num_stages", 0), ("gemv_num_stages", 2.0),
                                           ("gemv_swiglu", 1), ("gemv_norm", None),
-                                          ("conv_ring", None)])
+                                          ("gemv_out_norm", 1), ("conv_ring", None)])
 def test_decode_config_refuses_bad_gemv_settings(field, value):
   with pytest.raises(ValueError, match=field):
     DecodeConfig(**{field: value})
@@ -175,10 +177,15 @@ def test_decode_dot_takes_the_default_config_when_given_none(monkeypatch):
   assert calls == [(1, 64)]
 
 
-def _gemv_step_against_xla(monkeypatch, kernel, variant, batch, seed, **config):
+def _gemv_step_against_xla(monkeypatch, kernel, variant, batch, seed, model_changes=None,
+                           o_multiplier=1.0, **config):
   """(the decode step's logits with DecodeConfig(gemv=True, gemv_block_n=16, **config), the XLA
-  step's, the number of calls of decode_gemv.`kernel`)."""
-  model = make(DECODE_VARIANTS[variant], seed=seed)
+  step's, the number of calls of decode_gemv.`kernel`). `model_changes`: ModelConfig fields set
+  apart from the variant's; `o_multiplier`: the GDN mixers' W_o forward multiplier."""
+  model = make(dataclasses.replace(DECODE_VARIANTS[variant], **(model_changes or {})), seed=seed)
+  for block in model.blocks:
+    if isinstance(block.mixer, layers.GatedDeltaNet):
+      block.mixer.o_proj.multiplier = o_multiplier
   prompt = jax.random.randint(jax.random.key(seed), (batch, 5), 0, 64)
   logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
   token = jnp.argmax(logits[:, 0], -1)
@@ -371,7 +378,6 @@ def test_batch_1_step_with_norm_gemvs_equals_the_unfused_step(monkeypatch, varia
   mixer's residual add in the GEMVs (2 per GDN layer, 1 for the read-out), with the logits of
   gemv_norm=False to float32 rounding (bf16: a few bf16 roundings). `multipliers`: W_o's in the
   prologue; the gate/up multipliers send the MLP to the unchained path."""
-  import dataclasses
   model = _random_gains(make(dataclasses.replace(DECODE_VARIANTS[variant], dtype=dtype), seed=21),
                         seed=5)
   if multipliers:
@@ -397,7 +403,6 @@ def test_batch_1_step_with_norm_gemvs_equals_the_unfused_step(monkeypatch, varia
 def test_generate_with_norm_gemvs_samples_the_unfused_tokens():
   """generate at batch 1 (bf16, the fused rule kernel, conv rings): the same 8 sampled tokens
   with and without DecodeConfig.gemv_norm."""
-  import dataclasses
   from gdn_jax import generate as gen
   model = _random_gains(make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16"),
                              seed=22), seed=9)
@@ -630,3 +635,230 @@ def test_chained_mlp_sums_a_non_power_of_two_partial_count_first(monkeypatch, D,
   assert seen == [parts_in]
   assert float(np.abs(np.asarray(unchained)).max()) > 0.5
   np.testing.assert_allclose(chained, unchained, rtol=1e-5, atol=1e-5)
+
+
+# The GDN mixer's gated output norm in W_o's GEMV prologue (gemv_gated_norm_pallas,
+# DecodeConfig.gemv_out_norm).
+
+def _out_norm_operands(dtype, H, V, N, gate_width=None, seed=0):
+  """o [1, H·V] float32 (the heads at scales 10⁻² … 10²: a norm over the wrong head's values
+  shows), a gate [1, gate_width] in `dtype` (None: no gate), W_o [H·V, N] and the gain [V]
+  (float32, as params)."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  scales = jnp.repeat(jnp.logspace(-2, 2, H), V)[None]
+  o = jax.random.normal(keys[0], (1, H * V)) * scales
+  gate = None if gate_width is None else (
+      2 * jax.random.normal(keys[1], (1, gate_width))).astype(dtype)
+  w = (jax.random.normal(keys[2], (H * V, N)) / 16).astype(dtype)
+  gain = 1.0 + 0.5 * jax.random.normal(keys[3], (V,))
+  return o, gate, w, gain
+
+
+def _unfused_out_norm(o, gate, w, gain, eps, V, gate_column=0, **launch):
+  """The XLA step's composition: GatedRMSNorm of rnd(o) and the gate (layers), rounded to W_o's
+  dtype, then gemv_pallas with `launch`. Returns (h [1, H·V], y [1, N] or its partials)."""
+  dt, HV = w.dtype, o.shape[1]
+  norm = layers.GatedRMSNorm(V, eps=eps, dtype=dt, param_dtype=jnp.float32)
+  norm.weight[...] = gain
+  g = None if gate is None else gate[:, gate_column:gate_column + HV].reshape(1, HV // V, V)
+  h = norm(o.astype(dt).reshape(1, HV // V, V), g).reshape(1, HV)
+  return h, gemv_pallas(h, w, **launch)
+
+
+def _out_norm_float64(o, gate, w, gain, eps, V, gate_column=0):
+  """Float64 NumPy, rounding to W_o's dtype where the step rounds (o before the norm, h)."""
+  f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  rnd = lambda a: f64(jnp.asarray(a, jnp.float32).astype(w.dtype))
+  HV = o.shape[1]
+  o_dt = rnd(o).reshape(HV // V, V)
+  h = o_dt / np.sqrt(np.mean(o_dt * o_dt, axis=1, keepdims=True) + eps) * f64(gain)
+  if gate is not None:
+    g = f64(gate)[0, gate_column:gate_column + HV].reshape(HV // V, V)
+    h = h * g / (1 + np.exp(-g))
+  return rnd(h.reshape(1, HV)) @ f64(w)
+
+
+# H = 3 heads of V = 64: each case's K tiles and splits (Ks rows per program).
+GATED_NORM_CASES = [
+    (True, 0, dict(block_k=16, splits=12)),     # one K tile per program, 4 per head
+    (True, 0, dict(block_k=64, splits=3)),      # a split is a head: its stats once per program
+    (True, 0, dict(block_k=16, splits=2)),      # Ks = 96 crosses a head: stats per K tile
+    (True, 40, dict(block_k=32, splits=1)),     # all 6 K tiles in one program; a wider gate
+    (False, 0, dict(block_k=32, splits=3)),     # no gate
+    (True, 8, dict(block_k=16, splits=4, block_n=16)),   # gate columns not on a K-tile boundary
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gated, gate_column, launch", GATED_NORM_CASES)
+def test_gated_norm_gemv_equals_the_norm_then_the_product(dtype, gated, gate_column, launch):
+  """y = GatedRMSNorm(rnd(o), g) @ W_o: the XLA composition with the same tiles (float32: to
+  float32 rounding; bf16: h to one bf16 ulp, see the next test, so y nearly bit for bit), and
+  float64 NumPy (bf16: h may round the other way)."""
+  H, V, N, eps = 3, 64, 40, 1e-6
+  o, gate, w, gain = _out_norm_operands(dtype, H, V, N, gate_column + H * V + 8 if gated
+                                        else None)
+  y = gemv_gated_norm_pallas(o, gate, w, gain, eps=eps, head_dim=V, gate_column=gate_column,
+                             **launch)
+  assert y.shape == (1, N) and y.dtype == jnp.float32
+  _, y_xla = _unfused_out_norm(o, gate, w, gain, eps, V, gate_column, **launch)
+  np.testing.assert_allclose(y, y_xla, rtol=1e-5, atol=1e-5 if dtype == jnp.float32 else 1e-3)
+  y64 = _out_norm_float64(o, gate, w, gain, eps, V, gate_column)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(y, y64, rtol=tol, atol=tol)
+  assert float(np.abs(y64).max()) > 1.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_gated_norm_prologue_rounds_as_the_unfused_norm(dtype, gated):
+  """h itself (W_o = I: y = h exactly) against the composition's GatedRMSNorm output, H = 6
+  heads over 10⁻² … 10², 10 draws. The kernel sums each head's mean(o_dt²) in another order
+  than XLA's mean (and on a GPU, rsqrt and exp are Triton's, not XLA's), so its float32 h may
+  differ by a few float32 ulps; rounded to bf16 that is the same value except where h lies that
+  close to a rounding midpoint: one bf16 ulp at most, and rarely (none in these draws in
+  interpret mode on CPU; ≤ 1% allowed). A missing rounding of o or h, or a wrong head's mean,
+  changes far more. float32: to 4 float32 ulps."""
+  H, V = 6, 64
+  eye = jnp.eye(H * V, dtype=dtype)
+  differing = total = 0
+  for seed in range(10):
+    o, gate, _, gain = _out_norm_operands(dtype, H, V, 8, H * V if gated else None, seed=seed)
+    h = gemv_gated_norm_pallas(o, gate, eye, gain, eps=1e-6, head_dim=V, block_k=16, splits=4)
+    h_xla, _ = _unfused_out_norm(o, gate, eye, gain, 1e-6, V)
+    h, h_xla = np.asarray(h, np.float32), np.asarray(h_xla, np.float32)
+    if dtype == jnp.float32:
+      np.testing.assert_array_max_ulp(h, h_xla, maxulp=4)
+      continue
+    bits = lambda a: a.view(np.int32).astype(np.int64) >> 16            # bf16 bit patterns
+    assert np.all(np.abs(bits(h) - bits(h_xla)) <= 1) and np.all(np.sign(h) == np.sign(h_xla))
+    differing, total = differing + int(np.sum(h != h_xla)), total + h.size
+  assert differing <= 0.01 * total
+
+
+def test_gated_norm_gemv_returns_partials_for_the_next_kernel():
+  """sum_splits=False: the K splits' partials [S, 1, N], which sum to the product."""
+  o, gate, w, gain = _out_norm_operands(jnp.bfloat16, 2, 32, 48, 64, seed=4)
+  kw = dict(eps=1e-5, head_dim=32, block_k=16, splits=4)
+  parts = gemv_gated_norm_pallas(o, gate, w, gain, sum_splits=False, **kw)
+  assert parts.shape == (4, 1, 48) and parts.dtype == jnp.float32
+  np.testing.assert_allclose(jnp.sum(parts, axis=0), gemv_gated_norm_pallas(o, gate, w, gain, **kw),
+                             rtol=1e-6, atol=1e-6)
+  _, parts_xla = _unfused_out_norm(o, gate, w, gain, 1e-5, 32, block_k=16, splits=4,
+                                   sum_splits=False)
+  np.testing.assert_allclose(parts, parts_xla, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("o, gate, w, gain, kw, match", [
+    ((2, 64), None, (64, 32), (32,), {}, "o_1xHV"),                           # batch 2
+    ((1, 64), None, (48, 32), (32,), {}, r"`w` \(48, 32\)"),
+    ((1, 64), None, (64, 32), (32,), dict(head_dim=24), "head_dim"),          # 24 ∤ 64
+    ((1, 64), None, (64, 32), (16,), {}, "gain_V"),
+    ((1, 64), (1, 60), (64, 32), (32,), {}, "gate_1xHV"),                     # too narrow
+    ((1, 64), (1, 80), (64, 32), (32,), dict(gate_column=20), "gate_1xHV"),
+    ((1, 64), (2, 64), (64, 32), (32,), {}, "gate_1xHV"),
+    ((1, 64), None, (64, 32), (32,), dict(gate_column=-1), "gate_column"),
+    ((1, 96), None, (96, 32), (48,), dict(head_dim=48, block_k=32), "block_k"),  # tile 32 ∤ 48
+    ((1, 64), None, (64, 32), (32,), dict(block_k=64), "block_k"),            # tile 64 > V
+    ((1, 64), None, (64, 32), (32,), dict(num_stages=0), "num_stages"),
+    ((1, 64), None, (64, 32), (32,), dict(splits=3), "splits"),
+])
+def test_gated_norm_gemv_errors_name_the_argument(o, gate, w, gain, kw, match):
+  zeros = lambda shape: None if shape is None else jnp.zeros(shape, jnp.bfloat16)
+  kw = dict(dict(head_dim=32), **kw)
+  with pytest.raises(ValueError, match=match):
+    gemv_gated_norm_pallas(zeros(o), zeros(gate), zeros(w), zeros(gain), eps=1e-6, **kw)
+
+
+def test_gated_norm_gemv_lowers_to_one_triton_call_for_an_h100():
+  """The 512M model's W_o (o [1, 3072], V = 512, W_o [3072, 1024]) lowers for an H100 with the
+  DecodeConfig defaults (128-column tiles, ≥ 528 programs: one K tile each), the gate given as a
+  [1, 3072] slice or as the in-projection's whole output [1, 9228] from column 6144; without
+  the gate, in 4 splits that cross heads (stats per K tile)."""
+  sds = jax.ShapeDtypeStruct
+  o, w, gain = sds((1, 3072), jnp.float32), sds((3072, 1024), jnp.bfloat16), sds((512,),
+                                                                                  jnp.float32)
+  launch = DecodeConfig().gemv_launch_for("out_proj")
+  for gate, column, kw, grid in ((sds((1, 3072), jnp.bfloat16), 0, launch, (8, 24, 1)),
+                                 (sds((1, 9228), jnp.bfloat16), 6144, launch, (8, 24, 1)),
+                                 (None, 0, dict(splits=4), (16, 4, 1))):
+    fn = functools.partial(gemv_gated_norm_pallas, eps=1e-6, head_dim=512, gate_column=column,
+                           sum_splits=False, interpret=False, **kw)
+    if gate is None:
+      text = export_for_h100(lambda o, w, gain, fn=fn: fn(o, None, w, gain), o, w, gain)
+    else:
+      text = export_for_h100(fn, o, gate, w, gain)
+    assert text.count(TRITON_CALL) == 1
+    assert triton_launch(text, "decode_gemv_gated_norm") == (grid, 2, 4)
+
+
+def test_the_gated_norm_gemv_is_opt_in_at_batch_1_on_the_gemv_path():
+  on, gpu = DecodeConfig(gemv=True, gemv_out_norm=True), DecodeConfig(gemv_out_norm=True)
+  assert not DecodeConfig().use_gemv_out_norm(1, 3072, "gpu")   # off until timed on a GPU
+  assert gpu.use_gemv_out_norm(1, 3072, "gpu") and not gpu.use_gemv_out_norm(2, 3072, "gpu")
+  assert not gpu.use_gemv_out_norm(1, 3072, "cpu") and not gpu.use_gemv_out_norm(1, 100, "gpu")
+  assert on.use_gemv_out_norm(1, 48) and not on.use_gemv_out_norm(2, 48)
+  assert not DecodeConfig(gemv=False, gemv_out_norm=True).use_gemv_out_norm(1, 3072, "gpu")
+
+
+# V = 32 (H·V = 128): out_proj's K tile 16 (one per program, inside a head) or 32 in 2 splits of
+# 2 heads (stats per K tile); the test model's V = 12 or the default tile 128 > V: the unfused
+# norm.
+V32 = dict(head_v_dim=32)
+# (variant, model changes, GEMV overrides, calls per GDN layer, W_o's multiplier)
+OUT_NORM_STEPS = [
+    ("untied", V32, "out_proj=bk16", 1, 1.0),
+    ("tied", V32, "out_proj=bk32,mp4", 1, 0.5),
+    ("hybrid", V32, "out_proj=bk16", 1, 1.0),
+    ("untied", dict(head_v_dim=32, use_gate=False), "out_proj=bk16", 1, 0.5),
+    ("untied", V32, "", 0, 1.0),                        # K tile 128 > V = 32
+    ("untied", {}, "out_proj=bk16", 0, 0.5),            # V = 12: no K tile lies inside a head
+]
+
+
+@pytest.mark.parametrize("variant, model_changes, overrides, per_layer, o_multiplier",
+                         OUT_NORM_STEPS)
+@pytest.mark.parametrize("gemv_norm", [True, False])
+def test_batch_1_step_with_the_out_norm_gemv_equals_the_xla_step(
+    monkeypatch, variant, model_changes, overrides, per_layer, o_multiplier, gemv_norm):
+  """DecodeConfig.gemv_out_norm: W_o's GEMV makes the gated output norm once per GDN layer where
+  V is a multiple of out_proj's K tile (else 0 calls: the unfused norm), summed (gemv_norm off)
+  or as partials for the gate/up prologue (on), with W_o's multiplier as before: the XLA step's
+  logits to float32 rounding; gemv_out_norm=False never calls it."""
+  kinds = dataclasses.replace(DECODE_VARIANTS[variant], **model_changes).layer_kinds
+  for out_norm in (True, False):
+    fused, xla, calls = _gemv_step_against_xla(
+        monkeypatch, "gemv_gated_norm_pallas", variant, 1, 23, model_changes, o_multiplier,
+        gemv_norm=gemv_norm, gemv_out_norm=out_norm, gemv_overrides=overrides)
+    np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
+    assert calls == (per_layer * kinds.count("G") if out_norm else 0)
+  assert float(np.abs(np.asarray(xla)).max()) > 0.5
+
+
+def test_generate_with_the_out_norm_gemv_samples_the_xla_tokens(monkeypatch):
+  """generate at batch 1 (the fused rule kernel, conv rings, the norms in the GEMV prologues):
+  the same 8 sampled tokens as impl "xla"; the gated-norm GEMV was traced in."""
+  from gdn_jax import generate as gen
+  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], **V32), seed=24)
+  prompt = jax.random.randint(jax.random.key(24), (1, 6), 0, 64)
+  calls, real = [], decode_gemv.gemv_gated_norm_pallas
+  monkeypatch.setattr(decode_gemv, "gemv_gated_norm_pallas",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(3))
+  config = DecodeConfig(gemv=True, gemv_block_n=16, gemv_out_norm=True,
+                        gemv_overrides="out_proj=bk16")
+  np.testing.assert_array_equal(
+      gen.generate(model, prompt, 8, impl="pallas_fused", decode_config=config, **kw),
+      gen.generate(model, prompt, 8, impl="xla", **kw))
+  assert calls
+
+
+def test_generate_bf16_with_the_out_norm_gemv_samples_the_unfused_tokens():
+  """bf16, batch 1: the same 8 sampled tokens with and without DecodeConfig.gemv_out_norm."""
+  from gdn_jax import generate as gen
+  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32), seed=25)
+  prompt = jax.random.randint(jax.random.key(25), (1, 6), 0, 64)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(4), impl="pallas_fused")
+  run = lambda out_norm: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, gemv_out_norm=out_norm, gemv_overrides="out_proj=bk16"), **kw)
+  np.testing.assert_array_equal(run(True), run(False))
