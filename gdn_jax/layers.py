@@ -184,7 +184,8 @@ class ShortConv(nnx.Module):
 
   `impl` (ModelConfig.conv_impl): "xla", the taps as XLA ops; "pallas", a call without a conv
   state (training) runs `kernels_pallas.short_conv` (Triton; the interpreter off GPUs), whose
-  backward makes dx and dw in one pass. A call with a state (prefill from a cache) stays XLA.
+  backward makes dz, then dx and dw (two passes). A call with a state (prefill from a cache) stays
+  XLA.
   """
 
   def __init__(self, channels: int, conv_size: int, *, dtype, param_dtype, rngs: nnx.Rngs,
@@ -266,7 +267,7 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   """
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   B = x_BxD.shape[0]
-  decode_config = DecodeConfig() if decode_config is None else decode_config
+  decode_config = DecodeConfig.or_default(decode_config)
   if decode_config.use_gemv(B, contract_dim=x_BxD.shape[1]):
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
     launch = (decode_config.gemv_launch if product is None
@@ -292,7 +293,7 @@ def decode_norm_dot(x_1xD, w, norm, addends_SxD=None, *, addend_multiplier: floa
   [S, 1, N]; and r [1, D]. `product`: whose GEMV settings (`decode_dot`)."""
   from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
-  cfg = DecodeConfig() if decode_config is None else decode_config
+  cfg = DecodeConfig.or_default(decode_config)
   y, r = decode_gemv.gemv_norm_pallas(
       x_1xD, w, norm.weight[...], addends_SxD, eps=float(norm.eps),
       addend_multiplier=float(addend_multiplier), transposed=w_contract == 1,
@@ -318,7 +319,7 @@ def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 
   settings split D into S K ranges) is summed by XLA into one partial first (same result).
   """
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
-  cfg = DecodeConfig() if decode_config is None else decode_config
+  cfg = DecodeConfig.or_default(decode_config)
   (B, D), F = ((1, w_gate_up.shape[0]) if x_BxD is None else x_BxD.shape), w_down.shape[0]
   dtype = w_gate_up.dtype if x_BxD is None else jnp.result_type(x_BxD, w_gate_up)
   if (B == 1 and cfg.gemv_swiglu and cfg.use_gemv(1, contract_dim=D)
@@ -642,7 +643,7 @@ class GatedDeltaNet(nnx.Module):
                            "'pallas_fused'.")
     with jax.named_scope("out_proj"):
       from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
-      cfg = DecodeConfig() if decode_config is None else decode_config
+      cfg = DecodeConfig.or_default(decode_config)
       launch_o = cfg.gemv_launch_for("out_proj")
       norm_in_gemv = cfg.use_gemv_out_norm(B, H * V) and w['o'].dtype == dt
       if norm_in_gemv or not sum_out:

@@ -111,7 +111,7 @@ class Block(nnx.Module):
     `DecodeConfig.use_gemv_norm` (batch 1 on the GEMV path), a GDN mixer whose output product
     is a GEMV too, and the stream, the norms and the weights in one dtype."""
     from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
-    cfg = DecodeConfig() if decode_config is None else decode_config
+    cfg = DecodeConfig.or_default(decode_config)
     mixer = self.mixer
     if not isinstance(mixer, GatedDeltaNet):
       return False
@@ -298,6 +298,6 @@ class GatedDeltaNetLM(nnx.Module):
     """Whether `decode_step` makes the final norm in the read-out GEMV's prologue
     (`DecodeConfig.use_gemv_norm`; the stream, the norm and the read-out in one dtype)."""
     from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
-    cfg = DecodeConfig() if decode_config is None else decode_config
+    cfg = DecodeConfig.or_default(decode_config)
     one_dtype = jnp.dtype(x_BxD.dtype) == jnp.dtype(self.final_norm.dtype) == w_head.dtype
     return one_dtype and cfg.use_gemv_norm(x_BxD.shape[0], x_BxD.shape[1])

@@ -259,6 +259,12 @@ class DecodeConfig:
                          "or 16.")
     parse_gemv_overrides(self.gemv_overrides)
 
+  @staticmethod
+  def or_default(decode_config: "DecodeConfig | None") -> "DecodeConfig":
+    """`decode_config`, or the defaults for None (what every decode function's
+    `decode_config=None` means)."""
+    return DecodeConfig() if decode_config is None else decode_config
+
   @property
   def gemv_launch(self) -> dict:
     """The GEMV kernels' tile, split, warp and stage keyword arguments (`decode_gemv`)."""
