@@ -267,98 +267,58 @@ def _backward_kernel(x_any, w_any, dy_any, *refs, block_t, block_c, tiles):
 _WHOLE = pl.BlockSpec(memory_space=pl.ANY)
 
 
+def _tile_call(kernel, name, x, w, seg, more, out_dtype, launch: _Launch):
+  """A kernel over the grid of [BT, BC] tiles (B, ⌈T/BT⌉, ⌈C/BC⌉), every operand whole: x, w,
+  the arrays `more` ([B, T, C] each), the segment ids if any; one [B, T, C] output."""
+  B, T, C = x.shape
+  BT, BC = launch.block_t, launch.block_c
+  operands = [x, w, *more] + ([] if seg is None else [seg])
+  return pl.pallas_call(
+      functools.partial(kernel, block_t=BT, block_c=BC),
+      grid=(B, pl.cdiv(T, BT), pl.cdiv(C, BC)),
+      in_specs=[_WHOLE] * len(operands),
+      out_specs=_WHOLE,
+      out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
+      interpret=launch.interpret,
+      compiler_params=plt.CompilerParams(num_warps=launch.num_warps, num_stages=1),
+      name=name,
+  )(*operands)
+
+
+def _walking_call(kernel, name, x, w, seg, grad, launch: _Launch):
+  """(dx, dw) from a kernel whose (B, G, ⌈C/BC⌉) programs walk `tiles` T tiles each
+  (`backward_groups`), reading x, w, `grad` ([B, T, C]: dy or dz) and the segment ids if any, and
+  writing dx and a partial dw [B·G, W, C] float32 per program, summed here."""
+  B, T, C = x.shape
+  W = w.shape[0]
+  BT, BC = launch.block_t, launch.block_c
+  G, tiles = backward_groups(B, T, C, BT, BC, launch.min_programs)
+  operands = [x, w, grad] + ([] if seg is None else [seg])
+  dx, dw_parts = pl.pallas_call(
+      functools.partial(kernel, block_t=BT, block_c=BC, tiles=tiles),
+      grid=(B, G, pl.cdiv(C, BC)),
+      in_specs=[_WHOLE] * len(operands),
+      out_specs=[_WHOLE, _WHOLE],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
+                 jax.ShapeDtypeStruct((B * G, W, C), _F32)],
+      interpret=launch.interpret,
+      compiler_params=plt.CompilerParams(num_warps=launch.num_warps, num_stages=1),
+      name=name,
+  )(*operands)
+  return dx, jnp.sum(dw_parts, axis=0).astype(w.dtype)
+
+
 def _forward(x, w, seg, launch: _Launch):
-  B, T, C = x.shape
-  BT, BC = launch.block_t, launch.block_c
-  operands = [x, w] + ([] if seg is None else [seg])
-  return pl.pallas_call(
-      functools.partial(_forward_kernel, block_t=BT, block_c=BC),
-      grid=(B, pl.cdiv(T, BT), pl.cdiv(C, BC)),
-      in_specs=[_WHOLE,                                  # x [B, T, C]
-                _WHOLE,                                  # w [W, C]
-                *([_WHOLE] if seg is not None else [])],  # segment ids [B, T]
-      out_specs=_WHOLE,                                  # y [B, T, C]
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      interpret=launch.interpret,
-      compiler_params=plt.CompilerParams(num_warps=launch.num_warps, num_stages=1),
-      name="short_conv_fwd",
-  )(*operands)
-
-
-def _backward_one_pass(x, w, seg, dy, launch: _Launch):
-  B, T, C = x.shape
-  W = w.shape[0]
-  BT, BC = launch.block_t, launch.block_c
-  G, tiles = backward_groups(B, T, C, BT, BC, launch.min_programs)
-  operands = [x, w, dy] + ([] if seg is None else [seg])
-  dx, dw_parts = pl.pallas_call(
-      functools.partial(_backward_kernel, block_t=BT, block_c=BC, tiles=tiles),
-      grid=(B, G, pl.cdiv(C, BC)),
-      in_specs=[_WHOLE,                                  # x [B, T, C]
-                _WHOLE,                                  # w [W, C]
-                _WHOLE,                                  # dy [B, T, C]
-                *([_WHOLE] if seg is not None else [])],  # segment ids [B, T]
-      out_specs=[_WHOLE,                                 # dx [B, T, C]
-                 _WHOLE],                                # partial dw [B·G, W, C] float32
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                 jax.ShapeDtypeStruct((B * G, W, C), _F32)],
-      interpret=launch.interpret,
-      compiler_params=plt.CompilerParams(num_warps=launch.num_warps, num_stages=1),
-      name="short_conv_bwd",
-  )(*operands)
-  return dx, jnp.sum(dw_parts, axis=0).astype(w.dtype)
-
-
-def _backward_dz(x, w, seg, dy, launch: _Launch):
-  """dz [B, T, C] float32 (two-pass backward, pass 1)."""
-  B, T, C = x.shape
-  BT, BC = launch.block_t, launch.block_c
-  operands = [x, w, dy] + ([] if seg is None else [seg])
-  return pl.pallas_call(
-      functools.partial(_backward_dz_kernel, block_t=BT, block_c=BC),
-      grid=(B, pl.cdiv(T, BT), pl.cdiv(C, BC)),
-      in_specs=[_WHOLE,                                  # x [B, T, C]
-                _WHOLE,                                  # w [W, C]
-                _WHOLE,                                  # dy [B, T, C]
-                *([_WHOLE] if seg is not None else [])],  # segment ids [B, T]
-      out_specs=_WHOLE,                                  # dz [B, T, C] float32
-      out_shape=jax.ShapeDtypeStruct(x.shape, _F32),
-      interpret=launch.interpret,
-      compiler_params=plt.CompilerParams(num_warps=launch.num_warps, num_stages=1),
-      name="short_conv_bwd_dz",
-  )(*operands)
-
-
-def _backward_dxdw(x, w, seg, dz, launch: _Launch):
-  """(dx, dw) from dz (two-pass backward, pass 2)."""
-  B, T, C = x.shape
-  W = w.shape[0]
-  BT, BC = launch.block_t, launch.block_c
-  G, tiles = backward_groups(B, T, C, BT, BC, launch.min_programs)
-  operands = [x, w, dz] + ([] if seg is None else [seg])
-  dx, dw_parts = pl.pallas_call(
-      functools.partial(_backward_dxdw_kernel, block_t=BT, block_c=BC, tiles=tiles),
-      grid=(B, G, pl.cdiv(C, BC)),
-      in_specs=[_WHOLE,                                  # x [B, T, C]
-                _WHOLE,                                  # w [W, C]
-                _WHOLE,                                  # dz [B, T, C] float32
-                *([_WHOLE] if seg is not None else [])],  # segment ids [B, T]
-      out_specs=[_WHOLE,                                 # dx [B, T, C]
-                 _WHOLE],                                # partial dw [B·G, W, C] float32
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                 jax.ShapeDtypeStruct((B * G, W, C), _F32)],
-      interpret=launch.interpret,
-      compiler_params=plt.CompilerParams(num_warps=launch.num_warps, num_stages=1),
-      name="short_conv_bwd_dxdw",
-  )(*operands)
-  return dx, jnp.sum(dw_parts, axis=0).astype(w.dtype)
+  """y [B, T, C] in x's dtype."""
+  return _tile_call(_forward_kernel, "short_conv_fwd", x, w, seg, [], x.dtype, launch)
 
 
 def _backward(x, w, seg, dy, launch: _Launch):
   """(dx, dw) by `launch.backward`'s kernels."""
   if launch.backward == "one_pass":
-    return _backward_one_pass(x, w, seg, dy, launch)
-  return _backward_dxdw(x, w, seg, _backward_dz(x, w, seg, dy, launch), launch)
+    return _walking_call(_backward_kernel, "short_conv_bwd", x, w, seg, dy, launch)
+  dz = _tile_call(_backward_dz_kernel, "short_conv_bwd_dz", x, w, seg, [dy], _F32, launch)
+  return _walking_call(_backward_dxdw_kernel, "short_conv_bwd_dxdw", x, w, seg, dz, launch)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
