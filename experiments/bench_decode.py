@@ -82,7 +82,7 @@ class Options:
   variants: tuple = ("pallas:float32", "pallas_fused:float32", "xla:bfloat16",
                      "pallas:bfloat16", "pallas_fused:bfloat16", "xla+nogemv@1:float32",
                      "pallas+nogemv@1:float32", "pallas_fused+nogemv:bfloat16",
-                     "pallas_fused+noswiglu:bfloat16", "pallas_fused+norm:bfloat16",
+                     "pallas_fused+noswiglu:bfloat16", "pallas_fused+nonorm:bfloat16",
                      "pallas_fused+noring:bfloat16")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.

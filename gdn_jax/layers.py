@@ -270,9 +270,8 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   decode_config = DecodeConfig.or_default(decode_config)
   if decode_config.use_gemv(B, contract_dim=x_BxD.shape[1]):
     from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
-    launch = (decode_config.gemv_launch if product is None
-              else decode_config.gemv_launch_for(product))
-    y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1, **launch)
+    y = decode_gemv.gemv_pallas(x_BxD, w, transposed=w_contract == 1,
+                                **decode_config.gemv_launch_for(product))
     return y.astype(jnp.result_type(x_BxD, w))
   x = x_BxD if B >= matmul_rows else jnp.pad(x_BxD, ((0, matmul_rows - B), (0, 0)))
   if w_contract == 0:
@@ -297,8 +296,7 @@ def decode_norm_dot(x_1xD, w, norm, addends_SxD=None, *, addend_multiplier: floa
   y, r = decode_gemv.gemv_norm_pallas(
       x_1xD, w, norm.weight[...], addends_SxD, eps=float(norm.eps),
       addend_multiplier=float(addend_multiplier), transposed=w_contract == 1,
-      sum_splits=sum_splits,
-      **(cfg.gemv_launch if product is None else cfg.gemv_launch_for(product)))
+      sum_splits=sum_splits, **cfg.gemv_launch_for(product))
   return (y.astype(jnp.result_type(norm.dtype, w)) if sum_splits else y), r
 
 
@@ -642,15 +640,13 @@ class GatedDeltaNet(nnx.Module):
           raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla', 'pallas' or "
                            "'pallas_fused'.")
     with jax.named_scope("out_proj"):
+      from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
       from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
       cfg = DecodeConfig.or_default(decode_config)
       launch_o = cfg.gemv_launch_for("out_proj")
-      norm_in_gemv = cfg.use_gemv_out_norm(B, H * V) and w['o'].dtype == dt
-      if norm_in_gemv or not sum_out:
-        from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
-        # The kernel's K tiles must each lie inside one head (else the unfused norm below).
-        norm_in_gemv = (norm_in_gemv
-                        and V % decode_gemv.block_k_for(H * V, launch_o["block_k"]) == 0)
+      # The kernel's K tiles must each lie inside one head (else the unfused norm below).
+      norm_in_gemv = (cfg.use_gemv_out_norm(B, H * V) and w['o'].dtype == dt
+                      and V % decode_gemv.block_k_for(H * V, launch_o["block_k"]) == 0)
       if norm_in_gemv:
         # The gated output norm in W_o's GEMV prologue (DecodeConfig.gemv_out_norm): it reads o
         # and the gate columns of y where they are and rounds where the norm below rounds.

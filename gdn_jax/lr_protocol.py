@@ -330,11 +330,13 @@ def analyze(rows: list[dict], base_width: int | None = None) -> dict:
       # As Plan._base_source: the variant's identity-free part, then (SP) μP's same variant.
       scheme, param, opt, variant = key
       plain, twin = at_base_width(variant), SAME_AT_BASE.get(param)
-      for source in ((param, plain), (twin, variant), (twin, plain)):
+      for src_param, src_variant in ((param, plain), (twin, variant), (twin, plain)):
+        if src_param is None or (src_param, src_variant) == (param, variant):
+          continue
         base_runs = [r for r in rows if r["width"] == base_width
-                     and group(r) == (scheme, *source[:1], opt, source[1])]
-        if source[0] is not None and source != (param, variant) and base_runs:
-          shared = source[1] if source[0] == param else row_name(*source)
+                     and group(r) == (scheme, src_param, opt, src_variant)]
+        if base_runs:
+          shared = src_variant if src_param == param else row_name(src_param, src_variant)
           sel += base_runs
           break
     grids, losses = seed_grids(sel)

@@ -95,21 +95,22 @@ _GEMV_OVERRIDES_FORM = ("expected 'PRODUCT=KEYN[,KEYN…][;PRODUCT=…]' (N an u
                         "at most once, e.g. 'out_proj=bn32,mp128;mlp_out=st3,w8'")
 
 
-def _gemv_setting_problem(kwarg: str, value: int) -> str | None:
-  """None where a GEMV launch setting (`DecodeConfig.gemv_launch`'s keyword `kwarg`) is one the
-  kernels take, else what it must be."""
-  if kwarg in ("block_n", "block_k"):
-    if value < 16 or value & (value - 1):
-      return "a power of two ≥ 16 (Triton blocks)"
-  elif kwarg == "min_programs":
-    if value < 1:
-      return "an int ≥ 1"
-  elif kwarg == "num_warps":
-    if value not in (1, 2, 4, 8, 16):
-      return "1, 2, 4, 8 or 16"
-  elif value < 1:   # num_stages
-    return "an int ≥ 1 (Triton's pipelining depth)"
-  return None
+# What each GEMV launch setting must be: (test of an int, the requirement in words).
+_GEMV_SETTING_RULES = {
+    "block_n": (lambda v: v >= 16 and not v & (v - 1), "a power of two ≥ 16 (Triton blocks)"),
+    "block_k": (lambda v: v >= 16 and not v & (v - 1), "a power of two ≥ 16 (Triton blocks)"),
+    "min_programs": (lambda v: v >= 1, "an int ≥ 1 (e.g. twice the GPU's SM count)"),
+    "num_warps": (lambda v: v in (1, 2, 4, 8, 16), "1, 2, 4, 8 or 16"),
+    "num_stages": (lambda v: v >= 1, "an int ≥ 1 (Triton's pipelining depth)"),
+}
+
+
+def _gemv_setting_problem(kwarg: str, value) -> str | None:
+  """None where a GEMV launch setting (`DecodeConfig.gemv_launch`'s keyword `kwarg`) is an int
+  the kernels take, else what it must be."""
+  ok, requirement = _GEMV_SETTING_RULES[kwarg]
+  return None if not isinstance(value, bool) and isinstance(value, int) and ok(value) else (
+      requirement)
 
 
 def parse_gemv_overrides(spec: str) -> dict[str, dict[str, int]]:
@@ -236,23 +237,14 @@ class DecodeConfig:
     if self.gemv is not None and not isinstance(self.gemv, bool):
       raise ValueError(f"DecodeConfig: `gemv`={self.gemv!r}; expected None (batch 1 on GPUs), "
                        "True or False.")
-    for name in ("gemv_block_n", "gemv_block_k"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(f"DecodeConfig: `{name}`={value!r}; expected a power of two ≥ 16 "
-                         "(Triton blocks).")
-    if (isinstance(self.gemv_min_programs, bool) or not isinstance(self.gemv_min_programs, int)
-        or self.gemv_min_programs < 1):
-      raise ValueError(f"DecodeConfig: `gemv_min_programs`={self.gemv_min_programs!r}; expected "
-                       "an int ≥ 1 (e.g. twice the GPU's SM count).")
+    for kwarg in ("block_n", "block_k", "min_programs", "num_stages"):   # warps: below
+      value = getattr(self, "gemv_" + kwarg)
+      if (problem := _gemv_setting_problem(kwarg, value)) is not None:
+        raise ValueError(f"DecodeConfig: `gemv_{kwarg}`={value!r}; expected {problem}.")
     if self.block_v is not None and (isinstance(self.block_v, bool) or not isinstance(
         self.block_v, int) or self.block_v < 1 or self.block_v & (self.block_v - 1)):
       raise ValueError(f"DecodeConfig: `block_v`={self.block_v!r}; expected None or a power of "
                        "two (Triton blocks).")
-    if (isinstance(self.gemv_num_stages, bool) or not isinstance(self.gemv_num_stages, int)
-        or self.gemv_num_stages < 1):
-      raise ValueError(f"DecodeConfig: `gemv_num_stages`={self.gemv_num_stages!r}; expected an "
-                       "int ≥ 1 (Triton's pipelining depth).")
     for name in ("num_warps", "gemv_num_warps"):
       if getattr(self, name) not in (1, 2, 4, 8, 16):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected 1, 2, 4, 8 "
@@ -272,10 +264,12 @@ class DecodeConfig:
                 min_programs=self.gemv_min_programs, num_warps=self.gemv_num_warps,
                 num_stages=self.gemv_num_stages)
 
-  def gemv_launch_for(self, product: str) -> dict:
+  def gemv_launch_for(self, product: str | None) -> dict:
     """The GEMV keyword arguments of one product of the step (`GEMV_PRODUCTS`): `gemv_launch`
-    with that product's `gemv_overrides` in place of the global values. ValueError naming the
-    products on any other name."""
+    with that product's `gemv_overrides` in place of the global values (None: `gemv_launch`).
+    ValueError naming the products on any other name."""
+    if product is None:
+      return self.gemv_launch
     if product not in GEMV_PRODUCTS:
       raise ValueError(f"DecodeConfig.gemv_launch_for: product {product!r}; expected one of "
                        f"{', '.join(GEMV_PRODUCTS)}.")

@@ -78,9 +78,13 @@ def choose_splits(K: int, N: int, block_n: int, block_k: int, min_programs: int)
   return tiles
 
 
-def _tiling(where, K, N, block_n, block_k, splits, min_programs, interpret):
+def _tiling(where, K, N, block_n, block_k, splits, min_programs, num_stages, interpret):
   """(K tile, K splits, K per split) of a product with K rows of W and N columns; ValueError
-  naming the setting that does not fit."""
+  naming the setting that does not fit (`num_stages` too: a static argument, so a float or bool
+  would hash into the jit cache and reach Triton)."""
+  if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+    raise ValueError(f"{where}: `num_stages`={num_stages!r}; expected an int ≥ 1 (Triton's "
+                     "software-pipelining depth of the K-tile loop).")
   for name, value in (("block_n", block_n), ("block_k", block_k)):
     if value < 1 or value & (value - 1):
       raise ValueError(f"{where}: `{name}`={value}; expected a power of two (Triton blocks).")
@@ -94,14 +98,6 @@ def _tiling(where, K, N, block_n, block_k, splits, min_programs, interpret):
     raise ValueError(f"{where}: `splits`={S} does not divide the {tiles} K tiles of {bk}; "
                      "expected a divisor (or None).")
   return bk, S, K // S
-
-
-def _check_num_stages(where, num_stages):
-  """ValueError naming `num_stages` unless it is an int ≥ 1 (a static argument: a float or bool
-  would hash into the jit cache and reach Triton)."""
-  if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
-    raise ValueError(f"{where}: `num_stages`={num_stages!r}; expected an int ≥ 1 (Triton's "
-                     "software-pipelining depth of the K-tile loop).")
 
 
 def _tile_at(start, size: int, multiple: int | None = None):
@@ -315,8 +311,8 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
   if not 1 <= B <= MAX_ROWS:
     raise ValueError(f"gemv_pallas: batch {B}; expected 1 … {MAX_ROWS} (larger batches are "
                      "GEMMs: layers.decode_dot without the GEMV).")
-  _check_num_stages("gemv_pallas", num_stages)
-  bk, S, Ks = _tiling("gemv_pallas", K, N, block_n, block_k, splits, min_programs, interpret)
+  bk, S, Ks = _tiling("gemv_pallas", K, N, block_n, block_k, splits, min_programs, num_stages,
+                       interpret)
   R = 1 if B == 1 else DOT_ROWS
   x = x_BxK if R == B else jnp.pad(x_BxK, ((0, R - B), (0, 0)))
   y = pl.pallas_call(
@@ -353,9 +349,8 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
     raise ValueError(f"gemv_swiglu_pallas: gate_up {gate_up_SxBx2F.shape} and W {w_FxN.shape}; "
                      "expected gate_up [S_in, 1, 2·F] with S_in a power of two (its split "
                      "partials; batch 1) and W [F, N].")
-  _check_num_stages("gemv_swiglu_pallas", num_stages)
   bk, S, Ks = _tiling("gemv_swiglu_pallas", F, N, block_n, block_k, splits, min_programs,
-                      interpret)
+                      num_stages, interpret)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
                         transposed=False, swiglu_dtype=w_FxN.dtype),
@@ -402,9 +397,8 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
                                   or addends_SxD.shape[0] < 1):
     raise ValueError(f"gemv_norm_pallas: `addends_SxD` {addends_SxD.shape}; expected [S_a, 1, "
                      f"{D}] with S_a ≥ 1 (a GEMV's split partials), or None.")
-  _check_num_stages("gemv_norm_pallas", num_stages)
   bk, S, Ks = _tiling("gemv_norm_pallas", D, N, block_n, block_k, splits, min_programs,
-                      interpret)
+                      num_stages, interpret)
   whole = lambda j, s: (0, 0)
   in_specs = [pl.BlockSpec((1, D), whole)]                                 # x, whole
   operands = [x_1xD]
@@ -480,8 +474,8 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
     raise ValueError(f"{where}: `gate_1xHV` {gate_1xHV.shape} with `gate_column`={gate_column}; "
                      f"expected [1, ≥ {gate_column + HV}] (the gate's {HV} columns from "
                      "gate_column), or None (no gate).")
-  _check_num_stages(where, num_stages)
-  bk, S, Ks = _tiling(where, HV, N, block_n, block_k, splits, min_programs, interpret)
+  bk, S, Ks = _tiling(where, HV, N, block_n, block_k, splits, min_programs, num_stages,
+                      interpret)
   if head_dim % bk:
     raise ValueError(f"{where}: `block_k`={block_k} gives K tiles of {bk} rows, which do not "
                      f"divide `head_dim` V={head_dim} (a K tile must lie inside one head); "
