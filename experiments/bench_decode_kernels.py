@@ -169,7 +169,8 @@ class Shapes:
 
 
 def default_gemv_knobs() -> dict:
-  return dict(DecodeConfig().gemv_launch)
+  """The default GEMV launch's swept knobs (GEMV_KNOBS; early_load stays the kernels' default)."""
+  return {name: DecodeConfig().gemv_launch[name] for name in GEMV_KNOBS}
 
 
 def default_rule_knobs() -> dict:

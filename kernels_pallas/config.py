@@ -214,6 +214,11 @@ class DecodeConfig:
   conv_ring: `generate` with impl "pallas_fused" keeps the conv states as rings in the decode loop
     (`decode_fused.gdn_decode_fused_ring_pallas`: no window concatenated and no state sliced per
     layer and token); False: the window kernel.
+  early_loads: each batch-1 GEMV program loads its first W tile, and each fused rule program
+    (impl "pallas_fused") its state tile, before its prologue (the norms' and the conv's loads
+    and reductions), so that the big load's memory latency overlaps the prologue instead of
+    following it (the same results); False (the default, opt-in until timed on a GPU): the
+    prologue first.
   """
   block_v: int | None = None
   num_warps: int = 4
@@ -228,9 +233,10 @@ class DecodeConfig:
   gemv_out_norm: bool = False
   conv_ring: bool = True
   gemv_overrides: str = ""
+  early_loads: bool = False
 
   def __post_init__(self):
-    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "conv_ring"):
+    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "conv_ring", "early_loads"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected True or "
                          "False.")
@@ -259,10 +265,11 @@ class DecodeConfig:
 
   @property
   def gemv_launch(self) -> dict:
-    """The GEMV kernels' tile, split, warp and stage keyword arguments (`decode_gemv`)."""
+    """The GEMV kernels' tile, split, warp, stage and early-load keyword arguments
+    (`decode_gemv`)."""
     return dict(block_n=self.gemv_block_n, block_k=self.gemv_block_k,
                 min_programs=self.gemv_min_programs, num_warps=self.gemv_num_warps,
-                num_stages=self.gemv_num_stages)
+                num_stages=self.gemv_num_stages, early_load=self.early_loads)
 
   def gemv_launch_for(self, product: str | None) -> dict:
     """The GEMV keyword arguments of one product of the step (`GEMV_PRODUCTS`): `gemv_launch`
