@@ -83,7 +83,7 @@ class Options:
                      "pallas:bfloat16", "pallas_fused:bfloat16", "xla+nogemv@1:float32",
                      "pallas+nogemv@1:float32", "pallas_fused+nogemv:bfloat16",
                      "pallas_fused+noswiglu:bfloat16", "pallas_fused+nonorm:bfloat16",
-                     "pallas_fused+noring:bfloat16")
+                     "pallas_fused+noonorm:bfloat16", "pallas_fused+noring:bfloat16")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
@@ -509,9 +509,8 @@ def split_launch(impl: str):
   an XLA SiLU product between the MLP's two GEMVs, "+norm" the RMSNorms and the mixer's residual
   add made in the batch-1 GEMVs' prologues (the default; "+nonorm": XLA's kernels between them;
   DecodeConfig.gemv_norm), "+onorm" the GDN mixer's gated output norm made in W_o's batch-1 GEMV
-  prologue ("+noonorm": XLA's norm kernel before it, the default; DecodeConfig.gemv_out_norm),
-  "+early" the GEMVs' first W tile and the fused rule kernel's state tile loaded before their
-  prologues ("+noearly": after them, the default; DecodeConfig.early_loads), "+noring" the fused kernel on a window built per step instead of conv rings (no "+": None,
+  prologue (the default; "+noonorm": XLA's norm kernel before it; DecodeConfig.gemv_out_norm),
+  "+noring" the fused kernel on a window built per step instead of conv rings (no "+": None,
   the defaults: the GEMV at batch 1 on GPUs with the chained MLP, rings).
   "+PRODUCT.KEYN[.KEYN…]" sets one GEMV product's launch apart (DecodeConfig.gemv_overrides;
   PRODUCT in_proj, out_proj, mlp_in, mlp_out or head; KEY bn, bk, mp, w or st: block_n, block_k,
@@ -549,9 +548,6 @@ def split_launch(impl: str):
     if part in ("onorm", "noonorm") and "gemv_out_norm" not in kw:
       kw["gemv_out_norm"] = part == "onorm"
       continue
-    if part in ("early", "noearly") and "early_loads" not in kw:
-      kw["early_loads"] = part == "early"
-      continue
     key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
            "gw": "gemv_num_warps", "gmp": "gemv_min_programs",
            "gst": "gemv_num_stages"}.get(part.rstrip("0123456789"))
@@ -559,7 +555,7 @@ def split_launch(impl: str):
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
                        "(V block), +wN (warps), +gemv or +nogemv, +noswiglu, +norm or +nonorm, "
-                       "+onorm or +noonorm, +early or +noearly, +noring, "
+                       "+onorm or +noonorm, +noring, "
                        "+gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), +gmpN (GEMV programs), "
                        "+gstN (GEMV stages), +PRODUCT.KEYN[.KEYN…] (one GEMV product's "
                        "settings, e.g. +out_proj.bn32.mp128), "
@@ -584,7 +580,7 @@ def parse_variant(spec: str) -> tuple[str, str]:
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "
                      "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+norm|+nonorm][+onorm|+noonorm]"
-                     "[+early|+noearly][+noring]"
+                     "[+noring]"
                      "[+gbnN][+gbkN][+gwN][+gmpN][+gstN][+PRODUCT.KEYN[.KEYN…]…][@ROWS]:"
                      "STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "

@@ -169,8 +169,7 @@ class Shapes:
 
 
 def default_gemv_knobs() -> dict:
-  """The default GEMV launch's swept knobs (GEMV_KNOBS; early_load stays the kernels' default)."""
-  return {name: DecodeConfig().gemv_launch[name] for name in GEMV_KNOBS}
+  return dict(DecodeConfig().gemv_launch)
 
 
 def default_rule_knobs() -> dict:

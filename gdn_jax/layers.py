@@ -570,8 +570,6 @@ class GatedDeltaNet(nnx.Module):
     """
     launch = {} if decode_config is None else dict(block_v=decode_config.block_v,
                                                    num_warps=decode_config.num_warps)
-    fused_launch = launch if decode_config is None else dict(
-        launch, early_load=decode_config.early_loads)   # the fused kernels' (early_loads)
     w = self.decode_weights() if weights is None else weights
     B, dt = x_BxD.shape[0], self.dtype
     Hk, H, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
@@ -603,7 +601,7 @@ class GatedDeltaNet(nnx.Module):
             cache['ring_pos'], rings, y, w['conv'], self.A_log[...], self.dt_bias[...],
             cache['S'], num_heads=Hk, head_k_dim=K, scale=self.qk_scale,
             qk_norm_eps=self.qk_norm_eps, gate_columns=(N - 2 * H, N - H),
-            beta_scale=self.beta_scale, **fused_launch)
+            beta_scale=self.beta_scale, **launch)
         new_cache.update(zip(('ring_q', 'ring_k', 'ring_v'), rings))
     elif impl == "pallas_fused" and self.use_short_conv:
       # The conv, SiLU, L2 norms and the rule in one kernel; the window is the conv state with
@@ -616,7 +614,7 @@ class GatedDeltaNet(nnx.Module):
         new_cache['conv'] = window[:, 1:]
         o, new_cache['S'] = gdn_decode_fused_pallas(
             window, w['conv'], g, beta, cache['S'], num_heads=Hk, head_k_dim=K,
-            scale=self.qk_scale, qk_norm_eps=self.qk_norm_eps, **fused_launch)
+            scale=self.qk_scale, qk_norm_eps=self.qk_norm_eps, **launch)
     else:
       beta, g = gates()
       with jax.named_scope("conv_gates"):

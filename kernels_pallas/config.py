@@ -184,8 +184,8 @@ class DecodeConfig:
     output norm (RMSNorm_V of the rule's output per head, the gain, SiLU(gate)) is made in W_o's
     GEMV prologue (`decode_gemv.gemv_gated_norm_pallas`: no XLA kernel between the rule's kernel
     and W_o's GEMV; `use_gemv_out_norm`), where the head dim V is a multiple of out_proj's K tile
-    (else the unfused norm); False (the default, opt-in until timed on a GPU): XLA's norm kernel
-    before the GEMV.
+    (else the unfused norm; 0.03 ms per token faster on an H100, experiments/NOTES_decode.md);
+    False: XLA's norm kernel before the GEMV.
   gemv_num_stages: Triton's software-pipelining depth of the GEMVs' K-tile loop.
   gemv_overrides: per-product GEMV launch settings, each in place of its global field
     (gemv_block_n, gemv_block_k, gemv_min_programs, gemv_num_warps, gemv_num_stages) for one
@@ -209,16 +209,11 @@ class DecodeConfig:
     (min_programs ≥ 1), w (num_warps: 1, 2, 4, 8, 16), st (num_stages ≥ 1); a product or a key at
     most once. E.g. "out_proj=bn32,mp128;mlp_out=st3,w8": W_o in 32-column tiles split until
     ≥ 128 programs, the down product with 3 stages and 8 warps, everything else as gemv_*.
-  The GEMV defaults (128-column tiles, ≥ 528 programs, the norms in the prologues) are the fastest
-  of the settings timed in the whole decode step (experiments/NOTES_decode.md).
+  The GEMV defaults (128-column tiles, ≥ 528 programs, all three norms in the prologues) are the
+  fastest of the settings timed in the whole decode step (experiments/NOTES_decode.md).
   conv_ring: `generate` with impl "pallas_fused" keeps the conv states as rings in the decode loop
     (`decode_fused.gdn_decode_fused_ring_pallas`: no window concatenated and no state sliced per
     layer and token); False: the window kernel.
-  early_loads: each batch-1 GEMV program loads its first W tile, and each fused rule program
-    (impl "pallas_fused") its state tile, before its prologue (the norms' and the conv's loads
-    and reductions), so that the big load's memory latency overlaps the prologue instead of
-    following it (the same results); False (the default, opt-in until timed on a GPU): the
-    prologue first.
   """
   block_v: int | None = None
   num_warps: int = 4
@@ -230,13 +225,12 @@ class DecodeConfig:
   gemv_num_stages: int = 2
   gemv_swiglu: bool = True
   gemv_norm: bool = True
-  gemv_out_norm: bool = False
+  gemv_out_norm: bool = True
   conv_ring: bool = True
   gemv_overrides: str = ""
-  early_loads: bool = False
 
   def __post_init__(self):
-    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "conv_ring", "early_loads"):
+    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "conv_ring"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected True or "
                          "False.")
@@ -265,11 +259,10 @@ class DecodeConfig:
 
   @property
   def gemv_launch(self) -> dict:
-    """The GEMV kernels' tile, split, warp, stage and early-load keyword arguments
-    (`decode_gemv`)."""
+    """The GEMV kernels' tile, split, warp and stage keyword arguments (`decode_gemv`)."""
     return dict(block_n=self.gemv_block_n, block_k=self.gemv_block_k,
                 min_programs=self.gemv_min_programs, num_warps=self.gemv_num_warps,
-                num_stages=self.gemv_num_stages, early_load=self.early_loads)
+                num_stages=self.gemv_num_stages)
 
   def gemv_launch_for(self, product: str | None) -> dict:
     """The GEMV keyword arguments of one product of the step (`GEMV_PRODUCTS`): `gemv_launch`

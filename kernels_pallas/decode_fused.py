@@ -16,10 +16,6 @@ q and k are recomputed by each program of their head (K·W multiply-adds: less t
 The window is the conv state with the new input appended, [B, W, C], C = q | k | v channels
 (2·Hk·K + H·V), built by the caller, whose slice window[:, 1:] is the new conv state; W must be a
 power of two (Triton blocks). e^g and β come in broadcast over V, as in `decode_step`.
-
-`early_load=True` loads the state tile S first, before the window: its memory latency then
-overlaps the conv and the L2 norms, whose reductions' barriers keep the compiler from hoisting a
-load above them (the same result).
 """
 from __future__ import annotations
 
@@ -53,14 +49,12 @@ def _l2(x, eps):
 
 
 def _kernel(qw_ref, kw_ref, vw_ref, qf_ref, kf_ref, vf_ref, e_ref, beta_ref, s_ref, o_ref,
-            s_out_ref, *, scale, eps, dtype, early_load):
+            s_out_ref, *, scale, eps, dtype):
   f32 = jnp.float32
-  S = s_ref[...] if early_load else None        # the state tile first (module docstring)
   q = _l2(_conv_silu(qw_ref, qf_ref, dtype), eps).astype(dtype).astype(f32)       # [K]
   k = _l2(_conv_silu(kw_ref, kf_ref, dtype), eps).astype(dtype).astype(f32)       # [K]
   v = _conv_silu(vw_ref, vf_ref, dtype).astype(f32)                               # [BV]
-  S = s_ref[...] if S is None else S
-  S_new, o = rule_update(S.astype(f32), q, k, v, e_ref[...], beta_ref[...], scale)
+  S_new, o = rule_update(s_ref[...].astype(f32), q, k, v, e_ref[...], beta_ref[...], scale)
   s_out_ref[...] = S_new.astype(s_out_ref.dtype)
   o_ref[...] = o.astype(o_ref.dtype)
 
@@ -96,11 +90,11 @@ def _shared_launch(where, conv_w_WxC, *, W, Hk, K, H, V, block_v, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "head_k_dim", "scale", "qk_norm_eps",
-                                             "block_v", "num_warps", "early_load", "interpret"))
+                                             "block_v", "num_warps", "interpret"))
 def gdn_decode_fused_pallas(window_BxWxC, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV, *,
                             num_heads: int, head_k_dim: int, scale: float, qk_norm_eps: float,
                             block_v: int | None = None, num_warps: int = 4,
-                            early_load: bool = False, interpret: bool | None = None):
+                            interpret: bool | None = None):
   """(o [B, H, V] float32, S' in S's dtype) of one token, from the conv window.
 
   window: [B, W, C] in the compute dtype (the conv state with this token's projected q | k | v
@@ -128,7 +122,7 @@ def gdn_decode_fused_pallas(window_BxWxC, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV
   v_win = pl.BlockSpec((None, W, BV), lambda b, h, j: (b, 0, v0 + h * per_head + j))
   return pl.pallas_call(
       functools.partial(_kernel, scale=float(scale), eps=float(qk_norm_eps),
-                        dtype=window_BxWxC.dtype, early_load=early_load),
+                        dtype=window_BxWxC.dtype),
       grid=(B, H, V // BV),
       in_specs=[q_win, k_win, v_win, *filters, row_spec, row_spec, s_spec],
       out_specs=[row_spec, s_spec],
@@ -190,9 +184,8 @@ def _gates(x_any, a_log_any, dt_bias_any, *, a_col, b_col, beta_scale):
 
 def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref, kf_ref, vf_ref,
                  x_any, a_log_any, dt_bias_any, s_ref, o_ref, s_out_ref, rq_out_ref, rk_out_ref,
-                 rv_out_ref, *, scale, eps, dtype, a_col, b_col, beta_scale, early_load):
+                 rv_out_ref, *, scale, eps, dtype, a_col, b_col, beta_scale):
   f32 = jnp.float32
-  S = s_ref[...] if early_load else None        # the state tile first (module docstring)
   e, beta = _gates(x_any, a_log_any, dt_bias_any, a_col=a_col, b_col=b_col,
                    beta_scale=beta_scale)
   pos = pos_ref[...]                                                              # [W], all equal
@@ -201,8 +194,7 @@ def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref
   v, rv = _ring_conv_silu(rv_ref, xv_ref, vf_ref, pos, dtype)
   q = _l2(q, eps).astype(dtype).astype(f32)
   k = _l2(k, eps).astype(dtype).astype(f32)
-  S = s_ref[...] if S is None else S
-  S_new, o = rule_update(S.astype(f32), q, k, v.astype(f32), e, beta, scale)
+  S_new, o = rule_update(s_ref[...].astype(f32), q, k, v.astype(f32), e, beta, scale)
   s_out_ref[...] = S_new.astype(s_out_ref.dtype)
   o_ref[...] = o.astype(o_ref.dtype)
   rq_out_ref[...] = rq
@@ -212,13 +204,12 @@ def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "head_k_dim", "scale", "qk_norm_eps",
                                              "gate_columns", "beta_scale", "block_v",
-                                             "num_warps", "early_load", "interpret"))
+                                             "num_warps", "interpret"))
 def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, a_log_H, dt_bias_H, S_BxHxKxV,
                                  *, num_heads: int, head_k_dim: int, scale: float,
                                  qk_norm_eps: float, gate_columns: tuple[int, int],
                                  beta_scale: float = 1.0, block_v: int | None = None,
-                                 num_warps: int = 4, early_load: bool = False,
-                                 interpret: bool | None = None):
+                                 num_warps: int = 4, interpret: bool | None = None):
   """(o [B, H, V] float32, S', (ring_q', ring_k', ring_v')) of one token, from the conv rings.
 
   pos_W: int32 [W], every entry the ring row that this token's input replaces; rings: (ring_q,
@@ -263,8 +254,7 @@ def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, a_log_H, dt_bi
   o, S, rq, rk, rv = pl.pallas_call(
       functools.partial(_ring_kernel, scale=float(scale), eps=float(qk_norm_eps),
                         dtype=ring_q.dtype, a_col=int(gate_columns[0]),
-                        b_col=int(gate_columns[1]), beta_scale=float(beta_scale),
-                        early_load=early_load),
+                        b_col=int(gate_columns[1]), beta_scale=float(beta_scale)),
       grid=(B, H, V // BV),
       in_specs=[pos_spec, qk_ring, qk_ring, v_ring, x_q, x_k, x_v, *filters, whole, whole,
                 whole, s_spec],

@@ -201,22 +201,35 @@ def _gated_norm_prologue(o_ref, gate_ref, gain_ref, *, block_k, eps, gate_column
 
 
 def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, norm=None,
-            gated_norm=None, early_load=False):
+            gated_norm=None):
   """x_ref: [R, Ks] (R = 1 or 16 padded rows), or (`swiglu_dtype`) gate and up partials
   [S_in, 1, Ks] each, or (`norm`: dict of eps and the addends' multiplier) x [1, D], the
   addends [S_a, 1, D] (if any) and the gain [1, D], or (`gated_norm`: dict of eps and the gate's
   first column) o [1, H·V], the gate [1, ≥ H·V] (if any) and the gain [1, V]; w_ref: [BN, Ks]
   (`transposed`) or [Ks, BN]; y_ref: [R, BN]; with `norm` also r_ref [1, D]. The two norm
-  prologues read their whole input and make the tiles of this program's split (`h_tile`).
-  `early_load` (batch 1): the first W tile is loaded before anything else, so that its memory
-  latency overlaps the prologue (whose reductions' barriers keep the compiler from hoisting the
-  load above them); the first tile's product is then taken out of the K loop (same sums)."""
+  prologues read their whole input and make the tiles of this program's split (`h_tile`)."""
   f32 = jnp.float32
+  h_tile = None
   split_start = pl.program_id(1) * (tiles * block_k)   # this split's first row of W
-  if norm is not None:
-    *ins, w_ref, y_ref, r_ref = refs
+  if swiglu_dtype is not None:
+    gate_ref, up_ref, w_ref, y_ref = refs
+    rows = 1
+  elif norm is not None:
+    x_ref, *add_refs, gain_ref, w_ref, y_ref, r_ref = refs
+    rows = 1
+    h_tile = _norm_prologue(x_ref, add_refs[0] if add_refs else None, gain_ref, r_ref,
+                            block_k=block_k, eps=norm["eps"], multiplier=norm["multiplier"],
+                            dtype=w_ref.dtype)
+  elif gated_norm is not None:
+    o_ref, *gate_refs, gain_ref, w_ref, y_ref = refs
+    rows = 1
+    h_tile = _gated_norm_prologue(o_ref, gate_refs[0] if gate_refs else None, gain_ref,
+                                  block_k=block_k, eps=gated_norm["eps"],
+                                  gate_column=gated_norm["gate_column"], split_start=split_start,
+                                  split_rows=tiles * block_k, dtype=w_ref.dtype)
   else:
-    *ins, w_ref, y_ref = refs
+    x_ref, w_ref, y_ref = refs
+    rows = x_ref.shape[0]
   cols = pl.program_id(0) * block_n + jnp.arange(block_n)
   valid = cols < n
 
@@ -225,51 +238,22 @@ def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, no
       return plt.load(w_ref.at[:, ks], mask=valid[:, None], other=0)      # [BN, BK]
     return plt.load(w_ref.at[ks, :], mask=valid[None, :], other=0)        # [BK, BN]
 
-  def k_slice(i):   # (a Python int needs no hint, and Triton's lowering cannot attach one)
-    start = i * block_k
-    return pl.ds(start if isinstance(i, int) else pl.multiple_of(start, block_k), block_k)
-
-  rows = 1 if swiglu_dtype is not None or norm is not None or gated_norm is not None else (
-      ins[0].shape[0])
-  first_w = w_tile(k_slice(0)) if early_load and rows == 1 else None   # before the prologue
-  h_tile = None
-  if swiglu_dtype is not None:
-    gate_ref, up_ref = ins
-  elif norm is not None:
-    x_ref, *add_refs, gain_ref = ins
-    h_tile = _norm_prologue(x_ref, add_refs[0] if add_refs else None, gain_ref, r_ref,
-                            block_k=block_k, eps=norm["eps"], multiplier=norm["multiplier"],
-                            dtype=w_ref.dtype)
-  elif gated_norm is not None:
-    o_ref, *gate_refs, gain_ref = ins
-    h_tile = _gated_norm_prologue(o_ref, gate_refs[0] if gate_refs else None, gain_ref,
-                                  block_k=block_k, eps=gated_norm["eps"],
-                                  gate_column=gated_norm["gate_column"], split_start=split_start,
-                                  split_rows=tiles * block_k, dtype=w_ref.dtype)
-  else:
-    x_ref, = ins
+  def k_slice(i):
+    return pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
 
   if rows == 1:
-    def x_tile(i):   # [1, BK] float32: this program's input on K tile i of its split
+    def body(i, acc):
       ks = k_slice(i)
       if swiglu_dtype is not None:
-        return _swiglu_tile(gate_ref, up_ref, ks, swiglu_dtype)
-      if h_tile is not None:
-        return h_tile(split_start + i * block_k)
-      return x_ref[:, ks].astype(f32)
-
-    def product(x, w):   # [BK, BN] (or [BN, BK]) float32 terms x[k] W[k, n]
-      w = w.astype(f32)
-      return w * x if transposed else w * x.reshape(block_k, 1)
-
-    def body(i, acc):
-      x = x_tile(i)                                   # the input first, then the W tile
-      return acc + product(x, w_tile(k_slice(i)))
+        x = _swiglu_tile(gate_ref, up_ref, ks, swiglu_dtype)              # [1, BK]
+      elif h_tile is not None:
+        x = h_tile(split_start + i * block_k)
+      else:
+        x = x_ref[:, ks].astype(f32)
+      w = w_tile(ks).astype(f32)
+      return acc + (w * x if transposed else w * x.reshape(block_k, 1))
     shape = (block_n, block_k) if transposed else (block_k, block_n)
-    if first_w is None:
-      acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros(shape, f32))
-    else:
-      acc = jax.lax.fori_loop(1, tiles, body, product(x_tile(0), first_w))
+    acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros(shape, f32))
     y = jnp.sum(acc, axis=1 if transposed else 0)[None, :]                 # [1, BN]
   else:
     # float32 weights: IEEE products, as the B = 1 loop (Triton's default would be TF32).
@@ -304,11 +288,10 @@ def _sum_splits(y_SxRxN):
 
 @functools.partial(jax.jit, static_argnames=("transposed", "block_n", "block_k", "splits",
                                              "min_programs", "num_warps", "num_stages",
-                                             "sum_splits", "early_load", "interpret"))
+                                             "sum_splits", "interpret"))
 def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_k: int = 128,
                 splits: int | None = None, min_programs: int = 256, num_warps: int = 4,
-                num_stages: int = 2, sum_splits: bool = True, early_load: bool = False,
-                interpret: bool | None = None):
+                num_stages: int = 2, sum_splits: bool = True, interpret: bool | None = None):
   """x @ W (W [K, N]) or x @ Wᵀ (`transposed`, W [N, K]) in float32, for B ≤ `MAX_ROWS` rows.
 
   `block_n` columns and `block_k` rows of W per tile (powers of two; block_k is lowered to the
@@ -316,9 +299,7 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
   programs, `choose_splits`). `num_warps` warps per program; `num_stages`: Triton's
   software-pipelining depth of the K-tile loop (1: each tile loaded when it is summed; 2: the next
   one loads meanwhile; an int ≥ 1). `sum_splits=False` returns the splits' partial products
-  [S, B, N] unsummed (`gemv_swiglu_pallas` sums them as it reads them). `early_load` (batch 1):
-  each program loads its first W tile before its input, so that the tile's memory latency
-  overlaps the input's loads and the prologues' reductions (the same sums).
+  [S, B, N] unsummed (`gemv_swiglu_pallas` sums them as it reads them).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -336,7 +317,7 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
   x = x_BxK if R == B else jnp.pad(x_BxK, ((0, R - B), (0, 0)))
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
-                        transposed=transposed, early_load=early_load),
+                        transposed=transposed),
       grid=(pl.cdiv(N, block_n), S),
       in_specs=[pl.BlockSpec((R, Ks), lambda j, s: (0, s)), _w_spec(transposed, block_n, Ks)],
       out_specs=_partials_spec(R, block_n),
@@ -349,17 +330,16 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "min_programs",
-                                             "num_warps", "num_stages", "early_load", "interpret"))
+                                             "num_warps", "num_stages", "interpret"))
 def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int = 128,
                        splits: int | None = None, min_programs: int = 256, num_warps: int = 4,
-                       num_stages: int = 2, early_load: bool = False,
-                       interpret: bool | None = None):
+                       num_stages: int = 2, interpret: bool | None = None):
   """(SiLU(g) ⊙ u) @ W_down in float32 at batch 1, where [g | u] = Σ_s gate_up[s] (the MLP's
   gate and up products, e.g. `gemv_pallas(..., sum_splits=False)`'s partials [S_in, 1, 2F]):
   the split sum, SiLU and product are made as the tiles are read, so no kernel runs between the
   two products. g, u and the SiLU product are rounded to W's dtype, as the unfused step's are.
-  S_in must be a power of two (Triton blocks); W: [F, N]. The tiles, splits, warps, stages and
-  `early_load` as `gemv_pallas`.
+  S_in must be a power of two (Triton blocks); W: [F, N]. The tiles, splits, warps and stages
+  as `gemv_pallas`.
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -373,7 +353,7 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
                       num_stages, interpret)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
-                        transposed=False, swiglu_dtype=w_FxN.dtype, early_load=early_load),
+                        transposed=False, swiglu_dtype=w_FxN.dtype),
       grid=(pl.cdiv(N, block_n), S),
       in_specs=[pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, s)),
                 pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, S + s)),
@@ -389,19 +369,18 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
 
 @functools.partial(jax.jit, static_argnames=("eps", "addend_multiplier", "transposed", "block_n",
                                              "block_k", "splits", "min_programs", "num_warps",
-                                             "num_stages", "sum_splits", "early_load", "interpret"))
+                                             "num_stages", "sum_splits", "interpret"))
 def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
                      addend_multiplier: float = 1.0, transposed: bool = False, block_n: int = 64,
                      block_k: int = 128, splits: int | None = None, min_programs: int = 256,
                      num_warps: int = 4, num_stages: int = 2, sum_splits: bool = True,
-                     early_load: bool = False, interpret: bool | None = None):
+                     interpret: bool | None = None):
   """(h @ W in float32, r) at batch 1, where r = x + rnd(m · Σ_i addends[i]) is the new residual
   stream (x's dtype) and h = RMSNorm(r) · gain (W's dtype): the residual add and the norm of a
   pre-norm block made in the GEMV's prologue (module docstring). `addends_SxD` [S_a, 1, D]: e.g.
   `gemv_pallas(..., sum_splits=False)`'s partials (None: r = x); `addend_multiplier` m: their
   Linear's forward multiplier. W [D, N] (or [N, D], `transposed`); tiles, splits, warps,
-  stages, `sum_splits` and `early_load` as `gemv_pallas`. Returns (y [1, N] or its partials
-  [S, 1, N], r [1, D]).
+  stages and `sum_splits` as `gemv_pallas`. Returns (y [1, N] or its partials [S, 1, N], r [1, D]).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -432,7 +411,7 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
   norm = dict(eps=float(eps), multiplier=float(addend_multiplier))
   y, r = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
-                        transposed=transposed, norm=norm, early_load=early_load),
+                        transposed=transposed, norm=norm),
       grid=(pl.cdiv(N, block_n), S),
       in_specs=in_specs,
       out_specs=[_partials_spec(1, block_n),                                # y's partials
@@ -448,12 +427,12 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
 
 @functools.partial(jax.jit, static_argnames=("eps", "head_dim", "gate_column", "block_n",
                                              "block_k", "splits", "min_programs", "num_warps",
-                                             "num_stages", "sum_splits", "early_load", "interpret"))
+                                             "num_stages", "sum_splits", "interpret"))
 def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim: int,
                            gate_column: int = 0, block_n: int = 64, block_k: int = 128,
                            splits: int | None = None, min_programs: int = 256,
                            num_warps: int = 4, num_stages: int = 2, sum_splits: bool = True,
-                           early_load: bool = False, interpret: bool | None = None):
+                           interpret: bool | None = None):
   """h @ W_o in float32 at batch 1, where h is the GDN mixer's gated output norm of the rule's
   output o (module docstring), made in the GEMV's prologue: with o_dt = rnd(o) and V = head_dim,
 
@@ -467,8 +446,8 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   output, so that no slice of it is made), or None (no gate: h = rnd(RMSNorm_V(o_dt) · w));
   w: W_o [H·V, N]; gain_V: w [V], shared by the heads. Each K tile lies inside one head: V must
   be a multiple of the K tile (`block_k` lowered to the largest power of two dividing H·V).
-  Tiles, splits, warps, stages, `sum_splits` and `early_load` as `gemv_pallas`. Returns y [1, N]
-  or its split partials [S, 1, N] (float32).
+  Tiles, splits, warps, stages and `sum_splits` as `gemv_pallas`. Returns y [1, N] or its
+  split partials [S, 1, N] (float32).
   """
   where = "gemv_gated_norm_pallas"
   if interpret is None:
@@ -513,8 +492,8 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   operands += [gain_V.reshape(1, head_dim), w]
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
-                        transposed=False, early_load=early_load,
-                        gated_norm=dict(eps=float(eps), gate_column=gate_column)),
+                        transposed=False, gated_norm=dict(eps=float(eps),
+                                                          gate_column=gate_column)),
       grid=(pl.cdiv(N, block_n), S),
       in_specs=in_specs,
       out_specs=_partials_spec(1, block_n),

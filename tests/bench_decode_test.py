@@ -205,10 +205,6 @@ def test_variant_launch_settings_parse_into_a_decode_config():
   assert bench_decode.split_launch("pallas_fused+nonorm+onorm+out_proj.bk128") == (
       "pallas_fused", DecodeConfig(gemv_norm=False, gemv_out_norm=True,
                                    gemv_overrides="out_proj=bk128"))
-  assert bench_decode.split_launch("pallas_fused+early") == (
-      "pallas_fused", DecodeConfig(early_loads=True))
-  assert bench_decode.split_launch("pallas_fused+noearly+onorm") == (
-      "pallas_fused", DecodeConfig(early_loads=False, gemv_out_norm=True))
   assert bench_decode.parse_variant("pallas_fused+onorm:bfloat16") == (
       "pallas_fused+onorm", "bfloat16")
   for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
@@ -217,8 +213,7 @@ def test_variant_launch_settings_parse_into_a_decode_config():
               "xla+gbn48:float32", "xla+gemv+nogemv:float32",
               "pallas_fused+noring+noring:float32", "pallas_fused+norm+nonorm:float32",
               "pallas_fused+onorm+noonorm:float32", "pallas_fused+onorm+onorm:float32",
-              "pallas_fused+onorm4:float32", "pallas_fused+oonorm:float32",
-              "pallas_fused+early+noearly:float32", "pallas_fused+early2:float32"):
+              "pallas_fused+onorm4:float32", "pallas_fused+oonorm:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)
 

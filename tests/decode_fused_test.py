@@ -124,8 +124,7 @@ def test_kernel_lowers_to_one_triton_call_for_h100(state_dtype):
   assert "output_operand_alias" in text
 
 
-@pytest.mark.parametrize("early_load", [False, True])
-def test_ring_kernel_lowers_to_one_triton_call_for_h100(early_load):
+def test_ring_kernel_lowers_to_one_triton_call_for_h100():
   """The ring kernel's Triton lowering for the 512M model's heads at batch 1: one call, the rings
   and the state updated in place."""
   sds = jax.ShapeDtypeStruct
@@ -137,7 +136,7 @@ def test_ring_kernel_lowers_to_one_triton_call_for_h100(early_load):
           sds((H,), jnp.float32), sds((H,), jnp.float32), sds((B, H, K, V), bf16))
   fn = functools.partial(gdn_decode_fused_ring_pallas, num_heads=Hk, head_k_dim=K,
                          scale=K ** -0.5, qk_norm_eps=1e-6, gate_columns=(N - 2 * H, N - H),
-                         early_load=early_load, interpret=False)
+                         interpret=False)
   text = export_for_h100(fn, *args)
   assert text.count(TRITON_CALL) == 1
   assert text.count("output_operand_alias<output_tuple_indices") == 4
@@ -201,31 +200,3 @@ def test_ring_kernel_errors_name_the_argument():
     ring(pos, rings, x, **kw, a_log_H=jnp.zeros((2,)))
   with pytest.raises(ValueError, match="conv_w"):
     ring(pos, rings, x, **{**kw, "conv_w_WxC": conv_w[:2]})
-
-
-def test_early_load_reads_the_state_tile_first_and_changes_nothing():
-  """DecodeConfig.early_loads: both kernels read their state tile before the conv's and the L2
-  norms' reductions (after them without it), and give the same outputs, state and rings, bit for
-  bit (interpret mode)."""
-  from tests.kernel_jaxpr import first_eqn, kernel_jaxpr
-  B, W, Hk, H, K, V = 2, 4, 2, 4, 16, 32
-  C = 2 * Hk * K + H * V
-  window, conv_w, g, beta, S = inputs(B, W, Hk, H, K, V, seed=6, dtype=jnp.bfloat16,
-                                      state_dtype=jnp.bfloat16)
-  x = jax.random.normal(jax.random.key(7), (B, C + 2 * H)).astype(jnp.bfloat16)
-  rings = ring_from_state(window[:, 1:], Hk, K)
-  a_log, dt_bias = jnp.log(jnp.linspace(1.0, 8.0, H)), jnp.linspace(-4.0, -2.0, H)
-  kw = dict(num_heads=Hk, head_k_dim=K, scale=K ** -0.5, qk_norm_eps=1e-6, block_v=16)
-  window_call = lambda early: functools.partial(gdn_decode_fused_pallas, early_load=early, **kw)
-  ring_call = lambda early: functools.partial(gdn_decode_fused_ring_pallas, early_load=early,
-                                              gate_columns=(C, C + H), **kw)
-  window_args = (window, conv_w, g, beta, S)
-  ring_args = (jnp.full((W,), 1), rings, x, conv_w, a_log, dt_bias, S)
-  for call, args, s_at in ((window_call, window_args, 8), (ring_call, ring_args, 13)):
-    for early in (True, False):
-      body = kernel_jaxpr(call(early), *args)
-      s_read = first_eqn(body, ("get",), reads=body.invars[s_at])
-      assert (s_read < first_eqn(body, ("reduce_sum",))) == early
-    for a, b in zip(jax.tree.leaves(call(True)(*args)), jax.tree.leaves(call(False)(*args)),
-                    strict=True):
-      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -145,8 +145,7 @@ def test_errors_name_the_argument(kwargs, match):
                                           ("gemv_min_programs", 0), ("gemv_num_warps", 3),
                                           ("gemv_num_stages", 0), ("gemv_num_stages", 2.0),
                                           ("gemv_swiglu", 1), ("gemv_norm", None),
-                                          ("gemv_out_norm", 1), ("conv_ring", None),
-                                          ("early_loads", 1)])
+                                          ("gemv_out_norm", 1), ("conv_ring", None)])
 def test_decode_config_refuses_bad_gemv_settings(field, value):
   with pytest.raises(ValueError, match=field):
     DecodeConfig(**{field: value})
@@ -244,7 +243,7 @@ def test_decode_dot_passes_every_gemv_setting(monkeypatch):
   layers.decode_dot(jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 16), jnp.bfloat16),
                     decode_config=config)
   assert seen == dict(transposed=False, block_n=32, block_k=256, min_programs=64, num_warps=8,
-                      num_stages=3, early_load=False)
+                      num_stages=3)
 
 
 # The residual add and RMSNorm in the GEMV's prologue (gemv_norm_pallas, DecodeConfig.gemv_norm).
@@ -464,113 +463,6 @@ def test_num_stages_reaches_the_triton_launch():
   assert triton_launch(text, "decode_gemv_swiglu")[1] == 3
 
 
-# The first W tile loaded before the prologue (`early_load`, DecodeConfig.early_loads).
-
-def _every_gemv(early_load, splits):
-  """Each batch-1 GEMV kernel (plain, tied, chained SiLU product, residual + norm, gated output
-  norm) at `early_load`, with `splits` K splits of 512 rows in K tiles of 64 (8 splits: one
-  tile per program, the peeled tile alone; 2: the K loop after it)."""
-  kw = dict(block_k=64, splits=splits, early_load=early_load)
-  x, w, _ = _operands(1, 512, 96, False, seed=7)
-  _, w_t, _ = _operands(1, 512, 40, True, seed=8)
-  gate_up = gemv_pallas(x, w, block_k=64, splits=2, sum_splits=False)        # [2, 1, 96]
-  down = (jax.random.normal(jax.random.key(8), (48, 40)) / 8).astype(jnp.bfloat16)
-  x_norm, w_norm, gain, addends = _norm_operands(jnp.bfloat16, 512, 72, 3, False, seed=5)
-  o, gate, w_o, gain_o = _out_norm_operands(jnp.bfloat16, 8, 64, 56, 8 * 64 + 8)
-  return (gemv_pallas(x, w, **kw), gemv_pallas(x, w_t, transposed=True, **kw),
-          gemv_swiglu_pallas(gate_up, down, block_k=16, splits=3 if splits == 8 else 1,
-                             early_load=early_load),                       # F = 3 K tiles
-          *gemv_norm_pallas(x_norm, w_norm, gain, addends, eps=1e-6, addend_multiplier=0.5, **kw),
-          gemv_gated_norm_pallas(o, gate, w_o, gain_o, eps=1e-6, head_dim=64, gate_column=8,
-                                 **kw))
-
-
-@pytest.mark.parametrize("splits", [8, 2])
-def test_early_load_leaves_every_gemv_result_unchanged(splits):
-  """early_load only moves the first W tile's load: each kernel's result equals the default's,
-  bit for bit (interpret mode), with one K tile per program and with several."""
-  for y, y_default in zip(_every_gemv(True, splits), _every_gemv(False, splits), strict=True):
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_default, np.float32))
-
-
-def test_early_load_is_ignored_where_the_rows_take_the_tensor_cores():
-  x, w, ref = _operands(5, 256, 40, False, seed=2)
-  y = gemv_pallas(x, w, block_k=64, splits=1, early_load=True)
-  np.testing.assert_array_equal(y, gemv_pallas(x, w, block_k=64, splits=1))
-  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-3)
-
-
-def test_early_load_lowers_every_gemv_to_one_triton_call_for_an_h100():
-  """With early_load (its first tile's slice a Python int, which Triton's lowering cannot give
-  a multiple-of hint), each batch-1 GEMV of the 512M step lowers to one Triton call."""
-  sds, bf16, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
-  kw = dict(block_n=128, min_programs=528, early_load=True, interpret=False)
-  cases = ((functools.partial(gemv_pallas, transposed=True, **kw),        # the tied read-out
-            sds((1, 1024), bf16), sds((32000, 1024), bf16)),
-           (functools.partial(gemv_norm_pallas, eps=1e-6, **kw),            # gate/up, W_o's parts
-            sds((1, 1024), bf16), sds((1024, 5632), bf16), sds((1024,), f32),
-            sds((24, 1, 1024), f32)),
-           (functools.partial(gemv_swiglu_pallas, **kw),                    # down
-            sds((8, 1, 5632), f32), sds((2816, 1024), bf16)),
-           (functools.partial(gemv_gated_norm_pallas, eps=1e-6, head_dim=512,  # W_o
-                              gate_column=3072, **kw),
-            sds((1, 3072), f32), sds((1, 9228), bf16), sds((3072, 1024), bf16), sds((512,), f32)))
-  for fn, *args in cases:
-    assert export_for_h100(fn, *args).count(TRITON_CALL) == 1
-
-
-def test_early_load_issues_the_w_tile_before_the_prologue():
-  """In the kernel body: with early_load, W's first tile is loaded before the norm prologue's
-  loop over the input and its reduction (which it would otherwise follow), and the plain GEMV
-  loads it before its input's tile."""
-  from tests.kernel_jaxpr import first_eqn, kernel_jaxpr
-  x, w, _ = _operands(1, 256, 64, False)
-  gain = jnp.ones((256,))
-  o, gate, w_o, gain_o = _out_norm_operands(jnp.bfloat16, 4, 64, 32, 4 * 64)
-  for early in (True, False):
-    kw = dict(block_k=64, splits=2, early_load=early)
-    cases = (  # (kernel body, the W ref's position among its operands)
-        (kernel_jaxpr(functools.partial(gemv_norm_pallas, eps=1e-6, **kw), x, w, gain), 2),
-        (kernel_jaxpr(functools.partial(gemv_gated_norm_pallas, eps=1e-6, head_dim=64, **kw),
-                      o, gate, w_o, gain_o), 3),
-        (kernel_jaxpr(functools.partial(gemv_pallas, **kw), x, w), 1))
-    for body, w_at in cases:
-      w_load = first_eqn(body, ("masked_load",), reads=body.invars[w_at])
-      prologue = first_eqn(body, ("scan", "while", "reduce_sum", "get"))
-      assert (w_load < prologue) == early, (early, w_load, prologue)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_generate_with_early_loads_reaches_every_kernel_and_samples_the_same_tokens(
-    monkeypatch, dtype):
-  """DecodeConfig(early_loads=True) at batch 1: every GEMV kernel and the fused rule kernel of the
-  step get early_load=True (False by default), and generate samples the same 8 tokens."""
-  from gdn_jax import generate as gen
-  from kernels_pallas import decode_fused
-  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype=dtype, **V32), seed=26)
-  prompt = jax.random.randint(jax.random.key(26), (1, 6), 0, 64)
-  seen = []
-  for module, name in ((decode_gemv, "gemv_pallas"), (decode_gemv, "gemv_swiglu_pallas"),
-                       (decode_gemv, "gemv_norm_pallas"), (decode_gemv, "gemv_gated_norm_pallas"),
-                       (decode_fused, "gdn_decode_fused_ring_pallas")):
-    real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (
-        seen.append((_name, k.get("early_load"))), _real(*a, **k))[1])
-  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(5), impl="pallas_fused")
-  # (block_n 32: a launch no other test of generate uses, whose compiled program would be reused
-  # without tracing the spies)
-  run = lambda early: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
-      gemv=True, gemv_block_n=32, gemv_out_norm=True, gemv_overrides="out_proj=bk16",
-      early_loads=early), **kw)
-  tokens = run(True)
-  assert {name for name, early in seen if early} == {
-      "gemv_swiglu_pallas", "gemv_norm_pallas", "gemv_gated_norm_pallas",
-      "gdn_decode_fused_ring_pallas"} and all(early for _, early in seen), seen
-  seen.clear()
-  np.testing.assert_array_equal(tokens, run(False))
-  assert seen and not any(early for _, early in seen)
-
-
 # Per-product GEMV settings (DecodeConfig.gemv_overrides, gemv_launch_for).
 
 def test_gemv_overrides_parse_into_per_product_settings():
@@ -620,14 +512,14 @@ def test_gemv_overrides_refuse_bad_specs(spec, bad_part):
 
 
 def test_gemv_launch_for_puts_a_products_overrides_over_the_global_launch():
-  config = DecodeConfig(gemv_block_n=64, gemv_num_warps=8, early_loads=True,
+  config = DecodeConfig(gemv_block_n=64, gemv_num_warps=8,
                         gemv_overrides="out_proj=bn32,mp128;head=st3,w2")
   assert config.gemv_launch == dict(block_n=64, block_k=128, min_programs=528, num_warps=8,
-                                    num_stages=2, early_load=True)
+                                    num_stages=2)
   assert config.gemv_launch_for("out_proj") == dict(block_n=32, block_k=128, min_programs=128,
-                                                    num_warps=8, num_stages=2, early_load=True)
+                                                    num_warps=8, num_stages=2)
   assert config.gemv_launch_for("head") == dict(block_n=64, block_k=128, min_programs=528,
-                                                num_warps=2, num_stages=3, early_load=True)
+                                                num_warps=2, num_stages=3)
   for product in ("in_proj", "mlp_in", "mlp_out"):
     assert config.gemv_launch_for(product) == config.gemv_launch
   assert DecodeConfig().gemv_launch_for("head") == DecodeConfig().gemv_launch
@@ -900,9 +792,10 @@ def test_gated_norm_gemv_lowers_to_one_triton_call_for_an_h100():
     assert triton_launch(text, "decode_gemv_gated_norm") == (grid, 2, 4)
 
 
-def test_the_gated_norm_gemv_is_opt_in_at_batch_1_on_the_gemv_path():
+def test_the_gated_norm_gemv_is_used_at_batch_1_on_the_gemv_path():
   on, gpu = DecodeConfig(gemv=True, gemv_out_norm=True), DecodeConfig(gemv_out_norm=True)
-  assert not DecodeConfig().use_gemv_out_norm(1, 3072, "gpu")   # off until timed on a GPU
+  assert DecodeConfig().use_gemv_out_norm(1, 3072, "gpu")       # the default (timed faster)
+  assert not DecodeConfig(gemv_out_norm=False).use_gemv_out_norm(1, 3072, "gpu")
   assert gpu.use_gemv_out_norm(1, 3072, "gpu") and not gpu.use_gemv_out_norm(2, 3072, "gpu")
   assert not gpu.use_gemv_out_norm(1, 3072, "cpu") and not gpu.use_gemv_out_norm(1, 100, "gpu")
   assert on.use_gemv_out_norm(1, 48) and not on.use_gemv_out_norm(2, 48)
