@@ -156,44 +156,59 @@ def _silu_grad(z, dy):
 
 # ---- kernels
 
-def _forward_kernel(x_any, w_any, *refs, block_t, block_c):
-  """y = SiLU(Σ_i w_i ⊙ x at lag W − 1 − i) of one [BT, BC] tile."""
-  seg_any, y_any = refs if len(refs) == 2 else (None, *refs)
+def _tile_program(x_any, w_any, seg_any, block_t, block_c):
+  """What a tile-grid program (b, T tile, column block) starts from: (b, its rows t, its columns,
+  the tile's mask [BT, BC] (inside T and C), the pre-activation z [BT, BC] float32)."""
   _, T, C = x_any.shape
   b = pl.program_id(0)
   t = pl.program_id(1) * block_t + jnp.arange(block_t)
   cols = pl.program_id(2) * block_c + jnp.arange(block_c)
   col_ok = cols < C
   z = _preactivation(x_any, seg_any, _load_taps(w_any, cols, col_ok), b, t, cols, col_ok)
-  _store_tile(y_any, b, t, cols, jax.nn.silu(z).astype(y_any.dtype),
-              (t < T)[:, None] & col_ok[None, :])
+  return b, t, cols, (t < T)[:, None] & col_ok[None, :], z
+
+
+def _forward_kernel(x_any, w_any, *refs, block_t, block_c):
+  """y = SiLU(Σ_i w_i ⊙ x at lag W − 1 − i) of one [BT, BC] tile."""
+  seg_any, y_any = refs if len(refs) == 2 else (None, *refs)
+  b, t, cols, inside, z = _tile_program(x_any, w_any, seg_any, block_t, block_c)
+  _store_tile(y_any, b, t, cols, jax.nn.silu(z).astype(y_any.dtype), inside)
 
 
 def _backward_dz_kernel(x_any, w_any, dy_any, *refs, block_t, block_c):
   """Two-pass backward, pass 1: dz = dy ⊙ SiLU'(z) of one [BT, BC] tile, z recomputed as in the
   forward."""
   seg_any, dz_any = refs if len(refs) == 2 else (None, *refs)
-  _, T, C = x_any.shape
-  b = pl.program_id(0)
-  t = pl.program_id(1) * block_t + jnp.arange(block_t)
-  cols = pl.program_id(2) * block_c + jnp.arange(block_c)
-  col_ok = cols < C
-  inside = (t < T)[:, None] & col_ok[None, :]
-  z = _preactivation(x_any, seg_any, _load_taps(w_any, cols, col_ok), b, t, cols, col_ok)
+  b, t, cols, inside, z = _tile_program(x_any, w_any, seg_any, block_t, block_c)
   dy = _load_tile(dy_any, b, t, cols, inside).astype(_F32)
   _store_tile(dz_any, b, t, cols, _silu_grad(z, dy).astype(dz_any.dtype), inside)
+
+
+def _walking_program(x_any, w_any, block_c):
+  """What a walking-grid program (b, group, column block) of the backward starts from:
+  (T, W, b, group, its columns, their mask, the taps [W, BC] float32)."""
+  _, T, C = x_any.shape
+  b, group = pl.program_id(0), pl.program_id(1)
+  cols = pl.program_id(2) * block_c + jnp.arange(block_c)
+  col_ok = cols < C
+  return T, w_any.shape[0], b, group, cols, col_ok, _load_taps(w_any, cols, col_ok)
+
+
+def _walk(tile, tiles, dw_any, b, group, cols, col_ok):
+  """Runs `tile(k, dw) → dw` over the program's `tiles` tiles from dw = 0 (W taps of [BC] float32
+  each) and stores the program's partial dw as row b · groups + group of dw_any [P, W, C]."""
+  W = dw_any.shape[1]
+  dw = jax.lax.fori_loop(0, tiles, tile, tuple(jnp.zeros(cols.shape, _F32) for _ in range(W)))
+  program = b * pl.num_programs(1) + group
+  for i in range(W):
+    plt.store(dw_any.at[program, i, cols], dw[i], mask=col_ok)
 
 
 def _backward_dxdw_kernel(x_any, w_any, dz_any, *refs, block_t, block_c, tiles):
   """Two-pass backward, pass 2: dx of `tiles` consecutive tiles from dz at rows s + d, and their
   partial dw from x at lags and dz_s (module docstring)."""
   seg_any, dx_any, dw_any = refs if len(refs) == 3 else (None, *refs)
-  _, T, C = x_any.shape
-  W = w_any.shape[0]
-  b, group = pl.program_id(0), pl.program_id(1)
-  cols = pl.program_id(2) * block_c + jnp.arange(block_c)
-  col_ok = cols < C
-  w = _load_taps(w_any, cols, col_ok)
+  T, W, b, group, cols, col_ok, w = _walking_program(x_any, w_any, block_c)
 
   def tile(k, dw):
     s = (group * tiles + k) * block_t + jnp.arange(block_t)          # this tile's rows
@@ -215,22 +230,14 @@ def _backward_dxdw_kernel(x_any, w_any, dz_any, *refs, block_t, block_c, tiles):
       sums.append(dw[i] + jnp.sum(x_i * dz_s, axis=0))
     return tuple(sums)
 
-  dw = jax.lax.fori_loop(0, tiles, tile, tuple(jnp.zeros((block_c,), _F32) for _ in range(W)))
-  program = b * pl.num_programs(1) + group
-  for i in range(W):
-    plt.store(dw_any.at[program, i, cols], dw[i], mask=col_ok)
+  _walk(tile, tiles, dw_any, b, group, cols, col_ok)
 
 
 def _backward_kernel(x_any, w_any, dy_any, *refs, block_t, block_c, tiles):
   """One-pass backward: dx of `tiles` consecutive tiles and their partial dw (module
   docstring)."""
   seg_any, dx_any, dw_any = refs if len(refs) == 3 else (None, *refs)
-  _, T, C = x_any.shape
-  W = w_any.shape[0]
-  b, group = pl.program_id(0), pl.program_id(1)
-  cols = pl.program_id(2) * block_c + jnp.arange(block_c)
-  col_ok = cols < C
-  w = _load_taps(w_any, cols, col_ok)
+  T, W, b, group, cols, col_ok, w = _walking_program(x_any, w_any, block_c)
   lags = range(-(W - 1), W)
 
   def tile(k, dw):
@@ -256,10 +263,7 @@ def _backward_kernel(x_any, w_any, dy_any, *refs, block_t, block_c, tiles):
     _store_tile(dx_any, b, s, cols, dx.astype(dx_any.dtype), (s < T)[:, None] & col_ok[None, :])
     return dw
 
-  dw = jax.lax.fori_loop(0, tiles, tile, tuple(jnp.zeros((block_c,), _F32) for _ in range(W)))
-  program = b * pl.num_programs(1) + group
-  for i in range(W):
-    plt.store(dw_any.at[program, i, cols], dw[i], mask=col_ok)
+  _walk(tile, tiles, dw_any, b, group, cols, col_ok)
 
 
 # ---- calls and the custom VJP
