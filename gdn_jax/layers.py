@@ -576,32 +576,51 @@ class GatedDeltaNet(nnx.Module):
     C = 2 * Hk * K + H * V
     projs = self._in_projs()
     new_cache = {}
+    from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
+    from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+    cfg = DecodeConfig.or_default(decode_config)
+    launch_o = cfg.gemv_launch_for("out_proj")
+    ring = impl == "pallas_fused" and self.use_short_conv and 'ring_q' in cache
+    # The gated output norm in W_o's GEMV prologue: its K tiles must each lie inside one head.
+    norm_in_gemv = (cfg.use_gemv_out_norm(B, H * V) and w['o'].dtype == dt
+                    and V % decode_gemv.block_k_for(H * V, launch_o["block_k"]) == 0)
+    # DecodeConfig.gemv_in_partials: the in-projection's split partials go unsummed to the ring
+    # kernel (q | k | v, W_a x, W_b x) and W_o's prologue (the gate), which sum them.
+    in_parts = (cfg.gemv_in_partials and B == 1 and ring and (norm_in_gemv or not self.use_gate)
+                and (in_norm is not None or cfg.use_gemv(1, contract_dim=x_BxD.shape[1])))
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
       if in_norm is not None:
-        y, _ = decode_norm_dot(x_BxD, w['in'], in_norm, decode_config=decode_config,
-                               product="in_proj")
+        y, _ = decode_norm_dot(x_BxD, w['in'], in_norm, sum_splits=not in_parts,
+                               decode_config=decode_config, product="in_proj")
+      elif in_parts:
+        y = decode_gemv.gemv_pallas(x_BxD.astype(dt), w['in'], sum_splits=False,
+                                    **cfg.gemv_launch_for("in_proj"))
       else:
         y = decode_dot(x_BxD.astype(dt), w['in'], matmul_rows, decode_config=decode_config,
                        product="in_proj")
-      y = scale_columns(y, projs)
+      if not in_parts:   # partials: the consumers apply the multipliers
+        y = scale_columns(y, projs)
 
     def gates():   # (β, g) from y's last 2H columns, W_a x and W_b x
       with jax.named_scope("conv_gates"):
         return self._gates(None, {'a': y[:, -2 * H:-H], 'b': y[:, -H:]})
 
-    if impl == "pallas_fused" and self.use_short_conv and 'ring_q' in cache:
+    if ring:
       # The conv state as rings (`generate` converts it once per call; decode_fused.py): no window
       # is built and no state cut from it; the kernel writes this token's input into row pos,
       # and makes the gates itself.
       from kernels_pallas.decode_fused import gdn_decode_fused_ring_pallas
       with jax.named_scope("rule"):
         rings = (cache['ring_q'], cache['ring_k'], cache['ring_v'])
-        N = y.shape[1]           # y's last 2H columns are W_a x, W_b x: the kernel makes g, β
+        N = y.shape[-1]          # y's last 2H columns are W_a x, W_b x: the kernel makes g, β
+        multipliers = (tuple(float(p.multiplier) for p in projs[:3] + projs[-2:]) if in_parts
+                       else None)
         o, new_cache['S'], rings = gdn_decode_fused_ring_pallas(
             cache['ring_pos'], rings, y, w['conv'], self.A_log[...], self.dt_bias[...],
             cache['S'], num_heads=Hk, head_k_dim=K, scale=self.qk_scale,
             qk_norm_eps=self.qk_norm_eps, gate_columns=(N - 2 * H, N - H),
-            beta_scale=self.beta_scale, **launch)
+            beta_scale=self.beta_scale, **launch,
+            **({} if multipliers is None else dict(column_multipliers=multipliers)))
         new_cache.update(zip(('ring_q', 'ring_k', 'ring_v'), rings))
     elif impl == "pallas_fused" and self.use_short_conv:
       # The conv, SiLU, L2 norms and the rule in one kernel; the window is the conv state with
@@ -640,19 +659,14 @@ class GatedDeltaNet(nnx.Module):
           raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla', 'pallas' or "
                            "'pallas_fused'.")
     with jax.named_scope("out_proj"):
-      from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
-      from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
-      cfg = DecodeConfig.or_default(decode_config)
-      launch_o = cfg.gemv_launch_for("out_proj")
-      # The kernel's K tiles must each lie inside one head (else the unfused norm below).
-      norm_in_gemv = (cfg.use_gemv_out_norm(B, H * V) and w['o'].dtype == dt
-                      and V % decode_gemv.block_k_for(H * V, launch_o["block_k"]) == 0)
       if norm_in_gemv:
         # The gated output norm in W_o's GEMV prologue (DecodeConfig.gemv_out_norm): it reads o
-        # and the gate columns of y where they are and rounds where the norm below rounds.
+        # and the gate columns of y (or of its partials) where they are and rounds where the norm
+        # below rounds.
         out = decode_gemv.gemv_gated_norm_pallas(
             o.reshape(1, H * V), y if self.use_gate else None, w['o'], self.o_norm.weight[...],
             eps=float(self.o_norm.eps), head_dim=V, gate_column=C, sum_splits=sum_out,
+            gate_multiplier=float(self.g_proj.multiplier) if in_parts and self.use_gate else 1.0,
             **launch_o)
         if not sum_out:
           return out, new_cache

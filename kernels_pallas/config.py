@@ -186,6 +186,13 @@ class DecodeConfig:
     and W_o's GEMV; `use_gemv_out_norm`), where the head dim V is a multiple of out_proj's K tile
     (else the unfused norm; 0.03 ms per token faster on an H100, experiments/NOTES_decode.md);
     False: XLA's norm kernel before the GEMV.
+  gemv_in_partials: where a GDN mixer's in-projection goes through the GEMV at batch 1 and the step
+    runs the fused ring kernel (`generate`'s impl "pallas_fused"), the GEMV's float32 split
+    partials go unsummed to their consumers, each of which sums the partials of the columns it
+    reads (with the projections' multipliers, rounded as the unfused step): the ring kernel
+    (q | k | v, W_a x, W_b x) and, with the mixer's gate, W_o's gated-norm prologue (so only
+    where that prologue is used, `gemv_out_norm`). No XLA kernel sums the partials between the
+    in-projection and the rule. False: XLA sums them.
   gemv_num_stages: Triton's software-pipelining depth of the GEMVs' K-tile loop.
   gemv_overrides: per-product GEMV launch settings, each in place of its global field
     (gemv_block_n, gemv_block_k, gemv_min_programs, gemv_num_warps, gemv_num_stages) for one
@@ -226,11 +233,12 @@ class DecodeConfig:
   gemv_swiglu: bool = True
   gemv_norm: bool = True
   gemv_out_norm: bool = True
+  gemv_in_partials: bool = False
   conv_ring: bool = True
   gemv_overrides: str = ""
 
   def __post_init__(self):
-    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "conv_ring"):
+    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "gemv_in_partials", "conv_ring"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected True or "
                          "False.")

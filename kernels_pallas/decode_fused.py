@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from kernels_pallas.decode_gemv import summed_partials
 from kernels_pallas.decode_step import default_block_v, rule_update
 from kernels_pallas.decode_step import unsupported as rule_unsupported
 
@@ -151,14 +152,14 @@ def gdn_decode_fused_pallas(window_BxWxC, conv_w_WxC, g_BxH, beta_BxH, S_BxHxKxV
 # programs that share a q/k head may write it in any order (they write the same values).
 
 
-def _ring_conv_silu(ring_ref, x_ref, w_ref, pos, dtype):
-  """(SiLU(conv) [N] rounded to `dtype`, the ring block with x in row `pos`) of one token."""
+def _ring_conv_silu(ring_ref, x, w_ref, pos, dtype):
+  """(SiLU(conv) [N] rounded to `dtype`, the ring block with x in row `pos`) of one token's
+  input x [N]."""
   f32 = jnp.float32
   W = ring_ref.shape[0]
   rows = jax.lax.broadcasted_iota(jnp.int32, (W,), 0)
   tap = ((rows + (W - 1) - pos) & (W - 1))[:, None]             # W is a power of two
   ring = ring_ref[...]
-  x = x_ref[...]
   w_of_row = jnp.zeros(ring.shape, f32)
   for i in range(W - 1):
     w_of_row = w_of_row + jnp.where(tap == i, w_ref[i, :].astype(f32)[None, :], 0.0)
@@ -168,30 +169,40 @@ def _ring_conv_silu(ring_ref, x_ref, w_ref, pos, dtype):
   return jax.nn.silu(y).astype(dtype), new_ring
 
 
-def _gates(x_any, a_log_any, dt_bias_any, *, a_col, b_col, beta_scale):
+def _gates(x_any, a_log_any, dt_bias_any, *, a_col, b_col, beta_scale, parts=None, dtype=None,
+           multipliers=(1.0, 1.0)):
   """(e^g, β) of this program's value head h, each [1] float32, from its columns of x:
   g = −exp(A_log_h) softplus(x[a_col + h] + dt_bias_h), β = beta_scale · σ(x[b_col + h])
   (`GatedDeltaNet._gates`). The refs are whole arrays (memory space ANY): a head's gate
-  columns are not a block of x."""
+  columns are not a block of x. With `parts`, x is [parts, B, N] split partials and W_a x, W_b x
+  are summed (`decode_gemv.summed_partials`, with their Linears' `multipliers`)."""
   f32 = jnp.float32
   b, h = pl.program_id(0), pl.program_id(1)
-  a = x_any[b, pl.ds(a_col + h, 1)].astype(f32)
+
+  def column(col, multiplier):
+    load = lambda i: (x_any[b, pl.ds(col + h, 1)] if i is None
+                      else x_any[i, b, pl.ds(col + h, 1)])
+    return summed_partials(load, parts, dtype, multiplier).astype(f32)
+  a = column(a_col, multipliers[0])
   g = -jnp.exp(a_log_any[pl.ds(h, 1)].astype(f32)) * jax.nn.softplus(
       a + dt_bias_any[pl.ds(h, 1)].astype(f32))
-  beta = jax.nn.sigmoid(x_any[b, pl.ds(b_col + h, 1)].astype(f32)) * beta_scale
+  beta = jax.nn.sigmoid(column(b_col, multipliers[1])) * beta_scale
   return jnp.exp(g), beta
 
 
 def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref, kf_ref, vf_ref,
                  x_any, a_log_any, dt_bias_any, s_ref, o_ref, s_out_ref, rq_out_ref, rk_out_ref,
-                 rv_out_ref, *, scale, eps, dtype, a_col, b_col, beta_scale):
+                 rv_out_ref, *, scale, eps, dtype, a_col, b_col, beta_scale, parts, multipliers):
   f32 = jnp.float32
+  m_q, m_k, m_v, m_a, m_b = multipliers
   e, beta = _gates(x_any, a_log_any, dt_bias_any, a_col=a_col, b_col=b_col,
-                   beta_scale=beta_scale)
+                   beta_scale=beta_scale, parts=parts, dtype=dtype, multipliers=(m_a, m_b))
   pos = pos_ref[...]                                                              # [W], all equal
-  q, rq = _ring_conv_silu(rq_ref, xq_ref, qf_ref, pos, dtype)
-  k, rk = _ring_conv_silu(rk_ref, xk_ref, kf_ref, pos, dtype)
-  v, rv = _ring_conv_silu(rv_ref, xv_ref, vf_ref, pos, dtype)
+  # This token's q | k | v inputs: the blocks as given, or their split partials summed.
+  x_of = lambda ref, m: summed_partials(lambda i: ref[...] if i is None else ref[i, :], parts, dtype, m)
+  q, rq = _ring_conv_silu(rq_ref, x_of(xq_ref, m_q), qf_ref, pos, dtype)
+  k, rk = _ring_conv_silu(rk_ref, x_of(xk_ref, m_k), kf_ref, pos, dtype)
+  v, rv = _ring_conv_silu(rv_ref, x_of(xv_ref, m_v), vf_ref, pos, dtype)
   q = _l2(q, eps).astype(dtype).astype(f32)
   k = _l2(k, eps).astype(dtype).astype(f32)
   S_new, o = rule_update(s_ref[...].astype(f32), q, k, v.astype(f32), e, beta, scale)
@@ -203,13 +214,15 @@ def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "head_k_dim", "scale", "qk_norm_eps",
-                                             "gate_columns", "beta_scale", "block_v",
-                                             "num_warps", "interpret"))
+                                             "gate_columns", "beta_scale", "column_multipliers",
+                                             "block_v", "num_warps", "interpret"))
 def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, a_log_H, dt_bias_H, S_BxHxKxV,
                                  *, num_heads: int, head_k_dim: int, scale: float,
                                  qk_norm_eps: float, gate_columns: tuple[int, int],
-                                 beta_scale: float = 1.0, block_v: int | None = None,
-                                 num_warps: int = 4, interpret: bool | None = None):
+                                 beta_scale: float = 1.0,
+                                 column_multipliers: tuple[float, ...] = (1.0,) * 5,
+                                 block_v: int | None = None, num_warps: int = 4,
+                                 interpret: bool | None = None):
   """(o [B, H, V] float32, S', (ring_q', ring_k', ring_v')) of one token, from the conv rings.
 
   pos_W: int32 [W], every entry the ring row that this token's input replaces; rings: (ring_q,
@@ -221,7 +234,16 @@ def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, a_log_H, dt_bi
   (a_log, dt_bias: [H]); conv_w, S as `gdn_decode_fused_pallas`. The same as that kernel on the
   window [state, x] with those gates (tests/decode_fused_test.py); the rings and S are updated in
   place.
+
+  x may instead be the in-projection GEMV's split partials [S, B, N] float32
+  (`decode_gemv.gemv_norm_pallas(..., sum_splits=False)`), so that no XLA kernel sums them
+  between the two kernels: each program sums the S partials of the columns it reads and makes
+  rnd(rnd(Σ_s x_s) · rnd(m)) per column group, rnd rounding to the rings' dtype and m the
+  group's Linear multiplier, `column_multipliers` = (m_q, m_k, m_v, m_a, m_b) (1: no product),
+  as the unfused step rounds the GEMV's sum and `layers.scale_columns`. (Given summed x, the
+  caller has applied the multipliers.)
   """
+  where = "gdn_decode_fused_ring_pallas"
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   ring_q, ring_k, ring_v = rings
@@ -229,32 +251,46 @@ def gdn_decode_fused_ring_pallas(pos_W, rings, x_BxN, conv_w_WxC, a_log_H, dt_bi
   Hk, K = num_heads, head_k_dim
   H, V = S_BxHxKxV.shape[1], S_BxHxKxV.shape[3]
   C = 2 * Hk * K + H * V
+  parts = x_BxN.shape[0] if x_BxN.ndim == 3 else None
+  if x_BxN.ndim not in (2, 3) or (parts is not None and x_BxN.dtype != jnp.float32):
+    raise ValueError(f"{where}: x {x_BxN.shape} {x_BxN.dtype}; expected this token's "
+                     "projections [B, N], or the in-projection GEMV's float32 split partials "
+                     "[S, B, N].")
+  Bx, N = x_BxN.shape[-2:]
   if (ring_q.shape != (B, W, Hk * K) or ring_k.shape != ring_q.shape
       or ring_v.shape != (B, W, H * V) or S_BxHxKxV.shape != (B, H, K, V) or H % Hk
-      or x_BxN.shape[0] != B or x_BxN.shape[1] < C or pos_W.shape != (W,)
+      or Bx != B or N < C or pos_W.shape != (W,)
       or a_log_H.shape != (H,) or dt_bias_H.shape != (H,)
-      or not all(C <= col and col + H <= x_BxN.shape[1] for col in gate_columns)):
-    raise ValueError(f"gdn_decode_fused_ring_pallas: rings {ring_q.shape}, {ring_k.shape}, "
+      or not all(C <= col and col + H <= N for col in gate_columns)):
+    raise ValueError(f"{where}: rings {ring_q.shape}, {ring_k.shape}, "
                      f"{ring_v.shape}, x {x_BxN.shape}, pos {pos_W.shape} and state "
                      f"{S_BxHxKxV.shape}, A_log {a_log_H.shape}, dt_bias {dt_bias_H.shape} and "
                      f"gate_columns={gate_columns} do not fit num_heads={Hk}, head_k_dim={K}; "
                      "expected rings [B, W, Hk·K] (q, k) and [B, W, H·V] (v), x [B, N ≥ "
-                     "2·Hk·K + H·V], pos [W], S [B, H, K, V], A_log and dt_bias [H], and gate "
-                     "columns past q | k | v with H columns each inside x.")
+                     "2·Hk·K + H·V] (or [S, B, N]), pos [W], S [B, H, K, V], A_log and dt_bias "
+                     "[H], and gate columns past q | k | v with H columns each inside x.")
+  if len(column_multipliers) != 5:
+    raise ValueError(f"{where}: `column_multipliers`={column_multipliers!r}; expected 5 floats "
+                     "(the q, k, v, W_a, W_b Linears' forward multipliers).")
   BV, G, v0, per_head, filters, row_spec, s_spec = _shared_launch(
-      "gdn_decode_fused_ring_pallas", conv_w_WxC, W=W, Hk=Hk, K=K, H=H, V=V, block_v=block_v,
-      interpret=interpret)
+      where, conv_w_WxC, W=W, Hk=Hk, K=K, H=H, V=V, block_v=block_v, interpret=interpret)
   whole = pl.BlockSpec(memory_space=pl.ANY)
   pos_spec = pl.BlockSpec((W,), lambda b, h, j: (0,))
   qk_ring = pl.BlockSpec((None, W, K), lambda b, h, j: (b, 0, h // G))
   v_ring = pl.BlockSpec((None, W, BV), lambda b, h, j: (b, 0, h * per_head + j))
-  x_q = pl.BlockSpec((None, K), lambda b, h, j: (b, h // G))
-  x_k = pl.BlockSpec((None, K), lambda b, h, j: (b, Hk + h // G))
-  x_v = pl.BlockSpec((None, BV), lambda b, h, j: (b, v0 + h * per_head + j))
+  if parts is None:   # x's column blocks: q, k of the program's q/k head; its v block
+    x_block = lambda width, col: pl.BlockSpec((None, width), lambda b, h, j: (b, col(h, j)))
+  else:               # the same columns of every partial
+    x_block = lambda width, col: pl.BlockSpec((parts, None, width),
+                                              lambda b, h, j: (0, b, col(h, j)))
+  x_q = x_block(K, lambda h, j: h // G)
+  x_k = x_block(K, lambda h, j: Hk + h // G)
+  x_v = x_block(BV, lambda h, j: v0 + h * per_head + j)
   o, S, rq, rk, rv = pl.pallas_call(
       functools.partial(_ring_kernel, scale=float(scale), eps=float(qk_norm_eps),
                         dtype=ring_q.dtype, a_col=int(gate_columns[0]),
-                        b_col=int(gate_columns[1]), beta_scale=float(beta_scale)),
+                        b_col=int(gate_columns[1]), beta_scale=float(beta_scale), parts=parts,
+                        multipliers=tuple(float(m) for m in column_multipliers)),
       grid=(B, H, V // BV),
       in_specs=[pos_spec, qk_ring, qk_ring, v_ring, x_q, x_k, x_v, *filters, whole, whole,
                 whole, s_spec],

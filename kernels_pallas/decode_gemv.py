@@ -117,21 +117,32 @@ def _swiglu_tile(gate_ref, up_ref, ks, dtype):
   return rnd(jax.nn.silu(rnd(g)) * rnd(u))
 
 
+def summed_partials(load, parts, dtype, multiplier=1.0):
+  """A product's value from `load(i)`, float32: with `parts` (a GEMV's split partials, i <
+  parts) rnd(rnd(Σ_i load(i)) · rnd(m)), Σ in float32 in the order i = 0, 1, …, rnd rounding to
+  `dtype`, as the unfused step rounds the GEMV's sum (`decode_dot`) and its Linear's forward
+  multiplier m (1: no product); with `parts` None, load(None) as it is (a value already summed
+  and scaled)."""
+  f32 = jnp.float32
+  if parts is None:
+    return load(None)
+  rnd = lambda a: a.astype(dtype).astype(f32)
+  y = load(0).astype(f32)
+  for i in range(1, parts):
+    y = y + load(i).astype(f32)
+  y = rnd(y)
+  return y if multiplier == 1.0 else rnd(y * rnd(jnp.asarray(multiplier, f32)))
+
+
 def _residual_tile(x_ref, add_ref, ks, multiplier):
   """[1, BK] float32: r = rnd(x + rnd(m · rnd(Σ_i a_i))) on the K slice `ks` of x [1, D] and the
   addends a [S_a, 1, D] (None: r = x), rounded to x's dtype where the unfused step rounds."""
   f32 = jnp.float32
-  rnd = lambda a: a.astype(x_ref.dtype).astype(f32)
   r = x_ref[:, ks].astype(f32)
   if add_ref is None:
     return r
-  a = add_ref[0, :, ks].astype(f32)
-  for i in range(1, add_ref.shape[0]):
-    a = a + add_ref[i, :, ks].astype(f32)
-  a = rnd(a)
-  if multiplier != 1.0:
-    a = rnd(a * rnd(jnp.asarray(multiplier, f32)))
-  return rnd(r + a)
+  a = summed_partials(lambda i: add_ref[i, :, ks], add_ref.shape[0], x_ref.dtype, multiplier)
+  return (r + a).astype(x_ref.dtype).astype(f32)
 
 
 def _norm_prologue(x_ref, add_ref, gain_ref, r_ref, *, block_k, eps, multiplier, dtype):
@@ -163,11 +174,13 @@ def _norm_prologue(x_ref, add_ref, gain_ref, r_ref, *, block_k, eps, multiplier,
 
 
 def _gated_norm_prologue(o_ref, gate_ref, gain_ref, *, block_k, eps, gate_column, split_start,
-                         split_rows, dtype):
+                         split_rows, dtype, gate_parts=None, gate_multiplier=1.0):
   """The input tile function of `gemv_gated_norm_pallas`'s program: k0 (the first of BK rows of
   W_o, inside one head of V = gain's width) ↦ h [1, BK] float32,
   h = rnd((o_dt / sqrt(mean_head(o_dt²) + eps)) · w · SiLU(g)) with o_dt = rnd(o) (rounded to
-  `dtype`; no SiLU factor without `gate_ref`). The gate is columns `gate_column` … of gate_ref.
+  `dtype`; no SiLU factor without `gate_ref`). The gate is columns `gate_column` … of gate_ref,
+  or with `gate_parts` of the sum of gate_ref's split partials [S, 1, N] (`summed_partials`,
+  with its Linear's `gate_multiplier`).
   mean_head sums the head's V values of o in [1, BK] tiles: once, if the program's split
   (`split_rows` rows from `split_start`) lies inside one head, else per K tile."""
   f32 = jnp.float32
@@ -194,7 +207,9 @@ def _gated_norm_prologue(o_ref, gate_ref, gain_ref, *, block_k, eps, gate_column
     head_start, inv_rms = stats(k0)
     h = (o_tile(k0) * inv_rms) * gain_ref[:, _tile_at(k0 - head_start, block_k)].astype(f32)
     if gate_ref is not None:
-      gate = gate_ref[:, _tile_at(gate_column + k0, block_k, math.gcd(gate_column, block_k))]
+      cols = _tile_at(gate_column + k0, block_k, math.gcd(gate_column, block_k))
+      gate = summed_partials(lambda i: gate_ref[:, cols] if i is None else gate_ref[i, :, cols],
+                             gate_parts, dtype, gate_multiplier)
       h = h * jax.nn.silu(gate.astype(f32))
     return h.astype(dtype).astype(f32)
   return h_tile
@@ -205,7 +220,8 @@ def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, no
   """x_ref: [R, Ks] (R = 1 or 16 padded rows), or (`swiglu_dtype`) gate and up partials
   [S_in, 1, Ks] each, or (`norm`: dict of eps and the addends' multiplier) x [1, D], the
   addends [S_a, 1, D] (if any) and the gain [1, D], or (`gated_norm`: dict of eps and the gate's
-  first column) o [1, H·V], the gate [1, ≥ H·V] (if any) and the gain [1, V]; w_ref: [BN, Ks]
+  first column, and with partials their count and the gate's multiplier) o [1, H·V], the gate
+  [1, ≥ H·V] or its split partials [S, 1, ≥ H·V] (if any) and the gain [1, V]; w_ref: [BN, Ks]
   (`transposed`) or [Ks, BN]; y_ref: [R, BN]; with `norm` also r_ref [1, D]. The two norm
   prologues read their whole input and make the tiles of this program's split (`h_tile`)."""
   f32 = jnp.float32
@@ -224,9 +240,8 @@ def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, no
     o_ref, *gate_refs, gain_ref, w_ref, y_ref = refs
     rows = 1
     h_tile = _gated_norm_prologue(o_ref, gate_refs[0] if gate_refs else None, gain_ref,
-                                  block_k=block_k, eps=gated_norm["eps"],
-                                  gate_column=gated_norm["gate_column"], split_start=split_start,
-                                  split_rows=tiles * block_k, dtype=w_ref.dtype)
+                                  block_k=block_k, split_start=split_start,
+                                  split_rows=tiles * block_k, dtype=w_ref.dtype, **gated_norm)
   else:
     x_ref, w_ref, y_ref = refs
     rows = x_ref.shape[0]
@@ -425,11 +440,13 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
   return (_sum_splits(y) if sum_splits else y), r
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "head_dim", "gate_column", "block_n",
-                                             "block_k", "splits", "min_programs", "num_warps",
-                                             "num_stages", "sum_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "head_dim", "gate_column", "gate_multiplier",
+                                             "block_n", "block_k", "splits", "min_programs",
+                                             "num_warps", "num_stages", "sum_splits",
+                                             "interpret"))
 def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim: int,
-                           gate_column: int = 0, block_n: int = 64, block_k: int = 128,
+                           gate_column: int = 0, gate_multiplier: float = 1.0,
+                           block_n: int = 64, block_k: int = 128,
                            splits: int | None = None, min_programs: int = 256,
                            num_warps: int = 4, num_stages: int = 2, sum_splits: bool = True,
                            interpret: bool | None = None):
@@ -443,7 +460,11 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   before the norm, the norm's output), as `GatedRMSNorm(o.astype(dt), g)` then the product.
   o_1xHV: [1, H·V] (float32, the rule's output; batch 1); gate_1xHV: the gate g as columns
   `gate_column` … `gate_column` + H·V of a [1, ≥ H·V] array (e.g. the in-projection's whole
-  output, so that no slice of it is made), or None (no gate: h = rnd(RMSNorm_V(o_dt) · w));
+  output, so that no slice of it is made), or that array's split partials [S, 1, ≥ H·V] float32
+  (the in-projection GEMV's, `sum_splits=False`: each program sums the S partials of its gate
+  columns and makes rnd(rnd(Σ_s g_s) · rnd(m)), m = `gate_multiplier`, the gate Linear's forward
+  multiplier, as the unfused step rounds the GEMV's sum and `layers.scale_columns`; no XLA
+  kernel sums them), or None (no gate: h = rnd(RMSNorm_V(o_dt) · w));
   w: W_o [H·V, N]; gain_V: w [V], shared by the heads. Each K tile lies inside one head: V must
   be a multiple of the K tile (`block_k` lowered to the largest power of two dividing H·V).
   Tiles, splits, warps, stages and `sum_splits` as `gemv_pallas`. Returns y [1, N] or its
@@ -469,11 +490,14 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   if isinstance(gate_column, bool) or not isinstance(gate_column, int) or gate_column < 0:
     raise ValueError(f"{where}: `gate_column`={gate_column!r}; expected an int ≥ 0 (the gate's "
                      "first column in `gate_1xHV`).")
-  if gate_1xHV is not None and (gate_1xHV.ndim != 2 or gate_1xHV.shape[0] != 1
-                                or gate_1xHV.shape[1] < gate_column + HV):
-    raise ValueError(f"{where}: `gate_1xHV` {gate_1xHV.shape} with `gate_column`={gate_column}; "
-                     f"expected [1, ≥ {gate_column + HV}] (the gate's {HV} columns from "
-                     "gate_column), or None (no gate).")
+  gate_parts = None if gate_1xHV is None or gate_1xHV.ndim != 3 else gate_1xHV.shape[0]
+  if gate_1xHV is not None and (gate_1xHV.ndim not in (2, 3) or gate_1xHV.shape[-2] != 1
+                                or gate_1xHV.shape[-1] < gate_column + HV
+                                or (gate_parts is not None and gate_1xHV.dtype != jnp.float32)):
+    raise ValueError(f"{where}: `gate_1xHV` {gate_1xHV.shape} {gate_1xHV.dtype} with "
+                     f"`gate_column`={gate_column}; expected [1, ≥ {gate_column + HV}] (the "
+                     f"gate's {HV} columns from gate_column), its float32 split partials [S, 1, "
+                     f"≥ {gate_column + HV}], or None (no gate).")
   bk, S, Ks = _tiling(where, HV, N, block_n, block_k, splits, min_programs, num_stages,
                       interpret)
   if head_dim % bk:
@@ -485,15 +509,17 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   in_specs = [pl.BlockSpec((1, HV), whole)]                                # o, whole
   operands = [o_1xHV]
   if gate_1xHV is not None:
-    in_specs.append(pl.BlockSpec(gate_1xHV.shape, whole))                  # the gate, whole
+    in_specs.append(pl.BlockSpec(gate_1xHV.shape, lambda j, s: (0,) * gate_1xHV.ndim))  # whole
     operands.append(gate_1xHV)
   in_specs += [pl.BlockSpec((1, head_dim), whole),                          # gain, whole
                _w_spec(False, block_n, Ks)]
   operands += [gain_V.reshape(1, head_dim), w]
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
-                        transposed=False, gated_norm=dict(eps=float(eps),
-                                                          gate_column=gate_column)),
+                        transposed=False,
+                        gated_norm=dict(eps=float(eps), gate_column=gate_column,
+                                        gate_parts=gate_parts,
+                                        gate_multiplier=float(gate_multiplier))),
       grid=(pl.cdiv(N, block_n), S),
       in_specs=in_specs,
       out_specs=_partials_spec(1, block_n),

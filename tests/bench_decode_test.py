@@ -207,13 +207,18 @@ def test_variant_launch_settings_parse_into_a_decode_config():
                                    gemv_overrides="out_proj=bk128"))
   assert bench_decode.parse_variant("pallas_fused+onorm:bfloat16") == (
       "pallas_fused+onorm", "bfloat16")
+  assert bench_decode.split_launch("pallas_fused+inparts+in_proj.bn64") == (
+      "pallas_fused", DecodeConfig(gemv_in_partials=True, gemv_overrides="in_proj=bn64"))
+  assert bench_decode.split_launch("pallas_fused+noinparts") == (
+      "pallas_fused", DecodeConfig(gemv_in_partials=False))
   for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
               "pallas+bv12:float32", "pallas+w8+w4:float32", "xla+gemv+gemv:float32",
               "xla+gst0:float32", "xla+gst2+gst3:float32",
               "xla+gbn48:float32", "xla+gemv+nogemv:float32",
               "pallas_fused+noring+noring:float32", "pallas_fused+norm+nonorm:float32",
               "pallas_fused+onorm+noonorm:float32", "pallas_fused+onorm+onorm:float32",
-              "pallas_fused+onorm4:float32", "pallas_fused+oonorm:float32"):
+              "pallas_fused+onorm4:float32", "pallas_fused+oonorm:float32",
+              "pallas_fused+inparts+noinparts:float32", "pallas_fused+inpart:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)
 

@@ -200,3 +200,97 @@ def test_ring_kernel_errors_name_the_argument():
     ring(pos, rings, x, **kw, a_log_H=jnp.zeros((2,)))
   with pytest.raises(ValueError, match="conv_w"):
     ring(pos, rings, x, **{**kw, "conv_w_WxC": conv_w[:2]})
+
+
+def _split(x, parts, seed):
+  """x [B, N] float32 as `parts` random float32 addends [parts, B, N] that sum to about x (the
+  in-projection GEMV's split partials)."""
+  noise = jax.random.normal(jax.random.key(seed), (parts - 1,) + x.shape)
+  return jnp.concatenate([x[None] - jnp.sum(noise, axis=0, keepdims=True), noise], axis=0)
+
+
+@pytest.mark.parametrize("parts, dtype, multipliers", [
+    (8, jnp.bfloat16, (1.0,) * 5),
+    (3, jnp.bfloat16, (0.5, 2.0, 0.25, 3.0, 0.75)),     # a count that is no power of two
+    (1, jnp.float32, (1.0,) * 5),
+    (4, jnp.float32, (0.5, 2.0, 0.25, 3.0, 0.75))])
+def test_ring_kernel_sums_the_in_projection_partials(parts, dtype, multipliers):
+  """DecodeConfig.gemv_in_partials: x given as split partials [S, B, N] float32 (and the q, k, v,
+  W_a, W_b multipliers) gives what x summed by XLA, rounded to the compute dtype, times each
+  column group's multiplier (rounded again; `layers.scale_columns`) gives: the same o, state and
+  rings, bit for bit in bf16 (the partials' sum in one order; both round it the same way), to
+  float32 rounding in float32. Two tokens, so the second reads the rings the first wrote."""
+  B, W, Hk, H, K, V = 1, 4, 2, 4, 16, 32
+  C = 2 * Hk * K + H * V
+  N = C + H * V + 2 * H                      # q | k | v | gate | a | b, as the model's
+  state, conv_w, _, _, S = inputs(B, W, Hk, H, K, V, seed=7, dtype=dtype)
+  a_log, dt_bias = jnp.log(jnp.linspace(1.0, 16.0, H)), jnp.linspace(-4.0, -2.0, H)
+  widths = (Hk * K, Hk * K, H * V, H * V, H, H)
+  column_m = jnp.concatenate([jnp.full((w,), m, dtype) for w, m in
+                              zip(widths, multipliers[:3] + (1.0,) + multipliers[3:])])
+  kw = dict(num_heads=Hk, head_k_dim=K, scale=K ** -0.5, qk_norm_eps=1e-6,
+            gate_columns=(N - 2 * H, N - H), beta_scale=2.0)
+  summed = parted = (ring_from_state(state[:, 1:], Hk, K), S)
+  for t in range(2):
+    partials = _split(3 * jax.random.normal(jax.random.key(20 + t), (B, N)), parts, seed=t)
+    x = jnp.sum(partials, axis=0).astype(dtype) * column_m           # XLA's sum, scale_columns
+    pos = jnp.full((W,), t)
+    o, S1, rings1 = gdn_decode_fused_ring_pallas(pos, summed[0], x, conv_w, a_log, dt_bias,
+                                                 summed[1], **kw)
+    o_p, S_p, rings_p = gdn_decode_fused_ring_pallas(pos, parted[0], partials, conv_w, a_log,
+                                                     dt_bias, parted[1],
+                                                     column_multipliers=multipliers, **kw)
+    if dtype == jnp.bfloat16:
+      np.testing.assert_array_equal(o_p, o)
+      np.testing.assert_array_equal(S_p, S1)
+    else:
+      np.testing.assert_allclose(o_p, o, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(S_p, S1, rtol=1e-5, atol=1e-5)
+    for r_p, r in zip(rings_p, rings1):
+      np.testing.assert_allclose(np.asarray(r_p, np.float32), np.asarray(r, np.float32),
+                                 rtol=1e-6, atol=1e-6)
+    summed, parted = (rings1, S1), (rings_p, S_p)
+  assert float(jnp.abs(o).max()) > 0.01
+  # Without the multipliers the partials' path differs (the test sees them).
+  if multipliers != (1.0,) * 5:
+    o_wrong = gdn_decode_fused_ring_pallas(pos, parted[0], partials, conv_w, a_log, dt_bias,
+                                           parted[1], **kw)[0]
+    assert not np.allclose(o_wrong, o_p, rtol=1e-3, atol=1e-3)
+
+
+def test_ring_kernel_with_partials_lowers_to_one_triton_call_for_h100():
+  """The 512M model's in-projection partials at the default launch (8 splits of [1, 9228]
+  float32) in place of x: one Triton call, the rings and the state in place."""
+  sds = jax.ShapeDtypeStruct
+  B, W, Hk, H, K, V = 1, 4, 6, 6, 256, 512
+  C, bf16 = 2 * Hk * K + H * V, jnp.bfloat16
+  N = C + H * V + 2 * H
+  rings = (sds((B, W, Hk * K), bf16), sds((B, W, Hk * K), bf16), sds((B, W, H * V), bf16))
+  for parts in (8, 3):
+    args = (sds((W,), jnp.int32), rings, sds((parts, B, N), jnp.float32), sds((W, C), bf16),
+            sds((H,), jnp.float32), sds((H,), jnp.float32), sds((B, H, K, V), bf16))
+    fn = functools.partial(gdn_decode_fused_ring_pallas, num_heads=Hk, head_k_dim=K,
+                           scale=K ** -0.5, qk_norm_eps=1e-6, gate_columns=(N - 2 * H, N - H),
+                           column_multipliers=(1.0, 1.0, 0.5, 1.0, 1.0), interpret=False)
+    text = export_for_h100(fn, *args)
+    assert text.count(TRITON_CALL) == 1
+    assert text.count("output_operand_alias<output_tuple_indices") == 4
+
+
+def test_ring_kernel_partials_errors_name_the_argument():
+  window, conv_w, _, _, S = inputs(1, 4, 1, 1, 16, 16)
+  rings = ring_from_state(window[:, 1:], 1, 16)
+  parts = jnp.zeros((2, 1, 50))                                         # q | k | v | a | b
+  kw = dict(num_heads=1, head_k_dim=16, scale=1.0, qk_norm_eps=1e-6, gate_columns=(48, 49))
+  ring = functools.partial(gdn_decode_fused_ring_pallas, jnp.zeros((4,), jnp.int32), rings,
+                           conv_w_WxC=conv_w, a_log_H=jnp.zeros((1,)), dt_bias_H=jnp.zeros((1,)),
+                           S_BxHxKxV=S, **kw)
+  ring(parts)                                                           # the valid call
+  with pytest.raises(ValueError, match="float32 split partials"):
+    ring(parts.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match=r"x \(2, 1, 1, 50\)"):
+    ring(parts[:, None])
+  with pytest.raises(ValueError, match=r"x \(2, 2, 50\)"):               # batch 2 ≠ the rings' 1
+    ring(jnp.zeros((2, 2, 50)))
+  with pytest.raises(ValueError, match="column_multipliers"):
+    ring(parts, column_multipliers=(1.0, 1.0))

@@ -749,6 +749,29 @@ def test_gated_norm_gemv_returns_partials_for_the_next_kernel():
   np.testing.assert_allclose(parts, parts_xla, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("parts, multiplier", [(8, 1.0), (3, 0.5)])
+def test_gated_norm_gemv_sums_the_gate_partials(dtype, parts, multiplier):
+  """DecodeConfig.gemv_in_partials: the gate given as the in-projection GEMV's split partials
+  [S, 1, N] float32 (and the gate Linear's multiplier) gives what the gate summed by XLA, rounded
+  to W_o's dtype and times the rounded multiplier (`layers.scale_columns`) gives: the same y to
+  float32 rounding (the same h: the partials' sum rounds as XLA's)."""
+  H, V, N, column = 3, 64, 40, 8
+  o, gate, w, gain = _out_norm_operands(dtype, H, V, N, column + H * V + 8, seed=5)
+  noise = jax.random.normal(jax.random.key(6), (parts - 1, 1, gate.shape[1]))
+  partials = jnp.concatenate([gate.astype(jnp.float32)[None] - jnp.sum(noise, 0, keepdims=True),
+                              noise], axis=0)
+  summed = jnp.sum(partials, axis=0).astype(dtype) * jnp.asarray(multiplier, dtype)
+  kw = dict(eps=1e-6, head_dim=V, gate_column=column, block_k=16, splits=4)
+  y = gemv_gated_norm_pallas(o, partials, w, gain, gate_multiplier=multiplier, **kw)
+  y_summed = gemv_gated_norm_pallas(o, summed, w, gain, **kw)
+  np.testing.assert_allclose(y, y_summed, rtol=1e-5, atol=1e-5)
+  assert float(np.abs(np.asarray(y_summed)).max()) > 0.5
+  if multiplier != 1.0:      # the multiplier is applied (the comparison would see it missing)
+    y_without = gemv_gated_norm_pallas(o, partials, w, gain, **kw)
+    assert not np.allclose(y_without, y_summed, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("o, gate, w, gain, kw, match", [
     ((2, 64), None, (64, 32), (32,), {}, "o_1xHV"),                           # batch 2
     ((1, 64), None, (48, 32), (32,), {}, r"`w` \(48, 32\)"),
@@ -762,6 +785,8 @@ def test_gated_norm_gemv_returns_partials_for_the_next_kernel():
     ((1, 64), None, (64, 32), (32,), dict(block_k=64), "block_k"),            # tile 64 > V
     ((1, 64), None, (64, 32), (32,), dict(num_stages=0), "num_stages"),
     ((1, 64), None, (64, 32), (32,), dict(splits=3), "splits"),
+    ((1, 64), (2, 2, 64), (64, 32), (32,), {}, "gate_1xHV"),               # partials of batch 2
+    ((1, 64), (2, 1, 64), (64, 32), (32,), {}, "float32 split partials"),  # bf16 partials
 ])
 def test_gated_norm_gemv_errors_name_the_argument(o, gate, w, gain, kw, match):
   zeros = lambda shape: None if shape is None else jnp.zeros(shape, jnp.bfloat16)
@@ -773,7 +798,8 @@ def test_gated_norm_gemv_errors_name_the_argument(o, gate, w, gain, kw, match):
 def test_gated_norm_gemv_lowers_to_one_triton_call_for_an_h100():
   """The 512M model's W_o (o [1, 3072], V = 512, W_o [3072, 1024]) lowers for an H100 with the
   DecodeConfig defaults (128-column tiles, ≥ 528 programs: one K tile each), the gate given as a
-  [1, 3072] slice or as the in-projection's whole output [1, 9228] from column 6144; without
+  [1, 3072] slice, as the in-projection's whole output [1, 9228] from column 6144 or as its 8
+  split partials [8, 1, 9228] (DecodeConfig.gemv_in_partials); without
   the gate, in 4 splits that cross heads (stats per K tile)."""
   sds = jax.ShapeDtypeStruct
   o, w, gain = sds((1, 3072), jnp.float32), sds((3072, 1024), jnp.bfloat16), sds((512,),
@@ -781,6 +807,7 @@ def test_gated_norm_gemv_lowers_to_one_triton_call_for_an_h100():
   launch = DecodeConfig().gemv_launch_for("out_proj")
   for gate, column, kw, grid in ((sds((1, 3072), jnp.bfloat16), 0, launch, (8, 24, 1)),
                                  (sds((1, 9228), jnp.bfloat16), 6144, launch, (8, 24, 1)),
+                                 (sds((8, 1, 9228), jnp.float32), 6144, launch, (8, 24, 1)),
                                  (None, 0, dict(splits=4), (16, 4, 1))):
     fn = functools.partial(gemv_gated_norm_pallas, eps=1e-6, head_dim=512, gate_column=column,
                            sum_splits=False, interpret=False, **kw)
@@ -863,3 +890,80 @@ def test_generate_bf16_with_the_out_norm_gemv_samples_the_unfused_tokens():
   run = lambda out_norm: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
       gemv=True, gemv_block_n=16, gemv_out_norm=out_norm, gemv_overrides="out_proj=bk16"), **kw)
   np.testing.assert_array_equal(run(True), run(False))
+
+
+# The in-projection's split partials summed by their consumers (DecodeConfig.gemv_in_partials):
+# the ring kernel (q | k | v, W_a x, W_b x) and W_o's gated-norm prologue (the gate).
+
+def _ring_step(model, token, cache, config):
+  """The batch-1 decode step's logits with impl "pallas_fused" on conv rings (as `generate`'s
+  loop runs it), launched with `config`."""
+  from gdn_jax import generate as gen
+  W = model.config.conv_size
+  rings = [dict(c, ring_pos=jnp.zeros((W,), jnp.int32)) if 'ring_q' in c else c
+           for c in gen.conv_rings(model, cache)]
+  return model.decode_step(token, rings, impl="pallas_fused", decode_config=config)[0]
+
+
+# (variant, model changes, in-projection multipliers q, k, v, gate, a, b, DecodeConfig changes,
+# ring kernels given partials per GDN layer)
+IN_PARTS_STEPS = [
+    ("untied", V32, (1.0,) * 6, {}, 1),
+    ("untied", V32, (0.5, 2.0, 0.25, 3.0, 0.75, 1.5), {}, 1),       # every multiplier applied
+    ("untied", V32, (0.5, 2.0, 0.25, 3.0, 0.75, 1.5), dict(gemv_norm=False), 1),   # gemv_pallas
+    ("hybrid", V32, (1.0,) * 6, {}, 1),
+    ("tied", dict(head_v_dim=32, use_gate=False), (0.5, 1.0, 2.0, None, 1.0, 0.5), {}, 1),
+    ("untied", V32, (1.0,) * 6, dict(gemv_out_norm=False), 0),   # the gate needs the sum: XLA's
+    ("untied", {}, (1.0,) * 6, {}, 0),        # V = 12: the unfused output norm, XLA's sum
+]
+
+
+@pytest.mark.parametrize("variant, model_changes, multipliers, changes, per_layer", IN_PARTS_STEPS)
+def test_batch_1_ring_step_with_in_projection_partials_equals_the_summed_step(
+    monkeypatch, variant, model_changes, multipliers, changes, per_layer):
+  """The logits of a batch-1 step with gemv_in_partials equal those with XLA's sum, to float32
+  rounding; the ring kernel got the partials [S, 1, N] once per GDN layer where the consumers
+  can take them (the gate's consumer is W_o's prologue: without it, XLA sums)."""
+  from kernels_pallas import decode_fused
+  cfg = dataclasses.replace(DECODE_VARIANTS[variant], **model_changes)
+  model = make(cfg, seed=41)
+  for block in model.blocks:
+    if isinstance(block.mixer, layers.GatedDeltaNet):
+      for proj, m in zip(block.mixer._in_projs(), [m for m in multipliers if m is not None]):
+        proj.multiplier = m
+  prompt = jax.random.randint(jax.random.key(41), (1, 5), 0, 64)
+  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
+  token = jnp.argmax(logits[:, 0], -1)
+  ndims, real = [], decode_fused.gdn_decode_fused_ring_pallas
+  monkeypatch.setattr(decode_fused, "gdn_decode_fused_ring_pallas",
+                      lambda pos, rings, x, *a, **k: ndims.append(x.ndim) or real(pos, rings, x,
+                                                                                  *a, **k))
+  config = lambda on: DecodeConfig(gemv=True, gemv_block_n=16, gemv_in_partials=on,
+                                   gemv_overrides="out_proj=bk16", **changes)
+  parted = _ring_step(model, token, cache, config(True))
+  assert ndims.count(3) == per_layer * cfg.layer_kinds.count("G")
+  summed = _ring_step(model, token, cache, config(False))
+  assert ndims.count(3) == per_layer * cfg.layer_kinds.count("G")    # none more with it off
+  np.testing.assert_allclose(parted, summed, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(summed, model.decode_step(token, cache, impl="xla")[0],
+                             rtol=1e-4, atol=1e-4)
+  assert float(np.abs(np.asarray(summed)).max()) > 0.5
+
+
+def test_generate_bf16_with_in_projection_partials_samples_the_summed_tokens():
+  """bf16, batch 1, generate's loop: the same 8 sampled tokens with and without
+  DecodeConfig.gemv_in_partials."""
+  from gdn_jax import generate as gen
+  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32), seed=42)
+  prompt = jax.random.randint(jax.random.key(42), (1, 6), 0, 64)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(5), impl="pallas_fused")
+  run = lambda on: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, gemv_in_partials=on, gemv_overrides="out_proj=bk16,mp3"),
+                                **kw)
+  np.testing.assert_array_equal(run(True), run(False))
+
+
+def test_in_partials_is_a_bool():
+  assert not DecodeConfig().gemv_in_partials
+  with pytest.raises(ValueError, match="gemv_in_partials"):
+    DecodeConfig(gemv_in_partials=1)
