@@ -511,7 +511,10 @@ def split_launch(impl: str):
   DecodeConfig.gemv_norm), "+onorm" the GDN mixer's gated output norm made in W_o's batch-1 GEMV
   prologue (the default; "+noonorm": XLA's norm kernel before it; DecodeConfig.gemv_out_norm),
   "+inparts" the in-projection's batch-1 GEMV partials summed by their consumers (the ring kernel,
-  W_o's prologue; "+noinparts": by XLA; DecodeConfig.gemv_in_partials),
+  W_o's prologue; "+noinparts": by XLA; DecodeConfig.gemv_in_partials), "+oatomic" W_o's batch-1
+  partials added atomically for the gate/up prologue ("+nooatomic": re-read there;
+  DecodeConfig.gemv_out_atomic), "+datomic" the down product's likewise, added to the stream in
+  the next GEMV's prologue ("+nodatomic": XLA's sum and add; DecodeConfig.gemv_down_atomic),
   "+noring" the fused kernel on a window built per step instead of conv rings (no "+": None,
   the defaults: the GEMV at batch 1 on GPUs with the chained MLP, rings).
   "+PRODUCT.KEYN[.KEYN…]" sets one GEMV product's launch apart (DecodeConfig.gemv_overrides;
@@ -553,6 +556,12 @@ def split_launch(impl: str):
     if part in ("inparts", "noinparts") and "gemv_in_partials" not in kw:
       kw["gemv_in_partials"] = part == "inparts"
       continue
+    if part in ("oatomic", "nooatomic") and "gemv_out_atomic" not in kw:
+      kw["gemv_out_atomic"] = part == "oatomic"
+      continue
+    if part in ("datomic", "nodatomic") and "gemv_down_atomic" not in kw:
+      kw["gemv_down_atomic"] = part == "datomic"
+      continue
     key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
            "gw": "gemv_num_warps", "gmp": "gemv_min_programs",
            "gst": "gemv_num_stages"}.get(part.rstrip("0123456789"))
@@ -560,7 +569,7 @@ def split_launch(impl: str):
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
                        "(V block), +wN (warps), +gemv or +nogemv, +noswiglu, +norm or +nonorm, "
-                       "+onorm or +noonorm, +inparts or +noinparts, +noring, "
+                       "+onorm or +noonorm, +inparts or +noinparts, +oatomic or +nooatomic, +datomic or +nodatomic, +noring, "
                        "+gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), +gmpN (GEMV programs), "
                        "+gstN (GEMV stages), +PRODUCT.KEYN[.KEYN…] (one GEMV product's "
                        "settings, e.g. +out_proj.bn32.mp128), "
@@ -585,7 +594,7 @@ def parse_variant(spec: str) -> tuple[str, str]:
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "
                      "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+norm|+nonorm][+onorm|+noonorm]"
-                     "[+inparts|+noinparts][+noring]"
+                     "[+inparts|+noinparts][+oatomic|+nooatomic][+datomic|+nodatomic][+noring]"
                      "[+gbnN][+gbkN][+gwN][+gmpN][+gstN][+PRODUCT.KEYN[.KEYN…]…][@ROWS]:"
                      "STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "

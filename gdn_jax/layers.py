@@ -282,26 +282,27 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
 
 
 def decode_norm_dot(x_1xD, w, norm, addends_SxD=None, *, addend_multiplier: float = 1.0,
-                    w_contract: int = 0, sum_splits: bool = True, decode_config=None,
-                    product: str | None = None):
+                    w_contract: int = 0, sum_splits: bool = True, zeros_out: int = 0,
+                    decode_config=None, product: str | None = None):
   """(norm(r) @ w, r) at batch 1 as one GEMV kernel whose prologue makes the residual stream
   r = x + rnd(m · Σ_i addends[i]) (None: r = x) and the RMSNorm `norm` (its gain and eps):
   `decode_gemv.gemv_norm_pallas`, the same roundings as `decode_dot(norm(r), w)` after an XLA
   add. The caller checks `DecodeConfig.use_gemv_norm` and that x, the norm and w share a dtype.
   Returns y in that dtype ([1, N]), or with `sum_splits=False` its float32 split partials
-  [S, 1, N]; and r [1, D]. `product`: whose GEMV settings (`decode_dot`)."""
+  [S, 1, N]; and r [1, D]; with `zeros_out` Z > 0 also float32 zeros [1, Z] made by the kernel
+  (a later GEMV's `accumulator`). `product`: whose GEMV settings (`decode_dot`)."""
   from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   cfg = DecodeConfig.or_default(decode_config)
-  y, r = decode_gemv.gemv_norm_pallas(
+  y, r, *zeros = decode_gemv.gemv_norm_pallas(
       x_1xD, w, norm.weight[...], addends_SxD, eps=float(norm.eps),
       addend_multiplier=float(addend_multiplier), transposed=w_contract == 1,
-      sum_splits=sum_splits, **cfg.gemv_launch_for(product))
-  return (y.astype(jnp.result_type(norm.dtype, w)) if sum_splits else y), r
+      sum_splits=sum_splits, zeros_out=zeros_out, **cfg.gemv_launch_for(product))
+  return ((y.astype(jnp.result_type(norm.dtype, w)) if sum_splits else y), r, *zeros)
 
 
 def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 1, *,
-                  decode_config=None, gate_up_parts=None):
+                  decode_config=None, gate_up_parts=None, accumulator=None):
   """SiLU(x W_gate) ⊙ (x W_up) @ W_down for a decode step's MLP (w_gate_up [D, 2F] = [W_gate |
   W_up] with the Linears' multipliers on their columns; w_down [F, N]; the down product's own
   multiplier is the caller's).
@@ -315,6 +316,9 @@ def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 
   The gate/up product runs with `DecodeConfig.gemv_launch_for("mlp_in")`, the down product with
   "mlp_out"'s. The chained kernel takes a power of two of partials: another count S (mlp_in's
   settings split D into S K ranges) is summed by XLA into one partial first (same result).
+  `accumulator` (the chained kernels only: ValueError otherwise): float32 zeros [1, N] into which
+  the down GEMV adds its partials atomically (`decode_gemv.gemv_swiglu_pallas`); the float32 sum
+  is returned unrounded.
   """
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   cfg = DecodeConfig.or_default(decode_config)
@@ -329,8 +333,13 @@ def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 
                                       **cfg.gemv_launch_for("mlp_in"))   # [S, 1, 2F]
     if parts.shape[0] & (parts.shape[0] - 1):    # the kernel takes a power of two of partials
       parts = jnp.sum(parts, axis=0, keepdims=True)
-    y = decode_gemv.gemv_swiglu_pallas(parts, w_down, **cfg.gemv_launch_for("mlp_out"))
-    return y.astype(jnp.result_type(dtype, w_down))
+    y = decode_gemv.gemv_swiglu_pallas(parts, w_down, accumulator=accumulator,
+                                       **cfg.gemv_launch_for("mlp_out"))
+    return y if accumulator is not None else y.astype(jnp.result_type(dtype, w_down))
+  if accumulator is not None:
+    raise ValueError("decode_swiglu: `accumulator` is given but the MLP's products are not the "
+                     "chained batch-1 GEMVs (DecodeConfig.gemv_swiglu, use_gemv, gate/up "
+                     "multipliers 1); expected None.")
   if gate_up_parts is not None:
     gu = jnp.sum(gate_up_parts, axis=0).astype(dtype)       # as decode_dot sums the GEMV's
   else:
@@ -551,7 +560,7 @@ class GatedDeltaNet(nnx.Module):
     return w
 
   def step(self, x_BxD, cache, weights=None, *, impl: str = "xla", matmul_rows: int = 1,
-           decode_config=None, in_norm=None, sum_out: bool = True):
+           decode_config=None, in_norm=None, sum_out: bool = True, in_addend=None):
     """One decode token; returns (y [B, D], new cache), what `__call__` gives for this token.
 
     `cache` as `init_cache` makes it; `weights` from `decode_weights()` (None: built here). The
@@ -564,7 +573,11 @@ class GatedDeltaNet(nnx.Module):
     Batch 1 on the GEMV path only (`Block.step` checks `DecodeConfig.use_gemv_norm`): `in_norm`
     (an RMSNorm) takes x as the residual stream and makes in_norm(x) in the in-projection's GEMV
     (`decode_norm_dot`); `sum_out=False` returns W_o's float32 split partials [S, 1, D] unsummed
-    and without o_proj's multiplier (for the next GEMV's prologue to add). At batch 1 on the GEMV
+    and without o_proj's multiplier (for the next GEMV's prologue to add; with
+    `DecodeConfig.gemv_out_atomic` and in_norm, their sum [1, 1, D], added atomically).
+    `in_addend` (with in_norm): (addends [S, 1, D] float32, multiplier), the previous block's
+    output not yet added to x (`model.Block.step_deferred`), added in the in-projection's
+    prologue; the stream with it added is then returned as a third output. At batch 1 on the GEMV
     path with `DecodeConfig.gemv_out_norm` (and V a multiple of out_proj's K tile), the gated
     output norm is made in W_o's GEMV (`decode_gemv.gemv_gated_norm_pallas`), either way.
     """
@@ -588,10 +601,22 @@ class GatedDeltaNet(nnx.Module):
     # kernel (q | k | v, W_a x, W_b x) and W_o's prologue (the gate), which sum them.
     in_parts = (cfg.gemv_in_partials and B == 1 and ring and (norm_in_gemv or not self.use_gate)
                 and (in_norm is not None or cfg.use_gemv(1, contract_dim=x_BxD.shape[1])))
+    # DecodeConfig.gemv_out_atomic: W_o's programs add their partials atomically into zeros that
+    # the in-projection's GEMV makes, so the next prologue reads one addend instead of S.
+    D = w['o'].shape[1]
+    out_atomic = (cfg.gemv_out_atomic and in_norm is not None and not sum_out
+                  and D % launch_o["block_n"] == 0)
+    accumulator, stream = None, ()
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
       if in_norm is not None:
-        y, _ = decode_norm_dot(x_BxD, w['in'], in_norm, sum_splits=not in_parts,
-                               decode_config=decode_config, product="in_proj")
+        addend = {} if in_addend is None else dict(addends_SxD=in_addend[0],
+                                                   addend_multiplier=in_addend[1])
+        y, stream, *zeros = decode_norm_dot(x_BxD, w['in'], in_norm, sum_splits=not in_parts,
+                                            zeros_out=D if out_atomic else 0,
+                                            decode_config=decode_config, product="in_proj",
+                                            **addend)
+        accumulator = zeros[0] if zeros else None
+        stream = (stream,) if in_addend is not None else ()
       elif in_parts:
         y = decode_gemv.gemv_pallas(x_BxD.astype(dt), w['in'], sum_splits=False,
                                     **cfg.gemv_launch_for("in_proj"))
@@ -667,21 +692,22 @@ class GatedDeltaNet(nnx.Module):
             o.reshape(1, H * V), y if self.use_gate else None, w['o'], self.o_norm.weight[...],
             eps=float(self.o_norm.eps), head_dim=V, gate_column=C, sum_splits=sum_out,
             gate_multiplier=float(self.g_proj.multiplier) if in_parts and self.use_gate else 1.0,
-            **launch_o)
+            accumulator=accumulator, **launch_o)
         if not sum_out:
-          return out, new_cache
+          return (out if accumulator is None else out[None]), new_cache, *stream
         out = out.astype(dt)                          # as decode_dot rounds the GEMV's sum
       else:
         gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
         h_o = self.o_norm(o.astype(dt), gate).reshape(B, H * V)
         if not sum_out:
-          return decode_gemv.gemv_pallas(h_o.astype(w['o'].dtype), w['o'], sum_splits=False,
-                                         **launch_o), new_cache
+          out = decode_gemv.gemv_pallas(h_o.astype(w['o'].dtype), w['o'], sum_splits=False,
+                                        accumulator=accumulator, **launch_o)
+          return (out if accumulator is None else out[None]), new_cache, *stream
         out = decode_dot(h_o, w['o'], matmul_rows, decode_config=decode_config,
                          product="out_proj")
       if self.o_proj.multiplier != 1.0:
         out = out * jnp.asarray(self.o_proj.multiplier, dt)
-    return out, new_cache
+    return out, new_cache, *stream
 
 
 def gated_delta_rule_step(q_BxHkxK, k_BxHkxK, v_BxHxV, g_BxH, beta_BxH, S_BxHxKxV, *,

@@ -93,7 +93,8 @@ class Block(nnx.Module):
     `matmul_rows`: `layers.decode_dot`'s padding of every weight product."""
     w = self.decode_weights() if weights is None else weights
     if self._fuses_norms(x_BxD, w, decode_config):
-      return self._step_with_norm_gemvs(x_BxD, cache, w, impl, decode_config)
+      x, new_cache, _ = self._step_with_norm_gemvs(x_BxD, cache, w, impl, decode_config)
+      return x, new_cache
     with jax.named_scope("in_proj"):   # the scopes name the parts in profiles (bench_decode.py)
       h = self.mixer_norm(x_BxD)
     y, new_cache = self.mixer.step(h, cache, w['mixer'], impl=impl, matmul_rows=matmul_rows,
@@ -121,22 +122,72 @@ class Block(nnx.Module):
     return (cfg.use_gemv_norm(x_BxD.shape[0], x_BxD.shape[1]) and len(dtypes) == 1
             and cfg.use_gemv(1, contract_dim=w['mixer']['o'].shape[0]))
 
-  def _step_with_norm_gemvs(self, x_BxD, cache, w, impl, decode_config):
-    """`step` at batch 1 with DecodeConfig.gemv_norm: the mixer's norm in the in-projection's
-    GEMV; W_o's split partials, its multiplier, the residual add and the MLP's norm in the
-    gate/up GEMV (layers.decode_norm_dot), which hands its partials to the down product."""
-    y_parts, new_cache = self.mixer.step(x_BxD, cache, w['mixer'], impl=impl,
-                                         decode_config=decode_config, in_norm=self.mixer_norm,
-                                         sum_out=False)
+  def step_deferred(self, x_BxD, cache, weights, pending=None, *, impl: str = "xla",
+                    matmul_rows: int = 1, decode_config=None):
+    """`step` with the MLP's output left unadded where the next GEMV can add it: (x, new cache,
+    pending), the block's output being x + `resolve_pending`(pending) (pending None: x).
+
+    `pending` is the previous block's (its down product's float32 sum [1, 1, D] and the down
+    Linear's multiplier): added in this block's in-projection prologue where this block makes
+    its norms in the GEMV prologues (`_fuses_norms`), else first, as the unfused step adds it.
+    This block defers its own output where `DecodeConfig.gemv_down_atomic` holds and its down
+    product can accumulate (`_defers_output`): the down GEMV's programs add their partials
+    atomically into zeros that the gate/up GEMV makes, so no XLA kernel sums them and adds the
+    residual between two layers."""
+    if not self._fuses_norms(x_BxD, weights, decode_config):
+      x = x_BxD if pending is None else resolve_pending(x_BxD, pending)
+      return (*self.step(x, cache, weights, impl=impl, matmul_rows=matmul_rows,
+                         decode_config=decode_config), None)
+    return self._step_with_norm_gemvs(x_BxD, cache, weights, impl, decode_config, pending,
+                                      defer=self._defers_output(x_BxD, weights, decode_config))
+
+  def _defers_output(self, x_BxD, w, decode_config) -> bool:
+    """Whether `step_deferred` leaves this block's MLP output to the next GEMV: on the fused-norm
+    path, `DecodeConfig.gemv_down_atomic`, the MLP's chained GEMVs (`layers.decode_swiglu`) and
+    D a multiple of the down product's block_n (atomic adds take no mask)."""
+    from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+    cfg = DecodeConfig.or_default(decode_config)
+    mlp, D = self.mlp, x_BxD.shape[1]
+    return (cfg.gemv_down_atomic and cfg.gemv_swiglu
+            and cfg.use_gemv(1, contract_dim=w['down'].shape[0])
+            and all(l.multiplier == 1.0 for l in (mlp.gate_proj, mlp.up_proj))
+            and D % cfg.gemv_launch_for("mlp_out")["block_n"] == 0)
+
+  def _step_with_norm_gemvs(self, x_BxD, cache, w, impl, decode_config, pending=None,
+                            defer=False):
+    """`step` at batch 1 with DecodeConfig.gemv_norm: the mixer's norm (and `pending`'s add,
+    `step_deferred`) in the in-projection's GEMV; W_o's split partials (or their atomic sum), its
+    multiplier, the residual add and the MLP's norm in the gate/up GEMV (layers.decode_norm_dot),
+    which hands its partials to the down product. Returns (x, new cache, pending): with `defer`,
+    x is the stream before the MLP's output and pending that output (`step_deferred`); else the
+    block's output and None."""
+    out = self.mixer.step(x_BxD, cache, w['mixer'], impl=impl, decode_config=decode_config,
+                          in_norm=self.mixer_norm, sum_out=False, in_addend=pending)
+    y_parts, new_cache = out[:2]
+    x = x_BxD if pending is None else out[2]      # the stream with the previous output added
     mlp = self.mlp
     with jax.named_scope("mlp"):
-      gate_up_parts, x = decode_norm_dot(
-          x_BxD, w['gate_up'], self.mlp_norm, y_parts,
+      gate_up_parts, x, *zeros = decode_norm_dot(
+          x, w['gate_up'], self.mlp_norm, y_parts,
           addend_multiplier=self.mixer.o_proj.multiplier, sum_splits=False,
-          decode_config=decode_config, product="mlp_in")
+          zeros_out=x.shape[1] if defer else 0, decode_config=decode_config, product="mlp_in")
       down = decode_swiglu(None, w['gate_up'], w['down'], [mlp.gate_proj, mlp.up_proj],
-                           decode_config=decode_config, gate_up_parts=gate_up_parts)
-      return x + scale_columns(down, [mlp.down_proj]), new_cache
+                           decode_config=decode_config, gate_up_parts=gate_up_parts,
+                           accumulator=zeros[0] if defer else None)
+      if defer:
+        return x, new_cache, (down[None], float(mlp.down_proj.multiplier))
+      return x + scale_columns(down, [mlp.down_proj]), new_cache, None
+
+
+def resolve_pending(x_BxD, pending):
+  """x + rnd(m · rnd(a)): a block's deferred output (`Block.step_deferred`: a [1, 1, D] float32
+  sum a and its Linear's multiplier m) added to the stream x in x's dtype, as the unfused step
+  rounds the down product and `layers.scale_columns`."""
+  addend, multiplier = pending
+  y = addend[0].astype(x_BxD.dtype)
+  if multiplier != 1.0:
+    y = y * jnp.asarray(multiplier, x_BxD.dtype)
+  return x_BxD + y
 
 
 class GatedDeltaNetLM(nnx.Module):
@@ -275,18 +326,22 @@ class GatedDeltaNetLM(nnx.Module):
     w = self.decode_weights() if weights is None else weights
     with jax.named_scope("embed"):
       x = self.embed(token_B)
-    new_cache = []
+    new_cache, pending = [], None     # pending: a block's output left to the next GEMV
     for i, block in enumerate(self.blocks):
-      x, c = block.step(x, cache[i], w['blocks'][i], impl=impl, matmul_rows=matmul_rows,
-                        decode_config=decode_config)
+      x, c, pending = block.step_deferred(x, cache[i], w['blocks'][i], pending, impl=impl,
+                                          matmul_rows=matmul_rows, decode_config=decode_config)
       new_cache.append(c)
     with jax.named_scope("head"):
       tied = self.config.tie_embeddings   # h Eᵀ, contracting E's feature axis (no transpose)
       m = self.embed.attend_multiplier if tied else self.lm_head.multiplier
       if self._head_fuses_norm(x, w['head'], decode_config):   # the final norm in the GEMV
+        addend = {} if pending is None else dict(addends_SxD=pending[0],
+                                                 addend_multiplier=pending[1])
         logits, _ = decode_norm_dot(x, w['head'], self.final_norm, w_contract=int(tied),
-                                    decode_config=decode_config, product="head")
+                                    decode_config=decode_config, product="head", **addend)
       else:
+        if pending is not None:
+          x = resolve_pending(x, pending)
         h = self.final_norm(x).astype(w['head'].dtype)
         logits = decode_dot(h, w['head'], matmul_rows, w_contract=int(tied),
                             decode_config=decode_config, product="head")

@@ -193,6 +193,19 @@ class DecodeConfig:
     (q | k | v, W_a x, W_b x) and, with the mixer's gate, W_o's gated-norm prologue (so only
     where that prologue is used, `gemv_out_norm`). No XLA kernel sums the partials between the
     in-projection and the rule. False: XLA sums them.
+  gemv_out_atomic: where a GDN block makes its norms in the GEMV prologues at batch 1
+    (`gemv_norm`), W_o's GEMV programs add their split partials atomically into float32 zeros
+    that the in-projection's GEMV makes (`decode_gemv`'s `accumulator` / `zeros_out`), so the
+    gate/up prologue reads one summed addend instead of re-reading all W_o's partials in every
+    program (where D is a multiple of out_proj's block_n; else the partials). The order of the
+    float32 additions then varies from run to run on a GPU: the sum's last bits, and rarely a
+    bf16 rounding of it, are not reproducible. False: the partials (deterministic).
+  gemv_down_atomic: likewise for every GDN block's MLP down product (the chained GEMVs): its
+    programs add their partials atomically into zeros that the gate/up GEMV makes, and the
+    block's output is added to the stream in the next GEMV's prologue (the next block's
+    in-projection, or the read-out's final norm; `model.Block.step_deferred`), so no XLA kernel
+    sums the down partials and adds the residual between two layers. Same reproducibility
+    caveat; False: XLA's sum and add.
   gemv_num_stages: Triton's software-pipelining depth of the GEMVs' K-tile loop.
   gemv_overrides: per-product GEMV launch settings, each in place of its global field
     (gemv_block_n, gemv_block_k, gemv_min_programs, gemv_num_warps, gemv_num_stages) for one
@@ -234,11 +247,14 @@ class DecodeConfig:
   gemv_norm: bool = True
   gemv_out_norm: bool = True
   gemv_in_partials: bool = False
+  gemv_out_atomic: bool = False
+  gemv_down_atomic: bool = False
   conv_ring: bool = True
   gemv_overrides: str = ""
 
   def __post_init__(self):
-    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "gemv_in_partials", "conv_ring"):
+    for name in ("gemv_swiglu", "gemv_norm", "gemv_out_norm", "gemv_in_partials",
+                 "gemv_out_atomic", "gemv_down_atomic", "conv_ring"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected True or "
                          "False.")

@@ -17,7 +17,10 @@ Two inner loops, by batch:
 
 The S splits of K give enough programs when N / BN alone would leave SMs idle (the MLP's down
 product: N = 1024); their sum is left to XLA, which can fuse it into the consumer's elementwise
-kernel. `transposed=True` takes W as [N, K] (a tied read-out, h Eᵀ, without a transpose). Columns
+kernel, or to the consumer kernel (`summed_partials`: the next GEMV's prologue, the fused rule
+kernel), or (`accumulator`: float32 zeros, e.g. made by `gemv_norm_pallas(..., zeros_out=N)`) is
+made by the programs themselves, each adding its partial atomically (N a multiple of BN; the
+order of the float32 additions varies from run to run on a GPU). `transposed=True` takes W as [N, K] (a tied read-out, h Eᵀ, without a transpose). Columns
 past N (N need not divide by BN) are masked. On CPU the kernel runs in interpret mode.
 
 `gemv_norm_pallas` (batch 1) puts a pre-norm block's residual add and RMSNorm in front of the
@@ -216,16 +219,25 @@ def _gated_norm_prologue(o_ref, gate_ref, gain_ref, *, block_k, eps, gate_column
 
 
 def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, norm=None,
-            gated_norm=None):
+            gated_norm=None, accumulate=False, zeros_out=False):
   """x_ref: [R, Ks] (R = 1 or 16 padded rows), or (`swiglu_dtype`) gate and up partials
   [S_in, 1, Ks] each, or (`norm`: dict of eps and the addends' multiplier) x [1, D], the
   addends [S_a, 1, D] (if any) and the gain [1, D], or (`gated_norm`: dict of eps and the gate's
   first column, and with partials their count and the gate's multiplier) o [1, H·V], the gate
   [1, ≥ H·V] or its split partials [S, 1, ≥ H·V] (if any) and the gain [1, V]; w_ref: [BN, Ks]
   (`transposed`) or [Ks, BN]; y_ref: [R, BN]; with `norm` also r_ref [1, D]. The two norm
-  prologues read their whole input and make the tiles of this program's split (`h_tile`)."""
+  prologues read their whole input and make the tiles of this program's split (`h_tile`).
+  `accumulate`: the last input is the accumulator (the same memory as y_ref, its column block
+  [1, BN]), into which the program adds y atomically instead of storing it; `zeros_out`: a last
+  output [1, Z] that program (0, 0) fills with zeros (the next GEMV's accumulator)."""
   f32 = jnp.float32
   h_tile = None
+  zeros_ref = None
+  if zeros_out:
+    *refs, zeros_ref = refs
+  if accumulate:   # drop the accumulator's input ref: y_ref is the same buffer
+    n_out = 2 if norm is not None else 1
+    refs = refs[:-n_out - 1] + refs[-n_out:]
   split_start = pl.program_id(1) * (tiles * block_k)   # this split's first row of W
   if swiglu_dtype is not None:
     gate_ref, up_ref, w_ref, y_ref = refs
@@ -280,7 +292,14 @@ def _kernel(*refs, n, block_n, block_k, tiles, transposed, swiglu_dtype=None, no
       return acc + jax.lax.dot_general(x_ref[:, ks], w_tile(ks), dims, precision=precision,
                                        preferred_element_type=f32)          # [16, BN]
     y = jax.lax.fori_loop(0, tiles, body, jnp.zeros((rows, block_n), f32))
-  plt.store(y_ref.at[:, :], y, mask=valid[None, :])
+  if accumulate:   # the wrapper checked N % BN == 0: no mask
+    plt.atomic_add(y_ref, (slice(None), slice(None)), y)
+  else:
+    plt.store(y_ref.at[:, :], y, mask=valid[None, :])
+  if zeros_ref is not None:
+    @pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0))
+    def _():
+      zeros_ref[...] = jnp.zeros(zeros_ref.shape, zeros_ref.dtype)
 
 
 def _w_spec(transposed: bool, block_n: int, Ks: int):
@@ -296,6 +315,26 @@ def _partials_spec(rows: int, block_n: int):
   return pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j))
 
 
+def _output(where, S, N, block_n, accumulator, n_inputs):
+  """(out spec, out shape, input_output_aliases) of a batch-1 product: its split partials
+  [S, 1, N] float32, or with `accumulator` (a float32 [1, N] of zeros, the last of `n_inputs`
+  inputs) their sum [1, N] added into it atomically by the programs, as its alias. ValueError
+  naming `accumulator` if its shape does not fit or N is not a multiple of `block_n`."""
+  if accumulator is None:
+    return _partials_spec(1, block_n), jax.ShapeDtypeStruct((S, 1, N), jnp.float32), {}
+  if accumulator.shape != (1, N) or accumulator.dtype != jnp.float32 or N % block_n:
+    raise ValueError(f"{where}: `accumulator` {accumulator.shape} {accumulator.dtype} with "
+                     f"block_n={block_n}; expected float32 zeros [1, {N}] (the product's "
+                     "columns) and N a multiple of block_n (atomic adds take no mask), or None.")
+  return (pl.BlockSpec((1, block_n), lambda j, s: (0, j)),
+          jax.ShapeDtypeStruct((1, N), jnp.float32), {n_inputs - 1: 0})
+
+
+def _accumulator_spec(block_n: int):
+  """The accumulator input's block of program (j, s): its column block j (aliased to y)."""
+  return pl.BlockSpec((1, block_n), lambda j, s: (0, j))
+
+
 def _sum_splits(y_SxRxN):
   """Σ_s of the split partials (float32; one split: as it is)."""
   return y_SxRxN[0] if y_SxRxN.shape[0] == 1 else jnp.sum(y_SxRxN, axis=0)
@@ -306,7 +345,8 @@ def _sum_splits(y_SxRxN):
                                              "sum_splits", "interpret"))
 def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_k: int = 128,
                 splits: int | None = None, min_programs: int = 256, num_warps: int = 4,
-                num_stages: int = 2, sum_splits: bool = True, interpret: bool | None = None):
+                num_stages: int = 2, sum_splits: bool = True, accumulator=None,
+                interpret: bool | None = None):
   """x @ W (W [K, N]) or x @ Wᵀ (`transposed`, W [N, K]) in float32, for B ≤ `MAX_ROWS` rows.
 
   `block_n` columns and `block_k` rows of W per tile (powers of two; block_k is lowered to the
@@ -314,7 +354,10 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
   programs, `choose_splits`). `num_warps` warps per program; `num_stages`: Triton's
   software-pipelining depth of the K-tile loop (1: each tile loaded when it is summed; 2: the next
   one loads meanwhile; an int ≥ 1). `sum_splits=False` returns the splits' partial products
-  [S, B, N] unsummed (`gemv_swiglu_pallas` sums them as it reads them).
+  [S, B, N] unsummed (`gemv_swiglu_pallas` sums them as it reads them). `accumulator` (batch
+  1): a float32 [1, N] of zeros (e.g. `gemv_norm_pallas(..., zeros_out=N)`'s) into which every
+  program adds its partial atomically; returns that sum [1, N] float32, its order of additions
+  varying from run to run on a GPU (`sum_splits` is then moot; N a multiple of `block_n`).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -330,17 +373,31 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
                        interpret)
   R = 1 if B == 1 else DOT_ROWS
   x = x_BxK if R == B else jnp.pad(x_BxK, ((0, R - B), (0, 0)))
+  in_specs = [pl.BlockSpec((R, Ks), lambda j, s: (0, s)), _w_spec(transposed, block_n, Ks)]
+  operands = [x.astype(w.dtype), w]
+  if accumulator is None:
+    out_spec, out_shape, aliases = (_partials_spec(R, block_n),
+                                    jax.ShapeDtypeStruct((S, R, N), jnp.float32), {})
+  else:
+    if B != 1:
+      raise ValueError(f"gemv_pallas: `accumulator` with batch {B}; expected batch 1.")
+    out_spec, out_shape, aliases = _output("gemv_pallas", S, N, block_n, accumulator, 3)
+    in_specs.append(_accumulator_spec(block_n))
+    operands.append(accumulator)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
-                        transposed=transposed),
+                        transposed=transposed, accumulate=accumulator is not None),
       grid=(pl.cdiv(N, block_n), S),
-      in_specs=[pl.BlockSpec((R, Ks), lambda j, s: (0, s)), _w_spec(transposed, block_n, Ks)],
-      out_specs=_partials_spec(R, block_n),
-      out_shape=jax.ShapeDtypeStruct((S, R, N), jnp.float32),
+      in_specs=in_specs,
+      out_specs=out_spec,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv",
-  )(x.astype(w.dtype), w)
+  )(*operands)
+  if accumulator is not None:
+    return y
   return _sum_splits(y)[:B] if sum_splits else y[:, :B]
 
 
@@ -348,13 +405,13 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
                                              "num_warps", "num_stages", "interpret"))
 def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int = 128,
                        splits: int | None = None, min_programs: int = 256, num_warps: int = 4,
-                       num_stages: int = 2, interpret: bool | None = None):
+                       num_stages: int = 2, accumulator=None, interpret: bool | None = None):
   """(SiLU(g) ⊙ u) @ W_down in float32 at batch 1, where [g | u] = Σ_s gate_up[s] (the MLP's
   gate and up products, e.g. `gemv_pallas(..., sum_splits=False)`'s partials [S_in, 1, 2F]):
   the split sum, SiLU and product are made as the tiles are read, so no kernel runs between the
   two products. g, u and the SiLU product are rounded to W's dtype, as the unfused step's are.
-  S_in must be a power of two (Triton blocks); W: [F, N]. The tiles, splits, warps and stages
-  as `gemv_pallas`.
+  S_in must be a power of two (Triton blocks); W: [F, N]. The tiles, splits, warps, stages and
+  `accumulator` as `gemv_pallas`.
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -366,36 +423,48 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
                      "partials; batch 1) and W [F, N].")
   bk, S, Ks = _tiling("gemv_swiglu_pallas", F, N, block_n, block_k, splits, min_programs,
                       num_stages, interpret)
+  in_specs = [pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, s)),
+              pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, S + s)),
+              _w_spec(False, block_n, Ks)]
+  operands = [gate_up_SxBx2F, gate_up_SxBx2F, w_FxN]
+  out_spec, out_shape, aliases = _output("gemv_swiglu_pallas", S, N, block_n, accumulator,
+                                         len(operands) + 1)
+  if accumulator is not None:
+    in_specs.append(_accumulator_spec(block_n))
+    operands.append(accumulator)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
-                        transposed=False, swiglu_dtype=w_FxN.dtype),
+                        transposed=False, swiglu_dtype=w_FxN.dtype,
+                        accumulate=accumulator is not None),
       grid=(pl.cdiv(N, block_n), S),
-      in_specs=[pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, s)),
-                pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, S + s)),
-                _w_spec(False, block_n, Ks)],
-      out_specs=_partials_spec(1, block_n),
-      out_shape=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
+      in_specs=in_specs,
+      out_specs=out_spec,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv_swiglu",
-  )(gate_up_SxBx2F, gate_up_SxBx2F, w_FxN)
-  return _sum_splits(y)
+  )(*operands)
+  return y if accumulator is not None else _sum_splits(y)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "addend_multiplier", "transposed", "block_n",
                                              "block_k", "splits", "min_programs", "num_warps",
-                                             "num_stages", "sum_splits", "interpret"))
+                                             "num_stages", "sum_splits", "zeros_out",
+                                             "interpret"))
 def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
                      addend_multiplier: float = 1.0, transposed: bool = False, block_n: int = 64,
                      block_k: int = 128, splits: int | None = None, min_programs: int = 256,
                      num_warps: int = 4, num_stages: int = 2, sum_splits: bool = True,
-                     interpret: bool | None = None):
+                     zeros_out: int = 0, interpret: bool | None = None):
   """(h @ W in float32, r) at batch 1, where r = x + rnd(m · Σ_i addends[i]) is the new residual
   stream (x's dtype) and h = RMSNorm(r) · gain (W's dtype): the residual add and the norm of a
   pre-norm block made in the GEMV's prologue (module docstring). `addends_SxD` [S_a, 1, D]: e.g.
   `gemv_pallas(..., sum_splits=False)`'s partials (None: r = x); `addend_multiplier` m: their
   Linear's forward multiplier. W [D, N] (or [N, D], `transposed`); tiles, splits, warps,
-  stages and `sum_splits` as `gemv_pallas`. Returns (y [1, N] or its partials [S, 1, N], r [1, D]).
+  stages and `sum_splits` as `gemv_pallas`. Returns (y [1, N] or its partials [S, 1, N], r [1, D]),
+  and with `zeros_out` Z > 0 a third output, float32 zeros [1, Z] written by program (0, 0): a
+  later GEMV's `accumulator`, made here so that no XLA kernel makes it.
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -412,6 +481,9 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
                                   or addends_SxD.shape[0] < 1):
     raise ValueError(f"gemv_norm_pallas: `addends_SxD` {addends_SxD.shape}; expected [S_a, 1, "
                      f"{D}] with S_a ≥ 1 (a GEMV's split partials), or None.")
+  if isinstance(zeros_out, bool) or not isinstance(zeros_out, int) or zeros_out < 0:
+    raise ValueError(f"gemv_norm_pallas: `zeros_out`={zeros_out!r}; expected an int ≥ 0 (the "
+                     "width of a zeroed accumulator to return; 0: none).")
   bk, S, Ks = _tiling("gemv_norm_pallas", D, N, block_n, block_k, splits, min_programs,
                       num_stages, interpret)
   whole = lambda j, s: (0, 0)
@@ -424,20 +496,25 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
                _w_spec(transposed, block_n, Ks)]
   operands += [gain_D.reshape(1, D), w]
   norm = dict(eps=float(eps), multiplier=float(addend_multiplier))
-  y, r = pl.pallas_call(
+  out_specs = [_partials_spec(1, block_n),                                  # y's partials
+               pl.BlockSpec((1, D), whole)]                                 # r (program (0, 0))
+  out_shape = [jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
+               jax.ShapeDtypeStruct((1, D), x_1xD.dtype)]
+  if zeros_out:                                                             # (program (0, 0))
+    out_specs.append(pl.BlockSpec((1, zeros_out), whole))
+    out_shape.append(jax.ShapeDtypeStruct((1, zeros_out), jnp.float32))
+  y, r, *zeros = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
-                        transposed=transposed, norm=norm),
+                        transposed=transposed, norm=norm, zeros_out=bool(zeros_out)),
       grid=(pl.cdiv(N, block_n), S),
       in_specs=in_specs,
-      out_specs=[_partials_spec(1, block_n),                                # y's partials
-                 pl.BlockSpec((1, D), whole)],                              # r (program (0, 0))
-      out_shape=[jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
-                 jax.ShapeDtypeStruct((1, D), x_1xD.dtype)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv_norm",
   )(*operands)
-  return (_sum_splits(y) if sum_splits else y), r
+  return ((_sum_splits(y) if sum_splits else y), r, *zeros)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "head_dim", "gate_column", "gate_multiplier",
@@ -449,7 +526,7 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
                            block_n: int = 64, block_k: int = 128,
                            splits: int | None = None, min_programs: int = 256,
                            num_warps: int = 4, num_stages: int = 2, sum_splits: bool = True,
-                           interpret: bool | None = None):
+                           accumulator=None, interpret: bool | None = None):
   """h @ W_o in float32 at batch 1, where h is the GDN mixer's gated output norm of the rule's
   output o (module docstring), made in the GEMV's prologue: with o_dt = rnd(o) and V = head_dim,
 
@@ -467,8 +544,8 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   kernel sums them), or None (no gate: h = rnd(RMSNorm_V(o_dt) · w));
   w: W_o [H·V, N]; gain_V: w [V], shared by the heads. Each K tile lies inside one head: V must
   be a multiple of the K tile (`block_k` lowered to the largest power of two dividing H·V).
-  Tiles, splits, warps, stages and `sum_splits` as `gemv_pallas`. Returns y [1, N] or its
-  split partials [S, 1, N] (float32).
+  Tiles, splits, warps, stages, `sum_splits` and `accumulator` as `gemv_pallas`. Returns y
+  [1, N] or its split partials [S, 1, N] (float32).
   """
   where = "gemv_gated_norm_pallas"
   if interpret is None:
@@ -514,18 +591,26 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   in_specs += [pl.BlockSpec((1, head_dim), whole),                          # gain, whole
                _w_spec(False, block_n, Ks)]
   operands += [gain_V.reshape(1, head_dim), w]
+  out_spec, out_shape, aliases = _output(where, S, N, block_n, accumulator, len(operands) + 1)
+  if accumulator is not None:
+    in_specs.append(_accumulator_spec(block_n))
+    operands.append(accumulator)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
                         transposed=False,
                         gated_norm=dict(eps=float(eps), gate_column=gate_column,
                                         gate_parts=gate_parts,
-                                        gate_multiplier=float(gate_multiplier))),
+                                        gate_multiplier=float(gate_multiplier)),
+                        accumulate=accumulator is not None),
       grid=(pl.cdiv(N, block_n), S),
       in_specs=in_specs,
-      out_specs=_partials_spec(1, block_n),
-      out_shape=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
+      out_specs=out_spec,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv_gated_norm",
   )(*operands)
+  if accumulator is not None:
+    return y
   return _sum_splits(y) if sum_splits else y

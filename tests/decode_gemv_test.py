@@ -967,3 +967,174 @@ def test_in_partials_is_a_bool():
   assert not DecodeConfig().gemv_in_partials
   with pytest.raises(ValueError, match="gemv_in_partials"):
     DecodeConfig(gemv_in_partials=1)
+
+
+# W_o's partials summed by atomic adds into zeros the in-projection's GEMV makes
+# (DecodeConfig.gemv_out_atomic; decode_gemv's `accumulator` and `zeros_out`).
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gemvs_accumulate_their_partials_atomically(dtype):
+  """`accumulator`: gemv_pallas and gemv_gated_norm_pallas add every split's partial into the
+  given zeros: the partials' sum, to float32 rounding (in interpret mode the programs run in
+  order; on a GPU the order varies). `zeros_out`: gemv_norm_pallas returns zeros made by its
+  program (0, 0) (interpret mode fills unwritten outputs with NaN, so a missing write shows)."""
+  x = jax.random.normal(jax.random.key(50), (1, 64)).astype(dtype)
+  w = (jax.random.normal(jax.random.key(51), (64, 48)) / 8).astype(dtype)
+  launch = dict(block_n=16, block_k=16, splits=4)
+  parts = gemv_pallas(x, w, sum_splits=False, **launch)
+  zeros = jnp.zeros((1, 48), jnp.float32)
+  summed = gemv_pallas(x, w, accumulator=zeros, **launch)
+  assert summed.shape == (1, 48) and summed.dtype == jnp.float32
+  np.testing.assert_allclose(summed, jnp.sum(parts, axis=0), rtol=1e-6, atol=1e-6)
+  assert float(np.abs(np.asarray(summed)).max()) > 0.5
+  o, gate, w_o, gain = _out_norm_operands(dtype, 3, 64, 48, 3 * 64, seed=52)
+  kw = dict(eps=1e-6, head_dim=64, **launch)
+  np.testing.assert_allclose(
+      gemv_gated_norm_pallas(o, gate, w_o, gain, accumulator=zeros, **kw),
+      jnp.sum(gemv_gated_norm_pallas(o, gate, w_o, gain, sum_splits=False, **kw), axis=0),
+      rtol=1e-6, atol=1e-6)
+  y, r, made = gemv_norm_pallas(x, w, jnp.ones((64,)), eps=1e-6, zeros_out=40, **launch)
+  assert made.shape == (1, 40) and made.dtype == jnp.float32
+  np.testing.assert_array_equal(made, 0.0)
+  y2, r2 = gemv_norm_pallas(x, w, jnp.ones((64,)), eps=1e-6, **launch)
+  np.testing.assert_array_equal(y, y2)
+  np.testing.assert_array_equal(r, r2)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, w, z: gemv_pallas(x, w, accumulator=z[:, :32]), "accumulator"),
+    (lambda x, w, z: gemv_pallas(x, w, accumulator=z.astype(jnp.bfloat16)), "accumulator"),
+    (lambda x, w, z: gemv_pallas(x, w[:, :40], accumulator=z[:, :40], block_n=16),
+     "block_n=16"),                                                       # 16 ∤ 40
+    (lambda x, w, z: gemv_pallas(jnp.concatenate([x, x]), w, accumulator=z), "batch 2"),
+    (lambda x, w, z: gemv_norm_pallas(x, w, jnp.ones((64,)), eps=1e-6, zeros_out=-1),
+     "zeros_out"),
+])
+def test_accumulator_errors_name_the_argument(call, match):
+  x, w = jnp.ones((1, 64)), jnp.ones((64, 48))
+  with pytest.raises(ValueError, match=match):
+    call(x, w, jnp.zeros((1, 48), jnp.float32))
+
+
+def test_atomic_w_o_lowers_for_an_h100():
+  """The 512M model's in-projection with a zeroed [1, 1024] output and W_o's gated-norm GEMV
+  adding into it: one Triton call each, W_o's output aliased to the zeros."""
+  sds = jax.ShapeDtypeStruct
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  cfg = DecodeConfig()
+
+  def step(x, w_in, gain, o, w_o, gain_v):
+    y, _, zeros = gemv_norm_pallas(x, w_in, gain, eps=1e-6, sum_splits=False, zeros_out=1024,
+                                   interpret=False, **cfg.gemv_launch_for("in_proj"))
+    return gemv_gated_norm_pallas(o, y, w_o, gain_v, eps=1e-6, head_dim=512, gate_column=6144,
+                                  accumulator=zeros, interpret=False,
+                                  **cfg.gemv_launch_for("out_proj"))
+  text = export_for_h100(step, sds((1, 1024), bf16), sds((1024, 9228), bf16), sds((1024,), f32),
+                         sds((1, 3072), f32), sds((3072, 1024), bf16), sds((512,), f32))
+  assert text.count(TRITON_CALL) == 2
+  assert "output_operand_alias" in text
+  assert triton_launch(text, "decode_gemv_gated_norm") == ((8, 24, 1), 2, 4)
+
+
+# (variant, model changes, GEMV overrides, W_o multiplier, accumulating W_o GEMVs per GDN layer)
+OUT_ATOMIC_STEPS = [
+    ("untied", V32, "out_proj=bk16", 0.5, 1),          # the gated norm in W_o's prologue
+    ("untied", {}, "", 1.0, 1),                        # V = 12: gemv_pallas after XLA's norm
+    ("hybrid", V32, "out_proj=bk16", 1.0, 1),
+    ("tied", V32, "out_proj=bk16,bn64", 1.0, 0),       # D = 32 is no multiple of 64: partials
+]
+
+
+@pytest.mark.parametrize("variant, model_changes, overrides, o_multiplier, per_layer",
+                         OUT_ATOMIC_STEPS)
+def test_batch_1_step_with_atomic_w_o_equals_the_partials_step(
+    monkeypatch, variant, model_changes, overrides, o_multiplier, per_layer):
+  """DecodeConfig.gemv_out_atomic (with the norms in the prologues): the XLA step's logits to
+  float32 rounding; W_o's GEMV accumulated once per GDN layer where D is a multiple of its
+  block_n, and the gate/up prologue got one addend."""
+  kinds = dataclasses.replace(DECODE_VARIANTS[variant], **model_changes).layer_kinds
+  seen = []
+  for kernel in ("gemv_pallas", "gemv_gated_norm_pallas"):
+    real = getattr(decode_gemv, kernel)
+    monkeypatch.setattr(decode_gemv, kernel, functools.partial(
+        lambda *a, real=real, **k: seen.append(k.get("accumulator") is not None)
+        or real(*a, **k)))
+  atomic, xla, _ = _gemv_step_against_xla(
+      monkeypatch, "gemv_norm_pallas", variant, 1, 43, model_changes, o_multiplier,
+      gemv_out_atomic=True, gemv_overrides=overrides)
+  np.testing.assert_allclose(atomic, xla, rtol=1e-5, atol=1e-5)
+  assert sum(seen) == per_layer * kinds.count("G")
+  assert float(np.abs(np.asarray(xla)).max()) > 0.5
+
+
+def test_generate_bf16_with_atomic_w_o_samples_the_partials_tokens():
+  """bf16, batch 1, generate's loop (in interpret mode, the atomic adds run in one order): the
+  same 8 sampled tokens with and without DecodeConfig.gemv_out_atomic."""
+  from gdn_jax import generate as gen
+  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32), seed=44)
+  prompt = jax.random.randint(jax.random.key(44), (1, 6), 0, 64)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(6), impl="pallas_fused")
+  run = lambda on: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, gemv_out_atomic=on, gemv_overrides="out_proj=bk16,mp5"), **kw)
+  np.testing.assert_array_equal(run(True), run(False))
+
+
+# The down product's partials summed atomically and the block's output added in the next GEMV's
+# prologue (DecodeConfig.gemv_down_atomic; model.Block.step_deferred).
+
+@pytest.mark.parametrize("variant, model_changes, overrides, deferring", [
+    ("untied", V32, "out_proj=bk16", 2),                 # both blocks defer: the head adds
+    ("tied", {}, "", 2),
+    ("hybrid", V32, "out_proj=bk16", 1),                 # G defers, A adds it first (XLA)
+    ("untied", V32, "out_proj=bk16;mlp_out=bn64", 0),    # D = 32 is no multiple of 64
+])
+def test_batch_1_step_with_deferred_block_outputs_equals_the_xla_step(
+    monkeypatch, variant, model_changes, overrides, deferring):
+  """DecodeConfig.gemv_down_atomic (with gemv_out_atomic or without): the XLA step's logits to
+  float32 rounding, and bit for bit the logits of the step without it (interpret mode adds in
+  one order); the down GEMV accumulated in each deferring block; the down multiplier applied
+  where the output is added (0.5 here)."""
+  from kernels_pallas import decode_gemv as dg
+  model = make(dataclasses.replace(DECODE_VARIANTS[variant], **model_changes), seed=46)
+  for block in model.blocks:
+    block.mlp.down_proj.multiplier = 0.5
+  prompt = jax.random.randint(jax.random.key(46), (1, 5), 0, 64)
+  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
+  token = jnp.argmax(logits[:, 0], -1)
+  accumulating, real = [], dg.gemv_swiglu_pallas
+  monkeypatch.setattr(dg, "gemv_swiglu_pallas", lambda *a, **k: accumulating.append(
+      k.get("accumulator") is not None) or real(*a, **k))
+  step = lambda **kw: model.decode_step(token, cache, impl="xla", decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, gemv_overrides=overrides, **kw))[0]
+  for out_atomic in (False, True):
+    accumulating.clear()
+    deferred = step(gemv_down_atomic=True, gemv_out_atomic=out_atomic)
+    assert sum(accumulating) == deferring
+    np.testing.assert_array_equal(deferred, step(gemv_out_atomic=out_atomic))
+  xla = model.decode_step(token, cache, impl="xla")[0]
+  np.testing.assert_allclose(deferred, xla, rtol=1e-5, atol=1e-5)
+  assert float(np.abs(np.asarray(xla)).max()) > 0.5
+
+
+def test_generate_bf16_with_deferred_block_outputs_samples_the_same_tokens():
+  """bf16, batch 1, generate's loop with every batch-1 option on (in-projection partials, atomic
+  W_o and down sums, deferred outputs): the same 8 sampled tokens as with them off."""
+  from gdn_jax import generate as gen
+  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32), seed=47)
+  prompt = jax.random.randint(jax.random.key(47), (1, 6), 0, 64)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(7), impl="pallas_fused")
+  run = lambda on: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, gemv_in_partials=on, gemv_out_atomic=on, gemv_down_atomic=on,
+      gemv_overrides="out_proj=bk16,mp7"), **kw)
+  np.testing.assert_array_equal(run(True), run(False))
+
+
+def test_resolve_pending_rounds_as_the_unfused_step():
+  """x + rnd(m · rnd(a)) in x's dtype: against the unfused composition (scale_columns)."""
+  from gdn_jax.model import resolve_pending
+  x = jax.random.normal(jax.random.key(48), (1, 32)).astype(jnp.bfloat16)
+  a = 3 * jax.random.normal(jax.random.key(49), (1, 1, 32))
+  lin = types.SimpleNamespace(multiplier=0.3, kernel=jnp.zeros((4, 32)))
+  np.testing.assert_array_equal(resolve_pending(x, (a, 0.3)),
+                                x + layers.scale_columns(a[0].astype(jnp.bfloat16), [lin]))
+  np.testing.assert_array_equal(resolve_pending(x, (a, 1.0)), x + a[0].astype(jnp.bfloat16))
