@@ -83,7 +83,10 @@ class Options:
                      "pallas:bfloat16", "pallas_fused:bfloat16", "xla+nogemv@1:float32",
                      "pallas+nogemv@1:float32", "pallas_fused+nogemv:bfloat16",
                      "pallas_fused+noswiglu:bfloat16", "pallas_fused+nonorm:bfloat16",
-                     "pallas_fused+noonorm:bfloat16", "pallas_fused+noring:bfloat16")
+                     "pallas_fused+noonorm:bfloat16", "pallas_fused+noring:bfloat16",
+                     "pallas_fused+inparts:bfloat16", "pallas_fused+oatomic:bfloat16",
+                     "pallas_fused+datomic:bfloat16",
+                     "pallas_fused+inparts+oatomic+datomic:bfloat16")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
@@ -501,6 +504,12 @@ def split_impl(impl: str) -> tuple[str, int]:
   return base, int(rows) if rows.isdigit() else 0
 
 
+# The DecodeConfig switches of a variant: +NAME sets the field on, +noNAME off.
+SWITCHES = {"gemv": "gemv", "ring": "conv_ring", "swiglu": "gemv_swiglu", "norm": "gemv_norm",
+            "onorm": "gemv_out_norm", "inparts": "gemv_in_partials",
+            "oatomic": "gemv_out_atomic", "datomic": "gemv_down_atomic"}
+
+
 def split_launch(impl: str):
   """"pallas_fused+bv16+w8" → ("pallas_fused", DecodeConfig(block_v=16, num_warps=8)): the Pallas
   step kernels' launch settings, and "+gemv" (with "+gbnN", "+gbkN": its column and K tiles;
@@ -538,29 +547,9 @@ def split_launch(impl: str):
                          "or head and KEY bn, bk, mp, w or st (e.g. +out_proj.bn32.mp128).")
       overrides.append(f"{product}={','.join(settings)}")
       continue
-    if part in ("gemv", "nogemv") and "gemv" not in kw:
-      kw["gemv"] = part == "gemv"
-      continue
-    if part == "noring" and "conv_ring" not in kw:
-      kw["conv_ring"] = False
-      continue
-    if part == "noswiglu" and "gemv_swiglu" not in kw:
-      kw["gemv_swiglu"] = False
-      continue
-    if part in ("norm", "nonorm") and "gemv_norm" not in kw:
-      kw["gemv_norm"] = part == "norm"
-      continue
-    if part in ("onorm", "noonorm") and "gemv_out_norm" not in kw:
-      kw["gemv_out_norm"] = part == "onorm"
-      continue
-    if part in ("inparts", "noinparts") and "gemv_in_partials" not in kw:
-      kw["gemv_in_partials"] = part == "inparts"
-      continue
-    if part in ("oatomic", "nooatomic") and "gemv_out_atomic" not in kw:
-      kw["gemv_out_atomic"] = part == "oatomic"
-      continue
-    if part in ("datomic", "nodatomic") and "gemv_down_atomic" not in kw:
-      kw["gemv_down_atomic"] = part == "datomic"
+    switch = part if part in SWITCHES else part[2:] if part.startswith("no") else None
+    if switch in SWITCHES and SWITCHES[switch] not in kw:   # +NAME on, +noNAME off
+      kw[SWITCHES[switch]] = part == switch
       continue
     key = {"bv": "block_v", "w": "num_warps", "gbn": "gemv_block_n", "gbk": "gemv_block_k",
            "gw": "gemv_num_warps", "gmp": "gemv_min_programs",

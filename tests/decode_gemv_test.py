@@ -881,15 +881,25 @@ def test_generate_with_the_out_norm_gemv_samples_the_xla_tokens(monkeypatch):
   assert calls
 
 
+def _bf16_tokens_on_and_off(seed, rng_seed, overrides, *switches):
+  """generate's 8 sampled tokens (bf16 model, batch 1, impl "pallas_fused", the GEMV in
+  interpret mode) with the DecodeConfig `switches` all on, and all off. `overrides`: the
+  gemv_overrides, distinct per test (generate caches its programs by config)."""
+  from gdn_jax import generate as gen
+  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32),
+               seed=seed)
+  prompt = jax.random.randint(jax.random.key(seed), (1, 6), 0, 64)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(rng_seed), impl="pallas_fused")
+  run = lambda on: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=16, gemv_overrides=overrides, **{name: on for name in switches}),
+                                **kw)
+  return run(True), run(False)
+
+
 def test_generate_bf16_with_the_out_norm_gemv_samples_the_unfused_tokens():
   """bf16, batch 1: the same 8 sampled tokens with and without DecodeConfig.gemv_out_norm."""
-  from gdn_jax import generate as gen
-  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32), seed=25)
-  prompt = jax.random.randint(jax.random.key(25), (1, 6), 0, 64)
-  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(4), impl="pallas_fused")
-  run = lambda out_norm: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
-      gemv=True, gemv_block_n=16, gemv_out_norm=out_norm, gemv_overrides="out_proj=bk16"), **kw)
-  np.testing.assert_array_equal(run(True), run(False))
+  np.testing.assert_array_equal(*_bf16_tokens_on_and_off(25, 4, "out_proj=bk16",
+                                                         "gemv_out_norm"))
 
 
 # The in-projection's split partials summed by their consumers (DecodeConfig.gemv_in_partials):
@@ -953,14 +963,8 @@ def test_batch_1_ring_step_with_in_projection_partials_equals_the_summed_step(
 def test_generate_bf16_with_in_projection_partials_samples_the_summed_tokens():
   """bf16, batch 1, generate's loop: the same 8 sampled tokens with and without
   DecodeConfig.gemv_in_partials."""
-  from gdn_jax import generate as gen
-  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32), seed=42)
-  prompt = jax.random.randint(jax.random.key(42), (1, 6), 0, 64)
-  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(5), impl="pallas_fused")
-  run = lambda on: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
-      gemv=True, gemv_block_n=16, gemv_in_partials=on, gemv_overrides="out_proj=bk16,mp3"),
-                                **kw)
-  np.testing.assert_array_equal(run(True), run(False))
+  np.testing.assert_array_equal(*_bf16_tokens_on_and_off(42, 5, "out_proj=bk16,mp3",
+                                                         "gemv_in_partials"))
 
 
 def test_in_partials_is_a_bool():
@@ -1070,13 +1074,8 @@ def test_batch_1_step_with_atomic_w_o_equals_the_partials_step(
 def test_generate_bf16_with_atomic_w_o_samples_the_partials_tokens():
   """bf16, batch 1, generate's loop (in interpret mode, the atomic adds run in one order): the
   same 8 sampled tokens with and without DecodeConfig.gemv_out_atomic."""
-  from gdn_jax import generate as gen
-  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32), seed=44)
-  prompt = jax.random.randint(jax.random.key(44), (1, 6), 0, 64)
-  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(6), impl="pallas_fused")
-  run = lambda on: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
-      gemv=True, gemv_block_n=16, gemv_out_atomic=on, gemv_overrides="out_proj=bk16,mp5"), **kw)
-  np.testing.assert_array_equal(run(True), run(False))
+  np.testing.assert_array_equal(*_bf16_tokens_on_and_off(44, 6, "out_proj=bk16,mp5",
+                                                         "gemv_out_atomic"))
 
 
 # The down product's partials summed atomically and the block's output added in the next GEMV's
@@ -1119,14 +1118,8 @@ def test_batch_1_step_with_deferred_block_outputs_equals_the_xla_step(
 def test_generate_bf16_with_deferred_block_outputs_samples_the_same_tokens():
   """bf16, batch 1, generate's loop with every batch-1 option on (in-projection partials, atomic
   W_o and down sums, deferred outputs): the same 8 sampled tokens as with them off."""
-  from gdn_jax import generate as gen
-  model = make(dataclasses.replace(DECODE_VARIANTS["untied"], dtype="bfloat16", **V32), seed=47)
-  prompt = jax.random.randint(jax.random.key(47), (1, 6), 0, 64)
-  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(7), impl="pallas_fused")
-  run = lambda on: gen.generate(model, prompt, 8, decode_config=DecodeConfig(
-      gemv=True, gemv_block_n=16, gemv_in_partials=on, gemv_out_atomic=on, gemv_down_atomic=on,
-      gemv_overrides="out_proj=bk16,mp7"), **kw)
-  np.testing.assert_array_equal(run(True), run(False))
+  np.testing.assert_array_equal(*_bf16_tokens_on_and_off(
+      47, 7, "out_proj=bk16,mp7", "gemv_in_partials", "gemv_out_atomic", "gemv_down_atomic"))
 
 
 def test_resolve_pending_rounds_as_the_unfused_step():
