@@ -91,11 +91,15 @@ from kernels_pallas import decode_gemv
 from kernels_pallas.config import DecodeConfig
 from kernels_pallas.decode_fused import (fused_block_v, gdn_decode_fused_ring_pallas,
                                          ring_from_state, state_from_ring)
+from kernels_pallas.decode_gemv_mgpu import gemv_mgpu
 
 KINDS = ("inproj", "rule", "gateup", "oproj", "down_swiglu", "head", "inproj_norm", "gateup_norm",
          "head_norm")                      # the default order: by their share of a step's time
 BATCH_1_ONLY = ("down_swiglu", "inproj_norm", "gateup_norm", "head_norm")
 GEMV_KNOBS = ("block_n", "block_k", "min_programs", "num_warps", "num_stages")
+# The plain GEMV kinds' implementations (--gemv_impls): the Triton kernel (decode_gemv), and the
+# Mosaic GPU kernel (decode_gemv_mgpu) without and with programmatic dependent launch.
+GEMV_IMPLS = ("triton", "mgpu", "mgpu_pdl")
 SMALL_PRODUCT = dict(block_n=(64, 128), block_k=(128, 256), min_programs=(264, 528),
                      num_warps=(4, 8), num_stages=(2, 3))
 TINY = dict(layers=2, rule_layers=2, repeats=2)     # --config=tiny: a CPU run in seconds
@@ -118,6 +122,7 @@ class Options:
   num_stages: tuple = (1, 2, 3, 4)
   rule_block_v: tuple = (8, 16, 32, 64, 128)
   rule_num_warps: tuple = (1, 2, 4, 8)
+  gemv_impls: tuple = ("triton",)
   min_bytes: int = 256 << 20     # distinct weight (state) bytes per program: L2 always cold
   layers: int = 0                # L of the GEMV programs; 0: from min_bytes (tiny: 2)
   rule_layers: int = 0           # L of the rule programs; 0: from min_bytes (tiny: 2)
@@ -201,6 +206,13 @@ def gemv_grid(opts: Options) -> list[dict]:
               if opts.grid == "small" else None)
   if products:
     grid += [dict(zip(GEMV_KNOBS, values)) for values in itertools.product(*products.values())]
+  bad = [impl for impl in opts.gemv_impls if impl not in GEMV_IMPLS]
+  if bad:
+    raise ValueError(f"bench_decode_kernels: `gemv_impls` {bad}; expected some of {GEMV_IMPLS}.")
+  # The Mosaic GPU kernels at the default tiles and splits and at 64 columns (the other knobs
+  # are Triton's and do not apply): plain GEMV kinds only (GemvCase.variants).
+  grid += [{**default, **tiles, "impl": impl} for impl in opts.gemv_impls if impl != "triton"
+           for tiles in ({}, {"block_n": 64})]
   return _dedupe(grid)
 
 
@@ -273,7 +285,7 @@ class GemvCase:
     return what + ("" if self.sum_splits else ", split partials not summed")
 
   def variants(self, opts: Options) -> list[dict]:
-    return gemv_grid(opts)
+    return [k for k in gemv_grid(opts) if self.op == "gemv" or "impl" not in k]
 
   def default(self) -> dict:
     return default_gemv_knobs()
@@ -292,7 +304,12 @@ class GemvCase:
     S = gemv_splits(self.K, self.N, knobs)
     if S is None:
       return None
-    out = dict(block_n=knobs["block_n"], block_k=decode_gemv.block_k_for(self.K, knobs["block_k"]),
+    bk = decode_gemv.block_k_for(self.K, knobs["block_k"])
+    if "impl" in knobs:      # Mosaic GPU: batch 1, whole column blocks, ≥ 64-row tiles
+      if self.batch != 1 or self.N % knobs["block_n"] or bk < 64:
+        return None
+      return dict(block_n=knobs["block_n"], block_k=bk, splits=S, impl=knobs["impl"])
+    out = dict(block_n=knobs["block_n"], block_k=bk,
                splits=S, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"])
     if self.op == "swiglu" or self.addends:
       out["input_splits"] = self._input_splits(knobs)
@@ -346,7 +363,14 @@ class GemvCase:
         return tuple(jnp.dot(x, w, preferred_element_type=jnp.float32) for x, w in zip(xs, ws))
       return f, ()
     kw = {name: knobs[name] for name in GEMV_KNOBS}
-    if self.op == "gemv":
+    if "impl" in knobs:
+      launch = self.launch(knobs)
+      mgpu = lambda x, w: gemv_mgpu(x, w, block_n=launch["block_n"], block_k=launch["block_k"],
+                                    splits=launch["splits"], pdl=knobs["impl"] == "mgpu_pdl")
+      # the split sum as the model's (decode_gemv._sum_splits), where the Triton rows make it
+      call = lambda shared, w: (jnp.sum(mgpu(shared[0], w), axis=0) if self.sum_splits
+                                else mgpu(shared[0], w))
+    elif self.op == "gemv":
       call = lambda shared, w: decode_gemv.gemv_pallas(shared[0], w, sum_splits=self.sum_splits,
                                                        **kw)
     elif self.op == "swiglu":
@@ -608,7 +632,7 @@ def knob_text(knobs: dict | None) -> str:
     return "xla"
   names = dict(block_n="bn", block_k="bk", min_programs="mp", num_warps="w", num_stages="st",
                block_v="bv")
-  return " ".join(f"{names.get(k, k)}{v}" for k, v in knobs.items())
+  return " ".join(v if k == "impl" else f"{names.get(k, k)}{v}" for k, v in knobs.items())
 
 
 class Bench:
@@ -967,7 +991,9 @@ def main(argv):
                  batch=f.batch, grid=f.grid, block_n=ints(f.block_n), block_k=ints(f.block_k),
                  min_programs=ints(f.min_programs), num_warps=ints(f.num_warps),
                  num_stages=ints(f.num_stages), rule_block_v=ints(f.rule_block_v),
-                 rule_num_warps=ints(f.rule_num_warps), min_bytes=f.min_bytes, layers=f.layers,
+                 rule_num_warps=ints(f.rule_num_warps),
+                 gemv_impls=tuple(x for x in f.gemv_impls.split(",") if x),
+                 min_bytes=f.min_bytes, layers=f.layers,
                  rule_layers=f.rule_layers, repeats=f.repeats,
                  calls_per_sample=f.calls_per_sample, compile_workers=f.compile_workers,
                  time_budget_s=f.time_budget_s, tolerance=f.tolerance, out_dir=f.out_dir,
@@ -1001,6 +1027,9 @@ def define_flags():
   flags.DEFINE_string("num_stages", join(d.num_stages), "GEMV Triton pipelining stages.")
   flags.DEFINE_string("rule_block_v", join(d.rule_block_v), "Rule kernel V blocks.")
   flags.DEFINE_string("rule_num_warps", join(d.rule_num_warps), "Rule kernel warps.")
+  flags.DEFINE_string("gemv_impls", join(d.gemv_impls), f"Comma-separated implementations of "
+                      f"the plain GEMV kinds, of {GEMV_IMPLS} (Mosaic GPU: default tiles and "
+                      "64 columns, batch 1).")
   flags.DEFINE_integer("min_bytes", d.min_bytes, "Distinct weight (state) bytes per program.")
   flags.DEFINE_integer("layers", d.layers, "L of the GEMV programs (0: from --min_bytes).")
   flags.DEFINE_integer("rule_layers", d.rule_layers, "L of the rule programs (0: from "
