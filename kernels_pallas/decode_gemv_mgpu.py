@@ -39,7 +39,7 @@ from kernels_pallas.decode_gemv import block_k_for, choose_splits
 SMEM_BYTES = 200 * 1024    # of the H100's 227 KB per block: W's tiles and x's slice must fit
 
 
-def _kernel(x_gmem, w_gmem, y_gmem, w_smem, x_smem, w_barriers, x_barrier, *, block_n, block_k,
+def _kernel(x_gmem, w_gmem, y_gmem, w_smem, x_smem, w_barriers, x_barriers, *, block_n, block_k,
             tiles, pdl):
   j, s = jax.lax.axis_index("j"), jax.lax.axis_index("s")
   rows = tiles * block_k                                  # this split's rows of W
@@ -51,10 +51,12 @@ def _kernel(x_gmem, w_gmem, y_gmem, w_smem, x_smem, w_barriers, x_barrier, *, bl
         w_smem.at[t], w_barriers.at[t])
   if pdl:
     plgpu.griddepcontrol_wait()
-  plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds(s * rows, rows)], x_smem, x_barrier)
-  plgpu.barrier_wait(x_barrier)
+  for t in range(tiles):                                  # TMA boxes: ≤ 256 per dimension
+    plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds(s * rows + t * block_k, block_k)],
+                            x_smem.at[:, pl.ds(t * block_k, block_k)], x_barriers.at[t])
   y = None
   for t in range(tiles):
+    plgpu.barrier_wait(x_barriers.at[t])
     plgpu.barrier_wait(w_barriers.at[t])
     w = plgpu.load(w_smem.at[t], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
     x = plgpu.load(x_smem.at[0, pl.ds(t * block_k, block_k)],
@@ -70,7 +72,8 @@ def gemv_mgpu(x_1xK, w_KxN, *, block_n: int = 128, block_k: int = 128, splits: i
               min_programs: int = 528, pdl: bool = True, interpret: bool | None = None):
   """The split partials [S, 1, N] float32 of x @ W at batch 1 (x [1, K], W [K, N], one dtype).
 
-  `block_n` columns and `block_k` rows per W tile (powers of two ≥ 64 and ≥ 16; block_k lowered
+  `block_n` columns and `block_k` rows per W tile (powers of two in [64, 256] and [16, 256] (TMA
+  boxes); block_k lowered
   to the largest power of two dividing K, as `decode_gemv`); `splits`: K splits (None: the
   fewest giving ≥ `min_programs` programs, `decode_gemv.choose_splits`); `pdl`: launch with
   programmatic dependent launch (W's loads before `griddepcontrol.wait`). ValueError naming the
@@ -85,10 +88,10 @@ def gemv_mgpu(x_1xK, w_KxN, *, block_n: int = 128, block_k: int = 128, splits: i
                      f"{w_KxN.dtype}; expected x [1, K] and W [K, N] of one dtype (batch 1).")
   K, N = w_KxN.shape
   for name, value, least in (("block_n", block_n, 64), ("block_k", block_k, 16)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < least or value & (
-        value - 1):
-      raise ValueError(f"{where}: `{name}`={value!r}; expected a power of two ≥ {least} (a "
-                       "warpgroup's tile).")
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= 256 or (
+        value & (value - 1)):
+      raise ValueError(f"{where}: `{name}`={value!r}; expected a power of two in [{least}, 256] "
+                       "(a warpgroup's tile; a TMA box takes ≤ 256 elements per dimension).")
   if N % block_n:
     raise ValueError(f"{where}: W has N={N} columns, not a multiple of `block_n`={block_n}; "
                      "expected N divisible by block_n (no masked tiles), e.g. W padded with zero "
@@ -117,7 +120,7 @@ def gemv_mgpu(x_1xK, w_KxN, *, block_n: int = 128, block_k: int = 128, splits: i
       scratch_types=[plgpu.SMEM((tiles, bk, block_n), w_KxN.dtype),
                      plgpu.SMEM((1, tiles * bk), x_1xK.dtype),
                      plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
-                     plgpu.Barrier(num_arrivals=1)],
+                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles)],
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name="decode_gemv_mgpu")
   return call(x_1xK, w_KxN)

@@ -25,7 +25,7 @@ def _operands(K, N, dtype, seed=0):
     (512, 384, jnp.bfloat16, dict(), 4),                          # 1 K tile per program
     (512, 384, jnp.bfloat16, dict(splits=2), 2),                  # 2 tiles, in flight together
     (512, 384, jnp.bfloat16, dict(block_n=64, splits=1), 1),      # all 4 tiles in one program
-    (384, 256, jnp.bfloat16, dict(block_k=512, splits=1), 1),     # block_k lowered to 128
+    (384, 256, jnp.bfloat16, dict(block_k=256, splits=1), 1),     # block_k lowered to 128
     (256, 128, jnp.float32, dict(block_k=64, splits=2), 2),       # float32 weights
 ])
 def test_gemv_equals_float64_and_the_triton_partials(K, N, dtype, launch, splits):
@@ -43,15 +43,19 @@ def test_gemv_equals_float64_and_the_triton_partials(K, N, dtype, launch, splits
   np.testing.assert_allclose(y, triton, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("K, N", [(1024, 5632), (3072, 1024), (2816, 1024), (1024, 32000)])
-def test_gemv_lowers_to_one_mosaic_call_for_an_h100(K, N):
+@pytest.mark.parametrize("K, N, launch", [
+    (1024, 5632, {}), (3072, 1024, {}), (2816, 1024, {}), (1024, 32000, {}),
+    (1024, 1024, dict(splits=1, block_n=64)),         # 8 tiles (and x slices) per program
+    (256, 512, dict(block_n=256, block_k=256, splits=1))])
+def test_gemv_lowers_to_one_mosaic_call_for_an_h100(K, N, launch):
   """The 512M model's gate/up, W_o, down and read-out products at the defaults (128 × 128
-  tiles, ≥ 528 programs), with and without programmatic dependent launch: one Mosaic GPU call
-  each, and the PDL instructions change the kernel."""
+  tiles, ≥ 528 programs), several tiles per program and the largest tiles, with and without
+  programmatic dependent launch: one Mosaic GPU call each, and the PDL instructions change the
+  kernel."""
   sds = jax.ShapeDtypeStruct
   args = (sds((1, K), jnp.bfloat16), sds((K, N), jnp.bfloat16))
-  texts = [export_for_h100(functools.partial(gemv_mgpu, pdl=pdl, interpret=False), *args)
-           for pdl in (True, False)]
+  texts = [export_for_h100(functools.partial(gemv_mgpu, pdl=pdl, interpret=False, **launch),
+                           *args) for pdl in (True, False)]
   for text in texts:
     assert text.count(MOSAIC_CALL) == 1
   assert texts[0] != texts[1]
@@ -62,6 +66,7 @@ def test_gemv_lowers_to_one_mosaic_call_for_an_h100(K, N):
     ((1, 256), (128, 128), {}, "expected x"),
     ((1, 256), (256, 200), {}, "`block_n`=128"),               # 200 columns
     ((1, 256), (256, 256), dict(block_n=32), "block_n"),       # below a warpgroup's tile
+    ((1, 512), (512, 512), dict(block_n=512), "block_n"),      # past a TMA box
     ((1, 96), (96, 128), {}, "K=96"),                          # K tiles of 32 rows
     ((1, 512), (512, 128), dict(splits=3), "splits"),
     ((1, 4096), (4096, 256), dict(splits=1, block_n=256), "shared memory"),
