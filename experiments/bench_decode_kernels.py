@@ -91,14 +91,14 @@ from kernels_pallas import decode_gemv
 from kernels_pallas.config import DecodeConfig
 from kernels_pallas.decode_fused import (fused_block_v, gdn_decode_fused_ring_pallas,
                                          ring_from_state, state_from_ring)
-from kernels_pallas.decode_gemv_mgpu import gemv_mgpu
+from kernels_pallas.decode_gemv_mgpu import gemv_mgpu, gemv_norm_mgpu
 
 KINDS = ("inproj", "rule", "gateup", "oproj", "down_swiglu", "head", "inproj_norm", "gateup_norm",
          "head_norm")                      # the default order: by their share of a step's time
 BATCH_1_ONLY = ("down_swiglu", "inproj_norm", "gateup_norm", "head_norm")
 GEMV_KNOBS = ("block_n", "block_k", "min_programs", "num_warps", "num_stages")
-# The plain GEMV kinds' implementations (--gemv_impls): the Triton kernel (decode_gemv), and the
-# Mosaic GPU kernel (decode_gemv_mgpu) without and with programmatic dependent launch.
+# The plain and norm GEMV kinds' implementations (--gemv_impls): the Triton kernels (decode_gemv),
+# and the Mosaic GPU ones (decode_gemv_mgpu) without and with programmatic dependent launch.
 GEMV_IMPLS = ("triton", "mgpu", "mgpu_pdl")
 SMALL_PRODUCT = dict(block_n=(64, 128), block_k=(128, 256), min_programs=(264, 528),
                      num_warps=(4, 8), num_stages=(2, 3))
@@ -210,7 +210,7 @@ def gemv_grid(opts: Options) -> list[dict]:
   if bad:
     raise ValueError(f"bench_decode_kernels: `gemv_impls` {bad}; expected some of {GEMV_IMPLS}.")
   # The Mosaic GPU kernels at the default tiles and splits and at 64 columns (the other knobs
-  # are Triton's and do not apply): plain GEMV kinds only (GemvCase.variants).
+  # are Triton's and do not apply): plain and norm GEMV kinds only (GemvCase.variants).
   grid += [{**default, **tiles, "impl": impl} for impl in opts.gemv_impls if impl != "triton"
            for tiles in ({}, {"block_n": 64})]
   return _dedupe(grid)
@@ -285,7 +285,7 @@ class GemvCase:
     return what + ("" if self.sum_splits else ", split partials not summed")
 
   def variants(self, opts: Options) -> list[dict]:
-    return [k for k in gemv_grid(opts) if self.op == "gemv" or "impl" not in k]
+    return [k for k in gemv_grid(opts) if self.op != "swiglu" or "impl" not in k]
 
   def default(self) -> dict:
     return default_gemv_knobs()
@@ -365,11 +365,18 @@ class GemvCase:
     kw = {name: knobs[name] for name in GEMV_KNOBS}
     if "impl" in knobs:
       launch = self.launch(knobs)
-      mgpu = lambda x, w: gemv_mgpu(x, w, block_n=launch["block_n"], block_k=launch["block_k"],
-                                    splits=launch["splits"], pdl=knobs["impl"] == "mgpu_pdl")
+      tiles = dict(block_n=launch["block_n"], block_k=launch["block_k"], splits=launch["splits"],
+                   pdl=knobs["impl"] == "mgpu_pdl")
+      if self.op == "gemv":
+        mgpu = lambda x, w: gemv_mgpu(x, w, **tiles)
+      else:
+        mgpu = lambda shared, w: gemv_norm_mgpu(
+            shared[0], w, shared[1], shared[2] if self.addends else None, eps=self.s.norm_eps,
+            **tiles)[0]
       # the split sum as the model's (decode_gemv._sum_splits), where the Triton rows make it
-      call = lambda shared, w: (jnp.sum(mgpu(shared[0], w), axis=0) if self.sum_splits
-                                else mgpu(shared[0], w))
+      first = (lambda shared: shared[0]) if self.op == "gemv" else (lambda shared: shared)
+      call = lambda shared, w: (jnp.sum(mgpu(first(shared), w), axis=0) if self.sum_splits
+                                else mgpu(first(shared), w))
     elif self.op == "gemv":
       call = lambda shared, w: decode_gemv.gemv_pallas(shared[0], w, sum_splits=self.sum_splits,
                                                        **kw)

@@ -126,8 +126,8 @@ def test_unknown_kinds_and_batches_are_refused(tmp_path):
 
 
 def test_mosaic_gpu_gemv_rows_for_the_plain_kinds_only(tmp_path):
-  """--gemv_impls adds the Mosaic GPU GEMV (without and with PDL, default tiles and 64 columns)
-  to the plain GEMV kinds only, as launches of their own; a product it cannot tile (N = 9228 is
+  """--gemv_impls adds the Mosaic GPU GEMVs (without and with PDL, default tiles and 64 columns)
+  to the plain and norm GEMV kinds (not the SwiGLU one), as launches of their own; a product it cannot tile (N = 9228 is
   no multiple of 128) gets no launch; an unknown implementation is refused. Through a tiny run:
   its rows are correct against the float32 reference."""
   s = bdk.Shapes.of("512m")
@@ -136,18 +136,21 @@ def test_mosaic_gpu_gemv_rows_for_the_plain_kinds_only(tmp_path):
   impls = lambda case: [k.get("impl") for k in case.variants(opts)]
   oproj = bdk.make_case("oproj", s, opts, tiny=False)
   assert impls(oproj) == [None, None, "mgpu", "mgpu", "mgpu_pdl", "mgpu_pdl"]
-  assert impls(bdk.make_case("gateup_norm", s, opts, tiny=False)) == [None, None]
+  assert impls(bdk.make_case("gateup_norm", s, opts, tiny=False)) == impls(oproj)
+  assert impls(bdk.make_case("down_swiglu", s, opts, tiny=False)) == [None, None]
   mgpu = [k for k in oproj.variants(opts) if k.get("impl") == "mgpu_pdl"]
   assert oproj.launch(mgpu[0]) == dict(block_n=128, block_k=128, splits=24, impl="mgpu_pdl")
   assert bdk.make_case("inproj", s, opts, tiny=False).launch(mgpu[0]) is None
   assert bdk.make_case("oproj", s, bdk.Options(batch=2), tiny=False).launch(mgpu[0]) is None
   with pytest.raises(ValueError, match="gemv_impls"):
     bdk.gemv_grid(bdk.Options(gemv_impls=("cutlass",)))
-  res = bdk.run(bdk.Options(config="tiny", kernels=("head",), grid="oat", block_n=(128,),
+  res = bdk.run(bdk.Options(config="tiny", kernels=("head", "gateup_norm"), grid="oat",
+                            block_n=(128,),
                             block_k=(128,), min_programs=(528,), num_warps=(4,),
                             num_stages=(2,), gemv_impls=("mgpu_pdl",), compile_workers=2,
                             out_dir=str(tmp_path)), log=lambda *a: None)
-  rows = res["kinds"]["head"]["rows"]
-  assert [r["knobs"].get("impl") for r in rows] == [None, "mgpu_pdl", "mgpu_pdl"]
-  _rows_ok(res["kinds"]["head"], res["options"]["tolerance"])
-  assert all("us" in r for r in rows)
+  for kind in ("head", "gateup_norm"):
+    rows = res["kinds"][kind]["rows"]
+    assert [r["knobs"].get("impl") for r in rows] == [None, "mgpu_pdl", "mgpu_pdl"]
+    _rows_ok(res["kinds"][kind], res["options"]["tolerance"])
+    assert all("us" in r for r in rows), rows

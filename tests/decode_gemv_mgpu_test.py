@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.decode_gemv import gemv_pallas
-from kernels_pallas.decode_gemv_mgpu import gemv_mgpu
+from kernels_pallas.decode_gemv_mgpu import gemv_mgpu, gemv_norm_mgpu
 from tests.triton_export import export_for_h100
 
 MOSAIC_CALL = "stablehlo.custom_call @mosaic_gpu"
@@ -74,3 +74,60 @@ def test_gemv_lowers_to_one_mosaic_call_for_an_h100(K, N, launch):
 def test_errors_name_the_argument(x, w, kw, match):
   with pytest.raises(ValueError, match=match):
     gemv_mgpu(jnp.zeros(x, jnp.bfloat16), jnp.zeros(w, jnp.bfloat16), **kw)
+
+
+# gemv_norm_mgpu: the residual add and RMSNorm in the prologue (gemv_norm_pallas's math).
+
+@pytest.mark.parametrize("D, N, addends, multiplier, launch", [
+    (512, 256, 0, 1.0, dict(splits=2)),
+    (512, 256, 3, 0.5, dict(splits=4)),                  # 3 partials, W_o's multiplier
+    (256, 384, 1, 1.0, dict(block_n=64, splits=1)),      # one summed addend (gemv_out_atomic)
+    (320, 128, 2, 1.0, dict(splits=5)),                  # D = 320: boxes and tiles of 64
+])
+def test_norm_gemv_equals_the_triton_norm_gemv(D, N, addends, multiplier, launch):
+  """Partials and the new stream r as gemv_norm_pallas makes them with the same splits (r bit
+  for bit: the same roundings; y to float32 rounding), and y against float64 NumPy of the
+  unfused composition (to bf16 rounding of h)."""
+  from kernels_pallas.decode_gemv import gemv_norm_pallas
+  x, w = _operands(D, N, jnp.bfloat16, seed=3)
+  gain = 1.0 + 0.5 * jax.random.normal(jax.random.key(5), (D,))
+  add = None if not addends else 2 * jax.random.normal(jax.random.key(6), (addends, 1, D))
+  kw = dict(eps=1e-6, addend_multiplier=multiplier)
+  y, r = gemv_norm_mgpu(x, w, gain, add, **kw, **launch)
+  S = launch["splits"]
+  assert y.shape == (S, 1, N) and y.dtype == jnp.float32 and r.shape == (1, D)
+  y_t, r_t = gemv_norm_pallas(x, w, gain, add, **kw, splits=S, sum_splits=False,
+                              block_n=launch.get("block_n", 128))
+  np.testing.assert_array_equal(r, r_t)
+  np.testing.assert_allclose(y, y_t, rtol=1e-5, atol=1e-5)
+  f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  r64 = f64(x) + (0 if add is None else multiplier * f64(add).sum(axis=0))
+  h = r64 / np.sqrt(np.mean(r64 ** 2) + 1e-6) * f64(gain)
+  np.testing.assert_allclose(np.asarray(y).sum(axis=0), h @ f64(w), rtol=2e-2, atol=2e-2)
+  assert not np.isnan(np.asarray(r, np.float32)).any()       # program (0, 0) wrote all of r
+
+
+@pytest.mark.parametrize("D, N, addends", [(1024, 9344, 0), (1024, 5632, 24), (1024, 32000, 0)])
+def test_norm_gemv_lowers_to_one_mosaic_call_for_an_h100(D, N, addends):
+  """The 512M model's in-projection (9228 columns padded to 9344), gate/up with W_o's 24
+  partials, and the read-out, at the defaults."""
+  sds = jax.ShapeDtypeStruct
+  args = (sds((1, D), jnp.bfloat16), sds((D, N), jnp.bfloat16), sds((D,), jnp.float32))
+  if addends:
+    args += (sds((addends, 1, D), jnp.float32),)
+  fn = lambda *a: gemv_norm_mgpu(*a, eps=1e-6, interpret=False)
+  assert export_for_h100(fn, *args).count(MOSAIC_CALL) == 1
+
+
+@pytest.mark.parametrize("gain, add, match", [
+    ((256,), None, "gain_D"),
+    ((512,), (2, 2, 512), "addends_SxD"),
+    ((512,), (300, 1, 512), "addends_SxD"),
+])
+def test_norm_gemv_errors_name_the_argument(gain, add, match):
+  x, w = jnp.zeros((1, 512), jnp.bfloat16), jnp.zeros((512, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match=match):
+    gemv_norm_mgpu(x, w, jnp.ones(gain), None if add is None else jnp.zeros(add), eps=1e-6)
+  with pytest.raises(ValueError, match="K=96"):              # K tiles of 32 rows
+    gemv_norm_mgpu(jnp.zeros((1, 96), jnp.bfloat16), jnp.zeros((96, 256), jnp.bfloat16),
+                   jnp.ones((96,)), eps=1e-6)
