@@ -209,10 +209,11 @@ def gemv_grid(opts: Options) -> list[dict]:
   bad = [impl for impl in opts.gemv_impls if impl not in GEMV_IMPLS]
   if bad:
     raise ValueError(f"bench_decode_kernels: `gemv_impls` {bad}; expected some of {GEMV_IMPLS}.")
-  # The Mosaic GPU kernels at the default tiles and splits and at 64 columns (the other knobs
-  # are Triton's and do not apply): plain and norm GEMV kinds only (GemvCase.variants).
+  # The Mosaic GPU kernels at the default tiles and splits, at 64 columns, and with fewer
+  # programs of more W tiles each (all in flight at once; the other knobs are Triton's and do
+  # not apply): plain and norm GEMV kinds only (GemvCase.variants).
   grid += [{**default, **tiles, "impl": impl} for impl in opts.gemv_impls if impl != "triton"
-           for tiles in ({}, {"block_n": 64})]
+           for tiles in ({}, {"block_n": 64}, {"min_programs": 264}, {"min_programs": 132})]
   return _dedupe(grid)
 
 
@@ -1035,8 +1036,8 @@ def define_flags():
   flags.DEFINE_string("rule_block_v", join(d.rule_block_v), "Rule kernel V blocks.")
   flags.DEFINE_string("rule_num_warps", join(d.rule_num_warps), "Rule kernel warps.")
   flags.DEFINE_string("gemv_impls", join(d.gemv_impls), f"Comma-separated implementations of "
-                      f"the plain GEMV kinds, of {GEMV_IMPLS} (Mosaic GPU: default tiles and "
-                      "64 columns, batch 1).")
+                      f"the plain and norm GEMV kinds, of {GEMV_IMPLS} (Mosaic GPU: default tiles, "
+                      "64 columns, ≥ 264 and ≥ 132 programs; batch 1).")
   flags.DEFINE_integer("min_bytes", d.min_bytes, "Distinct weight (state) bytes per program.")
   flags.DEFINE_integer("layers", d.layers, "L of the GEMV programs (0: from --min_bytes).")
   flags.DEFINE_integer("rule_layers", d.rule_layers, "L of the rule programs (0: from "
