@@ -150,7 +150,8 @@ def _norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, multiplier, addends, 
 
 def _launch(where, K, N, block_n, block_k, splits, min_programs, itemsize, extra_smem=0):
   """(K tile, splits, tiles per program) of a [K, N] product; ValueError naming the argument
-  for tiles the kernel does not take or shared memory they would overflow."""
+  for tiles the kernel does not take or shared memory they would overflow (`extra_smem`: the
+  inputs' bytes, or a function of (K tile, tiles per program) giving them)."""
   for name, value, least in (("block_n", block_n, 64), ("block_k", block_k, 16)):
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= 256 or (
         value & (value - 1)):
@@ -170,7 +171,8 @@ def _launch(where, K, N, block_n, block_k, splits, min_programs, itemsize, extra
     raise ValueError(f"{where}: `splits`={S} does not divide the {tiles_total} K tiles of {bk}; "
                      "expected a divisor (or None).")
   tiles = tiles_total // S
-  smem = tiles * bk * (block_n + 1) * itemsize + extra_smem      # W's tiles, x's split
+  extra = extra_smem(bk, tiles) if callable(extra_smem) else extra_smem
+  smem = tiles * bk * (block_n + 1) * itemsize + extra           # W's tiles, x's split, inputs
   if smem > SMEM_BYTES:
     raise ValueError(f"{where}: {tiles} W tiles of [{bk}, {block_n}] per program and the inputs "
                      f"need {smem} bytes of shared memory (> {SMEM_BYTES}); expected more "
@@ -271,4 +273,206 @@ def gemv_norm_mgpu(x_1xD, w_DxN, gain_D, addends_SxD=None, *, eps: float,
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name="decode_gemv_norm_mgpu")
   operands = (x_1xD,) + ((addends_SxD,) if addends else ()) + (gain_D.reshape(1, D), w_DxN)
+  return call(*operands)
+
+
+def _swiglu_kernel(gate_gmem, up_gmem, w_gmem, y_gmem, w_smem, g_smem, u_smem, w_barriers,
+                   g_barriers, u_barriers, *, block_n, block_k, tiles, pdl, F):
+  """`gemv_swiglu_mgpu`'s program: per W tile, the gate's and the up product's split partials of
+  its rows ([S_in, 1, BK] each, TMA-loaded after the wait), h = rnd(SiLU(rnd(Σ g)) · rnd(Σ u))
+  (rnd: to W's dtype)."""
+  f32, dt = jnp.float32, w_gmem.dtype
+  parts = g_smem.shape[1]
+
+  def inputs(s, rows):
+    for t in range(tiles):
+      k0 = s * rows + t * block_k
+      plgpu.copy_gmem_to_smem(gate_gmem.at[:, :, pl.ds(k0, block_k)], g_smem.at[t],
+                              g_barriers.at[t])
+      plgpu.copy_gmem_to_smem(up_gmem.at[:, :, pl.ds(F + k0, block_k)], u_smem.at[t],
+                              u_barriers.at[t])
+
+    def h_tile(t):
+      plgpu.barrier_wait(g_barriers.at[t])
+      plgpu.barrier_wait(u_barriers.at[t])
+      g = summed_partials(lambda i: _vector(g_smem.at[t, i, 0]), parts, dt)
+      u = summed_partials(lambda i: _vector(u_smem.at[t, i, 0]), parts, dt)
+      return (jax.nn.silu(g) * u).astype(dt).astype(f32)    # as decode_gemv._swiglu_tile
+    return h_tile
+  _gemv(w_gmem, y_gmem, w_smem, w_barriers, block_n=block_n, block_k=block_k, tiles=tiles,
+        pdl=pdl, inputs=inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "min_programs",
+                                             "pdl", "interpret"))
+def gemv_swiglu_mgpu(gate_up_SxBx2F, w_FxN, *, block_n: int = 128, block_k: int = 128,
+                     splits: int | None = None, min_programs: int = 528, pdl: bool = True,
+                     interpret: bool | None = None):
+  """`decode_gemv.gemv_swiglu_pallas` as a Mosaic GPU kernel, returning the split partials
+  [S, 1, N] float32 of (SiLU(g) ⊙ u) @ W_down, [g | u] = Σ_s gate_up[s] (the gate/up GEMV's
+  partials [S_in, 1, 2F] float32, TMA-loaded after griddepcontrol.wait, each W tile's rows of
+  both halves), with the Triton kernel's roundings. W [F, N]; tiles, splits and `pdl` as
+  `gemv_mgpu`.
+  """
+  where = "gemv_swiglu_mgpu"
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  S_in, B, F2 = gate_up_SxBx2F.shape
+  F, N = w_FxN.shape
+  if (B != 1 or F2 != 2 * F or not 1 <= S_in <= 256
+      or gate_up_SxBx2F.dtype != jnp.float32):
+    raise ValueError(f"{where}: gate_up {gate_up_SxBx2F.shape} {gate_up_SxBx2F.dtype} and W "
+                     f"{w_FxN.shape}; expected float32 gate_up [S_in, 1, 2·F] (its split "
+                     "partials, 1 ≤ S_in ≤ 256; batch 1) and W [F, N].")
+  itemsize = jnp.dtype(w_FxN.dtype).itemsize
+  bk, S, tiles = _launch(where, F, N, block_n, block_k, splits, min_programs, itemsize,
+                         extra_smem=lambda bk, tiles: 2 * tiles * S_in * bk * 4)
+  call = plgpu.kernel(
+      functools.partial(_swiglu_kernel, block_n=block_n, block_k=bk, tiles=tiles,
+                        pdl=pdl and not interpret, F=F),
+      out_type=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
+      grid=(N // block_n, S), grid_names=("j", "s"),
+      scratch_types=[plgpu.SMEM((tiles, bk, block_n), w_FxN.dtype),
+                     plgpu.SMEM((tiles, S_in, 1, bk), jnp.float32),
+                     plgpu.SMEM((tiles, S_in, 1, bk), jnp.float32),
+                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
+                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
+                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles)],
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      kernel_name="decode_gemv_swiglu_mgpu")
+  return call(gate_up_SxBx2F, gate_up_SxBx2F, w_FxN)
+
+
+def _gated_norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, V, gate_column, gate_parts,
+                       gate_multiplier, gated, chunk):
+  """`gemv_gated_norm_mgpu`'s program: per W tile (inside one head), the head's o (TMA, after
+  the wait) for mean(rnd(o)²), the tile's gain columns (before the wait: a parameter) and gate
+  columns (or their split partials; after the wait), then h as `decode_gemv`'s gated norm."""
+  if gated:
+    (o_gmem, gate_gmem, gain_gmem, w_gmem, y_gmem, w_smem, o_smem, gate_smem, gain_smem,
+     w_barriers, o_barriers, gate_barriers, gain_barriers) = refs
+  else:
+    (o_gmem, gain_gmem, w_gmem, y_gmem, w_smem, o_smem, gain_smem, w_barriers, o_barriers,
+     gain_barriers) = refs
+  f32, dt = jnp.float32, w_gmem.dtype
+  rnd = lambda a: a.astype(dt).astype(f32)
+  s = jax.lax.axis_index("s")
+  rows = tiles * block_k
+  head_of = lambda t: (s * rows + t * block_k) // V * V       # the first row of tile t's head
+  for t in range(tiles):                                        # the gain: a parameter, early
+    k0 = s * rows + t * block_k
+    plgpu.copy_gmem_to_smem(gain_gmem.at[:, pl.ds(k0 - head_of(t), block_k)], gain_smem.at[t],
+                            gain_barriers.at[t])
+
+  def inputs(s_, rows_):
+    for t in range(tiles):
+      k0 = s * rows + t * block_k
+      for c in range(V // chunk):
+        plgpu.copy_gmem_to_smem(o_gmem.at[:, pl.ds(head_of(t) + c * chunk, chunk)],
+                                o_smem.at[t, :, pl.ds(c * chunk, chunk)], o_barriers.at[t])
+      if gated:
+        cols = pl.ds(gate_column + k0, block_k)
+        src = gate_gmem.at[:, :, cols] if gate_parts else gate_gmem.at[:, cols]
+        plgpu.copy_gmem_to_smem(src, gate_smem.at[t], gate_barriers.at[t])
+
+    def h_tile(t):
+      k0 = s * rows + t * block_k
+      plgpu.barrier_wait(o_barriers.at[t])
+      sum_sq = None
+      for i in range(V // block_k):
+        o = rnd(_vector(o_smem.at[t, 0, pl.ds(i * block_k, block_k)]))
+        part = jnp.sum(o * o)
+        sum_sq = part if sum_sq is None else sum_sq + part
+      inv_rms = jax.lax.rsqrt(sum_sq / V + eps)
+      o = rnd(_vector(o_smem.at[t, 0, pl.ds(k0 - head_of(t), block_k)]))
+      plgpu.barrier_wait(gain_barriers.at[t])
+      h = o * inv_rms * _vector(gain_smem.at[t, 0])
+      if gated:
+        plgpu.barrier_wait(gate_barriers.at[t])
+        if gate_parts:
+          gate = summed_partials(lambda i: _vector(gate_smem.at[t, i, 0]), gate_parts, dt,
+                                 gate_multiplier)
+        else:
+          gate = _vector(gate_smem.at[t, 0])
+        h = h * jax.nn.silu(gate)
+      return rnd(h)
+    return h_tile
+  _gemv(w_gmem, y_gmem, w_smem, w_barriers, block_n=block_n, block_k=block_k, tiles=tiles,
+        pdl=pdl, inputs=inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "head_dim", "gate_column", "gate_multiplier",
+                                             "block_n", "block_k", "splits", "min_programs",
+                                             "pdl", "interpret"))
+def gemv_gated_norm_mgpu(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim: int,
+                         gate_column: int = 0, gate_multiplier: float = 1.0, block_n: int = 128,
+                         block_k: int = 128, splits: int | None = None, min_programs: int = 528,
+                         pdl: bool = True, interpret: bool | None = None):
+  """`decode_gemv.gemv_gated_norm_pallas` (sum_splits=False) as a Mosaic GPU kernel: the split
+  partials [S, 1, N] float32 of h @ W_o, h the GDN mixer's gated output norm of the rule's
+  output o [1, H·V] float32 (per head: rnd(o) / sqrt(mean(rnd(o)²) + eps) · w · SiLU(g), rounded
+  to W_o's dtype), the gate g the columns `gate_column` … of `gate_1xHV` [1, ≥ H·V] (W_o's dtype)
+  or of its split partials [S_g, 1, ≥ H·V] float32 (summed with `gate_multiplier` as
+  `decode_gemv.summed_partials`), or None (no gate). Every K tile lies inside one head (V =
+  `head_dim` a multiple of the K tile); the gate's columns must start on 16 bytes (TMA).
+  Tiles, splits and `pdl` as `gemv_mgpu`.
+  """
+  where = "gemv_gated_norm_mgpu"
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  if o_1xHV.ndim != 2 or o_1xHV.shape[0] != 1 or o_1xHV.dtype != jnp.float32:
+    raise ValueError(f"{where}: `o_1xHV` {o_1xHV.shape} {o_1xHV.dtype}; expected float32 "
+                     "[1, H·V] (the rule's output; batch 1).")
+  HV = o_1xHV.shape[1]
+  if w.ndim != 2 or w.shape[0] != HV:
+    raise ValueError(f"{where}: `w` {w.shape}; expected W_o [H·V, N] with H·V = {HV} rows.")
+  N = w.shape[1]
+  V = head_dim
+  if isinstance(V, bool) or not isinstance(V, int) or V < 1 or HV % V:
+    raise ValueError(f"{where}: `head_dim`={V!r}; expected the value head dim, dividing {HV}.")
+  if gain_V.shape != (V,):
+    raise ValueError(f"{where}: `gain_V` {gain_V.shape}; expected the norm's gain [{V}].")
+  gate_parts = None if gate_1xHV is None or gate_1xHV.ndim != 3 else gate_1xHV.shape[0]
+  if gate_1xHV is not None:
+    itemsize = jnp.dtype(gate_1xHV.dtype).itemsize
+    if (gate_1xHV.ndim not in (2, 3) or gate_1xHV.shape[-2] != 1
+        or gate_1xHV.shape[-1] < gate_column + HV or (gate_column * itemsize) % 16
+        or (gate_parts is not None and (gate_1xHV.dtype != jnp.float32 or gate_parts > 256))
+        or (gate_parts is None and gate_1xHV.dtype != w.dtype)):
+      raise ValueError(f"{where}: `gate_1xHV` {gate_1xHV.shape} {gate_1xHV.dtype} with "
+                       f"`gate_column`={gate_column}; expected [1, ≥ {gate_column + HV}] in "
+                       f"W_o's dtype {w.dtype}, or its float32 split partials [S_g ≤ 256, 1, "
+                       f"≥ {gate_column + HV}], with the gate's first column on 16 bytes; or "
+                       "None.")
+  itemsize = jnp.dtype(w.dtype).itemsize
+  gate_bytes = lambda bk, tiles: 0 if gate_1xHV is None else tiles * bk * (
+      4 * gate_parts if gate_parts else itemsize)
+  bk, S, tiles = _launch(
+      where, HV, N, block_n, block_k, splits, min_programs, itemsize,
+      extra_smem=lambda bk, tiles: tiles * (4 * V + bk * jnp.dtype(gain_V.dtype).itemsize)
+      + gate_bytes(bk, tiles))
+  if V % bk:
+    raise ValueError(f"{where}: K tiles of {bk} rows do not divide `head_dim` V={V} (a K tile "
+                     f"must lie inside one head); expected block_k ≤ {V & -V}.")
+  chunk = math.gcd(V, 256)
+  gated = gate_1xHV is not None
+  scratch = [plgpu.SMEM((tiles, bk, block_n), w.dtype), plgpu.SMEM((tiles, 1, V), jnp.float32)]
+  if gated:
+    scratch.append(plgpu.SMEM((tiles, gate_parts, 1, bk) if gate_parts else (tiles, 1, bk),
+                              gate_1xHV.dtype))
+  scratch += [plgpu.SMEM((tiles, 1, bk), gain_V.dtype),
+              plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
+              plgpu.Barrier(num_arrivals=V // chunk, num_barriers=tiles)]
+  scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=tiles)] * (2 if gated else 1)
+  call = plgpu.kernel(
+      functools.partial(_gated_norm_kernel, block_n=block_n, block_k=bk, tiles=tiles,
+                        pdl=pdl and not interpret, eps=float(eps), V=V, gate_column=gate_column,
+                        gate_parts=gate_parts, gate_multiplier=float(gate_multiplier),
+                        gated=gated, chunk=chunk),
+      out_type=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
+      grid=(N // block_n, S), grid_names=("j", "s"),
+      scratch_types=scratch,
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      kernel_name="decode_gemv_gated_norm_mgpu")
+  operands = (o_1xHV,) + ((gate_1xHV,) if gated else ()) + (gain_V.reshape(1, V), w)
   return call(*operands)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kernels_pallas.decode_gemv import gemv_pallas
-from kernels_pallas.decode_gemv_mgpu import gemv_mgpu, gemv_norm_mgpu
+from kernels_pallas.decode_gemv_mgpu import (gemv_gated_norm_mgpu, gemv_mgpu, gemv_norm_mgpu,
+                                             gemv_swiglu_mgpu)
 from tests.triton_export import export_for_h100
 
 MOSAIC_CALL = "stablehlo.custom_call @mosaic_gpu"
@@ -131,3 +132,83 @@ def test_norm_gemv_errors_name_the_argument(gain, add, match):
   with pytest.raises(ValueError, match="K=96"):              # K tiles of 32 rows
     gemv_norm_mgpu(jnp.zeros((1, 96), jnp.bfloat16), jnp.zeros((96, 256), jnp.bfloat16),
                    jnp.ones((96,)), eps=1e-6)
+
+
+# gemv_swiglu_mgpu and gemv_gated_norm_mgpu: the two other prologues of a GDN block's step.
+
+@pytest.mark.parametrize("parts, launch", [(4, dict(splits=3)), (3, dict(splits=1, block_n=64))])
+def test_swiglu_gemv_equals_the_triton_swiglu_gemv(parts, launch):
+  """(SiLU(g) ⊙ u) @ W_down from the gate/up partials: bit for bit the Triton kernel's sum (the
+  same roundings; 3 partials, which the Triton kernel does not take, padded there with a zero
+  partial, which changes no sum)."""
+  from kernels_pallas.decode_gemv import gemv_swiglu_pallas
+  F, N = 384, 256
+  gu = jax.random.normal(jax.random.key(11), (parts, 1, 2 * F))
+  w = (jax.random.normal(jax.random.key(12), (F, N)) / 8).astype(jnp.bfloat16)
+  y = gemv_swiglu_mgpu(gu, w, **launch)
+  assert y.shape == (launch["splits"], 1, N) and y.dtype == jnp.float32
+  padded = gu if parts & (parts - 1) == 0 else jnp.concatenate(
+      [gu, jnp.zeros((4 - parts, 1, 2 * F))])
+  y_t = gemv_swiglu_pallas(padded, w, splits=launch["splits"], block_n=launch.get("block_n", 128))
+  np.testing.assert_allclose(np.asarray(y).sum(axis=0), y_t, rtol=1e-6, atol=1e-6)
+  assert float(np.abs(np.asarray(y_t)).max()) > 1.0
+
+
+@pytest.mark.parametrize("gate_kind", ["none", "array", "partials"])
+@pytest.mark.parametrize("launch", [dict(splits=3), dict(splits=1, block_n=64, block_k=64)])
+def test_gated_norm_gemv_equals_the_triton_gated_norm_gemv(gate_kind, launch):
+  """W_o's product of the gated output norm (3 heads of V = 128 at scales 10⁻² … 10², so a wrong
+  head's statistics show), with no gate, the gate as an array from column 8, or as 3 split
+  partials with the gate Linear's multiplier: the Triton kernel's partials' sum to float32
+  rounding (the same h)."""
+  from kernels_pallas.decode_gemv import gemv_gated_norm_pallas
+  H, V, N = 3, 128, 256
+  o = jax.random.normal(jax.random.key(13), (1, H * V)) * jnp.repeat(
+      jnp.logspace(-2, 2, H), V)[None]
+  w = (jax.random.normal(jax.random.key(14), (H * V, N)) / 16).astype(jnp.bfloat16)
+  gain = 1 + 0.5 * jax.random.normal(jax.random.key(15), (V,))
+  gate, kw = {"none": (None, {}),
+              "array": ((2 * jax.random.normal(jax.random.key(16), (1, H * V + 16))).astype(
+                  jnp.bfloat16), dict(gate_column=8)),
+              "partials": (jax.random.normal(jax.random.key(17), (3, 1, H * V + 16)),
+                           dict(gate_column=8, gate_multiplier=0.5))}[gate_kind]
+  y = gemv_gated_norm_mgpu(o, gate, w, gain, eps=1e-6, head_dim=V, **kw, **launch)
+  triton_launch = dict(launch, block_n=launch.get("block_n", 128))
+  y_t = gemv_gated_norm_pallas(o, gate, w, gain, eps=1e-6, head_dim=V, sum_splits=False, **kw,
+                               **triton_launch)
+  np.testing.assert_allclose(np.asarray(y).sum(axis=0), np.asarray(y_t).sum(axis=0),
+                             rtol=1e-5, atol=1e-5)
+  assert float(np.abs(np.asarray(y_t).sum(axis=0)).max()) > 0.5
+
+
+def test_swiglu_and_gated_norm_gemvs_lower_for_an_h100():
+  """The 512M model's down product (8 gate/up partials) and W_o with the gate as the padded
+  in-projection's output, as its 8 partials, and without a gate: one Mosaic GPU call each."""
+  sds, bf16, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+  text = export_for_h100(functools.partial(gemv_swiglu_mgpu, interpret=False),
+                         sds((8, 1, 5632), f32), sds((2816, 1024), bf16))
+  assert text.count(MOSAIC_CALL) == 1
+  o, w, gain = sds((1, 3072), f32), sds((3072, 1024), bf16), sds((512,), f32)
+  for gate in (sds((1, 9344), bf16), sds((8, 1, 9344), f32)):
+    fn = lambda o, g, w, gain: gemv_gated_norm_mgpu(o, g, w, gain, eps=1e-6, head_dim=512,
+                                                    gate_column=6144, interpret=False)
+    assert export_for_h100(fn, o, gate, w, gain).count(MOSAIC_CALL) == 1
+  fn = lambda o, w, gain: gemv_gated_norm_mgpu(o, None, w, gain, eps=1e-6, head_dim=512,
+                                               interpret=False)
+  assert export_for_h100(fn, o, w, gain).count(MOSAIC_CALL) == 1
+
+
+def test_swiglu_and_gated_norm_errors_name_the_argument():
+  w = jnp.zeros((256, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="gate_up"):
+    gemv_swiglu_mgpu(jnp.zeros((2, 1, 256)), w)                  # 2F ≠ 512
+  with pytest.raises(ValueError, match="gate_up"):
+    gemv_swiglu_mgpu(jnp.zeros((2, 1, 512), jnp.bfloat16), w)    # partials in bf16
+  o, gain = jnp.zeros((1, 256)), jnp.ones((128,))
+  with pytest.raises(ValueError, match="gate_column"):           # 3 bf16 columns: not 16 bytes
+    gemv_gated_norm_mgpu(o, jnp.zeros((1, 300), jnp.bfloat16), w, gain, eps=1e-6,
+                         head_dim=128, gate_column=3)
+  with pytest.raises(ValueError, match="head_dim"):
+    gemv_gated_norm_mgpu(o, None, w, jnp.ones((64,)), eps=1e-6, head_dim=64, block_k=128)
+  with pytest.raises(ValueError, match="o_1xHV"):
+    gemv_gated_norm_mgpu(o.astype(jnp.bfloat16), None, w, gain, eps=1e-6, head_dim=128)
