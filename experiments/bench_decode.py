@@ -86,7 +86,8 @@ class Options:
                      "pallas_fused+noonorm:bfloat16", "pallas_fused+noring:bfloat16",
                      "pallas_fused+inparts:bfloat16", "pallas_fused+oatomic:bfloat16",
                      "pallas_fused+datomic:bfloat16",
-                     "pallas_fused+inparts+oatomic+datomic:bfloat16")
+                     "pallas_fused+inparts+oatomic+datomic:bfloat16",
+                     "pallas_fused+mosaic:bfloat16", "pallas_fused+mosaic+inparts:bfloat16")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
@@ -522,7 +523,8 @@ def split_launch(impl: str):
   "+inparts" the in-projection's batch-1 GEMV partials summed by their consumers (the ring kernel,
   W_o's prologue; "+noinparts": by XLA; DecodeConfig.gemv_in_partials), "+oatomic" W_o's batch-1
   partials added atomically for the gate/up prologue ("+nooatomic": re-read there;
-  DecodeConfig.gemv_out_atomic), "+datomic" the down product's likewise, added to the stream in
+  DecodeConfig.gemv_out_atomic), "+mosaic" the batch-1 GEMVs as Mosaic GPU kernels with
+  programmatic dependent launch (DecodeConfig.gemv_backend), "+datomic" the down product's likewise, added to the stream in
   the next GEMV's prologue ("+nodatomic": XLA's sum and add; DecodeConfig.gemv_down_atomic),
   "+noring" the fused kernel on a window built per step instead of conv rings (no "+": None,
   the defaults: the GEMV at batch 1 on GPUs with the chained MLP, rings).
@@ -547,6 +549,9 @@ def split_launch(impl: str):
                          "or head and KEY bn, bk, mp, w or st (e.g. +out_proj.bn32.mp128).")
       overrides.append(f"{product}={','.join(settings)}")
       continue
+    if part == "mosaic" and "gemv_backend" not in kw:   # the Mosaic GPU GEMVs at batch 1
+      kw["gemv_backend"] = "mosaic"
+      continue
     switch = part if part in SWITCHES else part[2:] if part.startswith("no") else None
     if switch in SWITCHES and SWITCHES[switch] not in kw:   # +NAME on, +noNAME off
       kw[SWITCHES[switch]] = part == switch
@@ -558,7 +563,8 @@ def split_launch(impl: str):
     if key is None or not digits or key in kw:
       raise ValueError(f"bench_decode: launch setting {part!r} in {impl!r}; expected +bvN "
                        "(V block), +wN (warps), +gemv or +nogemv, +noswiglu, +norm or +nonorm, "
-                       "+onorm or +noonorm, +inparts or +noinparts, +oatomic or +nooatomic, +datomic or +nodatomic, +noring, "
+                       "+onorm or +noonorm, +inparts or +noinparts, +oatomic or +nooatomic, "
+                       "+datomic or +nodatomic, +mosaic, +noring, "
                        "+gbnN, +gbkN (GEMV tiles), +gwN (GEMV warps), +gmpN (GEMV programs), "
                        "+gstN (GEMV stages), +PRODUCT.KEYN[.KEYN…] (one GEMV product's "
                        "settings, e.g. +out_proj.bn32.mp128), "
@@ -583,7 +589,8 @@ def parse_variant(spec: str) -> tuple[str, str]:
       or (step_launch and not base.startswith("pallas"))):
     raise ValueError(f"bench_decode: variant {spec!r}; expected "
                      "IMPL[+bvN][+wN][+gemv|+nogemv][+noswiglu][+norm|+nonorm][+onorm|+noonorm]"
-                     "[+inparts|+noinparts][+oatomic|+nooatomic][+datomic|+nodatomic][+noring]"
+                     "[+inparts|+noinparts][+oatomic|+nooatomic][+datomic|+nodatomic]"
+                     "[+mosaic][+noring]"
                      "[+gbnN][+gbkN][+gwN][+gmpN][+gstN][+PRODUCT.KEYN[.KEYN…]…][@ROWS]:"
                      "STATE_DTYPE "
                      f"with IMPL in {gen.IMPLS} (launch settings +bvN, +wN for the pallas ones "

@@ -374,7 +374,7 @@ class GemvCase:
         mgpu = lambda shared, w: gemv_norm_mgpu(
             shared[0], w, shared[1], shared[2] if self.addends else None, eps=self.s.norm_eps,
             **tiles)[0]
-      # the split sum as the model's (decode_gemv._sum_splits), where the Triton rows make it
+      # the split sum as the model's (decode_gemv.split_sum), where the Triton rows make it
       first = (lambda shared: shared[0]) if self.op == "gemv" else (lambda shared: shared)
       call = lambda shared, w: (jnp.sum(mgpu(first(shared), w), axis=0) if self.sum_splits
                                 else mgpu(first(shared), w))

@@ -78,7 +78,7 @@ def decode_program(graphdef, state, logits_BxV, cache, rng, *, max_new_tokens, t
                    top_k, impl, matmul_rows=1, decode_config=None):
   """(the max_new_tokens tokens sampled after the prompt [B, N], the final cache)."""
   model = nnx.merge(graphdef, state)
-  weights = model.decode_weights()            # cast and fused once, outside the loop
+  weights = model.decode_weights(decode_config)   # cast and fused once, outside the loop
   rng, first_rng = jax.random.split(rng)
   token_B = sample_logits(logits_BxV, first_rng, temperature=temperature, top_k=top_k)
 

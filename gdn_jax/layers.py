@@ -86,8 +86,9 @@ def scale_columns(y, linears):
   multiplier on its own columns (what `Linear.__call__` applies to its output)."""
   if all(lin.multiplier == 1.0 for lin in linears):
     return y
-  return y * jnp.concatenate([jnp.full((lin.kernel.shape[1],), lin.multiplier, y.dtype)
-                              for lin in linears])
+  m = jnp.concatenate([jnp.full((lin.kernel.shape[1],), lin.multiplier, y.dtype)
+                       for lin in linears])
+  return y * jnp.pad(m, (0, y.shape[-1] - m.shape[0]), constant_values=1)   # padded columns
 
 
 def fused_linears(x, linears, dtype, column_multiple: int = 128) -> list:
@@ -281,6 +282,24 @@ def decode_dot(x_BxD, w, matmul_rows: int = 1, *, w_contract: int = 0, decode_co
   return y if B >= matmul_rows else y[:B]
 
 
+def mosaic_launch(decode_config, product: str, K: int, N: int) -> dict | None:
+  """The tile and split keyword arguments of `kernels_pallas.decode_gemv_mgpu`'s kernels for a
+  batch-1 [K, N] product, where `DecodeConfig.gemv_backend` is "mosaic" and they take its shape
+  (N a multiple of `product`'s block_n in [64, 256], K tiles of ≥ 64 rows); else None (the
+  Triton GEMV)."""
+  from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
+  from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+  cfg = DecodeConfig.or_default(decode_config)
+  if cfg.gemv_backend != "mosaic":
+    return None
+  launch = cfg.gemv_launch_for(product)
+  bn = launch["block_n"]
+  if N % bn or not 64 <= bn <= 256 or decode_gemv.block_k_for(K, min(launch["block_k"], 256)) < 64:
+    return None
+  return dict(block_n=bn, block_k=min(launch["block_k"], 256),
+              min_programs=launch["min_programs"])
+
+
 def decode_norm_dot(x_1xD, w, norm, addends_SxD=None, *, addend_multiplier: float = 1.0,
                     w_contract: int = 0, sum_splits: bool = True, zeros_out: int = 0,
                     decode_config=None, product: str | None = None):
@@ -290,10 +309,22 @@ def decode_norm_dot(x_1xD, w, norm, addends_SxD=None, *, addend_multiplier: floa
   add. The caller checks `DecodeConfig.use_gemv_norm` and that x, the norm and w share a dtype.
   Returns y in that dtype ([1, N]), or with `sum_splits=False` its float32 split partials
   [S, 1, N]; and r [1, D]; with `zeros_out` Z > 0 also float32 zeros [1, Z] made by the kernel
-  (a later GEMV's `accumulator`). `product`: whose GEMV settings (`decode_dot`)."""
+  (a later GEMV's `accumulator`). `product`: whose GEMV settings (`decode_dot`). With
+  `DecodeConfig.gemv_backend` "mosaic" the kernel is `decode_gemv_mgpu.gemv_norm_mgpu` where it
+  takes the product (`mosaic_launch`; not with `zeros_out` or a transposed w)."""
   from kernels_pallas import decode_gemv  # pylint: disable=import-outside-toplevel
   from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
   cfg = DecodeConfig.or_default(decode_config)
+  mosaic = (None if zeros_out or w_contract or x_1xD.dtype != w.dtype
+            else mosaic_launch(cfg, product, *w.shape))
+  if mosaic is not None:
+    from kernels_pallas import decode_gemv_mgpu  # pylint: disable=import-outside-toplevel
+    y, r = decode_gemv_mgpu.gemv_norm_mgpu(
+        x_1xD, w, norm.weight[...], addends_SxD, eps=float(norm.eps),
+        addend_multiplier=float(addend_multiplier), **mosaic)
+    if sum_splits:
+      y = decode_gemv.split_sum(y).astype(jnp.result_type(norm.dtype, w))
+    return y, r
   y, r, *zeros = decode_gemv.gemv_norm_pallas(
       x_1xD, w, norm.weight[...], addends_SxD, eps=float(norm.eps),
       addend_multiplier=float(addend_multiplier), transposed=w_contract == 1,
@@ -331,6 +362,11 @@ def decode_swiglu(x_BxD, w_gate_up, w_down, gate_up_linears, matmul_rows: int = 
     if parts is None:
       parts = decode_gemv.gemv_pallas(x_BxD.astype(w_gate_up.dtype), w_gate_up, sum_splits=False,
                                       **cfg.gemv_launch_for("mlp_in"))   # [S, 1, 2F]
+    mosaic = None if accumulator is not None else mosaic_launch(cfg, "mlp_out", *w_down.shape)
+    if mosaic is not None:          # DecodeConfig.gemv_backend "mosaic": any count of partials
+      from kernels_pallas import decode_gemv_mgpu  # pylint: disable=import-outside-toplevel
+      y = decode_gemv.split_sum(decode_gemv_mgpu.gemv_swiglu_mgpu(parts, w_down, **mosaic))
+      return y.astype(jnp.result_type(dtype, w_down))
     if parts.shape[0] & (parts.shape[0] - 1):    # the kernel takes a power of two of partials
       parts = jnp.sum(parts, axis=0, keepdims=True)
     y = decode_gemv.gemv_swiglu_pallas(parts, w_down, accumulator=accumulator,
@@ -547,12 +583,16 @@ class GatedDeltaNet(nnx.Module):
     return ([self.q_proj, self.k_proj, self.v_proj] + ([self.g_proj] if self.use_gate else [])
             + [self.a_proj, self.b_proj])
 
-  def decode_weights(self) -> dict:
+  def decode_weights(self, column_multiple: int = 1) -> dict:
     """The weights of `step`, built once per generation (outside its loop): 'in', the input
     projections side by side [D, 2·Hk·K + H·V (+ H·V gate) + 2H] (columns q | k | v | gate | a |
-    b, one matmul per token instead of six), 'conv', the three conv filters [W, 2·Hk·K + H·V],
-    and 'o', W_o, all in the compute dtype (the forward casts them to it on every call)."""
-    w = {'in': stacked_kernel(self._in_projs(), self.dtype),
+    b, one matmul per token instead of six; with zero columns after them up to a multiple of
+    `column_multiple`, whose outputs nothing reads), 'conv', the three conv filters
+    [W, 2·Hk·K + H·V], and 'o', W_o, all in the compute dtype (the forward casts them to it on
+    every call)."""
+    w_in = stacked_kernel(self._in_projs(), self.dtype)
+    pad = -w_in.shape[1] % column_multiple
+    w = {'in': jnp.pad(w_in, ((0, 0), (0, pad))) if pad else w_in,
          'o': self.o_proj.kernel[...].astype(self.dtype)}
     if self.use_short_conv:
       w['conv'] = jnp.concatenate([getattr(self, f'{n}_conv').weight[...].astype(self.dtype)
@@ -626,9 +666,11 @@ class GatedDeltaNet(nnx.Module):
       if not in_parts:   # partials: the consumers apply the multipliers
         y = scale_columns(y, projs)
 
-    def gates():   # (β, g) from y's last 2H columns, W_a x and W_b x
+    a_col = C + (H * V if self.use_gate else 0)   # W_a x, then W_b x (then any padding)
+
+    def gates():   # (β, g) from y's columns of W_a x and W_b x
       with jax.named_scope("conv_gates"):
-        return self._gates(None, {'a': y[:, -2 * H:-H], 'b': y[:, -H:]})
+        return self._gates(None, {'a': y[:, a_col:a_col + H], 'b': y[:, a_col + H:a_col + 2 * H]})
 
     if ring:
       # The conv state as rings (`generate` converts it once per call; decode_fused.py): no window
@@ -637,13 +679,12 @@ class GatedDeltaNet(nnx.Module):
       from kernels_pallas.decode_fused import gdn_decode_fused_ring_pallas
       with jax.named_scope("rule"):
         rings = (cache['ring_q'], cache['ring_k'], cache['ring_v'])
-        N = y.shape[-1]          # y's last 2H columns are W_a x, W_b x: the kernel makes g, β
         multipliers = (tuple(float(p.multiplier) for p in projs[:3] + projs[-2:]) if in_parts
                        else None)
         o, new_cache['S'], rings = gdn_decode_fused_ring_pallas(
             cache['ring_pos'], rings, y, w['conv'], self.A_log[...], self.dt_bias[...],
             cache['S'], num_heads=Hk, head_k_dim=K, scale=self.qk_scale,
-            qk_norm_eps=self.qk_norm_eps, gate_columns=(N - 2 * H, N - H),
+            qk_norm_eps=self.qk_norm_eps, gate_columns=(a_col, a_col + H),   # it makes g, β
             beta_scale=self.beta_scale, **launch,
             **({} if multipliers is None else dict(column_multipliers=multipliers)))
         new_cache.update(zip(('ring_q', 'ring_k', 'ring_v'), rings))
@@ -684,7 +725,21 @@ class GatedDeltaNet(nnx.Module):
           raise ValueError(f"GatedDeltaNet.step: `impl`={impl!r}; expected 'xla', 'pallas' or "
                            "'pallas_fused'.")
     with jax.named_scope("out_proj"):
-      if norm_in_gemv:
+      mosaic = (None if accumulator is not None or B != 1 or w['o'].dtype != dt
+                else mosaic_launch(cfg, "out_proj", *w['o'].shape))
+      if norm_in_gemv and mosaic is not None and V % decode_gemv.block_k_for(
+          H * V, mosaic["block_k"]) == 0:
+        # DecodeConfig.gemv_backend "mosaic": the gated output norm in the Mosaic GPU GEMV.
+        from kernels_pallas import decode_gemv_mgpu  # pylint: disable=import-outside-toplevel
+        out = decode_gemv_mgpu.gemv_gated_norm_mgpu(
+            o.reshape(1, H * V), y if self.use_gate else None, w['o'], self.o_norm.weight[...],
+            eps=float(self.o_norm.eps), head_dim=V, gate_column=C,
+            gate_multiplier=float(self.g_proj.multiplier) if in_parts and self.use_gate else 1.0,
+            **mosaic)
+        if not sum_out:
+          return out, new_cache, *stream
+        out = decode_gemv.split_sum(out).astype(dt)
+      elif norm_in_gemv:
         # The gated output norm in W_o's GEMV prologue (DecodeConfig.gemv_out_norm): it reads o
         # and the gate columns of y (or of its partials) where they are and rounds where the norm
         # below rounds.
@@ -700,6 +755,10 @@ class GatedDeltaNet(nnx.Module):
         gate = y[:, C:C + H * V].reshape(B, H, V) if self.use_gate else None
         h_o = self.o_norm(o.astype(dt), gate).reshape(B, H * V)
         if not sum_out:
+          if mosaic is not None:
+            from kernels_pallas import decode_gemv_mgpu  # pylint: disable=import-outside-toplevel
+            return (decode_gemv_mgpu.gemv_mgpu(h_o.astype(w['o'].dtype), w['o'], **mosaic),
+                    new_cache, *stream)
           out = decode_gemv.gemv_pallas(h_o.astype(w['o'].dtype), w['o'], sum_splits=False,
                                         accumulator=accumulator, **launch_o)
           return (out if accumulator is None else out[None]), new_cache, *stream

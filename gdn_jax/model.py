@@ -79,11 +79,17 @@ class Block(nnx.Module):
       return self.mixer.init_cache(batch, max_len=max_len)
     return self.mixer.init_cache(batch, state_dtype)
 
-  def decode_weights(self) -> dict:
+  def decode_weights(self, decode_config=None) -> dict:
     """`step`'s weights in the compute dtype, built once per generation: the mixer's, and the
-    MLP's gate and up projections side by side [D, 2F] (one matmul) and its down projection."""
+    MLP's gate and up projections side by side [D, 2F] (one matmul) and its down projection.
+    With `DecodeConfig.gemv_backend` "mosaic" a GDN mixer's in-projection gets zero columns up to
+    a multiple of its block_n (the Mosaic GPU GEMV takes whole column blocks only)."""
+    from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
+    cfg = DecodeConfig.or_default(decode_config)
     mlp, dt = self.mlp, self.mlp.down_proj.dtype
-    return {'mixer': self.mixer.decode_weights(),
+    mixer = ({} if cfg.gemv_backend != "mosaic" or not isinstance(self.mixer, GatedDeltaNet)
+             else dict(column_multiple=cfg.gemv_launch_for("in_proj")["block_n"]))
+    return {'mixer': self.mixer.decode_weights(**mixer),
             'gate_up': stacked_kernel([mlp.gate_proj, mlp.up_proj], dt),
             'down': mlp.down_proj.kernel[...].astype(dt)}
 
@@ -91,7 +97,7 @@ class Block(nnx.Module):
            decode_config=None):
     """One decode token: (x [B, D], new cache); `weights` from `decode_weights()` (None: here);
     `matmul_rows`: `layers.decode_dot`'s padding of every weight product."""
-    w = self.decode_weights() if weights is None else weights
+    w = self.decode_weights(decode_config) if weights is None else weights
     if self._fuses_norms(x_BxD, w, decode_config):
       x, new_cache, _ = self._step_with_norm_gemvs(x_BxD, cache, w, impl, decode_config)
       return x, new_cache
@@ -305,12 +311,13 @@ class GatedDeltaNetLM(nnx.Module):
       new_cache.append(block.mixer.decode_cache(c, state_dtype))
     return self._logits(x[:, -1:] if last_only else x), new_cache
 
-  def decode_weights(self) -> dict:
-    """The weights of `decode_step` in the compute dtype, fused per block (`Block.decode_weights`)
-    and the read-out matrix; built once per generation so that no step re-casts a parameter."""
+  def decode_weights(self, decode_config=None) -> dict:
+    """The weights of `decode_step` in the compute dtype, fused per block (`Block.decode_weights`;
+    `decode_config`: the kernels they are for) and the read-out matrix; built once per
+    generation so that no step re-casts a parameter."""
     dt = jnp.dtype(self.config.dtype)
     head = (self.embed.embedding if self.config.tie_embeddings else self.lm_head.kernel)
-    return {'blocks': [block.decode_weights() for block in self.blocks],
+    return {'blocks': [block.decode_weights(decode_config) for block in self.blocks],
             'head': head[...].astype(dt)}
 
   def decode_step(self, token_B, cache, weights=None, *, impl: str = "xla",
@@ -323,7 +330,7 @@ class GatedDeltaNetLM(nnx.Module):
     `decode_config`: the Pallas step kernels' launch settings (kernels_pallas.config.DecodeConfig;
     the read-out's GEMV is product "head" of its `gemv_overrides`).
     """
-    w = self.decode_weights() if weights is None else weights
+    w = self.decode_weights(decode_config) if weights is None else weights
     with jax.named_scope("embed"):
       x = self.embed(token_B)
     new_cache, pending = [], None     # pending: a block's output left to the next GEMV

@@ -206,6 +206,12 @@ class DecodeConfig:
     in-projection, or the read-out's final norm; `model.Block.step_deferred`), so no XLA kernel
     sums the down partials and adds the residual between two layers. Same reproducibility
     caveat; False: XLA's sum and add.
+  gemv_backend: "triton" (the Pallas-Triton GEMVs, `decode_gemv`) or "mosaic": at batch 1 on
+    the fused-norm path (`gemv_norm`), the GDN blocks' and the read-out's GEMVs run as Pallas
+    Mosaic GPU kernels (`decode_gemv_mgpu`: W's tiles TMA-loaded before waiting for the previous
+    kernel, programmatic dependent launch), where their shapes allow (N a multiple of block_n:
+    `generate` pads the in-projection's columns; a tied read-out stays Triton). Hopper only;
+    not with the atomic sums (`gemv_out_atomic`, `gemv_down_atomic`) yet.
   gemv_num_stages: Triton's software-pipelining depth of the GEMVs' K-tile loop.
   gemv_overrides: per-product GEMV launch settings, each in place of its global field
     (gemv_block_n, gemv_block_k, gemv_min_programs, gemv_num_warps, gemv_num_stages) for one
@@ -249,6 +255,7 @@ class DecodeConfig:
   gemv_in_partials: bool = False
   gemv_out_atomic: bool = False
   gemv_down_atomic: bool = False
+  gemv_backend: str = "triton"
   conv_ring: bool = True
   gemv_overrides: str = ""
 
@@ -274,6 +281,13 @@ class DecodeConfig:
         raise ValueError(f"DecodeConfig: `{name}`={getattr(self, name)!r}; expected 1, 2, 4, 8 "
                          "or 16.")
     parse_gemv_overrides(self.gemv_overrides)
+    if self.gemv_backend not in ("triton", "mosaic"):
+      raise ValueError(f"DecodeConfig: `gemv_backend`={self.gemv_backend!r}; expected 'triton' "
+                       "or 'mosaic'.")
+    if self.gemv_backend == "mosaic" and (self.gemv_out_atomic or self.gemv_down_atomic):
+      raise ValueError("DecodeConfig: `gemv_backend`='mosaic' with `gemv_out_atomic` or "
+                       "`gemv_down_atomic`: the Mosaic GPU GEMVs have no atomic sums yet; "
+                       "expected those False (or gemv_backend='triton').")
 
   @staticmethod
   def or_default(decode_config: "DecodeConfig | None") -> "DecodeConfig":

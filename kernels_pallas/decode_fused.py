@@ -199,7 +199,8 @@ def _ring_kernel(pos_ref, rq_ref, rk_ref, rv_ref, xq_ref, xk_ref, xv_ref, qf_ref
                    beta_scale=beta_scale, parts=parts, dtype=dtype, multipliers=(m_a, m_b))
   pos = pos_ref[...]                                                              # [W], all equal
   # This token's q | k | v inputs: the blocks as given, or their split partials summed.
-  x_of = lambda ref, m: summed_partials(lambda i: ref[...] if i is None else ref[i, :], parts, dtype, m)
+  x_of = lambda ref, m: summed_partials(lambda i: ref[...] if i is None else ref[i, :], parts,
+                                        dtype, m)
   q, rq = _ring_conv_silu(rq_ref, x_of(xq_ref, m_q), qf_ref, pos, dtype)
   k, rk = _ring_conv_silu(rk_ref, x_of(xk_ref, m_k), kf_ref, pos, dtype)
   v, rv = _ring_conv_silu(rv_ref, x_of(xv_ref, m_v), vf_ref, pos, dtype)

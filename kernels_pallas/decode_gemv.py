@@ -20,8 +20,9 @@ product: N = 1024); their sum is left to XLA, which can fuse it into the consume
 kernel, or to the consumer kernel (`summed_partials`: the next GEMV's prologue, the fused rule
 kernel), or (`accumulator`: float32 zeros, e.g. made by `gemv_norm_pallas(..., zeros_out=N)`) is
 made by the programs themselves, each adding its partial atomically (N a multiple of BN; the
-order of the float32 additions varies from run to run on a GPU). `transposed=True` takes W as [N, K] (a tied read-out, h Eᵀ, without a transpose). Columns
-past N (N need not divide by BN) are masked. On CPU the kernel runs in interpret mode.
+order of the float32 additions varies from run to run on a GPU). `transposed=True` takes W as
+[N, K] (a tied read-out, h Eᵀ, without a transpose). Columns past N (N need not divide by BN)
+are masked. On CPU the kernel runs in interpret mode.
 
 `gemv_norm_pallas` (batch 1) puts a pre-norm block's residual add and RMSNorm in front of the
 product, so that no XLA kernel runs between two GEMVs. With the residual stream x [1, D] (dtype
@@ -335,7 +336,7 @@ def _accumulator_spec(block_n: int):
   return pl.BlockSpec((1, block_n), lambda j, s: (0, j))
 
 
-def _sum_splits(y_SxRxN):
+def split_sum(y_SxRxN):
   """Σ_s of the split partials (float32; one split: as it is)."""
   return y_SxRxN[0] if y_SxRxN.shape[0] == 1 else jnp.sum(y_SxRxN, axis=0)
 
@@ -398,7 +399,7 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
   )(*operands)
   if accumulator is not None:
     return y
-  return _sum_splits(y)[:B] if sum_splits else y[:, :B]
+  return split_sum(y)[:B] if sum_splits else y[:, :B]
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "min_programs",
@@ -445,7 +446,7 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv_swiglu",
   )(*operands)
-  return y if accumulator is not None else _sum_splits(y)
+  return y if accumulator is not None else split_sum(y)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "addend_multiplier", "transposed", "block_n",
@@ -514,7 +515,7 @@ def gemv_norm_pallas(x_1xD, w, gain_D, addends_SxD=None, *, eps: float,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       name="decode_gemv_norm",
   )(*operands)
-  return ((_sum_splits(y) if sum_splits else y), r, *zeros)
+  return ((split_sum(y) if sum_splits else y), r, *zeros)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "head_dim", "gate_column", "gate_multiplier",
@@ -613,4 +614,4 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   )(*operands)
   if accumulator is not None:
     return y
-  return _sum_splits(y) if sum_splits else y
+  return split_sum(y) if sum_splits else y

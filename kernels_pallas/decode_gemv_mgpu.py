@@ -148,6 +148,23 @@ def _norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, multiplier, addends, 
         pdl=pdl, inputs=inputs)
 
 
+def _check_x_w(where, x, w):
+  """ValueError unless x is [1, K] and W [K, N] of one dtype (batch 1)."""
+  if x.ndim != 2 or x.shape[0] != 1 or w.ndim != 2 or w.shape[0] != x.shape[1] or (
+      x.dtype != w.dtype):
+    raise ValueError(f"{where}: x {x.shape} {x.dtype} and W {w.shape} {w.dtype}; expected "
+                     "x [1, K] and W [K, N] of one dtype (batch 1).")
+
+
+def _call(kernel, *, out_type, N, block_n, S, scratch, interpret, name):
+  """The Mosaic GPU call of a GEMV program over the grid (N / BN column blocks, S K splits);
+  Mosaic GPU's interpreter with `interpret`."""
+  return plgpu.kernel(kernel, out_type=out_type, grid=(N // block_n, S),
+                      grid_names=("j", "s"), scratch_types=scratch,
+                      interpret=plgpu.InterpretGPUParams() if interpret else None,
+                      kernel_name=name)
+
+
 def _launch(where, K, N, block_n, block_k, splits, min_programs, itemsize, extra_smem=0):
   """(K tile, splits, tiles per program) of a [K, N] product; ValueError naming the argument
   for tiles the kernel does not take or shared memory they would overflow (`extra_smem`: the
@@ -196,24 +213,19 @@ def gemv_mgpu(x_1xK, w_KxN, *, block_n: int = 128, block_k: int = 128, splits: i
   where = "gemv_mgpu"
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
-  if x_1xK.ndim != 2 or x_1xK.shape[0] != 1 or w_KxN.ndim != 2 or (
-      w_KxN.shape[0] != x_1xK.shape[1]) or x_1xK.dtype != w_KxN.dtype:
-    raise ValueError(f"{where}: x {x_1xK.shape} {x_1xK.dtype} and W {w_KxN.shape} "
-                     f"{w_KxN.dtype}; expected x [1, K] and W [K, N] of one dtype (batch 1).")
+  _check_x_w(where, x_1xK, w_KxN)
   K, N = w_KxN.shape
   itemsize = jnp.dtype(w_KxN.dtype).itemsize
   bk, S, tiles = _launch(where, K, N, block_n, block_k, splits, min_programs, itemsize)
-  call = plgpu.kernel(
+  call = _call(
       functools.partial(_kernel, block_n=block_n, block_k=bk, tiles=tiles,
                         pdl=pdl and not interpret),
-      out_type=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
-      grid=(N // block_n, S), grid_names=("j", "s"),
-      scratch_types=[plgpu.SMEM((tiles, bk, block_n), w_KxN.dtype),
-                     plgpu.SMEM((1, tiles * bk), x_1xK.dtype),
-                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
-                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles)],
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-      kernel_name="decode_gemv_mgpu")
+      out_type=jax.ShapeDtypeStruct((S, 1, N), jnp.float32), N=N, block_n=block_n, S=S,
+      scratch=[plgpu.SMEM((tiles, bk, block_n), w_KxN.dtype),
+              plgpu.SMEM((1, tiles * bk), x_1xK.dtype),
+              plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
+              plgpu.Barrier(num_arrivals=1, num_barriers=tiles)],
+      interpret=interpret, name="decode_gemv_mgpu")
   return call(x_1xK, w_KxN)
 
 
@@ -233,10 +245,7 @@ def gemv_norm_mgpu(x_1xD, w_DxN, gain_D, addends_SxD=None, *, eps: float,
   where = "gemv_norm_mgpu"
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
-  if x_1xD.ndim != 2 or x_1xD.shape[0] != 1 or w_DxN.ndim != 2 or (
-      w_DxN.shape[0] != x_1xD.shape[1]) or x_1xD.dtype != w_DxN.dtype:
-    raise ValueError(f"{where}: x {x_1xD.shape} {x_1xD.dtype} and W {w_DxN.shape} "
-                     f"{w_DxN.dtype}; expected x [1, D] and W [D, N] of one dtype (batch 1).")
+  _check_x_w(where, x_1xD, w_DxN)
   D, N = w_DxN.shape
   if gain_D.shape != (D,):
     raise ValueError(f"{where}: `gain_D` {gain_D.shape}; expected the norm's gain [{D}].")
@@ -262,16 +271,14 @@ def gemv_norm_mgpu(x_1xD, w_DxN, gain_D, addends_SxD=None, *, eps: float,
   scratch += [plgpu.SMEM((1, D), gain_D.dtype),
               plgpu.Barrier(num_arrivals=1, num_barriers=tiles)]
   scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=chunks)] * (3 if addends else 2)
-  call = plgpu.kernel(
+  call = _call(
       functools.partial(_norm_kernel, block_n=block_n, block_k=bk, tiles=tiles,
                         pdl=pdl and not interpret, eps=float(eps),
                         multiplier=float(addend_multiplier), addends=addends, chunk=chunk),
       out_type=(jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
-                jax.ShapeDtypeStruct((1, D), x_1xD.dtype)),
-      grid=(N // block_n, S), grid_names=("j", "s"),
-      scratch_types=scratch,
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-      kernel_name="decode_gemv_norm_mgpu")
+                jax.ShapeDtypeStruct((1, D), x_1xD.dtype)), N=N, block_n=block_n, S=S,
+      scratch=scratch, interpret=interpret,
+      name="decode_gemv_norm_mgpu")
   operands = (x_1xD,) + ((addends_SxD,) if addends else ()) + (gain_D.reshape(1, D), w_DxN)
   return call(*operands)
 
@@ -327,19 +334,17 @@ def gemv_swiglu_mgpu(gate_up_SxBx2F, w_FxN, *, block_n: int = 128, block_k: int 
   itemsize = jnp.dtype(w_FxN.dtype).itemsize
   bk, S, tiles = _launch(where, F, N, block_n, block_k, splits, min_programs, itemsize,
                          extra_smem=lambda bk, tiles: 2 * tiles * S_in * bk * 4)
-  call = plgpu.kernel(
+  call = _call(
       functools.partial(_swiglu_kernel, block_n=block_n, block_k=bk, tiles=tiles,
                         pdl=pdl and not interpret, F=F),
-      out_type=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
-      grid=(N // block_n, S), grid_names=("j", "s"),
-      scratch_types=[plgpu.SMEM((tiles, bk, block_n), w_FxN.dtype),
-                     plgpu.SMEM((tiles, S_in, 1, bk), jnp.float32),
-                     plgpu.SMEM((tiles, S_in, 1, bk), jnp.float32),
-                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
-                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
-                     plgpu.Barrier(num_arrivals=1, num_barriers=tiles)],
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-      kernel_name="decode_gemv_swiglu_mgpu")
+      out_type=jax.ShapeDtypeStruct((S, 1, N), jnp.float32), N=N, block_n=block_n, S=S,
+      scratch=[plgpu.SMEM((tiles, bk, block_n), w_FxN.dtype),
+              plgpu.SMEM((tiles, S_in, 1, bk), jnp.float32),
+              plgpu.SMEM((tiles, S_in, 1, bk), jnp.float32),
+              plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
+              plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
+              plgpu.Barrier(num_arrivals=1, num_barriers=tiles)],
+      interpret=interpret, name="decode_gemv_swiglu_mgpu")
   return call(gate_up_SxBx2F, gate_up_SxBx2F, w_FxN)
 
 
@@ -411,8 +416,8 @@ def gemv_gated_norm_mgpu(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim: 
   """`decode_gemv.gemv_gated_norm_pallas` (sum_splits=False) as a Mosaic GPU kernel: the split
   partials [S, 1, N] float32 of h @ W_o, h the GDN mixer's gated output norm of the rule's
   output o [1, H·V] float32 (per head: rnd(o) / sqrt(mean(rnd(o)²) + eps) · w · SiLU(g), rounded
-  to W_o's dtype), the gate g the columns `gate_column` … of `gate_1xHV` [1, ≥ H·V] (W_o's dtype)
-  or of its split partials [S_g, 1, ≥ H·V] float32 (summed with `gate_multiplier` as
+  to W_o's dtype), the gate g the columns `gate_column` … of `gate_1xHV` [1, ≥ H·V] (W_o's
+  dtype) or of its split partials [S_g, 1, ≥ H·V] float32 (summed with `gate_multiplier` as
   `decode_gemv.summed_partials`), or None (no gate). Every K tile lies inside one head (V =
   `head_dim` a multiple of the K tile); the gate's columns must start on 16 bytes (TMA).
   Tiles, splits and `pdl` as `gemv_mgpu`.
@@ -464,15 +469,13 @@ def gemv_gated_norm_mgpu(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim: 
               plgpu.Barrier(num_arrivals=1, num_barriers=tiles),
               plgpu.Barrier(num_arrivals=V // chunk, num_barriers=tiles)]
   scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=tiles)] * (2 if gated else 1)
-  call = plgpu.kernel(
+  call = _call(
       functools.partial(_gated_norm_kernel, block_n=block_n, block_k=bk, tiles=tiles,
                         pdl=pdl and not interpret, eps=float(eps), V=V, gate_column=gate_column,
                         gate_parts=gate_parts, gate_multiplier=float(gate_multiplier),
                         gated=gated, chunk=chunk),
-      out_type=jax.ShapeDtypeStruct((S, 1, N), jnp.float32),
-      grid=(N // block_n, S), grid_names=("j", "s"),
-      scratch_types=scratch,
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-      kernel_name="decode_gemv_gated_norm_mgpu")
+      out_type=jax.ShapeDtypeStruct((S, 1, N), jnp.float32), N=N, block_n=block_n, S=S,
+      scratch=scratch, interpret=interpret,
+      name="decode_gemv_gated_norm_mgpu")
   operands = (o_1xHV,) + ((gate_1xHV,) if gated else ()) + (gain_V.reshape(1, V), w)
   return call(*operands)

@@ -211,6 +211,8 @@ def test_variant_launch_settings_parse_into_a_decode_config():
       "pallas_fused", DecodeConfig(gemv_in_partials=True, gemv_overrides="in_proj=bn64"))
   assert bench_decode.split_launch("pallas_fused+noinparts") == (
       "pallas_fused", DecodeConfig(gemv_in_partials=False))
+  assert bench_decode.split_launch("pallas_fused+mosaic+inparts") == (
+      "pallas_fused", DecodeConfig(gemv_backend="mosaic", gemv_in_partials=True))
   for bad in ("xla+bv16:float32", "pallas+bv:float32", "pallas+x4:float32",
               "pallas+bv12:float32", "pallas+w8+w4:float32", "xla+gemv+gemv:float32",
               "xla+gst0:float32", "xla+gst2+gst3:float32",
@@ -218,7 +220,8 @@ def test_variant_launch_settings_parse_into_a_decode_config():
               "pallas_fused+noring+noring:float32", "pallas_fused+norm+nonorm:float32",
               "pallas_fused+onorm+noonorm:float32", "pallas_fused+onorm+onorm:float32",
               "pallas_fused+onorm4:float32", "pallas_fused+oonorm:float32",
-              "pallas_fused+inparts+noinparts:float32", "pallas_fused+inpart:float32"):
+              "pallas_fused+inparts+noinparts:float32", "pallas_fused+inpart:float32",
+              "pallas_fused+mosaic+mosaic:float32", "pallas_fused+mosaic+oatomic:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)
 

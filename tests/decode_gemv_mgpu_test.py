@@ -157,8 +157,8 @@ def test_swiglu_gemv_equals_the_triton_swiglu_gemv(parts, launch):
 @pytest.mark.parametrize("gate_kind", ["none", "array", "partials"])
 @pytest.mark.parametrize("launch", [dict(splits=3), dict(splits=1, block_n=64, block_k=64)])
 def test_gated_norm_gemv_equals_the_triton_gated_norm_gemv(gate_kind, launch):
-  """W_o's product of the gated output norm (3 heads of V = 128 at scales 10⁻² … 10², so a wrong
-  head's statistics show), with no gate, the gate as an array from column 8, or as 3 split
+  """W_o's product of the gated output norm (3 heads of V = 128 at scales 10⁻² … 10², so a
+  wrong head's statistics show), with no gate, the gate as an array from column 8, or as 3 split
   partials with the gate Linear's multiplier: the Triton kernel's partials' sum to float32
   rounding (the same h)."""
   from kernels_pallas.decode_gemv import gemv_gated_norm_pallas
@@ -212,3 +212,79 @@ def test_swiglu_and_gated_norm_errors_name_the_argument():
     gemv_gated_norm_mgpu(o, None, w, jnp.ones((64,)), eps=1e-6, head_dim=64, block_k=128)
   with pytest.raises(ValueError, match="o_1xHV"):
     gemv_gated_norm_mgpu(o.astype(jnp.bfloat16), None, w, gain, eps=1e-6, head_dim=128)
+
+
+# DecodeConfig.gemv_backend="mosaic": the batch-1 step's GEMVs as the Mosaic GPU kernels.
+
+def _mosaic_model(dtype="float32", seed=51, **changes):
+  """A model whose products the Mosaic GPU kernels take (≥ 64 columns and K-tile rows):
+  d 128, 2 heads of K = V = 64, SwiGLU 128, vocab 128, 2 blocks."""
+  import dataclasses
+  from tests.generate_test import make
+  from tests.model_test import CFG
+  return make(dataclasses.replace(CFG, d_model=128, num_heads=2, num_v_heads=2, head_k_dim=64,
+                                  head_v_dim=64, mlp_hidden=128, vocab_size=128, dtype=dtype,
+                                  **changes), seed=seed)
+
+
+MOSAIC_KERNELS = ("gemv_norm_mgpu", "gemv_gated_norm_mgpu", "gemv_swiglu_mgpu", "gemv_mgpu")
+
+
+@pytest.mark.parametrize("changes, in_parts, per_step", [
+    ({}, False, dict(gemv_norm_mgpu=5, gemv_gated_norm_mgpu=2, gemv_swiglu_mgpu=2)),
+    ({}, True, dict(gemv_norm_mgpu=5, gemv_gated_norm_mgpu=2, gemv_swiglu_mgpu=2)),
+    (dict(layer_pattern="GA"), False,      # the attention block's: its MLP's down product only
+     dict(gemv_norm_mgpu=3, gemv_gated_norm_mgpu=1, gemv_swiglu_mgpu=2)),
+])
+def test_mosaic_backend_step_equals_the_triton_step(monkeypatch, changes, in_parts, per_step):
+  """A batch-1 decode step (the fused ring kernel on conv rings) with gemv_backend="mosaic":
+  the Triton step's logits to float32 rounding; the in-projection (its columns padded), W_o
+  with the gated norm, gate/up, down and the read-out ran in Mosaic GPU kernels (interpreter)."""
+  from gdn_jax import generate as gen
+  from kernels_pallas import decode_gemv_mgpu
+  from kernels_pallas.config import DecodeConfig
+  model = _mosaic_model(**changes)
+  prompt = jax.random.randint(jax.random.key(52), (1, 5), 0, 128)
+  logits, cache = model.prefill(prompt, jnp.ones_like(prompt), last_only=True, max_len=16)
+  token = jnp.argmax(logits[:, 0], -1)
+  W = model.config.conv_size
+  rings = [dict(c, ring_pos=jnp.zeros((W,), jnp.int32)) if 'ring_q' in c else c
+           for c in gen.conv_rings(model, cache)]
+  calls = []
+  for name in MOSAIC_KERNELS:
+    real = getattr(decode_gemv_mgpu, name)
+    monkeypatch.setattr(decode_gemv_mgpu, name, functools.partial(
+        lambda *a, name=name, real=real, **k: calls.append(name) or real(*a, **k)))
+  config = lambda backend: DecodeConfig(gemv=True, gemv_block_n=64, gemv_backend=backend,
+                                        gemv_in_partials=in_parts, gemv_overrides="out_proj=bk64")
+  step = lambda backend: model.decode_step(token, rings, impl="pallas_fused",
+                                           decode_config=config(backend))[0]
+  mosaic = step("mosaic")
+  assert {n: calls.count(n) for n in set(calls)} == per_step
+  calls.clear()
+  triton = step("triton")
+  assert not calls
+  np.testing.assert_allclose(mosaic, triton, rtol=1e-5, atol=1e-5)
+  assert float(np.abs(np.asarray(triton)).max()) > 0.5
+
+
+def test_generate_bf16_with_the_mosaic_backend_samples_the_triton_tokens():
+  """bf16, batch 1, generate's loop: the same 6 sampled tokens with the Mosaic GPU GEMVs as with
+  the Triton ones."""
+  from gdn_jax import generate as gen
+  from kernels_pallas.config import DecodeConfig
+  model = _mosaic_model(dtype="bfloat16", seed=53)
+  prompt = jax.random.randint(jax.random.key(53), (1, 4), 0, 128)
+  kw = dict(temperature=1.0, top_k=10, rng=jax.random.key(8), impl="pallas_fused")
+  run = lambda backend: gen.generate(model, prompt, 6, decode_config=DecodeConfig(
+      gemv=True, gemv_block_n=64, gemv_backend=backend, gemv_overrides="out_proj=bk64,mp9"),
+                                     **kw)
+  np.testing.assert_array_equal(run("mosaic"), run("triton"))
+
+
+def test_mosaic_backend_is_checked():
+  from kernels_pallas.config import DecodeConfig
+  with pytest.raises(ValueError, match="gemv_backend"):
+    DecodeConfig(gemv_backend="cutlass")
+  with pytest.raises(ValueError, match="gemv_out_atomic"):
+    DecodeConfig(gemv_backend="mosaic", gemv_out_atomic=True)
