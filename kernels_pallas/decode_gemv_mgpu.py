@@ -1,5 +1,5 @@
-"""A batch-1 decode GEMV in Pallas Mosaic GPU (Hopper): W's tiles in flight before the previous
-kernel has finished.
+"""The batch-1 decode GEMVs of `decode_gemv.py` in Pallas Mosaic GPU (Hopper): W's tiles in
+flight before the previous kernel has finished.
 
 The Triton GEMV (`decode_gemv.py`) cannot start reading W until its prologue is done, and cannot
 start at all until the kernel before it has finished: at batch 1 each of a step's ~105 GEMVs is
@@ -19,6 +19,11 @@ programmatic dependent launch (PDL: the kernel is launched with programmatic str
 serialisation, `pdl=True`) they overlap the previous kernel's tail and the launch. The product is
 a column sum of W_t ⊙ x over the tile's rows in registers (a warpgroup's WGMMA layout; x in its
 row-reduced layout), no tensor cores: at batch 1 the work is W's bytes.
+
+The kernels, each with its Triton twin's prologue and roundings: `gemv_mgpu` (x as given),
+`gemv_norm_mgpu` (the residual add and RMSNorm; the gain is a parameter, loaded before the wait
+too), `gemv_gated_norm_mgpu` (W_o's gated output norm) and `gemv_swiglu_mgpu` (the down product
+on the gate/up partials). `DecodeConfig(gemv_backend="mosaic")` runs them in the decode step.
 
 Output: the K splits' partials [S, 1, N] float32, as `decode_gemv.gemv_pallas(...,
 sum_splits=False)`. N must be a multiple of BN and K of the split's rows (no masks); W's T tiles
@@ -46,7 +51,7 @@ def _vector(ref):
 
 
 def _gemv(w_gmem, y_gmem, w_smem, w_barriers, *, block_n, block_k, tiles, pdl, inputs):
-  """The program body both kernels share: W's tiles TMA-loaded into shared memory first (no
+  """The program body all the kernels share: W's tiles TMA-loaded into shared memory first (no
   earlier kernel writes W), then griddepcontrol.wait, then `inputs(s, rows)` (after the wait:
   it reads what the previous kernel wrote; returns h_tile(t) → the input's [BK] float32 for W
   tile t), and y_s[j] = Σ_t Σ_k h_t[k] W_t[k, n] written to the partials [S, 1, N]."""
