@@ -366,6 +366,10 @@ class GemvCase:
     kw = {name: knobs[name] for name in GEMV_KNOBS}
     if "impl" in knobs:
       launch = self.launch(knobs)
+      if launch is None:
+        raise ValueError(f"bench_decode_kernels: the Mosaic GPU GEMV takes no [{self.K}, "
+                         f"{self.N}] product at block_n={knobs['block_n']} (batch 1, N a "
+                         "multiple of block_n, K tiles of ≥ 64 rows).")
       tiles = dict(block_n=launch["block_n"], block_k=launch["block_k"], splits=launch["splits"],
                    pdl=knobs["impl"] == "mgpu_pdl")
       if self.op == "gemv":

@@ -644,8 +644,8 @@ class GatedDeltaNet(nnx.Module):
     # DecodeConfig.gemv_out_atomic: W_o's programs add their partials atomically into zeros that
     # the in-projection's GEMV makes, so the next prologue reads one addend instead of S.
     D = w['o'].shape[1]
-    out_atomic = (cfg.gemv_out_atomic and in_norm is not None and not sum_out
-                  and D % launch_o["block_n"] == 0)
+    out_atomic = (cfg.gemv_out_atomic and cfg.gemv_backend == "triton" and in_norm is not None
+                  and not sum_out and D % launch_o["block_n"] == 0)
     accumulator, stream = None, ()
     with jax.named_scope("in_proj"):   # scopes name the parts in profiles (bench_decode.py)
       if in_norm is not None:

@@ -154,7 +154,7 @@ class Block(nnx.Module):
     from kernels_pallas.config import DecodeConfig  # pylint: disable=import-outside-toplevel
     cfg = DecodeConfig.or_default(decode_config)
     mlp, D = self.mlp, x_BxD.shape[1]
-    return (cfg.gemv_down_atomic and cfg.gemv_swiglu
+    return (cfg.gemv_down_atomic and cfg.gemv_backend == "triton" and cfg.gemv_swiglu
             and cfg.use_gemv(1, contract_dim=w['down'].shape[0])
             and all(l.multiplier == 1.0 for l in (mlp.gate_proj, mlp.up_proj))
             and D % cfg.gemv_launch_for("mlp_out")["block_n"] == 0)

@@ -221,7 +221,7 @@ def test_variant_launch_settings_parse_into_a_decode_config():
               "pallas_fused+onorm+noonorm:float32", "pallas_fused+onorm+onorm:float32",
               "pallas_fused+onorm4:float32", "pallas_fused+oonorm:float32",
               "pallas_fused+inparts+noinparts:float32", "pallas_fused+inpart:float32",
-              "pallas_fused+mosaic+mosaic:float32", "pallas_fused+mosaic+oatomic:float32"):
+              "pallas_fused+mosaic+mosaic:float32"):
     with pytest.raises(ValueError, match="bench_decode"):
       bench_decode.parse_variant(bad)
 
