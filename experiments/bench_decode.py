@@ -84,10 +84,9 @@ class Options:
                      "pallas+nogemv@1:float32", "pallas_fused+nogemv:bfloat16",
                      "pallas_fused+noswiglu:bfloat16", "pallas_fused+nonorm:bfloat16",
                      "pallas_fused+noonorm:bfloat16", "pallas_fused+noring:bfloat16",
-                     "pallas_fused+inparts:bfloat16", "pallas_fused+oatomic:bfloat16",
-                     "pallas_fused+datomic:bfloat16",
-                     "pallas_fused+inparts+oatomic+datomic:bfloat16",
-                     "pallas_fused+mosaic:bfloat16", "pallas_fused+mosaic+inparts:bfloat16")
+                     "pallas_fused+noinparts:bfloat16", "pallas_fused+nooatomic:bfloat16",
+                     "pallas_fused+nodatomic:bfloat16",
+                     "pallas_fused+nooatomic+nodatomic:bfloat16", "pallas_fused+mosaic:bfloat16")
   variant_batches: tuple = ()           # () = the smallest and the largest of `batches`
   # Rows in a subprocess with these XLA_FLAGS (batch 1, first prompt, the main impl), last.
   xla_flags_variants: tuple = ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",)
