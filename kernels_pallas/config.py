@@ -186,11 +186,11 @@ class DecodeConfig:
     and W_o's GEMV; `use_gemv_out_norm`), where the head dim V is a multiple of out_proj's K tile
     (else the unfused norm; 0.03 ms per token faster on an H100, experiments/NOTES_decode.md);
     False: XLA's norm kernel before the GEMV.
-  The three below are on by default since session 33 (together 0.818 → 0.765 ms per token on an
-  H100, two calls; experiments/NOTES_decode.md). The two atomic ones make decoding on a GPU not
+  The three below are on by default since they were timed faster together on an H100
+  (experiments/NOTES_decode.md, session 33). The two atomic ones make decoding on a GPU not
   bit-reproducible (float32 sums in a varying order; rarely a different bf16 rounding, so a
   greedy token can differ at a near-tie); `DecodeConfig(gemv_out_atomic=False,
-  gemv_down_atomic=False)` is the reproducible path (0.806 ms).
+  gemv_down_atomic=False)` is the reproducible path.
   gemv_in_partials: where a GDN mixer's in-projection goes through the GEMV at batch 1 and the step
     runs the fused ring kernel (`generate`'s impl "pallas_fused"), the GEMV's float32 split
     partials go unsummed to their consumers, each of which sums the partials of the columns it
@@ -217,7 +217,8 @@ class DecodeConfig:
     kernel, programmatic dependent launch), where their shapes allow (N a multiple of block_n:
     `generate` pads the in-projection's columns; a tied read-out stays Triton). Hopper only;
     the atomic sums (`gemv_out_atomic`, `gemv_down_atomic`) do not apply to it (its kernels have
-    none yet). Timed 1.22 ms per token on an H100 against Triton's 0.82: off by default.
+    none yet). Slower than the Triton GEMVs in the step so far (experiments/NOTES_decode.md):
+    off by default.
   gemv_num_stages: Triton's software-pipelining depth of the GEMVs' K-tile loop.
   gemv_overrides: per-product GEMV launch settings, each in place of its global field
     (gemv_block_n, gemv_block_k, gemv_min_programs, gemv_num_warps, gemv_num_stages) for one
