@@ -373,15 +373,14 @@ class GemvCase:
       tiles = dict(block_n=launch["block_n"], block_k=launch["block_k"], splits=launch["splits"],
                    pdl=knobs["impl"] == "mgpu_pdl")
       if self.op == "gemv":
-        mgpu = lambda x, w: gemv_mgpu(x, w, **tiles)
+        mgpu = lambda shared, w: gemv_mgpu(shared[0], w, **tiles)
       else:
         mgpu = lambda shared, w: gemv_norm_mgpu(
             shared[0], w, shared[1], shared[2] if self.addends else None, eps=self.s.norm_eps,
             **tiles)[0]
-      # the split sum as the model's (decode_gemv.split_sum), where the Triton rows make it
-      first = (lambda shared: shared[0]) if self.op == "gemv" else (lambda shared: shared)
-      call = lambda shared, w: (jnp.sum(mgpu(first(shared), w), axis=0) if self.sum_splits
-                                else mgpu(first(shared), w))
+      # the split sum where the Triton rows make it, as the model does
+      call = lambda shared, w: (decode_gemv.split_sum(mgpu(shared, w)) if self.sum_splits
+                                else mgpu(shared, w))
     elif self.op == "gemv":
       call = lambda shared, w: decode_gemv.gemv_pallas(shared[0], w, sum_splits=self.sum_splits,
                                                        **kw)

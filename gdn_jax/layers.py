@@ -293,11 +293,10 @@ def mosaic_launch(decode_config, product: str, K: int, N: int) -> dict | None:
   if cfg.gemv_backend != "mosaic":
     return None
   launch = cfg.gemv_launch_for(product)
-  bn = launch["block_n"]
-  if N % bn or not 64 <= bn <= 256 or decode_gemv.block_k_for(K, min(launch["block_k"], 256)) < 64:
+  bn, bk = launch["block_n"], min(launch["block_k"], 256)     # a TMA box: ≤ 256 per dimension
+  if N % bn or not 64 <= bn <= 256 or decode_gemv.block_k_for(K, bk) < 64:
     return None
-  return dict(block_n=bn, block_k=min(launch["block_k"], 256),
-              min_programs=launch["min_programs"])
+  return dict(block_n=bn, block_k=bk, min_programs=launch["min_programs"])
 
 
 def decode_norm_dot(x_1xD, w, norm, addends_SxD=None, *, addend_multiplier: float = 1.0,

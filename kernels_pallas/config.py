@@ -184,7 +184,7 @@ class DecodeConfig:
     output norm (RMSNorm_V of the rule's output per head, the gain, SiLU(gate)) is made in W_o's
     GEMV prologue (`decode_gemv.gemv_gated_norm_pallas`: no XLA kernel between the rule's kernel
     and W_o's GEMV; `use_gemv_out_norm`), where the head dim V is a multiple of out_proj's K tile
-    (else the unfused norm; 0.03 ms per token faster on an H100, experiments/NOTES_decode.md);
+    (else the unfused norm; timed faster on an H100, experiments/NOTES_decode.md);
     False: XLA's norm kernel before the GEMV.
   The three below are on by default since they were timed faster together on an H100
   (experiments/NOTES_decode.md, session 33). The two atomic ones make decoding on a GPU not

@@ -316,24 +316,22 @@ def _partials_spec(rows: int, block_n: int):
   return pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j))
 
 
-def _output(where, S, N, block_n, accumulator, n_inputs):
-  """(out spec, out shape, input_output_aliases) of a batch-1 product: its split partials
-  [S, 1, N] float32, or with `accumulator` (a float32 [1, N] of zeros, the last of `n_inputs`
-  inputs) their sum [1, N] added into it atomically by the programs, as its alias. ValueError
-  naming `accumulator` if its shape does not fit or N is not a multiple of `block_n`."""
+def _output(where, S, rows, N, block_n, accumulator, in_specs, operands):
+  """(out spec, out shape, input_output_aliases) of a product: its split partials [S, rows, N]
+  float32, or with `accumulator` (float32 zeros [1, N]; batch 1) their sum [1, N], added into it
+  atomically by the programs: the accumulator is appended to `in_specs` and `operands` with the
+  block of program (j, s), its column block j, and aliased to the output. ValueError naming
+  `accumulator` if its shape does not fit or N is not a multiple of `block_n`."""
   if accumulator is None:
-    return _partials_spec(1, block_n), jax.ShapeDtypeStruct((S, 1, N), jnp.float32), {}
+    return _partials_spec(rows, block_n), jax.ShapeDtypeStruct((S, rows, N), jnp.float32), {}
   if accumulator.shape != (1, N) or accumulator.dtype != jnp.float32 or N % block_n:
     raise ValueError(f"{where}: `accumulator` {accumulator.shape} {accumulator.dtype} with "
                      f"block_n={block_n}; expected float32 zeros [1, {N}] (the product's "
                      "columns) and N a multiple of block_n (atomic adds take no mask), or None.")
-  return (pl.BlockSpec((1, block_n), lambda j, s: (0, j)),
-          jax.ShapeDtypeStruct((1, N), jnp.float32), {n_inputs - 1: 0})
-
-
-def _accumulator_spec(block_n: int):
-  """The accumulator input's block of program (j, s): its column block j (aliased to y)."""
-  return pl.BlockSpec((1, block_n), lambda j, s: (0, j))
+  spec = pl.BlockSpec((1, block_n), lambda j, s: (0, j))
+  in_specs.append(spec)
+  operands.append(accumulator)
+  return spec, jax.ShapeDtypeStruct((1, N), jnp.float32), {len(operands) - 1: 0}
 
 
 def split_sum(y_SxRxN):
@@ -374,17 +372,12 @@ def gemv_pallas(x_BxK, w, *, transposed: bool = False, block_n: int = 64, block_
                        interpret)
   R = 1 if B == 1 else DOT_ROWS
   x = x_BxK if R == B else jnp.pad(x_BxK, ((0, R - B), (0, 0)))
+  if accumulator is not None and B != 1:
+    raise ValueError(f"gemv_pallas: `accumulator` with batch {B}; expected batch 1.")
   in_specs = [pl.BlockSpec((R, Ks), lambda j, s: (0, s)), _w_spec(transposed, block_n, Ks)]
   operands = [x.astype(w.dtype), w]
-  if accumulator is None:
-    out_spec, out_shape, aliases = (_partials_spec(R, block_n),
-                                    jax.ShapeDtypeStruct((S, R, N), jnp.float32), {})
-  else:
-    if B != 1:
-      raise ValueError(f"gemv_pallas: `accumulator` with batch {B}; expected batch 1.")
-    out_spec, out_shape, aliases = _output("gemv_pallas", S, N, block_n, accumulator, 3)
-    in_specs.append(_accumulator_spec(block_n))
-    operands.append(accumulator)
+  out_spec, out_shape, aliases = _output("gemv_pallas", S, R, N, block_n, accumulator, in_specs,
+                                         operands)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
                         transposed=transposed, accumulate=accumulator is not None),
@@ -428,11 +421,8 @@ def gemv_swiglu_pallas(gate_up_SxBx2F, w_FxN, *, block_n: int = 64, block_k: int
               pl.BlockSpec((S_in, 1, Ks), lambda j, s: (0, 0, S + s)),
               _w_spec(False, block_n, Ks)]
   operands = [gate_up_SxBx2F, gate_up_SxBx2F, w_FxN]
-  out_spec, out_shape, aliases = _output("gemv_swiglu_pallas", S, N, block_n, accumulator,
-                                         len(operands) + 1)
-  if accumulator is not None:
-    in_specs.append(_accumulator_spec(block_n))
-    operands.append(accumulator)
+  out_spec, out_shape, aliases = _output("gemv_swiglu_pallas", S, 1, N, block_n, accumulator,
+                                         in_specs, operands)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
                         transposed=False, swiglu_dtype=w_FxN.dtype,
@@ -592,10 +582,8 @@ def gemv_gated_norm_pallas(o_1xHV, gate_1xHV, w, gain_V, *, eps: float, head_dim
   in_specs += [pl.BlockSpec((1, head_dim), whole),                          # gain, whole
                _w_spec(False, block_n, Ks)]
   operands += [gain_V.reshape(1, head_dim), w]
-  out_spec, out_shape, aliases = _output(where, S, N, block_n, accumulator, len(operands) + 1)
-  if accumulator is not None:
-    in_specs.append(_accumulator_spec(block_n))
-    operands.append(accumulator)
+  out_spec, out_shape, aliases = _output(where, S, 1, N, block_n, accumulator, in_specs,
+                                         operands)
   y = pl.pallas_call(
       functools.partial(_kernel, n=N, block_n=block_n, block_k=bk, tiles=Ks // bk,
                         transposed=False,

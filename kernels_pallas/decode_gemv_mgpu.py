@@ -2,11 +2,10 @@
 flight before the previous kernel has finished.
 
 The Triton GEMV (`decode_gemv.py`) cannot start reading W until its prologue is done, and cannot
-start at all until the kernel before it has finished: at batch 1 each of a step's ~105 GEMVs is
-5–10 µs, of which the launch, the first loads' latency and the last wave's tail are a large part
-(experiments/NOTES_decode.md: the GEMVs run at 1.3–1.8 TB/s against a copy bandwidth of ~2.2–2.4
-on an H100). Loading the first W tile early in Triton kept it in registers and lost occupancy
-(session 32). Mosaic GPU can hold it in shared memory and can overlap kernels:
+start at all until the kernel before it has finished: at batch 1 a step's GEMVs are short, and
+the launch, the first loads' latency and the last wave's tail are a large part of each
+(experiments/NOTES_decode.md has the measurements, and why loading W early in Triton did not
+pay). Mosaic GPU can hold W's tiles in shared memory and can overlap kernels:
 
     program (j, s):   griddepcontrol.launch_dependents     (the next kernel may launch now)
                       TMA: W[K-split s, column block j] → SMEM, T tiles [BK, BN], one barrier each
@@ -50,11 +49,14 @@ def _vector(ref):
   return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
 
 
-def _gemv(w_gmem, y_gmem, w_smem, w_barriers, *, block_n, block_k, tiles, pdl, inputs):
+def _gemv(w_gmem, y_gmem, w_smem, w_barriers, *, block_n, block_k, tiles, pdl, inputs,
+          params=None):
   """The program body all the kernels share: W's tiles TMA-loaded into shared memory first (no
-  earlier kernel writes W), then griddepcontrol.wait, then `inputs(s, rows)` (after the wait:
-  it reads what the previous kernel wrote; returns h_tile(t) → the input's [BK] float32 for W
-  tile t), and y_s[j] = Σ_t Σ_k h_t[k] W_t[k, n] written to the partials [S, 1, N]."""
+  earlier kernel writes W), then `params(s, rows)` (the loads of other parameters, e.g. a
+  norm's gain), then griddepcontrol.wait, then `inputs(s, rows)` (after the wait: it reads what
+  the previous kernel wrote; returns h_tile(t) → the input's [BK] float32 for W tile t), and
+  y_s[j] = Σ_t Σ_k h_t[k] W_t[k, n] written to the partials [S, 1, N]. `s`: the program's K
+  split; `rows`: its rows of W."""
   j, s = jax.lax.axis_index("j"), jax.lax.axis_index("s")
   rows = tiles * block_k                                  # this split's rows of W
   if pdl:
@@ -63,6 +65,8 @@ def _gemv(w_gmem, y_gmem, w_smem, w_barriers, *, block_n, block_k, tiles, pdl, i
     plgpu.copy_gmem_to_smem(
         w_gmem.at[pl.ds(s * rows + t * block_k, block_k), pl.ds(j * block_n, block_n)],
         w_smem.at[t], w_barriers.at[t])
+  if params is not None:
+    params(s, rows)
   if pdl:
     plgpu.griddepcontrol_wait()
   h_tile = inputs(s, rows)
@@ -92,7 +96,7 @@ def _kernel(x_gmem, w_gmem, y_gmem, w_smem, x_smem, w_barriers, x_barriers, *, b
 
 
 def _norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, multiplier, addends, chunk):
-  """`gemv_norm_mgpu`'s program: the gain's chunks TMA-loaded with W's (a parameter), x's and the
+  """`gemv_norm_mgpu`'s program: the gain's chunks TMA-loaded after W's (a parameter), x's and the
   addends' after the wait; r = rnd(x + rnd(m · rnd(Σ_i a_i))) and mean(r²) over all of D in
   [BK] slices (program (0, 0) writes r), then h = rnd(r · rsqrt(mean(r²) + eps) · w) for the
   split's tiles. `chunk`: the TMA box of the whole-D inputs (≤ 256 columns, a multiple of
@@ -106,9 +110,12 @@ def _norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, multiplier, addends, 
   D = x_gmem.shape[1]
   chunks = D // chunk
   f32, dt = jnp.float32, x_gmem.dtype
-  for c in range(chunks):                                 # the gain: a parameter, early
-    box = (slice(None), pl.ds(c * chunk, chunk))
-    plgpu.copy_gmem_to_smem(gain_gmem.at[box], gain_smem.at[box], gain_barriers.at[c])
+
+  def params(s, rows):      # the gain, all of D
+    del s, rows
+    for c in range(chunks):
+      box = (slice(None), pl.ds(c * chunk, chunk))
+      plgpu.copy_gmem_to_smem(gain_gmem.at[box], gain_smem.at[box], gain_barriers.at[c])
 
   def inputs(s, rows):
     for c in range(chunks):
@@ -150,7 +157,7 @@ def _norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, multiplier, addends, 
       return h.astype(w_gmem.dtype).astype(f32)
     return h_tile
   _gemv(w_gmem, y_gmem, w_smem, w_barriers, block_n=block_n, block_k=block_k, tiles=tiles,
-        pdl=pdl, inputs=inputs)
+        pdl=pdl, inputs=inputs, params=params)
 
 
 def _check_x_w(where, x, w):
@@ -356,7 +363,7 @@ def gemv_swiglu_mgpu(gate_up_SxBx2F, w_FxN, *, block_n: int = 128, block_k: int 
 def _gated_norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, V, gate_column, gate_parts,
                        gate_multiplier, gated, chunk):
   """`gemv_gated_norm_mgpu`'s program: per W tile (inside one head), the head's o (TMA, after
-  the wait) for mean(rnd(o)²), the tile's gain columns (before the wait: a parameter) and gate
+  the wait) for mean(rnd(o)²), the tile's gain columns (with W's: a parameter) and gate
   columns (or their split partials; after the wait), then h as `decode_gemv`'s gated norm."""
   if gated:
     (o_gmem, gate_gmem, gain_gmem, w_gmem, y_gmem, w_smem, o_smem, gate_smem, gain_smem,
@@ -366,19 +373,22 @@ def _gated_norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, V, gate_column,
      gain_barriers) = refs
   f32, dt = jnp.float32, w_gmem.dtype
   rnd = lambda a: a.astype(dt).astype(f32)
-  s = jax.lax.axis_index("s")
-  rows = tiles * block_k
-  head_of = lambda t: (s * rows + t * block_k) // V * V       # the first row of tile t's head
-  for t in range(tiles):                                        # the gain: a parameter, early
-    k0 = s * rows + t * block_k
-    plgpu.copy_gmem_to_smem(gain_gmem.at[:, pl.ds(k0 - head_of(t), block_k)], gain_smem.at[t],
-                            gain_barriers.at[t])
 
-  def inputs(s_, rows_):
+  def first_rows(s, rows, t):   # (tile t's first row of W_o, the first row of its head)
+    k0 = s * rows + t * block_k
+    return k0, k0 // V * V
+
+  def params(s, rows):          # the gain's columns of each tile
     for t in range(tiles):
-      k0 = s * rows + t * block_k
+      k0, head = first_rows(s, rows, t)
+      plgpu.copy_gmem_to_smem(gain_gmem.at[:, pl.ds(k0 - head, block_k)], gain_smem.at[t],
+                              gain_barriers.at[t])
+
+  def inputs(s, rows):
+    for t in range(tiles):
+      k0, head = first_rows(s, rows, t)
       for c in range(V // chunk):
-        plgpu.copy_gmem_to_smem(o_gmem.at[:, pl.ds(head_of(t) + c * chunk, chunk)],
+        plgpu.copy_gmem_to_smem(o_gmem.at[:, pl.ds(head + c * chunk, chunk)],
                                 o_smem.at[t, :, pl.ds(c * chunk, chunk)], o_barriers.at[t])
       if gated:
         cols = pl.ds(gate_column + k0, block_k)
@@ -386,7 +396,7 @@ def _gated_norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, V, gate_column,
         plgpu.copy_gmem_to_smem(src, gate_smem.at[t], gate_barriers.at[t])
 
     def h_tile(t):
-      k0 = s * rows + t * block_k
+      k0, head = first_rows(s, rows, t)
       plgpu.barrier_wait(o_barriers.at[t])
       sum_sq = None
       for i in range(V // block_k):
@@ -394,7 +404,7 @@ def _gated_norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, V, gate_column,
         part = jnp.sum(o * o)
         sum_sq = part if sum_sq is None else sum_sq + part
       inv_rms = jax.lax.rsqrt(sum_sq / V + eps)
-      o = rnd(_vector(o_smem.at[t, 0, pl.ds(k0 - head_of(t), block_k)]))
+      o = rnd(_vector(o_smem.at[t, 0, pl.ds(k0 - head, block_k)]))
       plgpu.barrier_wait(gain_barriers.at[t])
       h = o * inv_rms * _vector(gain_smem.at[t, 0])
       if gated:
@@ -408,7 +418,7 @@ def _gated_norm_kernel(*refs, block_n, block_k, tiles, pdl, eps, V, gate_column,
       return rnd(h)
     return h_tile
   _gemv(w_gmem, y_gmem, w_smem, w_barriers, block_n=block_n, block_k=block_k, tiles=tiles,
-        pdl=pdl, inputs=inputs)
+        pdl=pdl, inputs=inputs, params=params)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "head_dim", "gate_column", "gate_multiplier",
