@@ -57,13 +57,23 @@ _ALL_ROWS = (("paper", ""), ("paper_sp", ""), ("mup", ""), ("sp", ""), ("paper",
 #              (× m^-½), no 1/m multiplier, LR × 1/m. Its per-step logit change is μP's head's,
 #              its logits at init SP's (√m larger than μP's). Under SGD the same rule keeps
 #              μP's effective update (1/m multiplier × LR m × gradient/m).
+#   head_init  μP's head (1/m multiplier, μP's LR) with its draw × m^½, so that its logits at
+#              init are SP's. Under SGD it is head_sp but for gradient clipping: the raw gradient
+#              of head_sp's head is m × μP's (no 1/m multiplier), so it weighs m² more in the
+#              global norm that the clip compares. Selected by --rows only (not a preset row).
 _VARIANT_ROWS = (("mup", "sp_tied"), ("paper", "sp_tied"))
 _HEAD_SP_OUTPUT = tables.Rule(init=tables.Scaling(fan_in=-0.5), lr=tables.Scaling(fan_in=-1))
 MUP_HEAD_SP = dataclasses.replace(
     tables.MUP, name="mup_head_sp", description="μP with SP's LM head init (issue 20 item 4)",
     rules={opt: dict(rules, output=_HEAD_SP_OUTPUT) for opt, rules in tables.MUP.rules.items()})
+MUP_HEAD_INIT = dataclasses.replace(
+    tables.MUP, name="mup_head_init",
+    description="μP with its LM head's draw × m^½ (SP's logits at init; issue 20 item 4)",
+    rules={opt: dict(rules, output=dataclasses.replace(rules["output"],
+                                                       init=tables.Scaling(fan_in=0.5)))
+           for opt, rules in tables.MUP.rules.items()})
 # Row variants trained as another parametrization (registered here: the workers import this).
-_VARIANT_PARAMETRIZATIONS = {("mup", "head_sp"): MUP_HEAD_SP}
+_VARIANT_PARAMETRIZATIONS = {("mup", "head_sp"): MUP_HEAD_SP, ("mup", "head_init"): MUP_HEAD_INIT}
 tables.PARAMETRIZATIONS.update({p.name: p for p in _VARIANT_PARAMETRIZATIONS.values()})
 PRESETS = {
     # 2 CPU cores, ~10 minutes: the heads scheme at toy scale, fixed 1-log2 grids, one seed.
@@ -284,6 +294,21 @@ def ablation() -> Ablation:
 
 # ---- The sweep. -------------------------------------------------------------------------------
 
+def select_rows(p: Protocol, names: list[str] | None, preset: str) -> tuple:
+  """The rows `--rows` names (None: the preset's). A registered variant row (`head_sp`,
+  `head_init`) runs when named, also where the preset does not list it; a name that is neither
+  is an error (it would otherwise plan nothing)."""
+  if not names:
+    return p.rows
+  extra = tuple(r for r in _VARIANT_PARAMETRIZATIONS if r not in p.rows)
+  known = [row_name(*r) for r in p.rows + extra]
+  unknown = [name for name in names if name not in known]
+  if unknown:
+    raise ValueError(f"--rows={','.join(names)}: no row {unknown} in preset {preset!r}; choose "
+                     f"from {known}.")
+  return tuple(r for r in p.rows + extra if row_name(*r) in names)
+
+
 def protocol() -> Protocol:
   p = PRESETS[_PRESET.value]
   keep = lambda values, flag, conv: tuple(v for v in values if flag.value is None
@@ -292,7 +317,7 @@ def protocol() -> Protocol:
   if p.base_width not in widths:
     widths = (p.base_width,) + widths
   return dataclasses.replace(p, widths=widths, optimizers=keep(p.optimizers, _OPTS, str),
-                             rows=keep(p.rows, _ROWS, lambda r: row_name(*r)),
+                             rows=select_rows(p, _ROWS.value, _PRESET.value),
                              data=_DATA_SLICE.value or p.data,
                              rule_impl=_RULE_IMPL.value or p.rule_impl)
 

@@ -57,7 +57,7 @@ _SGD_AB_SP = dict(MUP.rules["sgd"], output=Rule(init=Scaling(fan_in=-0.5)))
 # The heads probe's read-out variants (untied LM head, AdamW), identity at the base width:
 #   mup_head_sp    SP's LM head in function space: init × m^-½ (fan-in), no 1/m multiplier, LR × 1/m
 #                  (the same per-step logit change as μP's head);
-#   mup_head_init  μP's head (1/m multiplier, LR 1: its updates and gradients) with SP's logits at
+#   mup_head_init  μP's head (1/m multiplier, μP's LR: its updates and gradients) with SP's logits at
 #                  init: init × m^+½, so multiplier × init = SP's m^-½;
 #   mup_head_cN    μP's head with its init × N at every width (a base-width constant, so still μP;
 #                  not the identity at the base width: these rows need base-width runs of their
@@ -67,9 +67,7 @@ _SGD_AB_SP = dict(MUP.rules["sgd"], output=Rule(init=Scaling(fan_in=-0.5)))
 HEAD_INIT_C = (3, 8, 16)
 HEAD_VARIANTS = {
     "mup_head_sp": lr_transfer.MUP_HEAD_SP,
-    "mup_head_init": dataclasses.replace(MUP, name="mup_head_init", rules=dict(
-        MUP.rules, adamw=dict(MUP.rules["adamw"],
-                              output=Rule(init=Scaling(fan_in=0.5), mult=Scaling(fan_in=-1))))),
+    "mup_head_init": lr_transfer.MUP_HEAD_INIT,
 }
 HEAD_CONST_VARIANTS = {f"{p.name}_head_c{c}": dataclasses.replace(p, name=f"{p.name}_head_c{c}")
                        for c in HEAD_INIT_C for p in (MUP, tables.SP)}

@@ -254,7 +254,7 @@ class Plan:
 
 
 # Row variants that are the identity at the base width (every width rule is 1 there).
-BASE_IDENTITY_VARIANTS = ("mixer_out", "sp_tied", "head_sp", "const_init")
+BASE_IDENTITY_VARIANTS = ("mixer_out", "sp_tied", "head_sp", "head_init", "const_init")
 
 
 def at_base_width(variant: str) -> str:

@@ -135,6 +135,49 @@ def test_the_head_sp_row_trains_mup_with_sps_lm_head_and_is_mup_at_the_base_widt
   assert others and all(groups[256, ""][k].lr == groups[256, "head_sp"][k].lr for k in others)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_head_init_row_is_mup_with_its_heads_draw_times_root_m(optimizer):
+  """`mup+head_init`: μP's head (1/m multiplier, μP's LR) with its draw × m^½, every other
+  parameter as μP; the identity at the base width. Under SGD its effective head (draw ×
+  multiplier) and updates are head_sp's; only the raw gradient the clip sees differs (× 1/m)."""
+  heads = lr_transfer.PRESETS["heads"]
+  out = {}
+  for width in (128, 512):
+    for variant in ("", "head_init", "head_sp"):
+      job = dict(parametrization="mup", variant=variant, optimizer=optimizer, width=width)
+      config = lr_transfer.train_config(heads, job)
+      model = config_lib.build_model(config, seed=0)
+      groups = mup.param_groups(model, parametrization=config.parametrization,
+                                optimizer=optimizer, base_config=config_lib.base_model_config(config))
+      out[width, variant] = (np.asarray(model.lm_head.kernel[...]), model.lm_head.multiplier,
+                             groups)
+  head = ("lm_head", "kernel")
+  w0, mult0, g0 = out[128, ""]
+  w1, mult1, g1 = out[128, "head_init"]
+  np.testing.assert_array_equal(w0, w1)
+  assert mult0 == mult1 == 1.0 and g0[head].lr == g1[head].lr
+  w_mup, mult_mup, g_mup = out[512, ""]                      # m = 4
+  w_init, mult_init, g_init = out[512, "head_init"]
+  w_sp, mult_sp, g_sp = out[512, "head_sp"]
+  assert mult_init == mult_mup == 0.25 and mult_sp == 1.0
+  np.testing.assert_allclose(w_init, w_mup * 2.0, rtol=1e-6)
+  np.testing.assert_allclose(w_init * mult_init, w_sp * mult_sp, rtol=1e-6)   # SP's logits
+  assert all(g_init[k].lr == g_mup[k].lr for k in g_mup)     # μP's LRs, the head's included
+  if optimizer == "sgd":   # the effective update (multiplier² × LR) is head_sp's
+    assert math.isclose(mult_init ** 2 * g_init[head].lr, mult_sp ** 2 * g_sp[head].lr)
+
+
+def test_rows_outside_the_preset_run_when_named_and_unknown_rows_are_refused():
+  heads = lr_transfer.PRESETS["heads"]
+  select = lambda names: lr_transfer.select_rows(heads, names, "heads")
+  assert select(None) == heads.rows and ("mup", "head_init") not in heads.rows
+  assert select(["mup+head_init", "sp"]) == (("sp", ""), ("mup", "head_init"))
+  assert select(["mup+head_sp"]) == (("mup", "head_sp"),)
+  with pytest.raises(ValueError, match=r"--rows=mup\+head_nit: no row \['mup\+head_nit'\].*choose"):
+    select(["mup+head_nit"])
+  assert lp.at_base_width("head_init,embed:x:0.0625") == "embed:x:0.0625"
+
+
 def test_the_lm_head_init_std_variant_is_a_base_constant_that_mup_keeps():
   """`--lm_head_init_std` (issue 20 item 4): the head's draw at every width; μP's 1/m multiplier
   then shrinks its logits as for the default draw. Not the identity at the base width."""
