@@ -30,6 +30,11 @@ class GpuConfig:
     memory). B16 T4096: 7.84 / 8.28 ms at 3 / 2 stages (`_v8_b16`).
   part_block_v: V columns per step of the prep, output and dṼ^local kernels' V loops.
   part_num_warps: warps of the forward's prep and output kernels (8: B16 9.54 vs 8.28 ms).
+  prep_block: 0, or the row block b of the prep's blocked UT transform (a power of two ≥ 16; b ≥ C
+    is one block). 0: A = (I + L)⁻¹ by masked doubling on the whole C×C tile, 2 (log₂C − 1) C×C
+    TF32 products (10 at C = 64). b: L, A, W and U in b×b blocks of the lower triangle, A by block
+    forward substitution (`gpu/prep.py`): at C = 64, b = 16 the inverse takes ~1/16 of the
+    multiply-adds, and KKᵀ, W, U skip the upper blocks.
   dv_local_num_warps: warps of the backward's dṼ^local kernel.
   grads_block_k: K columns per program of the key-gradients kernel (< K: K split over programs;
     BK = 64 at K = 128: 3.25-3.39 ms against 3.66-3.71 for 128 at 8 warps, `_v5*`).
@@ -47,6 +52,7 @@ class GpuConfig:
   walk_num_stages: int | None = None
   part_block_v: int = 64
   part_num_warps: int = 4
+  prep_block: int = 0
   dv_local_num_warps: int = 4
   grads_block_k: int = 64
   grads_block_v: int = 128
@@ -64,6 +70,10 @@ class GpuConfig:
                                   or value < 0):
         raise ValueError(f"GpuConfig: `{field.name}`={value!r}; expected a non-negative int"
                          + (" or None (the per-shape default)." if field.default is None else "."))
+    b = self.prep_block
+    if b and (b < 16 or b & (b - 1)):
+      raise ValueError(f"GpuConfig: `prep_block`={b}; expected 0 (no blocks) or a power of two "
+                       "≥ 16 (Triton's smallest matmul tile), e.g. 16.")
 
   def resolve(self, B: int, H: int, K: int, V: int) -> GpuConfig:
     """This config with every `None` replaced by its default for B·H value heads and head dims K, V

@@ -58,9 +58,12 @@ def _segments(B, T):
 # V = 32 → two V-blocks in the walks, in the prep / output / dṼ^local loops and in the gradients'
 # fori_loop over V; K = 32 → the key gradients split over two programs (partial sums of dg, dβ).
 SMALL_BLOCKS = GpuConfig(walk_block_v=16, part_block_v=16, grads_block_v=16, grads_block_k=16)
+# The prep's UT transform in 16×16 blocks (two row blocks at C = 32; one, the whole tile, at 16).
+PREP_BLOCKS = GpuConfig(prep_block=16)
 
 
-@pytest.mark.parametrize("config", [GpuConfig(), SMALL_BLOCKS], ids=["default", "small_blocks"])
+@pytest.mark.parametrize("config", [GpuConfig(), SMALL_BLOCKS, PREP_BLOCKS],
+                         ids=["default", "small_blocks", "prep_blocks"])
 @pytest.mark.parametrize("B,T,Hk,H,K,V,C,segments,g_scale", CASES)
 def test_pallas_matches_references(B, T, Hk, H, K, V, C, segments, g_scale, config):
   q, k, v, g, beta, h0 = _inputs(B, T, Hk, H, K, V, seed=T + C, g_scale=g_scale)
@@ -100,6 +103,23 @@ def test_pallas_bf16_inputs_close_to_float32():
   assert _rel(np.asarray(o, np.float32), o_ref) < 2e-2
 
 
+@pytest.mark.parametrize("b", [16, 32])
+def test_the_blocked_prep_equals_the_whole_tile_prep(b):
+  """`GpuConfig.prep_block`: A, W, U from b×b blocks (block forward substitution) equal the
+  whole-tile masked doubling's, with documents starting inside a block and on a block boundary,
+  under strong decay (C = 64: four or two row blocks)."""
+  B, T, Hk, H, K, V, C = 1, 128, 1, 2, 32, 32, 64
+  q, k, v, g, beta, _ = _inputs(B, T, Hk, H, K, V, seed=5, g_scale=3.0)
+  reset = np.zeros((B, T), np.float32)
+  reset[0, [20, 48, 80, 101]] = 1.0
+  run = lambda config: gpu.prep(q, k, v, g, beta, jnp.asarray(reset), C=C, config=config)
+  whole, blocked = run(GpuConfig()), run(GpuConfig(prep_block=b, part_block_v=16))
+  for name, got, want in zip("AWU", blocked, whole):
+    assert _rel(got, want) < 1e-5, (name, _rel(got, want))
+  A = np.asarray(blocked[0])
+  assert np.all(np.triu(A[..., :, :], 1) == 0) and np.all(np.diagonal(A, axis1=-2, axis2=-1) == 1)
+
+
 # --- the config -------------------------------------------------------------------------------
 
 def test_resolve_fills_the_per_shape_defaults():
@@ -128,6 +148,8 @@ def test_resolve_fills_the_per_shape_defaults():
     (dict(grads_block_k=-1), r"`grads_block_k`=-1; expected a non-negative int\."),
     (dict(walk_block_v=32.0), r"`walk_block_v`=32.0; expected a non-negative int or None"),
     (dict(interpret="yes"), r"`interpret`='yes'; expected True, False or None"),
+    (dict(prep_block=24), r"`prep_block`=24; expected 0 \(no blocks\) or a power of two ≥ 16"),
+    (dict(prep_block=8), r"`prep_block`=8; expected 0"),
 ])
 def test_config_errors_name_the_field(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -218,6 +240,8 @@ COMPILED = GpuConfig(interpret=False)
     (COMPILED, True, 6, jnp.float32, 32, 32),       # the models' head dims, fp32 training
     (COMPILED, True, 6, jnp.bfloat16, 256, 512),    # K > 128; the gradients' V loop
     (GpuConfig(interpret=False, grads_block_k=128), True, 6, jnp.bfloat16, 128, 128),  # no K split
+    (GpuConfig(interpret=False, prep_block=16), False, 3, jnp.bfloat16, 128, 128),  # blocked prep
+    (GpuConfig(interpret=False, prep_block=32), True, 6, jnp.bfloat16, 256, 512),
     (GpuConfig(interpret=False, walk_block_v=16, part_block_v=16, grads_block_v=16,
                grads_block_k=16), True, 6, jnp.float32, 32, 32)])
 def test_kernels_lower_to_triton_for_h100(config, with_grad, kernels, dtype, K, V):
