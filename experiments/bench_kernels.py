@@ -59,7 +59,8 @@ _PROFILE = flags.DEFINE_bool("profile_once", False, "After timing, run one more 
                              "row between cudaProfilerStart/Stop, for `ncu --profile-from-start off` "
                              "(experiments/ncu_table.py turns its CSV into a per-kernel table).")
 _STAGES = flags.DEFINE_bool("stages", False, "Also time each GPU kernel on its own (prep, forward "
-                            "walk, output, dṼ^local, reverse walk, gradients), default config.")
+                            "walk, output, dṼ^local, reverse walk, gradients), for the pallas row and each "
+                            "--config_variants row.")
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta")
 TORCH_IMPLS = ("fla", "flash_qla")
@@ -207,13 +208,14 @@ def bench_torch(rule, inputs, do, repeats, warmup):
   return res, to_np(o), [to_np(x.grad) for x in leaves]
 
 
-def stage_times(inputs, do, C, repeats, warmup):
-  """Median ms of each GPU kernel (`kernels_pallas.gpu`'s stages, default config), each jitted alone
-  on precomputed inputs (T a multiple of C, no packed documents): where fwd+bwd time goes."""
+def stage_times(inputs, do, C, repeats, warmup, config=None):
+  """Median ms of each GPU kernel (`kernels_pallas.gpu`'s stages, `config` or the default), each
+  jitted alone on precomputed inputs (T a multiple of C, no packed documents): where fwd+bwd time
+  goes."""
   from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
   q, k, v, g, beta = inputs
   B, T, H, K = q.shape
-  scale, config = K ** -0.5, GpuConfig()
+  scale, config = K ** -0.5, config or GpuConfig()
   h0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
   reset = jnp.zeros((B, T), jnp.float32)
   prep = jax.jit(lambda *x: gpu.prep(*x, reset, C=C, config=config))
@@ -270,10 +272,12 @@ def main(argv):
         traceback.print_exc()
       print(json.dumps(row), flush=True)
       rows.append(row)
-    if _STAGES.value:
+    for impl, config, label in variants if _STAGES.value else ():
+      if impl != "pallas":
+        continue
       try:
-        st = stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value)
-        stages.append(dict(B=B, T=T, H=H, K=K, V=V, stages_ms=st))
+        st = stage_times(inputs, do, C, _REPEATS.value, _WARMUP.value, config)
+        stages.append(dict(config=label, B=B, T=T, H=H, K=K, V=V, stages_ms=st))
         print(json.dumps(stages[-1]), flush=True)
       except Exception:  # keep the timed rows
         traceback.print_exc()
@@ -325,7 +329,8 @@ def markdown(out: dict) -> str:
               f"{ratio(qla, 'fwd_bwd_ms')} | {row.get('fwd_bwd_extra_bytes', 0) / 2**20:.0f} | "
               f"{row.get('err_o', float('nan')):.1e} | {gerr:.1e} |")
   for st in out.get("walks_stages", []):
-    md += ["", f"kernels at {st['B']},{st['T']},{st['H']},{st['K']},{st['V']} (each jitted alone, ms):",
+    md += ["", f"kernels at {st['B']},{st['T']},{st['H']},{st['K']},{st['V']}, "
+           f"{st.get('config', 'pallas')} (each jitted alone, ms):",
            ""] + [f"- {name}: {ms:.3f}" for name, ms in st["stages_ms"].items()]
   return "\n".join(md) + "\n"
 

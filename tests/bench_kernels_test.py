@@ -79,3 +79,18 @@ def test_torch_rule_calls_flashqla_directly_and_returns_its_output(monkeypatch):
   rule = bench_kernels.torch_rule("flash_qla")
   assert rule(1, 2, 3, 4, 5, scale=0.25) == "o"
   assert calls == [((1, 2, 3, 4, 5), 0.25)]
+
+
+def test_stage_times_run_each_kernel_of_the_config_given(monkeypatch):
+  """`--stages` times every kernel alone for each pallas row: the config reaches the kernels."""
+  from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
+  seen = []
+  prep = gpu.prep
+  monkeypatch.setattr(gpu, "prep", lambda *a, config, **kw: seen.append(config) or prep(
+      *a, config=config, **kw))
+  inputs, do = bench_kernels.make_inputs(1, 64, 1, 16, 16)
+  config = GpuConfig(prep_block=16)
+  st = bench_kernels.stage_times(inputs, do, 32, repeats=1, warmup=0, config=config)
+  assert list(st) == ["fwd: prep (A, W, U)", "fwd: state walk", "fwd: output", "bwd: dṼ_local",
+                      "bwd: reverse walk", "bwd: gradients (key + WY)"]
+  assert all(ms > 0 for ms in st.values()) and seen and all(c is config for c in seen)
