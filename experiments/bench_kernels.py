@@ -224,19 +224,20 @@ def stage_times(inputs, do, C, repeats, warmup, config=None):
                                                             scale=scale, C=C, config=config))
   dv_local = jax.jit(lambda q, k, v, g, do: gpu.dv_local(q, k, v, g, reset, do, scale=scale, C=C,
                                                          config=config))
-  walk_bwd = jax.jit(lambda W, k, q, g, do, dvl: gpu.walk_backward(
-      W, k, q, g, reset, do, dvl, h0, scale=scale, config=config))
+  walk_bwd = jax.jit(lambda tiles, k, q, g, do, dvl, beta: gpu.walk_backward(
+      tiles, k, q, g, reset, do, dvl, h0, scale=scale, config=config, beta=beta))
   grads = jax.jit(lambda q, k, v, g, beta, do, A, hs, v_new, dhs, dv_new: gpu.grads(
       q, k, v, g, beta, reset, A, hs, v_new, do, dhs, dv_new, scale=scale, C=C, config=config))
   A, W, U = prep(*inputs)
   v_new, _, hs = walk_fwd(W, U, k, g)
   dvl = dv_local(q, k, v, g, do)
-  _, dhs, dv_new = walk_bwd(W, k, q, g, do, dvl)
+  walk_in = (A, k, q, g, do, dvl, beta) if config.walk_bwd_from_a else (W, k, q, g, do, dvl, None)
+  _, dhs, dv_new = walk_bwd(*walk_in)
   calls = {"fwd: prep (A, W, U)": lambda: prep(*inputs),
            "fwd: state walk": lambda: walk_fwd(W, U, k, g),
            "fwd: output": lambda: output(q, k, v, g, hs, v_new),
            "bwd: dṼ_local": lambda: dv_local(q, k, v, g, do),
-           "bwd: reverse walk": lambda: walk_bwd(W, k, q, g, do, dvl),
+           "bwd: reverse walk": lambda: walk_bwd(*walk_in),
            "bwd: gradients (key + WY)": lambda: grads(q, k, v, g, beta, do, A, hs, v_new, dhs,
                                                       dv_new)}
   return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]

@@ -44,6 +44,10 @@ class GpuConfig:
   grads_key_num_warps: warps of the key-gradients kernel. None: 4, or 8 for K > 128 (K = 256,
     V = 512 fwd+bwd 5.69 against 6.21 ms at 4 warps, `_v8_k256c`).
   grads_wy_num_warps: warps of the WY-gradients kernel.
+  walk_bwd_from_a: the reverse walk forms Wᵀ dṼ as (diag(βd) K)ᵀ (Aᵀ dṼ) from A (C×C) and the k it
+    reads anyway, instead of reading W (C×K); the forward then keeps no W for the backward. One
+    more C×C×BV product per chunk on the walk's chain, C×K fewer bytes per chunk loaded and staged
+    (at K = 256 the staged tiles of BV = 64 then fit two pipeline stages in shared memory).
   interpret: run the kernels in the Pallas interpreter. None: on CPU (tests), compiled elsewhere.
   """
   walk_block_v: int | None = None
@@ -58,14 +62,16 @@ class GpuConfig:
   grads_block_v: int = 128
   grads_key_num_warps: int | None = None
   grads_wy_num_warps: int = 4
+  walk_bwd_from_a: bool = False
   interpret: bool | None = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name == "interpret":
-        if value is not None and not isinstance(value, bool):
-          raise ValueError(f"GpuConfig: `interpret`={value!r}; expected True, False or None.")
+      if field.name in ("interpret", "walk_bwd_from_a"):
+        if not isinstance(value, bool) and (value is not None or field.default is not None):
+          raise ValueError(f"GpuConfig: `{field.name}`={value!r}; expected True, False"
+                           + (" or None." if field.default is None else "."))
       elif value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 0):
         raise ValueError(f"GpuConfig: `{field.name}`={value!r}; expected a non-negative int"

@@ -89,7 +89,7 @@ def test_stage_times_run_each_kernel_of_the_config_given(monkeypatch):
   monkeypatch.setattr(gpu, "prep", lambda *a, config, **kw: seen.append(config) or prep(
       *a, config=config, **kw))
   inputs, do = bench_kernels.make_inputs(1, 64, 1, 16, 16)
-  config = GpuConfig(prep_block=16)
+  config = GpuConfig(prep_block=16, walk_bwd_from_a=True)
   st = bench_kernels.stage_times(inputs, do, 32, repeats=1, warmup=0, config=config)
   assert list(st) == ["fwd: prep (A, W, U)", "fwd: state walk", "fwd: output", "bwd: dṼ_local",
                       "bwd: reverse walk", "bwd: gradients (key + WY)"]

@@ -60,10 +60,12 @@ def _segments(B, T):
 SMALL_BLOCKS = GpuConfig(walk_block_v=16, part_block_v=16, grads_block_v=16, grads_block_k=16)
 # The prep's UT transform in 16×16 blocks (two row blocks at C = 32; one, the whole tile, at 16).
 PREP_BLOCKS = GpuConfig(prep_block=16)
+# The reverse walk from A and β instead of W (and, with 16-wide V blocks, two programs per head).
+BWD_FROM_A = GpuConfig(walk_bwd_from_a=True, walk_block_v=16)
 
 
-@pytest.mark.parametrize("config", [GpuConfig(), SMALL_BLOCKS, PREP_BLOCKS],
-                         ids=["default", "small_blocks", "prep_blocks"])
+@pytest.mark.parametrize("config", [GpuConfig(), SMALL_BLOCKS, PREP_BLOCKS, BWD_FROM_A],
+                         ids=["default", "small_blocks", "prep_blocks", "bwd_from_a"])
 @pytest.mark.parametrize("B,T,Hk,H,K,V,C,segments,g_scale", CASES)
 def test_pallas_matches_references(B, T, Hk, H, K, V, C, segments, g_scale, config):
   q, k, v, g, beta, h0 = _inputs(B, T, Hk, H, K, V, seed=T + C, g_scale=g_scale)
@@ -150,6 +152,8 @@ def test_resolve_fills_the_per_shape_defaults():
     (dict(interpret="yes"), r"`interpret`='yes'; expected True, False or None"),
     (dict(prep_block=24), r"`prep_block`=24; expected 0 \(no blocks\) or a power of two ≥ 16"),
     (dict(prep_block=8), r"`prep_block`=8; expected 0"),
+    (dict(walk_bwd_from_a=1), r"`walk_bwd_from_a`=1; expected True, False\.$"),
+    (dict(walk_bwd_from_a=None), r"`walk_bwd_from_a`=None; expected True, False\.$"),
 ])
 def test_config_errors_name_the_field(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -242,6 +246,8 @@ COMPILED = GpuConfig(interpret=False)
     (GpuConfig(interpret=False, grads_block_k=128), True, 6, jnp.bfloat16, 128, 128),  # no K split
     (GpuConfig(interpret=False, prep_block=16), False, 3, jnp.bfloat16, 128, 128),  # blocked prep
     (GpuConfig(interpret=False, prep_block=32), True, 6, jnp.bfloat16, 256, 512),
+    (GpuConfig(interpret=False, walk_bwd_from_a=True, walk_block_v=64, walk_num_warps=8), True, 6,
+     jnp.bfloat16, 256, 512),                     # the reverse walk from A
     (GpuConfig(interpret=False, walk_block_v=16, part_block_v=16, grads_block_v=16,
                grads_block_k=16), True, 6, jnp.float32, 32, 32)])
 def test_kernels_lower_to_triton_for_h100(config, with_grad, kernels, dtype, K, V):

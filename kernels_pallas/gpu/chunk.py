@@ -1,6 +1,7 @@
 """The orchestrator: the GPU stages wired into one `jax.custom_vjp`, and the public entry point.
 
     forward    prep → walk_forward → output                  keeps the inputs, A, W, h_r, Ṽ
+                                                              (no W with walk_bwd_from_a)
     backward   dv_local → walk_backward → grads (key, WY)
 
 The stages are in `prep.py`, `walks.py`, `output.py` and `grads.py`; the math in the package docstring.
@@ -26,15 +27,18 @@ def _forward(q, k, v, g, beta, reset_f, h0, *, scale, C, config):
   A, W, U = prep(q, k, v, g, beta, reset_f, C=C, config=config)
   v_new, ht, hs = walk_forward(W, U, k, g, reset_f, h0, config=config)
   o = output(q, k, v, g, reset_f, hs, v_new, scale=scale, C=C, config=config)
-  return o, ht, (A, W, hs, v_new)
+  return o, ht, (A, None if config.walk_bwd_from_a else W, hs, v_new)
 
 
 def _backward(q, k, v, g, beta, reset_f, saved, do, dht, *, scale, C, config):
-  """dṼ^local, the reverse walk (W as the forward stored it), the gradients of the chunks."""
+  """dṼ^local, the reverse walk (W as the forward stored it, or A and β), the gradients of the
+  chunks."""
   A, W, hs, v_new = saved
   reset_f = layout.zeros_if_none(reset_f, q)
   dvl = dv_local(q, k, v, g, reset_f, do, scale=scale, C=C, config=config)
-  dh0, dhs, dv_new = walk_backward(W, k, q, g, reset_f, do, dvl, dht, scale=scale, config=config)
+  tiles, walk_beta = (A, beta) if W is None else (W, None)
+  dh0, dhs, dv_new = walk_backward(tiles, k, q, g, reset_f, do, dvl, dht, scale=scale,
+                                   config=config, beta=walk_beta)
   dq, dk, dv, dg, dbeta = grads(q, k, v, g, beta, reset_f, A, hs, v_new, do, dhs, dv_new,
                                 scale=scale, C=C, config=config)
   return dq, dk, dv, dg, dbeta, dh0

@@ -59,9 +59,30 @@ def _walk_bwd_kernel(w_ref, k_ref, q_ref, g_ref, reset_ref, do_ref, dvl_ref, dht
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
 
 
+def _walk_bwd_from_a_kernel(a_ref, k_ref, q_ref, g_ref, beta_ref, reset_ref, do_ref, dvl_ref,
+                            dht_ref, dh0_ref, dhs_ref, dvnew_ref, *, N, C, scale, mm_dtype):
+  """`_walk_bwd_kernel` with Wᵀ dṼ = Kbᵀ (Aᵀ dṼ), Kb = diag(β d) K (`GpuConfig.walk_bwd_from_a`):
+  A (C×C) is read instead of W (C×K), Kb is formed from the k tile the step loads anyway."""
+  def body(i, dh_KxV):
+    r = N - 1 - i
+    rows = pl.ds(pl.multiple_of(r * C, C), C)
+    _, _, d, k_write, lam = cm.chunk_vector_decays(g_ref[rows], reset_ref[rows], C)
+    dhs_ref[r] = dh_KxV.astype(dhs_ref.dtype)
+    k = k_ref[rows, :]
+    dv_new = cg.pseudo_value_grad(dvl_ref[r], k, k_write, dh_KxV, mm_dtype)
+    dvnew_ref[r] = dv_new.astype(dvnew_ref.dtype)
+    dh_local = cg.local_state_grad(q_ref[rows, :], d, do_ref[rows, :], scale, mm_dtype)
+    dVb = cm.dot(a_ref[r], dv_new, trans_a=True, mm_dtype=mm_dtype)
+    Kb = (beta_ref[rows] * d)[:, None] * k.astype(jnp.float32)
+    return cg.state_grad(dh_KxV, lam, dh_local, Kb, dVb, mm_dtype)
+
+  dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
+
+
 class WalkSpecs(NamedTuple):
   """BlockSpecs of a walk program, grid (V/BV, B, H): it sees the whole sequence of its head."""
   tile_k: pl.BlockSpec   # W tiles [N, C, K] of its head (chunk r: ref[r])
+  tile_c: pl.BlockSpec   # A tiles [N, C, C] of its head
   tile_v: pl.BlockSpec   # [N, C, BV] tiles of its V-block: U, Ṽ, dṼ^local, dṼ
   state: pl.BlockSpec    # [K, BV]: h0, the final state, its cotangent, dh0
   states: pl.BlockSpec   # [N, K, BV], one state per chunk: h_r, dh_{r+1}
@@ -77,6 +98,7 @@ def walk_specs(N: int, C: int, K: int, BV: int, G: int) -> WalkSpecs:
   Tp = N * C
   return WalkSpecs(
       tile_k=pl.BlockSpec((None, None, N, C, K), lambda j, b, h: (b, h, 0, 0, 0)),
+      tile_c=pl.BlockSpec((None, None, N, C, C), lambda j, b, h: (b, h, 0, 0, 0)),
       tile_v=pl.BlockSpec((None, None, N, C, BV), lambda j, b, h: (b, h, 0, 0, j)),
       state=pl.BlockSpec((None, None, K, BV), lambda j, b, h: (b, h, 0, j)),
       states=pl.BlockSpec((None, None, N, K, BV), lambda j, b, h: (b, h, 0, 0, j)),
@@ -87,7 +109,7 @@ def walk_specs(N: int, C: int, K: int, BV: int, G: int) -> WalkSpecs:
 
 
 def _walk_call(kernel, W, V: int, cfg: GpuConfig, name: str, *, in_specs, out_specs, out_shape):
-  B, H, _, _, K = W.shape
+  B, H = W.shape[:2]
   return pl.pallas_call(
       kernel, grid=(V // cfg.walk_block_v, B, H), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=cfg.interpret,
@@ -121,31 +143,38 @@ def walk_forward(W, U, k, g, reset_f, h0, *, config: GpuConfig):
   )(W, U, k, g, reset_f, h0)
 
 
-def walk_backward(W, k, q, g, reset_f, do, dv_local, dht, *, scale: float, config: GpuConfig):
+def walk_backward(W, k, q, g, reset_f, do, dv_local, dht, *, scale: float, config: GpuConfig,
+                  beta=None):
   """The reverse walk. W, dṼ^local [B,H,N,C,·] tiles; k, q [B,Tp,Hk,K], g [B,Tp,H], reset_f [B,Tp],
-  dO [B,Tp,H,V] in token layout; dht [B,H,K,V] f32, the final state's cotangent.
+  dO [B,Tp,H,V] in token layout; dht [B,H,K,V] f32, the final state's cotangent. With β [B,Tp,H]
+  given, W is A [B,H,N,C,C] instead (`GpuConfig.walk_bwd_from_a`: Wᵀ dṼ = (diag(βd) K)ᵀ (Aᵀ dṼ)).
   Returns (dh0 [B,H,K,V] f32, dh_{r+1} per chunk [B,H,N,K,V], dṼ [B,H,N,C,V]); the last two in W's
   dtype."""
-  B, H, N, C, K = W.shape
-  V = do.shape[-1]
+  B, H, N, C = W.shape[:4]
+  K, V = k.shape[-1], do.shape[-1]
   cfg = config.resolve(B, H, K, V)
   specs = walk_specs(N, C, K, cfg.walk_block_v, H // k.shape[2])
-  kernel = functools.partial(_walk_bwd_kernel, N=N, C=C, scale=scale,
-                             mm_dtype=cm.mm_dtype_for(W.dtype))
+  mm_dtype = cm.mm_dtype_for(W.dtype)
+  if beta is None:
+    kernel = functools.partial(_walk_bwd_kernel, N=N, C=C, scale=scale, mm_dtype=mm_dtype)
+    first, gates = [specs.tile_k], [specs.gate]                     # W; g
+    operands = (W, k, q, g, reset_f, do, dv_local, dht)
+  else:
+    kernel = functools.partial(_walk_bwd_from_a_kernel, N=N, C=C, scale=scale, mm_dtype=mm_dtype)
+    first, gates = [specs.tile_c], [specs.gate, specs.gate]         # A; g, β
+    operands = (W, k, q, g, beta, reset_f, do, dv_local, dht)
   return _walk_call(
       kernel, W, V, cfg, "gdn_walk_bwd",
-      in_specs=[specs.tile_k,    # W
-                specs.qk,        # k
-                specs.qk,        # q
-                specs.gate,      # g
-                specs.reset,     # reset
-                specs.v,         # dO
-                specs.tile_v,    # dṼ^local
-                specs.state],    # dht
+      in_specs=first + [specs.qk,      # k
+                        specs.qk]      # q
+               + gates + [specs.reset,     # reset
+                          specs.v,         # dO
+                          specs.tile_v,    # dṼ^local
+                          specs.state],    # dht
       out_specs=[specs.state,    # dh0
                  specs.states,   # dh_{r+1}
                  specs.tile_v],  # dṼ
       out_shape=[jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, H, N, K, V), W.dtype),
                  jax.ShapeDtypeStruct(dv_local.shape, W.dtype)],
-  )(W, k, q, g, reset_f, do, dv_local, dht)
+  )(*operands)
