@@ -65,7 +65,7 @@ _CHUNK = flags.DEFINE_integer("chunk_size", None, "Chunk size of the rule.")
 _IMPL = flags.DEFINE_string("rule_impl", None, "gated_delta_rule impl.")
 _SCHEMES = flags.DEFINE_string("schemes", "heads,head_dim", "Comma-separated width schemes.")
 _PARAMS = flags.DEFINE_string("parametrizations", "sp,mup", "Comma-separated: sp, mup, paper, "
-                              "paper_sp; a '+mixer_out' suffix adds the mixer-output multiplier "
+                              "paper_sp, mup_head_sp, mup_head_init; a '+mixer_out' suffix adds the mixer-output multiplier "
                               "d0/d (the paper's gdn-mup.py variant), e.g. paper+mixer_out; "
                               "'+sp_tied' trains a tied embedding as SP does (mup+sp_tied).")
 _OPTS = flags.DEFINE_string("optimizers", "adamw,sgd", "Comma-separated.")
@@ -115,7 +115,8 @@ def panel_names(last_layer: int, layer_pattern: str = "") -> list[tuple[str, str
 
 def summarize(result: dict, parametrization: str) -> dict:
   """μP: the largest |slope| at steps ≥ 1 (and ≥ 2); SP: the largest slope at steps ≥ 1."""
-  if parametrization.split("+")[0] in ("mup", "paper"):
+  name = parametrization.split("+")[0]
+  if name in ("mup", "paper") or name.startswith("mup_"):   # μP and its read-out ablations
     s1, w1 = cc_lib.max_abs_slope(result, first_step=1)
     s2, w2 = cc_lib.max_abs_slope(result, first_step=2)
     d1, dw1 = cc_lib.max_abs_slope(result, kind="delta", first_step=1)

@@ -62,19 +62,9 @@ _ALL_ROWS = (("paper", ""), ("paper_sp", ""), ("mup", ""), ("sp", ""), ("paper",
 #              of head_sp's head is m × μP's (no 1/m multiplier), so it weighs m² more in the
 #              global norm that the clip compares. Selected by --rows only (not a preset row).
 _VARIANT_ROWS = (("mup", "sp_tied"), ("paper", "sp_tied"))
-_HEAD_SP_OUTPUT = tables.Rule(init=tables.Scaling(fan_in=-0.5), lr=tables.Scaling(fan_in=-1))
-MUP_HEAD_SP = dataclasses.replace(
-    tables.MUP, name="mup_head_sp", description="μP with SP's LM head init (issue 20 item 4)",
-    rules={opt: dict(rules, output=_HEAD_SP_OUTPUT) for opt, rules in tables.MUP.rules.items()})
-MUP_HEAD_INIT = dataclasses.replace(
-    tables.MUP, name="mup_head_init",
-    description="μP with its LM head's draw × m^½ (SP's logits at init; issue 20 item 4)",
-    rules={opt: dict(rules, output=dataclasses.replace(rules["output"],
-                                                       init=tables.Scaling(fan_in=0.5)))
-           for opt, rules in tables.MUP.rules.items()})
-# Row variants trained as another parametrization (registered here: the workers import this).
+MUP_HEAD_SP, MUP_HEAD_INIT = tables.MUP_HEAD_SP, tables.MUP_HEAD_INIT
+# Row variants trained as another parametrization.
 _VARIANT_PARAMETRIZATIONS = {("mup", "head_sp"): MUP_HEAD_SP, ("mup", "head_init"): MUP_HEAD_INIT}
-tables.PARAMETRIZATIONS.update({p.name: p for p in _VARIANT_PARAMETRIZATIONS.values()})
 PRESETS = {
     # 2 CPU cores, ~10 minutes: the heads scheme at toy scale, fixed 1-log2 grids, one seed.
     "cpu": Protocol(family="heads", widths=(16, 32, 64, 128), base_width=16, head_dim=16,

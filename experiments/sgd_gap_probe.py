@@ -66,8 +66,8 @@ _SGD_AB_SP = dict(MUP.rules["sgd"], output=Rule(init=Scaling(fan_in=-0.5)))
 #                  class), so `_scaled_head_builder` rescales the built model's head.
 HEAD_INIT_C = (3, 8, 16)
 HEAD_VARIANTS = {
-    "mup_head_sp": lr_transfer.MUP_HEAD_SP,
-    "mup_head_init": lr_transfer.MUP_HEAD_INIT,
+    "mup_head_sp": tables.MUP_HEAD_SP,
+    "mup_head_init": tables.MUP_HEAD_INIT,
 }
 HEAD_CONST_VARIANTS = {f"{p.name}_head_c{c}": dataclasses.replace(p, name=f"{p.name}_head_c{c}")
                        for c in HEAD_INIT_C for p in (MUP, tables.SP)}

@@ -21,9 +21,10 @@ from gdn_jax.train import config as config_lib
 def registered():
   variants = {**sgd_gap_probe.VARIANTS, **sgd_gap_probe.HEAD_VARIANTS,
               **sgd_gap_probe.HEAD_CONST_VARIANTS}
-  tables.PARAMETRIZATIONS.update(variants)
+  added = {name: p for name, p in variants.items() if name not in tables.PARAMETRIZATIONS}
+  tables.PARAMETRIZATIONS.update(added)   # the library's own (mup_head_sp, ...) stay registered
   yield
-  for name in variants:
+  for name in added:
     tables.PARAMETRIZATIONS.pop(name)
 
 

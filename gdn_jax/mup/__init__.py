@@ -10,7 +10,8 @@ Public interface:
         -> optax.GradientTransformation       # an optax.multi_transform over the μP groups
     param_labels(model, *, parametrization, optimizer, base_config, ...) -> (labels, {label: Group})
     param_groups(model, ...) -> {path: Group(cls, lr, decay)};  param_infos(model, base_config)
-    PARAMETRIZATIONS: "sp", "mup" (the project's), "paper", "paper_sp" (Liu & Gu's recipe)
+    PARAMETRIZATIONS: "sp", "mup" (the project's), "paper", "paper_sp" (Liu & Gu's recipe);
+        read-out ablations of μP "mup_head_sp", "mup_head_init" (issue 20; not recommended)
 
 How it works (docs/mup.md has the derivations and the paper's recipe):
   1. Every nnx.Param carries `fan_in_axes` / `fan_out_axes`, a `role` and, for normal draws, its

@@ -272,7 +272,24 @@ PAPER_SP = Parametrization(
     tied_readout=ONE, mixer_output=None, decay_convention="coupled",
     description="the paper's SP baseline: N(0, 0.02²) everywhere, one global LR")
 
-PARAMETRIZATIONS: dict[str, Parametrization] = {p.name: p for p in (SP, MUP, PAPER, PAPER_SP)}
+# ---- Read-out ablations of μP (issue 20, item 4; docs/mup.md "μP SGD against TP5's SP"). ----
+# Each is μP at the base width. Not recommended: they test what SP's read-out does under SGD.
+# mup_head_sp: SP's untied head in function space (fan-in init × m^-½, no 1/m multiplier, LR × 1/m;
+# under SGD the same effective update as μP's head). mup_head_init: μP's head (1/m multiplier,
+# μP's LR) with its draw × m^½: the same effective init as mup_head_sp; under SGD they differ only
+# in the raw gradient a global-norm clip sees (× m for mup_head_sp).
+MUP_HEAD_SP = dataclasses.replace(
+    MUP, name="mup_head_sp", description="μP with SP's LM head (read-out ablation, issue 20)",
+    rules={opt: dict(rules, output=Rule(init=Scaling(fan_in=-0.5), lr=Scaling(fan_in=-1)))
+           for opt, rules in MUP.rules.items()})
+MUP_HEAD_INIT = dataclasses.replace(
+    MUP, name="mup_head_init",
+    description="μP with its LM head's draw × m^½ (read-out ablation, issue 20)",
+    rules={opt: dict(rules, output=dataclasses.replace(rules["output"], init=Scaling(fan_in=0.5)))
+           for opt, rules in MUP.rules.items()})
+
+PARAMETRIZATIONS: dict[str, Parametrization] = {
+    p.name: p for p in (SP, MUP, PAPER, PAPER_SP, MUP_HEAD_SP, MUP_HEAD_INIT)}
 
 
 def get(name: str) -> Parametrization:
