@@ -107,11 +107,11 @@ def prep(q, k, v, g, beta, reset_f, *, C: int, config: GpuConfig):
   op = layout.op_dtype(q.dtype)
   specs = layout.chunk_specs(q, v, C)
   tiles = lambda d: layout.per_chunk(v, C, C, d, dtype=op)
-  kernel = functools.partial(_prep_kernel, C=C, mm_dtype=cm.mm_dtype_for(q.dtype),
-                             block_v=cfg.part_block_v)
+  launch = dict(C=C, mm_dtype=cm.mm_dtype_for(q.dtype), block_v=cfg.part_block_v)
   if cfg.prep_block and cfg.prep_block < C:
-    kernel = functools.partial(_blocked_prep_kernel, C=C, b=cfg.prep_block,
-                               mm_dtype=cm.mm_dtype_for(q.dtype), block_v=cfg.part_block_v)
+    kernel = functools.partial(_blocked_prep_kernel, b=cfg.prep_block, **launch)
+  else:
+    kernel = functools.partial(_prep_kernel, **launch)
   return layout.chunk_call(
       kernel, v, C,
       in_specs=[specs.qk,        # k
