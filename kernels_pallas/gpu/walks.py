@@ -42,27 +42,19 @@ def _walk_fwd_kernel(w_ref, u_ref, k_ref, g_ref, reset_ref, h0_ref, vnew_ref, ht
   ht_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...].astype(jnp.float32))
 
 
-def _walk_bwd_kernel(w_ref, k_ref, q_ref, g_ref, reset_ref, do_ref, dvl_ref, dht_ref,
-                     dh0_ref, dhs_ref, dvnew_ref, *, N, C, scale, mm_dtype):
+def _walk_bwd_kernel(*refs, N, C, scale, mm_dtype, from_a):
   """dh_{r+1} → dṼ_r = dṼ_r^local + diag(w_r) K_r dh_{r+1} →
-  dh_r = λ_r dh_{r+1} + scale Q_rᵀ diag(d_r) dO_r − W_rᵀ dṼ_r, for r = N−1 … 0 (one V-block)."""
-  def body(i, dh_KxV):
-    r = N - 1 - i
-    rows = pl.ds(pl.multiple_of(r * C, C), C)
-    _, _, d, k_write, lam = cm.chunk_vector_decays(g_ref[rows], reset_ref[rows], C)
-    dhs_ref[r] = dh_KxV.astype(dhs_ref.dtype)
-    dv_new = cg.pseudo_value_grad(dvl_ref[r], k_ref[rows, :], k_write, dh_KxV, mm_dtype)
-    dvnew_ref[r] = dv_new.astype(dvnew_ref.dtype)
-    dh_local = cg.local_state_grad(q_ref[rows, :], d, do_ref[rows, :], scale, mm_dtype)
-    return cg.state_grad(dh_KxV, lam, dh_local, w_ref[r], dv_new, mm_dtype)
+  dh_r = λ_r dh_{r+1} + scale Q_rᵀ diag(d_r) dO_r − W_rᵀ dṼ_r, for r = N−1 … 0 (one V-block).
+  The first ref holds W's tiles, or with `from_a` A's, and then a β ref follows g's: Wᵀ dṼ is
+  formed as Kbᵀ (Aᵀ dṼ), Kb = diag(β d) K from the k tile the step loads anyway
+  (`GpuConfig.walk_bwd_from_a`)."""
+  if from_a:
+    (tiles_ref, k_ref, q_ref, g_ref, beta_ref, reset_ref, do_ref, dvl_ref, dht_ref,
+     dh0_ref, dhs_ref, dvnew_ref) = refs
+  else:
+    (tiles_ref, k_ref, q_ref, g_ref, reset_ref, do_ref, dvl_ref, dht_ref,
+     dh0_ref, dhs_ref, dvnew_ref) = refs
 
-  dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
-
-
-def _walk_bwd_from_a_kernel(a_ref, k_ref, q_ref, g_ref, beta_ref, reset_ref, do_ref, dvl_ref,
-                            dht_ref, dh0_ref, dhs_ref, dvnew_ref, *, N, C, scale, mm_dtype):
-  """`_walk_bwd_kernel` with Wᵀ dṼ = Kbᵀ (Aᵀ dṼ), Kb = diag(β d) K (`GpuConfig.walk_bwd_from_a`):
-  A (C×C) is read instead of W (C×K), Kb is formed from the k tile the step loads anyway."""
   def body(i, dh_KxV):
     r = N - 1 - i
     rows = pl.ds(pl.multiple_of(r * C, C), C)
@@ -72,9 +64,12 @@ def _walk_bwd_from_a_kernel(a_ref, k_ref, q_ref, g_ref, beta_ref, reset_ref, do_
     dv_new = cg.pseudo_value_grad(dvl_ref[r], k, k_write, dh_KxV, mm_dtype)
     dvnew_ref[r] = dv_new.astype(dvnew_ref.dtype)
     dh_local = cg.local_state_grad(q_ref[rows, :], d, do_ref[rows, :], scale, mm_dtype)
-    dVb = cm.dot(a_ref[r], dv_new, trans_a=True, mm_dtype=mm_dtype)
-    Kb = (beta_ref[rows] * d)[:, None] * k.astype(jnp.float32)
-    return cg.state_grad(dh_KxV, lam, dh_local, Kb, dVb, mm_dtype)
+    if from_a:   # (Kb, Aᵀ dṼ) in place of (W, dṼ): Wᵀ dṼ = Kbᵀ Aᵀ dṼ
+      W = (beta_ref[rows] * d)[:, None] * k.astype(jnp.float32)
+      dv_new = cm.dot(tiles_ref[r], dv_new, trans_a=True, mm_dtype=mm_dtype)
+    else:
+      W = tiles_ref[r]
+    return cg.state_grad(dh_KxV, lam, dh_local, W, dv_new, mm_dtype)
 
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dht_ref[...].astype(jnp.float32))
 
@@ -154,15 +149,15 @@ def walk_backward(W, k, q, g, reset_f, do, dv_local, dht, *, scale: float, confi
   K, V = k.shape[-1], do.shape[-1]
   cfg = config.resolve(B, H, K, V)
   specs = walk_specs(N, C, K, cfg.walk_block_v, H // k.shape[2])
-  mm_dtype = cm.mm_dtype_for(W.dtype)
-  if beta is None:
-    kernel = functools.partial(_walk_bwd_kernel, N=N, C=C, scale=scale, mm_dtype=mm_dtype)
-    first, gates = [specs.tile_k], [specs.gate]                     # W; g
-    operands = (W, k, q, g, reset_f, do, dv_local, dht)
-  else:
-    kernel = functools.partial(_walk_bwd_from_a_kernel, N=N, C=C, scale=scale, mm_dtype=mm_dtype)
+  from_a = beta is not None
+  kernel = functools.partial(_walk_bwd_kernel, N=N, C=C, scale=scale,
+                             mm_dtype=cm.mm_dtype_for(W.dtype), from_a=from_a)
+  if from_a:
     first, gates = [specs.tile_c], [specs.gate, specs.gate]         # A; g, β
     operands = (W, k, q, g, beta, reset_f, do, dv_local, dht)
+  else:
+    first, gates = [specs.tile_k], [specs.gate]                     # W; g
+    operands = (W, k, q, g, reset_f, do, dv_local, dht)
   return _walk_call(
       kernel, W, V, cfg, "gdn_walk_bwd",
       in_specs=first + [specs.qk,      # k
