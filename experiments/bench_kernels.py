@@ -59,8 +59,8 @@ _PROFILE = flags.DEFINE_bool("profile_once", False, "After timing, run one more 
                              "row between cudaProfilerStart/Stop, for `ncu --profile-from-start off` "
                              "(experiments/ncu_table.py turns its CSV into a per-kernel table).")
 _STAGES = flags.DEFINE_bool("stages", False, "Also time each GPU kernel on its own (prep, forward "
-                            "walk, output, dṼ^local, reverse walk, gradients), for the pallas row and each "
-                            "--config_variants row.")
+                            "walk, output, dṼ^local, reverse walk, gradients), for the pallas "
+                            "row and each --config_variants row.")
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta")
 TORCH_IMPLS = ("fla", "flash_qla")

@@ -65,8 +65,8 @@ _CHUNK = flags.DEFINE_integer("chunk_size", None, "Chunk size of the rule.")
 _IMPL = flags.DEFINE_string("rule_impl", None, "gated_delta_rule impl.")
 _SCHEMES = flags.DEFINE_string("schemes", "heads,head_dim", "Comma-separated width schemes.")
 _PARAMS = flags.DEFINE_string("parametrizations", "sp,mup", "Comma-separated: sp, mup, paper, "
-                              "paper_sp, mup_head_sp, mup_head_init; a '+mixer_out' suffix adds the mixer-output multiplier "
-                              "d0/d (the paper's gdn-mup.py variant), e.g. paper+mixer_out; "
+                              "paper_sp, mup_head_sp, mup_head_init; a '+mixer_out' suffix adds "
+                              "the mixer-output multiplier d0/d (the paper's gdn-mup.py variant), e.g. paper+mixer_out; "
                               "'+sp_tied' trains a tied embedding as SP does (mup+sp_tied).")
 _OPTS = flags.DEFINE_string("optimizers", "adamw,sgd", "Comma-separated.")
 _ADAM_LR = flags.DEFINE_float("adamw_lr", 1e-2, "AdamW base LR (large on purpose).")

@@ -62,9 +62,9 @@ _ALL_ROWS = (("paper", ""), ("paper_sp", ""), ("mup", ""), ("sp", ""), ("paper",
 #              of head_sp's head is m × μP's (no 1/m multiplier), so it weighs m² more in the
 #              global norm that the clip compares. Selected by --rows only (not a preset row).
 _VARIANT_ROWS = (("mup", "sp_tied"), ("paper", "sp_tied"))
-MUP_HEAD_SP, MUP_HEAD_INIT = tables.MUP_HEAD_SP, tables.MUP_HEAD_INIT
-# Row variants trained as another parametrization.
-_VARIANT_PARAMETRIZATIONS = {("mup", "head_sp"): MUP_HEAD_SP, ("mup", "head_init"): MUP_HEAD_INIT}
+# Row variants trained as another parametrization (the read-out ablations of gdn_jax.mup.tables).
+_VARIANT_PARAMETRIZATIONS = {("mup", "head_sp"): tables.MUP_HEAD_SP,
+                             ("mup", "head_init"): tables.MUP_HEAD_INIT}
 PRESETS = {
     # 2 CPU cores, ~10 minutes: the heads scheme at toy scale, fixed 1-log2 grids, one seed.
     "cpu": Protocol(family="heads", widths=(16, 32, 64, 128), base_width=16, head_dim=16,
