@@ -219,7 +219,9 @@ def stage_times(inputs, do, C, repeats, warmup, config=None):
   h0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
   reset = jnp.zeros((B, T), jnp.float32)
   prep = jax.jit(lambda *x: gpu.prep(*x, reset, C=C, config=config))
-  walk_fwd = jax.jit(lambda W, U, k, g: gpu.walk_forward(W, U, k, g, reset, h0, config=config))
+  fused = dict(q=q, scale=scale, o_dtype=v.dtype) if config.walk_fwd_output else {}
+  walk_fwd = jax.jit(lambda W, U, k, g, beta: gpu.walk_forward(W, U, k, g, reset, h0,
+                                                               config=config, beta=beta, **fused))
   output = jax.jit(lambda q, k, v, g, hs, v_new: gpu.output(q, k, v, g, reset, hs, v_new,
                                                             scale=scale, C=C, config=config))
   dv_local = jax.jit(lambda q, k, v, g, do: gpu.dv_local(q, k, v, g, reset, do, scale=scale, C=C,
@@ -229,17 +231,27 @@ def stage_times(inputs, do, C, repeats, warmup, config=None):
   grads = jax.jit(lambda q, k, v, g, beta, do, A, hs, v_new, dhs, dv_new: gpu.grads(
       q, k, v, g, beta, reset, A, hs, v_new, do, dhs, dv_new, scale=scale, C=C, config=config))
   A, W, U = prep(*inputs)
-  v_new, _, hs = walk_fwd(W, U, k, g)
-  dvl = dv_local(q, k, v, g, do)
+  walk_fwd_in = (A, v, k, g, beta) if config.walk_fwd_from_a else (W, U, k, g, None)
+  v_new, _, hs, _ = walk_fwd(*walk_fwd_in)
+  dvl = None if config.walk_bwd_dv_local else dv_local(q, k, v, g, do)
   walk_in = (A, k, q, g, do, dvl, beta) if config.walk_bwd_from_a else (W, k, q, g, do, dvl, None)
   _, dhs, dv_new = walk_bwd(*walk_in)
-  calls = {"fwd: prep (A, W, U)": lambda: prep(*inputs),
-           "fwd: state walk": lambda: walk_fwd(W, U, k, g),
-           "fwd: output": lambda: output(q, k, v, g, hs, v_new),
-           "bwd: dṼ_local": lambda: dv_local(q, k, v, g, do),
-           "bwd: reverse walk": lambda: walk_bwd(*walk_in),
-           "bwd: gradients (key + WY)": lambda: grads(q, k, v, g, beta, do, A, hs, v_new, dhs,
-                                                      dv_new)}
+  products = "A" + ", W" * config.prep_writes_w + ", U" * config.prep_writes_u
+  calls = {f"fwd: prep ({products})": lambda: prep(*inputs)}
+  if config.walk_fwd_output:    # the walk writes O; without the backward it skips h_r and Ṽ
+    infer = jax.jit(lambda W, U, k, g, beta: gpu.walk_forward(
+        W, U, k, g, reset, h0, config=config, beta=beta, save=False, **fused))
+    calls["fwd: state walk + output"] = lambda: walk_fwd(*walk_fwd_in)
+    calls["fwd: state walk + output, not saving h_r, Ṽ"] = lambda: infer(*walk_fwd_in)
+  else:
+    calls["fwd: state walk"] = lambda: walk_fwd(*walk_fwd_in)
+    calls["fwd: output"] = lambda: output(q, k, v, g, hs, v_new)
+  if not config.walk_bwd_dv_local:     # else the reverse walk forms dṼ^local itself
+    calls["bwd: dṼ_local"] = lambda: dv_local(q, k, v, g, do)
+  calls["bwd: reverse walk" + " + dṼ_local" * config.walk_bwd_dv_local] = (
+      lambda: walk_bwd(*walk_in))
+  calls["bwd: gradients (key + WY)"] = lambda: grads(q, k, v, g, beta, do, A, hs, v_new, dhs,
+                                                     dv_new)
   return {name: time_calls(lambda f=f: jax.block_until_ready(f()), repeats, warmup)[0]
           for name, f in calls.items()}
 

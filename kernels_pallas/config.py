@@ -48,6 +48,21 @@ class GpuConfig:
     reads anyway, instead of reading W (C×K); the forward then keeps no W for the backward. One
     more C×C×BV product per chunk on the walk's chain, C×K fewer bytes per chunk loaded and staged
     (at K = 256 the staged tiles of BV = 64 then fit two pipeline stages in shared memory).
+  walk_fwd_from_a: the forward walk forms Ṽ = A (diag(β) V − diag(βd) K h) from A (C×C), v and
+    the k it reads anyway, instead of U − W h from W (C×K) and U (C×V), so the prep writes no U
+    (and, with `walk_bwd_from_a` too, no W: A is the prep's only output, as fla's kkt + solve).
+    One more C×C×BV product per chunk on the walk's chain; per chunk the walk stages A, k and a
+    V-block of v instead of W, k and U.
+  walk_fwd_output: the forward walk also forms each chunk's output,
+    O_r = scale (diag(d) Q_r h_r + ((Q_r K_rᵀ) ⊙ Γ_r) Ṽ_r), for its V-block, from the state and Ṽ
+    it holds, so no output kernel reads h_r and Ṽ back; and a forward that is not differentiated
+    (inference, evaluation) writes neither h_r nor Ṽ. Costs Q Kᵀ (C×C×K, repeated by each of the
+    V/BV programs of a head) and two more products per chunk on the walk, and a q tile per
+    pipeline stage.
+  walk_bwd_dv_local: the reverse walk forms dṼ^local = scale ((Q Kᵀ) ⊙ Γ)ᵀ dO for its V-block
+    from the q, k and dO tiles it loads anyway, so no dṼ^local kernel writes it for the walk to
+    read back. Costs Q Kᵀ (C×C×K, repeated by each of the V/BV programs of a head) and one
+    C×C×BV product per chunk, off the dh chain.
   interpret: run the kernels in the Pallas interpreter. None: on CPU (tests), compiled elsewhere.
   """
   walk_block_v: int | None = None
@@ -63,12 +78,15 @@ class GpuConfig:
   grads_key_num_warps: int | None = None
   grads_wy_num_warps: int = 4
   walk_bwd_from_a: bool = False
+  walk_fwd_from_a: bool = False
+  walk_fwd_output: bool = False
+  walk_bwd_dv_local: bool = False
   interpret: bool | None = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name in ("interpret", "walk_bwd_from_a"):
+      if field.name == "interpret" or isinstance(field.default, bool):   # the switches
         if not isinstance(value, bool) and (value is not None or field.default is not None):
           raise ValueError(f"GpuConfig: `{field.name}`={value!r}; expected True, False"
                            + (" or None." if field.default is None else "."))
@@ -80,6 +98,16 @@ class GpuConfig:
     if b and (b < 16 or b & (b - 1)):
       raise ValueError(f"GpuConfig: `prep_block`={b}; expected 0 (no blocks) or a power of two "
                        "≥ 16 (Triton's smallest matmul tile), e.g. 16.")
+
+  @property
+  def prep_writes_w(self) -> bool:
+    """Whether a walk reads W (the forward walk, or the reverse walk, unless from A)."""
+    return not (self.walk_fwd_from_a and self.walk_bwd_from_a)
+
+  @property
+  def prep_writes_u(self) -> bool:
+    """Whether the forward walk reads U (not when it forms Ṽ from A)."""
+    return not self.walk_fwd_from_a
 
   def resolve(self, B: int, H: int, K: int, V: int) -> GpuConfig:
     """This config with every `None` replaced by its default for B·H value heads and head dims K, V

@@ -81,16 +81,24 @@ def test_torch_rule_calls_flashqla_directly_and_returns_its_output(monkeypatch):
   assert calls == [((1, 2, 3, 4, 5), 0.25)]
 
 
-def test_stage_times_run_each_kernel_of_the_config_given(monkeypatch):
-  """`--stages` times every kernel alone for each pallas row: the config reaches the kernels."""
+_PLAIN_STAGES = ["fwd: state walk", "fwd: output", "bwd: dṼ_local", "bwd: reverse walk"]
+_FUSED_STAGES = ["fwd: state walk + output", "fwd: state walk + output, not saving h_r, Ṽ",
+                 "bwd: reverse walk + dṼ_local"]
+
+
+@pytest.mark.parametrize("config,products,stages", [
+    (GpuConfig(prep_block=16, walk_bwd_from_a=True), "A, W, U", _PLAIN_STAGES),
+    (GpuConfig(walk_fwd_from_a=True, walk_bwd_from_a=True, walk_fwd_output=True,
+               walk_bwd_dv_local=True), "A", _FUSED_STAGES)])
+def test_stage_times_run_each_kernel_of_the_config_given(monkeypatch, config, products, stages):
+  """`--stages` times every kernel alone for each pallas row: the config reaches the kernels,
+  the prep's row names what it writes, and fused kernels have their own rows."""
   from kernels_pallas import gpu  # pylint: disable=import-outside-toplevel
   seen = []
   prep = gpu.prep
   monkeypatch.setattr(gpu, "prep", lambda *a, config, **kw: seen.append(config) or prep(
       *a, config=config, **kw))
   inputs, do = bench_kernels.make_inputs(1, 64, 1, 16, 16)
-  config = GpuConfig(prep_block=16, walk_bwd_from_a=True)
   st = bench_kernels.stage_times(inputs, do, 32, repeats=1, warmup=0, config=config)
-  assert list(st) == ["fwd: prep (A, W, U)", "fwd: state walk", "fwd: output", "bwd: dṼ_local",
-                      "bwd: reverse walk", "bwd: gradients (key + WY)"]
+  assert list(st) == [f"fwd: prep ({products})", *stages, "bwd: gradients (key + WY)"]
   assert all(ms > 0 for ms in st.values()) and seen and all(c is config for c in seen)

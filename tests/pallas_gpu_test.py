@@ -62,10 +62,23 @@ SMALL_BLOCKS = GpuConfig(walk_block_v=16, part_block_v=16, grads_block_v=16, gra
 PREP_BLOCKS = GpuConfig(prep_block=16)
 # The reverse walk from A and β instead of W (and, with 16-wide V blocks, two programs per head).
 BWD_FROM_A = GpuConfig(walk_bwd_from_a=True, walk_block_v=16)
+# Both walks from A: the prep writes A alone (blocked, so that path's with_w/with_u is run too).
+A_ONLY = GpuConfig(walk_fwd_from_a=True, walk_bwd_from_a=True, walk_block_v=16, prep_block=16)
+# The forward walk from A, the reverse walk from W: the prep writes A and W, no U.
+FWD_FROM_A = GpuConfig(walk_fwd_from_a=True)
+# The forward walk writes O (no output kernel), from A, in two V-blocks per head.
+FWD_OUTPUT = GpuConfig(walk_fwd_output=True, walk_fwd_from_a=True, walk_block_v=16)
+# Every walk fusion at once: the prep writes A alone, no output or dṼ^local kernel.
+FUSED_WALKS = GpuConfig(walk_fwd_output=True, walk_fwd_from_a=True, walk_bwd_from_a=True,
+                        walk_bwd_dv_local=True, walk_block_v=16)
+# dṼ^local formed in the reverse walk from W.
+BWD_DV_LOCAL = GpuConfig(walk_bwd_dv_local=True)
 
 
-@pytest.mark.parametrize("config", [GpuConfig(), SMALL_BLOCKS, PREP_BLOCKS, BWD_FROM_A],
-                         ids=["default", "small_blocks", "prep_blocks", "bwd_from_a"])
+@pytest.mark.parametrize("config", [GpuConfig(), SMALL_BLOCKS, PREP_BLOCKS, BWD_FROM_A, A_ONLY,
+                                    FWD_FROM_A, FWD_OUTPUT, FUSED_WALKS, BWD_DV_LOCAL],
+                         ids=["default", "small_blocks", "prep_blocks", "bwd_from_a", "a_only",
+                              "fwd_from_a", "fwd_output", "fused_walks", "bwd_dv_local"])
 @pytest.mark.parametrize("B,T,Hk,H,K,V,C,segments,g_scale", CASES)
 def test_pallas_matches_references(B, T, Hk, H, K, V, C, segments, g_scale, config):
   q, k, v, g, beta, h0 = _inputs(B, T, Hk, H, K, V, seed=T + C, g_scale=g_scale)
@@ -122,6 +135,48 @@ def test_the_blocked_prep_equals_the_whole_tile_prep(b):
   assert np.all(np.triu(A[..., :, :], 1) == 0) and np.all(np.diagonal(A, axis1=-2, axis2=-1) == 1)
 
 
+@pytest.mark.parametrize("prep_block", [0, 16])
+def test_the_prep_writes_only_what_the_walks_read(prep_block):
+  """`walk_fwd_from_a` drops U, with `walk_bwd_from_a` W too; what is written is unchanged."""
+  B, T, Hk, H, K, V, C = 1, 64, 1, 2, 32, 16, 32
+  q, k, v, g, beta, _ = _inputs(B, T, Hk, H, K, V, seed=6)
+  run = lambda **kw: gpu.prep(q, k, v, g, beta, jnp.zeros((B, T), jnp.float32), C=C,
+                              config=GpuConfig(prep_block=prep_block, **kw))
+  full = run()
+  for kw, kept in ((dict(walk_fwd_from_a=True), "AW"), (dict(walk_bwd_from_a=True), "AWU"),
+                   (dict(walk_fwd_from_a=True, walk_bwd_from_a=True), "A")):
+    out = run(**kw)
+    for name, got, want in zip("AWU", out, full):
+      if name in kept:
+        np.testing.assert_array_equal(got, want, err_msg=f"{kw} {name}")
+      else:
+        assert got is None, (kw, name)
+
+
+def test_the_walk_forms_the_output_kernels_output():
+  """`walk_fwd_output`: O from the walk equals the output kernel's O on the walk's h_r and Ṽ; with
+  save=False the walk returns no h_r, Ṽ and the same O and final state (documents, two V-blocks)."""
+  B, T, Hk, H, K, V, C = 1, 64, 1, 2, 32, 32, 16
+  q, k, v, g, beta, h0 = _inputs(B, T, Hk, H, K, V, seed=8)
+  reset = np.zeros((B, T), np.float32)
+  reset[0, [9, 32]] = 1.0
+  reset = jnp.asarray(reset)
+  config = GpuConfig(walk_block_v=16)
+  A, W, U = gpu.prep(q, k, v, g, beta, reset, C=C, config=config)
+  plain = gpu.walk_forward(W, U, k, g, reset, h0, config=config)
+  o_ref = gpu.output(q, k, v, g, reset, plain.states, plain.v_new, scale=0.3, C=C, config=config)
+  fused = gpu.walk_forward(W, U, k, g, reset, h0, config=config, q=q, scale=0.3)
+  infer = gpu.walk_forward(W, U, k, g, reset, h0, config=config, q=q, scale=0.3, save=False)
+  assert plain.o is None and infer.v_new is None and infer.states is None
+  assert _rel(fused.o, o_ref) < 1e-6
+  for got in (fused, infer):
+    np.testing.assert_array_equal(got.o, fused.o)
+    np.testing.assert_array_equal(got.final, plain.final)
+  np.testing.assert_array_equal(fused.states, plain.states)
+  with pytest.raises(ValueError, match="save=False need q"):
+    gpu.walk_forward(W, U, k, g, reset, h0, config=config, save=False)
+
+
 # --- the config -------------------------------------------------------------------------------
 
 def test_resolve_fills_the_per_shape_defaults():
@@ -154,6 +209,9 @@ def test_resolve_fills_the_per_shape_defaults():
     (dict(prep_block=8), r"`prep_block`=8; expected 0"),
     (dict(walk_bwd_from_a=1), r"`walk_bwd_from_a`=1; expected True, False\.$"),
     (dict(walk_bwd_from_a=None), r"`walk_bwd_from_a`=None; expected True, False\.$"),
+    (dict(walk_fwd_from_a="on"), r"`walk_fwd_from_a`='on'; expected True, False\.$"),
+    (dict(walk_fwd_output=0), r"`walk_fwd_output`=0; expected True, False\.$"),
+    (dict(walk_bwd_dv_local=None), r"`walk_bwd_dv_local`=None; expected True, False\.$"),
 ])
 def test_config_errors_name_the_field(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -248,6 +306,17 @@ COMPILED = GpuConfig(interpret=False)
     (GpuConfig(interpret=False, prep_block=32), True, 6, jnp.bfloat16, 256, 512),
     (GpuConfig(interpret=False, walk_bwd_from_a=True, walk_block_v=64, walk_num_warps=8), True, 6,
      jnp.bfloat16, 256, 512),                     # the reverse walk from A
+    (GpuConfig(interpret=False, walk_fwd_from_a=True), False, 3, jnp.bfloat16, 128, 128),
+    (GpuConfig(interpret=False, walk_fwd_from_a=True, walk_bwd_from_a=True), True, 6,
+     jnp.bfloat16, 256, 512),                     # both walks from A: the prep writes A alone
+    (GpuConfig(interpret=False, walk_fwd_from_a=True, walk_bwd_from_a=True, prep_block=16), True,
+     6, jnp.bfloat16, 128, 128),
+    (GpuConfig(interpret=False, walk_fwd_output=True), False, 2, jnp.bfloat16, 128, 128),  # no
+    (GpuConfig(interpret=False, walk_fwd_output=True, walk_fwd_from_a=True), True, 6,      # output
+     jnp.bfloat16, 256, 512),                                                              # kernel
+    (GpuConfig(interpret=False, walk_bwd_dv_local=True), True, 5, jnp.bfloat16, 128, 128),
+    (GpuConfig(interpret=False, walk_fwd_output=True, walk_fwd_from_a=True, walk_bwd_from_a=True,
+               walk_bwd_dv_local=True), True, 5, jnp.bfloat16, 256, 512),  # prep, 2 walks, grads
     (GpuConfig(interpret=False, walk_block_v=16, part_block_v=16, grads_block_v=16,
                grads_block_k=16), True, 6, jnp.float32, 32, 32)])
 def test_kernels_lower_to_triton_for_h100(config, with_grad, kernels, dtype, K, V):

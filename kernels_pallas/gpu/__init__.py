@@ -10,7 +10,8 @@ chunks; two kernels walk the chunks in order doing only the state recursion (sym
            chunk; w_r, λ_r from the chunk's g inside the loop, k read in token layout), writing
            Ṽ and h_r (bf16 for bf16 inputs, as fla); output (`output.py`, `gdn_output`, grid
            (B, H, N)): O = scale (diag(d) Q h_r + ((Q Kᵀ) ⊙ Γ) Ṽ). The forward keeps the inputs, A,
-           W, h_r and Ṽ: no per-token state.
+           W, h_r and Ṽ: no per-token state. Opt-in (`GpuConfig`): the walk forms Ṽ from A and v
+           (`walk_fwd_from_a`: no U), and O itself (`walk_fwd_output`: no output kernel).
   backward dṼ^local = scale Pᵀ dO (`output.py`, `gdn_dv_local`); the reverse walk (`walks.py`,
            `gdn_walk_bwd`, W as the forward stored it, q, k, g, dO in token layout):
            dṼ_r = dṼ_r^local + diag(w_r) K_r dh_{r+1},

@@ -1,8 +1,13 @@
 """The orchestrator: the GPU stages wired into one `jax.custom_vjp`, and the public entry point.
 
     forward    prep → walk_forward → output                  keeps the inputs, A, W, h_r, Ṽ
-                                                              (no W with walk_bwd_from_a)
-    backward   dv_local → walk_backward → grads (key, WY)
+               (with walk_fwd_output the walk writes O: no output kernel, and a forward that
+               is not differentiated writes no h_r, Ṽ)
+                                                              (no W with walk_bwd_from_a; the
+                                                              prep writes A alone with both
+                                                              walk_*_from_a)
+    backward   dv_local → walk_backward → grads (key, WY)   (no dv_local kernel with
+                                                              walk_bwd_dv_local)
 
 The stages are in `prep.py`, `walks.py`, `output.py` and `grads.py`; the math in the package docstring.
 """
@@ -21,13 +26,20 @@ from kernels_pallas.gpu.prep import prep
 from kernels_pallas.gpu.walks import walk_backward, walk_forward
 
 
-def _forward(q, k, v, g, beta, reset_f, h0, *, scale, C, config):
-  """Returns (O, final state, saved = (A, W, h_r, Ṽ))."""
+def _forward(q, k, v, g, beta, reset_f, h0, *, scale, C, config, save=True):
+  """Returns (O, final state, saved = (A, W, h_r, Ṽ)); `save=False` (a forward that is not
+  differentiated) lets the walk skip h_r and Ṽ where it forms O itself (`walk_fwd_output`)."""
   reset_f = layout.zeros_if_none(reset_f, q)
   A, W, U = prep(q, k, v, g, beta, reset_f, C=C, config=config)
-  v_new, ht, hs = walk_forward(W, U, k, g, reset_f, h0, config=config)
-  o = output(q, k, v, g, reset_f, hs, v_new, scale=scale, C=C, config=config)
-  return o, ht, (A, None if config.walk_bwd_from_a else W, hs, v_new)
+  tiles, values, walk_beta = (A, v, beta) if config.walk_fwd_from_a else (W, U, None)
+  if config.walk_fwd_output:
+    walk = walk_forward(tiles, values, k, g, reset_f, h0, config=config, beta=walk_beta, q=q,
+                        scale=scale, o_dtype=v.dtype, save=save)
+    o = walk.o
+  else:
+    walk = walk_forward(tiles, values, k, g, reset_f, h0, config=config, beta=walk_beta)
+    o = output(q, k, v, g, reset_f, walk.states, walk.v_new, scale=scale, C=C, config=config)
+  return o, walk.final, (A, None if config.walk_bwd_from_a else W, walk.states, walk.v_new)
 
 
 def _backward(q, k, v, g, beta, reset_f, saved, do, dht, *, scale, C, config):
@@ -35,7 +47,8 @@ def _backward(q, k, v, g, beta, reset_f, saved, do, dht, *, scale, C, config):
   chunks."""
   A, W, hs, v_new = saved
   reset_f = layout.zeros_if_none(reset_f, q)
-  dvl = dv_local(q, k, v, g, reset_f, do, scale=scale, C=C, config=config)
+  dvl = None if config.walk_bwd_dv_local else dv_local(q, k, v, g, reset_f, do, scale=scale,
+                                                        C=C, config=config)
   tiles, walk_beta = (A, beta) if W is None else (W, None)
   dh0, dhs, dv_new = walk_backward(tiles, k, q, g, reset_f, do, dvl, dht, scale=scale,
                                    config=config, beta=walk_beta)
@@ -46,7 +59,8 @@ def _backward(q, k, v, g, beta, reset_f, saved, do, dht, *, scale, C, config):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _gdn(q, k, v, g, beta, reset_f, h0, scale, C, config):
-  return _gdn_fwd(q, k, v, g, beta, reset_f, h0, scale, C, config)[0]
+  o, ht, _ = _forward(q, k, v, g, beta, reset_f, h0, scale=scale, C=C, config=config, save=False)
+  return o, ht
 
 
 def _gdn_fwd(q, k, v, g, beta, reset_f, h0, scale, C, config):
