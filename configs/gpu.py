@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
       name="adamw", lr=3e-3, schedule="cosine", warmup_steps=200, final_lr_fraction=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, momentum=0.0, nesterov=False,
       weight_decay_convention="", grad_clip=1.0, lr_overrides="",
-      sgd_qk_heads_rule=True))  # see configs/tiny.py
+      sgd_qk_heads_rule=True, embedding_lr_scale=1.0))  # see configs/tiny.py
   c.data = ml_collections.ConfigDict(dict(train_path="", val_path="", seq_len=2048,
                                           batch_size=8))
   c.train = ml_collections.ConfigDict(dict(

@@ -56,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
       # μP SGD: W_q, W_k's LR × (H/H_base)^-1, the table's edge rule (docs/mup.md). False = the
       # table before 2026-12-06 (what a config.json without the field resumes with).
       sgd_qk_heads_rule=True,
+      # The embedding's LR × this at every width, the base included: a base-width constant of
+      # the model for μP and SP alike (not a width rule). Under SGD 1/16 measured best at the
+      # base width and transfers (docs/mup.md, "The embedding's base constant"); AdamW: 1.
+      embedding_lr_scale=1.0,
   ))
 
   c.data = ml_collections.ConfigDict(dict(

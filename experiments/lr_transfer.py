@@ -17,7 +17,8 @@ launch-bound: several programs at once fill the GPU, and compile while others ru
 
 Variants for ablations (keyed and plotted apart): --output_norm_eps, --qk_norm_eps,
 --lm_head_init_std, --lr_override=NAME[:out]:POWER (identity at the base width, whose runs it
-shares) or NAME:x:FACTOR (a constant LR factor: its own base-width runs).
+shares) or NAME:x:FACTOR (a constant LR factor: its own base-width runs). Base-width constants:
+--embedding_lr_scale=C (the trainer's optimizer.embedding_lr_scale; keyed `embed:x:C`).
 """
 from __future__ import annotations
 
@@ -142,6 +143,10 @@ _HEAD_STD = flags.DEFINE_float("lm_head_init_std", None, "Variant: the untied LM
                                "std at the base width (μP keeps it; not the identity there).")
 _LR_OVERRIDES = flags.DEFINE_list("lr_override", [], "Variant: NAME[:out]:POWER LR scalings, "
                                   "or NAME:x:FACTOR (× FACTOR at every width).")
+_EMBED_LR = flags.DEFINE_float("embedding_lr_scale", None, "Variant: the embedding's LR × this "
+                               "at every width (the trainer's optimizer.embedding_lr_scale, a "
+                               "base-width constant; SGD's is 1/16). Keyed `embed:x:C`, as the "
+                               "same factor given by --lr_override.")
 
 
 # ---- Configs. ---------------------------------------------------------------------------------
@@ -183,7 +188,8 @@ def train_config(p: Protocol, job: dict):
               **p.optimizer_settings[job["optimizer"]]}
   c.optimizer.update(name=job["optimizer"], lr=1.0, schedule="cosine", warmup_steps=p.warmup,
                      final_lr_fraction=p.final_fraction,
-                     lr_overrides=",".join(job.get("lr_overrides", [])), **settings)
+                     lr_overrides=",".join(job.get("lr_overrides", [])), **settings,
+                     **job.get("optimizer_extra", {}))
   c.data.update(seq_len=p.seq_len, batch_size=p.batch)
   c.train.num_steps = p.steps
   return c
@@ -268,8 +274,18 @@ def run_job(p: Protocol, job: dict, data_dir: str | None) -> list[dict]:
 # ---- Planning: which jobs are ready, given what the JSONL holds. --------------------------------
 
 def ablation() -> Ablation:
-  """The variant the ablation flags ask for (applied to every row)."""
-  parts, extra = list(_LR_OVERRIDES.value or []), []
+  """The variant the ablation flags ask for (applied to every row). --embedding_lr_scale=C is
+  keyed `embed:x:C`, the name of the same factor as an --lr_override (the runs of either are
+  one set); the trainer gets it as optimizer.embedding_lr_scale."""
+  parts, extra, optimizer_extra = list(_LR_OVERRIDES.value or []), [], []
+  if _EMBED_LR.value is not None:
+    if any(part.startswith("embed:x:") for part in parts):
+      raise ValueError(f"--embedding_lr_scale={_EMBED_LR.value:g} with --lr_override="
+                       f"{','.join(parts)}: the same factor twice; expected one of them.")
+    if not 0 < _EMBED_LR.value < math.inf:
+      raise ValueError(f"--embedding_lr_scale={_EMBED_LR.value:g}; expected a number > 0.")
+    parts.append(f"embed:x:{_EMBED_LR.value:g}")
+    optimizer_extra.append(("embedding_lr_scale", _EMBED_LR.value))
   if _OUT_EPS.value is not None:
     parts.append(f"o_eps={_OUT_EPS.value:g}")
     extra.append(("output_norm_eps", _OUT_EPS.value))
@@ -279,7 +295,8 @@ def ablation() -> Ablation:
   if _HEAD_STD.value is not None:
     parts.append(f"head_std={_HEAD_STD.value:g}")
     extra.append(("lm_head_init_std", _HEAD_STD.value))
-  return Ablation(tuple(parts), tuple(extra), tuple(_LR_OVERRIDES.value or []))
+  return Ablation(tuple(parts), tuple(extra), tuple(_LR_OVERRIDES.value or []),
+                  tuple(optimizer_extra))
 
 
 # ---- The sweep. -------------------------------------------------------------------------------

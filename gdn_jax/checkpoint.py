@@ -33,13 +33,32 @@ import orbax.checkpoint as ocp
 # them (its checkpoint restores onto the new mesh; the losses agree to float rounding).
 LAYOUT_KEYS = ("mesh",)
 
+# Config fields added after runs were started, each with the value that reproduces those runs:
+# a config.json without the field compares as if it held that value, so the runs resume (and
+# config.json is rewritten with the field).
+ADDED_FIELDS = ((("optimizer", "embedding_lr_scale"), 1.0),)
+
+
+def _with_added_fields(config, added):
+  """`config` (a config.json dict) with every missing field of `added` set to its value."""
+  config = json.loads(json.dumps(config))
+  for path, value in added:
+    node = config
+    for key in path[:-1]:
+      node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and path[-1] not in node:
+      node[path[-1]] = value
+  return config
+
 
 def check_or_write_config(workdir: str | os.PathLike, config_json: str, *,
-                          layout_keys: tuple[str, ...] = LAYOUT_KEYS) -> bool:
+                          layout_keys: tuple[str, ...] = LAYOUT_KEYS,
+                          added_fields=ADDED_FIELDS) -> bool:
   """Writes workdir/config.json, or checks that the one there equals `config_json`.
 
   Returns True when the workdir already held this config (a rerun). Keys in `layout_keys` may
-  differ: config.json is then rewritten with the new layout (it records the latest run's).
+  differ: config.json is then rewritten with the new layout (it records the latest run's). A
+  field of `added_fields` missing from either config counts as its listed value.
   Raises ValueError naming the differing keys when any other key differs; nothing in the
   workdir is touched then.
   """
@@ -51,15 +70,16 @@ def check_or_write_config(workdir: str | os.PathLike, config_json: str, *,
     except json.JSONDecodeError as e:
       raise ValueError(f"workdir: {str(path)!r} is not valid JSON ({e}); expected the config "
                        "of the run in this workdir.") from None
+    written, old = old, _with_added_fields(old, added_fields)
     strip = lambda c: ({k: v for k, v in c.items() if k not in layout_keys}
                        if isinstance(c, dict) else c)
-    if strip(old) != strip(new):
-      diffs = _diff(strip(old), strip(new))
+    if strip(old) != strip(_with_added_fields(new, added_fields)):
+      diffs = _diff(strip(old), strip(_with_added_fields(new, added_fields)))
       raise ValueError(f"workdir: {str(path.parent)!r} holds a run with a different config "
                        f"({'; '.join(diffs[:8])}); expected the same config to resume (the "
                        f"layout {', '.join(layout_keys)} may change), or a new --workdir. "
                        "Nothing was overwritten.")
-    if old != new:
+    if written != new:
       _write_json(path, new)
     return True
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,10 +80,12 @@ class Protocol:
 
 @dataclasses.dataclass(frozen=True)
 class Ablation:
-  """A variant applied to every row of a sweep: its name parts, model fields, LR overrides."""
+  """A variant applied to every row of a sweep: its name parts, model fields, LR overrides and
+  optimizer fields (e.g. ("embedding_lr_scale", 0.0625))."""
   parts: tuple[str, ...] = ()
   model_extra: tuple[tuple[str, float], ...] = ()
   lr_overrides: tuple[str, ...] = ()
+  optimizer_extra: tuple[tuple[str, float], ...] = ()
 
   def variant(self, row_variant: str) -> str:
     return ",".join(([row_variant] if row_variant else []) + list(self.parts))
@@ -190,7 +192,8 @@ class Plan:
         param, seeds = source, p.seeds                         # else here, with μP's seeds
     base = dict(parametrization=param, variant=variant, optimizer=opt, width=width,
                 model_extra=dict(self.ablation.model_extra),
-                lr_overrides=list(self.ablation.lr_overrides))
+                lr_overrides=list(self.ablation.lr_overrides),
+                optimizer_extra=dict(self.ablation.optimizer_extra))
     if p.grid is not None:
       xs = _grid(*p.grid[opt])
       todo = self._missing(param, variant, opt, width, "fine", seeds, xs)

@@ -28,6 +28,26 @@ def test_config_guard(tmp_path):
   assert (tmp_path / "config.json").read_text() == before
 
 
+def test_a_field_added_later_resumes_runs_without_it_at_its_old_value(tmp_path):
+  """`optimizer.embedding_lr_scale` (ADDED_FIELDS): a config.json written before the field
+  existed resumes with the value that reproduces it (1.0), and the field is recorded; any other
+  value is a different config."""
+  old = {"a": 1, "optimizer": {"lr": 0.1}}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  with pytest.raises(ValueError, match=r"optimizer\.embedding_lr_scale: 1\.0 in the workdir, "
+                                       r"0\.5 now"):
+    ckpt.check_or_write_config(tmp_path, json.dumps(
+        {"a": 1, "optimizer": {"lr": 0.1, "embedding_lr_scale": 0.5}}))
+  assert json.loads((tmp_path / "config.json").read_text()) == old          # untouched
+  new = {"a": 1, "optimizer": {"lr": 0.1, "embedding_lr_scale": 1.0}}
+  assert ckpt.check_or_write_config(tmp_path, json.dumps(new)) is True
+  assert json.loads((tmp_path / "config.json").read_text()) == new
+  assert ckpt.check_or_write_config(tmp_path, json.dumps(new), added_fields=()) is True
+  (tmp_path / "config.json").write_text(json.dumps(old))                     # without the rule:
+  with pytest.raises(ValueError, match=r"embedding_lr_scale: '<missing>' in the workdir"):
+    ckpt.check_or_write_config(tmp_path, json.dumps(new), added_fields=())
+
+
 def test_save_restore_state_and_iterator(tmp_path):
   paths = make_token_files(tmp_path / "data", num_bytes=20_000)
   make_iter = lambda: pipeline.train_iterator(paths["train"], seq_len=16, batch_size=2, seed=3)

@@ -210,3 +210,39 @@ def test_sp_rows_draw_fan_in_and_the_const_init_row_draws_init_std_at_every_widt
     assert abs(got / want - 1) < 0.02
   for got, const in zip(stds[512, ""], stds[512, "const_init"]):
     assert abs(got / const - 0.5) < 0.01         # (512 / 128)^-½
+
+
+def test_embedding_lr_scale_is_the_embed_factor_under_its_name():
+  """--embedding_lr_scale=C plans the runs keyed `embed:x:C` (those of --lr_override=embed:x:C,
+  one set) and trains them with optimizer.embedding_lr_scale = C: the same optimizer groups as
+  the override; both flags at once are refused."""
+  from absl import flags as absl_flags
+  from absl.testing import flagsaver
+  if not absl_flags.FLAGS.is_parsed():
+    absl_flags.FLAGS(["lr_transfer"])
+  with flagsaver.flagsaver(lm_head_init_std=0.08, embedding_lr_scale=0.0625):
+    ab = lr_transfer.ablation()
+  assert ab.parts == ("embed:x:0.0625", "head_std=0.08") and ab.lr_overrides == ()
+  assert ab.optimizer_extra == (("embedding_lr_scale", 0.0625),)
+  with flagsaver.flagsaver(lm_head_init_std=0.08, lr_override=["embed:x:0.0625"]):
+    assert lr_transfer.ablation().parts == ab.parts          # one key, one set of runs
+  with flagsaver.flagsaver(embedding_lr_scale=0.0625, lr_override=["embed:x:0.0625"]):
+    with pytest.raises(ValueError, match="the same factor twice"):
+      lr_transfer.ablation()
+  heads = lr_transfer.PRESETS["heads"]
+  groups = []
+  for extra in (dict(optimizer_extra={"embedding_lr_scale": 0.0625}),
+                dict(lr_overrides=["embed:x:0.0625"])):
+    job = dict(parametrization="mup", variant="embed:x:0.0625", optimizer="sgd", width=256,
+               **extra)
+    config = lr_transfer.train_config(heads, job)
+    config_lib.validate_config(config)
+    model = config_lib.build_model(config, seed=0)
+    groups.append(mup.param_groups(
+        model, parametrization="mup", optimizer="sgd",
+        base_config=config_lib.base_model_config(config),
+        lr_overrides=config_lib.lr_overrides(config),
+        embedding_lr_scale=config_lib.embedding_lr_scale(config)))
+  assert groups[0] == groups[1]
+  emb = [k for k in groups[0] if k[0] == "embed"]
+  assert emb and all(math.isclose(groups[0][k].lr, 0.0625 * 2) for k in emb)   # × m = 2

@@ -1,5 +1,6 @@
 """μP: label coverage, classes per width scheme, hand-computed multipliers, μP == SP at base."""
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -240,6 +241,13 @@ def test_a_constant_lr_factor_applies_at_every_width_including_the_base():
            {k: v for k, v in plain.items() if k not in emb}
     if width == 128:   # the table's SGD rule for the embedding (× m) stays under the factor
       assert all(plain[k][1] == pytest.approx(4.0) for k in emb)
+
+
+def test_embedding_lr_scale_is_checked():
+  model = mup.build_model(heads_cfg(32), parametrization="mup", rngs=nnx.Rngs(0))
+  for bad in (0.0, -1.0, math.inf, True, "0.5"):
+    with pytest.raises(ValueError, match=r"`embedding_lr_scale`=.*expected a number > 0"):
+      mup.param_groups(model, parametrization="mup", optimizer="sgd", embedding_lr_scale=bad)
 
 
 @pytest.mark.parametrize("parametrization", ["mup", "paper"])

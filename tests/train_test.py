@@ -105,6 +105,8 @@ def test_cli_overrides_reach_the_config():
     ("model.qk_norm_eps", -1.0, "qk_norm_eps"),
     ("optimizer.lr_overrides", "embed:out:x", "optimizer.lr_overrides"),
     ("optimizer.lr_overrides", "embed:out:-1,no_such_param:-1", "optimizer.lr_overrides"),
+    ("optimizer.embedding_lr_scale", 0.0, "optimizer.embedding_lr_scale"),
+    ("optimizer.embedding_lr_scale", float("inf"), "optimizer.embedding_lr_scale"),
 ])
 def test_bad_config_values_write_nothing(tmp_path, paths, field, value, match):
   c = tiny_config(paths)
@@ -135,6 +137,34 @@ def test_lr_overrides_scale_only_the_named_parameters(paths):
   for path, update in plain.items():
     ratio = np.asarray(overridden[path][...]) / np.asarray(update[...])
     np.testing.assert_allclose(ratio, 0.5 if "embed" in path else 1.0, rtol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("parametrization", ["mup", "sp"])
+def test_embedding_lr_scale_scales_the_embeddings_step_at_every_width(paths, parametrization):
+  """optimizer.embedding_lr_scale reaches the optimizer: the embedding's SGD step × C, at the
+  base width too and for SP as for μP, every other step unchanged; the same steps as the
+  lr_overrides factor "embed:x:C"."""
+  c = tiny_config(paths)
+  c.parametrization = parametrization
+  c.optimizer.update(name="sgd", momentum=0.0, weight_decay=0.0, warmup_steps=0)
+  for base in (dict(d_model=32, num_heads=2), dict(d_model=16, num_heads=1)):
+    c.mup_base.update(**base)
+    model = train_lib.build_model(c, seed=0)
+    params = nnx.state(model, nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def steps(scale, overrides=""):
+      c.optimizer.update(embedding_lr_scale=scale, lr_overrides=overrides)
+      train_lib.validate_config(c)
+      tx = train_lib.make_tx(model, c)
+      return dict(nnx.to_flat_state(tx.update(grads, tx.init(params), params)[0]))
+
+    plain, scaled, factor = steps(1.0), steps(0.0625), steps(1.0, "embed:x:0.0625")
+    for path, update in plain.items():
+      ratio = np.asarray(scaled[path][...]) / np.asarray(update[...])
+      np.testing.assert_allclose(ratio, 0.0625 if "embed" in path else 1.0, rtol=1e-6,
+                                 err_msg=path)
+      np.testing.assert_array_equal(scaled[path][...], factor[path][...], err_msg=path)
 
 
 def test_sp_through_the_trainer_is_tp5s_fan_in_sp_relative_to_the_base(paths):

@@ -178,7 +178,8 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
                  lr_overrides: dict[str, Scaling] | None = None,
                  weight_decay_convention: str | None = None,
                  sp_tied_embedding: bool = False,
-                 sgd_qk_heads_rule: bool = True) -> dict[tuple, Group]:
+                 sgd_qk_heads_rule: bool = True,
+                 embedding_lr_scale: float = 1.0) -> dict[tuple, Group]:
   """{path: Group(class, LR multiplier r_p, weight-decay multiplier w_p or 0 where no decay)}.
 
   Under SGD the W_q, W_k kernels (role "qk_proj") get the table's × (H/H_base)^sgd_qk_heads_power
@@ -194,7 +195,16 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
   `sp_tied_embedding`: a tied embedding matrix gets SP's LR (multiplier 1 at every width), the
   optimizer half of `build_model(sp_tied_embedding=True)` (docs/mup.md, "The tied embedding");
   no effect on an untied model.
+  `embedding_lr_scale` C: the embedding matrix's LR × C at every width, the base included, on top
+  of its class's rule: a base-width constant of the model (like the LR itself and the head's init
+  std), the same for every parametrization, so μP and SP stay one model at the base width. Under
+  SGD the embedding's best constant differs from the hidden matrices' (docs/mup.md, "The
+  embedding's base constant"); under AdamW 1 is near right.
   """
+  if not (isinstance(embedding_lr_scale, (int, float)) and not isinstance(embedding_lr_scale, bool)
+          and 0 < embedding_lr_scale < math.inf):
+    raise ValueError(f"`embedding_lr_scale`={embedding_lr_scale!r}; expected a number > 0 (the "
+                     "embedding's LR factor at every width; 1 = none), e.g. 0.0625.")
   p = tables.get(parametrization)
   tables.check_optimizer(optimizer)
   convention = resolve_decay_convention(parametrization, weight_decay_convention)
@@ -217,6 +227,8 @@ def param_groups(model, *, parametrization: str, optimizer: str = "adamw",
     table_lr = 1.0 if tied else info.scale(rule.lr)
     if info.role == "qk_proj":
       table_lr *= qk_heads
+    if info.role == "embedding":
+      table_lr *= embedding_lr_scale
     lr = table_lr * extra
     decays = info.weight_decay if rule.decay is None else rule.decay
     decay = (1.0 / lr if convention == "independent" else 1.0) if decays else 0.0

@@ -79,7 +79,8 @@ def make_optimizer(model, *, parametrization: str, optimizer: str = "adamw", lea
                    b2: float = 0.95, eps: float = 1e-8, momentum: float = 0.0,
                    nesterov: bool = False, lr_overrides: dict[str, Scaling] | None = None,
                    weight_decay_convention: str | None = None,
-                   sp_tied_embedding: bool = False, sgd_qk_heads_rule: bool = True, inner=None
+                   sp_tied_embedding: bool = False, sgd_qk_heads_rule: bool = True,
+                   embedding_lr_scale: float = 1.0, inner=None
                    ) -> optax.GradientTransformation:
   """AdamW or SGD(+momentum) with the μP/SP per-group multipliers, as one multi_transform.
 
@@ -87,7 +88,7 @@ def make_optimizer(model, *, parametrization: str, optimizer: str = "adamw", lea
       AdamW:  θ ← θ − lr · r_p · (adam(g) + wd · w_p · θ)
       SGD:    θ ← θ − lr · r_p · trace_momentum(g + wd · w_p · θ)
   `learning_rate` is a float or an optax schedule. `lr_overrides`, `weight_decay_convention`,
-  `sp_tied_embedding`, `sgd_qk_heads_rule`: see `param_groups`. `inner`: the base
+  `sp_tied_embedding`, `sgd_qk_heads_rule`, `embedding_lr_scale`: see `param_groups`. `inner`: the base
   transformation per group instead of Adam / momentum, as a callable `inner(group)` or a dict
   keyed by group label or class name (every group must find one); it must not scale by the LR:
   decay, LR and μP multiplier are added around it.
@@ -97,7 +98,8 @@ def make_optimizer(model, *, parametrization: str, optimizer: str = "adamw", lea
                          base_config=base_config, lr_overrides=lr_overrides,
                          weight_decay_convention=weight_decay_convention,
                          sp_tied_embedding=sp_tied_embedding,
-                         sgd_qk_heads_rule=sgd_qk_heads_rule)
+                         sgd_qk_heads_rule=sgd_qk_heads_rule,
+                         embedding_lr_scale=embedding_lr_scale)
   groups = {g.label: g for g in by_path.values()}
 
   if inner is None and optimizer == "adamw":

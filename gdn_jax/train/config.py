@@ -8,7 +8,9 @@
 Fields added after the first release are read with defaults, so older configs keep working:
 `mixer_output_multiplier` (False), `sp_tied_embedding` (False), `optimizer.nesterov` (False),
 `optimizer.weight_decay_convention` ("" = the parametrization's own), `optimizer.sgd_qk_heads_rule`
-(False: the μP SGD table without its W_q, W_k heads rule, as before 2026-12-06).
+(False: the μP SGD table without its W_q, W_k heads rule, as before 2026-12-06),
+`optimizer.embedding_lr_scale` (1.0; the checkpoint guard resumes runs without it,
+`gdn_jax.checkpoint.ADDED_FIELDS`).
 """
 from __future__ import annotations
 
@@ -88,6 +90,11 @@ def sgd_qk_heads_rule(config) -> bool:
   return bool(config.optimizer.get("sgd_qk_heads_rule", False))
 
 
+def embedding_lr_scale(config) -> float:
+  """`optimizer.embedding_lr_scale` (1.0 where a config.json predates the field)."""
+  return config.optimizer.get("embedding_lr_scale", 1.0)
+
+
 def mixer_output_multiplier(config) -> bool:
   return bool(config.get("mixer_output_multiplier", False))
 
@@ -112,6 +119,10 @@ def validate_config(config: ml_collections.ConfigDict):
     _require(o[name] >= 0, f"optimizer.{name}", o[name], "a float ≥ 0 (0 = off)")
   _require(not nesterov(config) or (o.name == "sgd" and o.momentum > 0), "optimizer.nesterov",
            nesterov(config), "False unless optimizer.name='sgd' with momentum > 0")
+  scale = embedding_lr_scale(config)
+  _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0
+           and math.isfinite(scale), "optimizer.embedding_lr_scale", scale,
+           "a finite float > 0 (the embedding's LR factor at every width; 1 = none)")
   convention = decay_convention(config)
   _require(convention is None or convention in mup.DECAY_CONVENTIONS,
            "optimizer.weight_decay_convention", convention,
@@ -191,5 +202,6 @@ def make_tx(model, config: ml_collections.ConfigDict) -> optax.GradientTransform
                           lr_overrides=lr_overrides(config),
                           weight_decay_convention=decay_convention(config),
                           sp_tied_embedding=sp_tied_embedding(config),
-                          sgd_qk_heads_rule=sgd_qk_heads_rule(config))
+                          sgd_qk_heads_rule=sgd_qk_heads_rule(config),
+                          embedding_lr_scale=embedding_lr_scale(config))
   return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip else tx
