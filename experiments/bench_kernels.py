@@ -20,7 +20,6 @@ process). Rows "flash_qla" call `flash_qla.chunk_gated_delta_rule` directly (Fla
 TileLang kernels for Hopper/Blackwell, K = V = 128 only; other shapes get its assertion as the row's
 error). The Markdown gives each row's ratio to fla's and, where a FlashQLA row exists, to FlashQLA's.
 """
-import dataclasses
 import datetime
 import json
 import os
@@ -112,19 +111,11 @@ def rel_err(x, ref):
 
 
 def parse_config(spec: str) -> GpuConfig:
-  """A GpuConfig from "field=value,..." (ints; True/False; None for a per-shape default)."""
-  fields = {f.name for f in dataclasses.fields(GpuConfig)}
-  values = {}
-  for item in filter(None, (x.strip() for x in spec.split(","))):
-    name, sep, text = item.partition("=")
-    if not sep or name not in fields:
-      raise ValueError(f"--config_variants: {item!r} is not field=value with a GpuConfig field; "
-                       f"fields: {sorted(fields)}")
-    if text in ("None", "True", "False"):
-      values[name] = {"None": None, "True": True, "False": False}[text]
-    else:
-      values[name] = int(text)
-  return GpuConfig(**values)
+  """A GpuConfig from "field=value,..." (`GpuConfig.parse`), the error naming the flag."""
+  try:
+    return GpuConfig.parse(spec)
+  except ValueError as e:
+    raise ValueError(f"--config_variants: {e}") from None
 
 
 def jax_fns(impl, C, config=None):

@@ -28,8 +28,9 @@ Per config (batch × seq_len tokens a step, bf16 compute, float32 parameters and
   `--loss_chunk_sizes=0,4096` adds rows with the LM head and the loss fused over chunks of 4096
   tokens, ModelConfig.loss_chunk_size; `--fuse_projections=0,1` rows with the GDN input projections
   and the MLP's gate/up as one product each, ModelConfig.fuse_projections; `--conv_impls=xla,pallas`
-  rows with the short conv of q, k, v in the Pallas kernels, ModelConfig.conv_impl: the rows are
-  the product of the four lists). "pipelined ms" is the mean of `--steps` more steps without waiting
+  rows with the short conv of q, k, v in the Pallas kernels, ModelConfig.conv_impl;
+  `--rule_kernel_configs=";walk_fwd_output=True"` rows with the rule's kernels set apart,
+  ModelConfig.rule_kernel_config: the rows are the product of the five lists). "pipelined ms" is the mean of `--steps` more steps without waiting
   between them, as the trainer runs them.
 - fla: `GatedDeltaNetForCausalLM` with the config bench_decode.FlaBench builds (same sizes),
   float32 parameters, `torch.autocast(bfloat16)`, `torch.optim.AdamW(fused=True)` with the
@@ -94,6 +95,7 @@ from gdn_jax.ops import IMPLS, default_impl  # noqa: E402
 from gdn_jax.train import config as config_lib  # noqa: E402
 from gdn_jax.train.loop import jit_steps  # noqa: E402
 from gdn_jax.train.progress import peak_flops  # noqa: E402
+from kernels_pallas import GpuConfig  # noqa: E402
 
 # Model fields over configs/gpu.py's (the trainer's GPU config: μP, AdamW, clipping, bf16
 # compute, float32 parameters, rule_impl "auto").
@@ -117,6 +119,7 @@ class Options:
   loss_chunk_sizes: tuple = (0,)       # × the model's loss_chunk_size (0: logits, then the loss)
   fuse_projections: tuple = (False,)   # × the model's fuse_projections
   conv_impls: tuple = ("xla",)         # × the model's conv_impl
+  rule_kernel_configs: tuple = ("",)   # × the model's rule_kernel_config ("": the defaults)
   fla: bool = True
   fla_modes: tuple = ("eager", "compile")
   fla_first: bool = True
@@ -152,6 +155,14 @@ def check_options(opts: Options):
           "a comma-separated list of 0 / 1")
   require(opts.conv_impls and all(c in CONV_IMPLS for c in opts.conv_impls), "conv_impls",
           ",".join(map(str, opts.conv_impls)), f"a comma-separated list of {CONV_IMPLS}")
+  for spec in opts.rule_kernel_configs:
+    try:
+      GpuConfig.parse(spec)
+    except ValueError as e:
+      require(False, "rule_kernel_configs", ";".join(opts.rule_kernel_configs),
+              f"';'-separated GpuConfig specs ({e})")
+  require(opts.rule_kernel_configs, "rule_kernel_configs", "",
+          "at least one spec ('' = the defaults)")
   require(all(m in FLA_MODES for m in opts.fla_modes), "fla_modes", ",".join(opts.fla_modes),
           f"a comma-separated list of {tuple(FLA_MODES)} (empty: none)")
   require(opts.peak_tflops >= 0, "peak_tflops", opts.peak_tflops,
@@ -171,12 +182,13 @@ def train_config(name: str, batch: int, seq_len: int, rule_impl: str = "auto"):
 
 
 def gdn_label(rule_impl: str, loss_chunk_size: int, fuse_projections: bool = False,
-              conv_impl: str = "xla") -> str:
+              conv_impl: str = "xla", rule_kernel_config: str = "") -> str:
   """A gdn-jax row's name: "gdn-jax" for the trainer's defaults, else what differs."""
   return ("gdn-jax" + ("" if rule_impl == "auto" else f" {rule_impl}")
           + (f" fused loss/{loss_chunk_size}" if loss_chunk_size else "")
           + (" fused proj" if fuse_projections else "")
-          + ("" if conv_impl == "xla" else f" {conv_impl} conv"))
+          + ("" if conv_impl == "xla" else f" {conv_impl} conv")
+          + (f" [{rule_kernel_config}]" if rule_kernel_config else ""))
 
 
 def step_stats(row: dict, seconds: list, tokens: int, flops: float, peak: float | None) -> dict:
@@ -652,12 +664,12 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
     log(f"{row['config']} {row['impl']}: {row['error']}")
 
   def gdn_rows(name, config, flops):
-    variants = [(impl, lc, fuse, conv) for impl in opts.rule_impls
+    variants = [(impl, lc, fuse, conv, kc) for impl in opts.rule_impls
                 for lc in opts.loss_chunk_sizes for fuse in opts.fuse_projections
-                for conv in opts.conv_impls]
-    profiled = set()                   # conv impls whose first row was profiled
-    for impl, lc, fuse, conv in variants:
-      label = gdn_label(impl, lc, fuse, conv)
+                for conv in opts.conv_impls for kc in opts.rule_kernel_configs]
+    profiled = set()                   # (conv impl, kernel config) whose first row was profiled
+    for impl, lc, fuse, conv, kc in variants:
+      label = gdn_label(impl, lc, fuse, conv, kc)
       if over_budget(f"{name} {label}"):
         continue
       row = base_row(name, label)
@@ -667,9 +679,11 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
         config.model.loss_chunk_size = lc
         config.model.fuse_projections = fuse
         config.model.conv_impl = conv
+        config.model.rule_kernel_config = kc
         gdn = gdn_factory(config, device)
         mc = gdn.model_config
         row.update(rule_impl=impl, loss_chunk_size=lc, fuse_projections=fuse, conv_impl=conv,
+                   rule_kernel_config=kc,
                    init_s=gdn.init_s, compile_s=gdn.compile(), memory=gdn.memory())
         if impl == "auto":
           row["rule_impl_resolved"] = default_impl(device.platform, mc.head_k_dim, mc.head_v_dim)
@@ -685,8 +699,8 @@ def run(opts: Options, log=print, fla_factory=None, gdn_factory=None) -> dict:
       res["rows"].append(row)
       save()
       if gdn is not None and gdn.compiled is not None and "error" not in row and opts.profile \
-          and conv not in profiled and not over_budget(f"{name} profile"):
-        profiled.add(conv)
+          and (conv, kc) not in profiled and not over_budget(f"{name} profile"):
+        profiled.add((conv, kc))
         try:
           res["profiles"][f"{name} {label}"] = p = gdn.profile(opts.profile_steps)
           if "error" not in p:
@@ -858,6 +872,7 @@ def options_from_flags(f) -> Options:
                  loss_chunk_sizes=tuple(int(x) for x in strs(f.loss_chunk_sizes)),
                  fuse_projections=tuple(bool(int(x)) for x in strs(f.fuse_projections)),
                  conv_impls=strs(f.conv_impls),
+                 rule_kernel_configs=tuple(x.strip() for x in f.rule_kernel_configs.split(";")),
                  fla=f.fla,
                  fla_modes=strs(f.fla_modes), fla_first=f.fla_first, fla_clip=f.fla_clip,
                  fla_fuse_cross_entropy=f.fla_fuse_cross_entropy,
@@ -899,6 +914,10 @@ def define_flags(flag_values=None):
   flags.DEFINE_string("conv_impls", ",".join(d.conv_impls), "Comma-separated "
                       f"ModelConfig.conv_impl of the gdn-jax rows, from {CONV_IMPLS} (× the lists "
                       "above; pallas: the short conv in kernels_pallas/short_conv.py).")
+  flags.DEFINE_string("rule_kernel_configs", ";".join(d.rule_kernel_configs), "Semicolon-"
+                      "separated ModelConfig.rule_kernel_config of the gdn-jax rows (× the lists "
+                      "above): 'field=value,...' of kernels_pallas.GpuConfig, '' = the defaults; "
+                      "e.g. ';walk_fwd_output=True,walk_bwd_dv_local=True'.")
   flags.DEFINE_bool("fla", d.fla, "fla rows (needs torch, fla-core, flash-linear-attention).")
   flags.DEFINE_string("fla_modes", ",".join(d.fla_modes), "Comma-separated fla rows: eager, "
                       "compile (torch.compile(model)).")

@@ -465,6 +465,7 @@ class GatedDeltaNet(nnx.Module):
     self.allow_neg_eigval = c.allow_neg_eigval
     self.beta_scale = 2.0 if c.allow_neg_eigval else 1.0   # β = beta_scale · σ(W_b x)
     self.chunk_size, self.rule_impl = c.chunk_size, c.rule_impl
+    self.kernel_config = c.gpu_kernel_config()   # GpuConfig or None; not for the TPU kernel
     self.fuse_projections = c.fuse_projections
     self.qk_scale = K ** -0.5
     self.qk_norm_eps = float(c.qk_norm_eps)
@@ -567,7 +568,8 @@ class GatedDeltaNet(nnx.Module):
         scale=self.qk_scale, initial_state=None if cache is None else cache['S'],
         output_final_state=return_cache or self.record, use_qk_l2norm=True,
         qk_norm_eps=self.qk_norm_eps, segment_ids=segment_ids_BxT, chunk_size=self.chunk_size,
-        impl=self.rule_impl)
+        impl=self.rule_impl,
+        kernel_config=None if jax.default_backend() == "tpu" else self.kernel_config)
     self._sow('S', S)
     self._sow('o', o)
     y = self._output(o, x_BxTxD, projected)

@@ -50,6 +50,11 @@ class ModelConfig:
       base-width constant that μP transfers, like the LR (docs/mup.md, "The read-out's init").
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
     chunk_size: chunk length of the chunked rule; rule_impl: gated_delta_rule's `impl`.
+    rule_kernel_config: settings of the rule's Pallas GPU kernels, "field=value,..." of
+      `kernels_pallas.GpuConfig` (e.g. "walk_fwd_output=True,walk_bwd_dv_local=True"); "" = the
+      measured defaults. Used where the rule runs those kernels (rule_impl "pallas", or "auto"
+      when it picks them; interpret mode off GPUs); ignored on TPU. A compute knob, like
+      loss_chunk_size.
     loss_chunk_size: tokens per chunk of the training loss's fused LM head + cross-entropy
       (gdn_jax.loss.linear_cross_entropy: the [B, T, V] logits are never stored); 0 = logits,
       then cross-entropy. A compute knob: parameters and the model's outputs do not change.
@@ -100,6 +105,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   chunk_size: int = 64
   rule_impl: str = "auto"
+  rule_kernel_config: str = ""
   loss_chunk_size: int = 0
   fuse_projections: bool = False
   conv_impl: str = "xla"
@@ -144,6 +150,15 @@ class ModelConfig:
                          f"{DTYPES}.")
     if self.rule_impl not in IMPLS:
       raise ValueError(f"ModelConfig: `rule_impl`={self.rule_impl!r}; expected one of {IMPLS}.")
+    if self.rule_kernel_config:
+      if self.rule_impl not in ("auto", "pallas"):
+        raise ValueError(f"ModelConfig: `rule_kernel_config`={self.rule_kernel_config!r} with "
+                         f"`rule_impl`={self.rule_impl!r}; kernel settings are for 'pallas' or "
+                         "'auto': set rule_kernel_config=''.")
+      try:
+        self.gpu_kernel_config()
+      except ValueError as e:
+        raise ValueError(f"ModelConfig: `rule_kernel_config`: {e}") from None
     lc = self.loss_chunk_size
     if not isinstance(lc, int) or isinstance(lc, bool) or lc < 0:
       raise ValueError(f"ModelConfig: `loss_chunk_size`={lc!r}; expected an int ≥ 0 (tokens per "
@@ -233,6 +248,14 @@ class ModelConfig:
   def rope_dim(self) -> int:
     """R, the dims of each attention head that RoPE rotates: round(rope_fraction · H)."""
     return int(round(self.rope_fraction * self.resolved_attn_head_dim))
+
+  def gpu_kernel_config(self):
+    """`rule_kernel_config` as a `kernels_pallas.GpuConfig` (None for ""): what the GDN layers
+    pass to the rule off TPUs."""
+    if not self.rule_kernel_config:
+      return None
+    import kernels_pallas  # pylint: disable=import-outside-toplevel
+    return kernels_pallas.GpuConfig.parse(self.rule_kernel_config)
 
   @property
   def resolved_output_norm_eps(self) -> float:

@@ -99,6 +99,29 @@ class GpuConfig:
       raise ValueError(f"GpuConfig: `prep_block`={b}; expected 0 (no blocks) or a power of two "
                        "≥ 16 (Triton's smallest matmul tile), e.g. 16.")
 
+  @classmethod
+  def parse(cls, spec: str) -> GpuConfig:
+    """A GpuConfig from "field=value,..." (ints; True / False; None for a per-shape default):
+    the command-line and ModelConfig form, e.g. "walk_fwd_output=True,walk_block_v=64". "" is
+    the defaults. ValueError naming the item and the fields."""
+    if not isinstance(spec, str):
+      raise ValueError(f"GpuConfig spec {spec!r}; expected a string 'field=value,...'.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+      name, sep, text = (x.strip() for x in item.partition("="))
+      if not sep or name not in fields or name in values:
+        raise ValueError(f"GpuConfig spec {spec!r}: {item!r} is not field=value with a GpuConfig "
+                         f"field named once; fields: {sorted(fields)}.")
+      if text in ("None", "True", "False"):
+        values[name] = {"None": None, "True": True, "False": False}[text]
+      elif re.fullmatch(r"-?[0-9]+", text):
+        values[name] = int(text)
+      else:
+        raise ValueError(f"GpuConfig spec {spec!r}: {item!r} has the value {text!r}; expected "
+                         "an int, True, False or None.")
+    return cls(**values)
+
   @property
   def prep_writes_w(self) -> bool:
     """Whether a walk reads W (the forward walk, or the reverse walk, unless from A)."""

@@ -247,6 +247,22 @@ def test_conv_impl_rows_train_alike_and_profile_the_pallas_conv_as_the_conv(tmp_
              for s in conv_frames)
 
 
+def test_rule_kernel_config_rows_train_alike(tmp_path):
+  """--rule_kernel_configs=';walk_fwd_output=True,...': a row per GpuConfig spec of the rule's
+  Pallas kernels (interpreted on CPU), labelled with it, the same first loss."""
+  made, gdn_factory = recording_factory()
+  spec = "walk_fwd_output=True,walk_bwd_dv_local=True"
+  opts = bench_train.Options(configs=("tiny",), batch=B, seq_len=T, steps=1, warmup=0,
+                             rule_impls=("pallas",), rule_kernel_configs=("", spec), fla=False,
+                             profile=False, out_dir=str(tmp_path))
+  res = bench_train.run(opts, log=lambda *a: None, gdn_factory=gdn_factory)
+  assert [r["impl"] for r in res["rows"]] == ["gdn-jax pallas", f"gdn-jax pallas [{spec}]"]
+  assert [g.model_config.rule_kernel_config for g in made] == ["", spec]
+  plain, fused = res["rows"]
+  assert "error" not in fused and fused["rule_kernel_config"] == spec
+  assert abs(fused["loss_step1"] - plain["loss_step1"]) < 2e-2
+
+
 def test_flags_parse_into_options():
   """The GPU A/B's command line: --conv_impls=pallas,xla gives both rows' conv impls, in order."""
   from absl import flags
@@ -255,8 +271,12 @@ def test_flags_parse_into_options():
   fv(["bench_train", "--configs=512m", "--conv_impls=pallas,xla", "--nofla"])
   opts = bench_train.options_from_flags(fv)
   assert opts.configs == ("512m",) and opts.conv_impls == ("pallas", "xla") and not opts.fla
-  assert opts.profile and opts.fuse_projections == (False,)
+  assert opts.profile and opts.fuse_projections == (False,) and opts.rule_kernel_configs == ("",)
   bench_train.check_options(opts)
+  fv.unparse_flags()
+  fv(["bench_train", "--rule_kernel_configs=;walk_fwd_output=True,walk_block_v=64"])
+  assert bench_train.options_from_flags(fv).rule_kernel_configs == (
+      "", "walk_fwd_output=True,walk_block_v=64")
   fv.unparse_flags()
   fv(["bench_train"])
   assert bench_train.options_from_flags(fv) == bench_train.Options()   # the defaults agree
@@ -267,6 +287,8 @@ def test_gdn_label_names_what_differs_from_the_defaults():
   assert bench_train.gdn_label("auto", 0, False, "xla") == "gdn-jax"
   assert bench_train.gdn_label("chunked", 8, True, "pallas") == (
       "gdn-jax chunked fused loss/8 fused proj pallas conv")
+  assert bench_train.gdn_label("auto", 0, False, "xla", "walk_fwd_output=True") == (
+      "gdn-jax [walk_fwd_output=True]")
 
 
 _HLO = '''FileNames
@@ -381,7 +403,9 @@ def test_unmatched_kernels_are_named_from_their_kernel_names(name, part, kind):
     ("fla_modes", ("jit",), "--fla_modes"), ("loss_chunk_sizes", (0, -8), "--loss_chunk_sizes"),
     ("fuse_projections", (1,), "--fuse_projections"), ("conv_impls", ("triton",), "--conv_impls"),
     ("conv_impls", (), "--conv_impls"), ("peak_tflops", -1.0, "--peak_tflops"),
-    ("time_budget_s", 0.0, "--time_budget_s")])
+    ("time_budget_s", 0.0, "--time_budget_s"),
+    ("rule_kernel_configs", ("", "walk_fwd_ouput=True"), "--rule_kernel_configs"),
+    ("rule_kernel_configs", (), "--rule_kernel_configs")])
 def test_bad_options_name_the_flag(field, value, flag):
   opts = bench_train.dataclasses.replace(bench_train.Options(), **{field: value})
   with pytest.raises(ValueError, match=flag):

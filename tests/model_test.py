@@ -275,10 +275,41 @@ def test_output_norm_eps_reaches_the_mixer_norm_only():
     ({"dtype": "float64"}, "dtype"),
     ({"rule_impl": "fast"}, "rule_impl"),
     ({"chunk_size": 48}, "chunk_size"),
+    ({"rule_kernel_config": "walk_fwd_output=True"}, r"rule_kernel_config.*'chunked'"),
+    ({"rule_impl": "pallas", "rule_kernel_config": "walk_fwd_outptu=True"},
+     r"`rule_kernel_config`: GpuConfig spec .*'walk_fwd_outptu=True' is not field=value"),
+    ({"rule_impl": "pallas", "rule_kernel_config": "walk_block_v=abc"}, r"value 'abc'"),
+    ({"rule_impl": "pallas", "rule_kernel_config": "prep_block=24"}, r"`prep_block`=24"),
 ])
 def test_config_validation(changes, match):
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(CFG, **changes)
+
+
+def test_rule_kernel_config_reaches_the_kernels_and_keeps_the_model(monkeypatch):
+  """ModelConfig.rule_kernel_config: every GDN layer passes its GpuConfig to the Pallas rule
+  (interpret mode here), and the fused walks give the default kernels' loss and gradients."""
+  import kernels_pallas  # pylint: disable=import-outside-toplevel
+  seen = []
+  pallas = kernels_pallas.gated_delta_rule_pallas
+  monkeypatch.setattr(kernels_pallas, "gated_delta_rule_pallas",
+                      lambda *a: seen.append(a[-1]) or pallas(*a))
+  spec = "walk_fwd_output=True,walk_fwd_from_a=True,walk_bwd_dv_local=True,walk_block_v=16"
+  tok = tokens(2, 40, seed=5)
+
+  def loss_and_grads(cfg):
+    model = make(cfg, seed=3, scale=1.0)
+    loss = lambda m: jnp.mean(jax.nn.log_softmax(m(tok[:, :-1]))[..., 0])
+    return nnx.value_and_grad(loss)(model)
+
+  (plain, g_plain), (fused, g_fused) = (
+      loss_and_grads(dataclasses.replace(CFG, rule_impl="pallas", rule_kernel_config=k))
+      for k in ("", spec))
+  assert seen[:2] == [None, None]                  # the two layers of the default model ...
+  assert seen[-2:] == [kernels_pallas.GpuConfig.parse(spec)] * 2   # ... and of the fused one
+  np.testing.assert_allclose(fused, plain, rtol=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g_fused), nnx.to_flat_state(g_plain)):
+    np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-6, err_msg=str(path))
 
 
 def test_bad_tokens_raise():
