@@ -141,7 +141,11 @@ HEADS_SGD_ROWS = [(256, "sp", ()), (256, "mup", ()), (32, "mup", ()), (256, "mup
                   # Past the GPU's best (1/16 at 128, still falling): does it bottom out, or is
                   # a frozen embedding the limit?
                   *((32, "mup", (f"embed:x:{c}",)) for c in ("0.03125", "0.0078125")),
-                  (256, "mup", ("embed:x:0.0625",))]   # the best base constant, at width
+                  (256, "mup", ("embed:x:0.0625",)),   # the best base constant, at width
+                  # With that constant, SP's read-out against μP's head drawn × m^½ (the same
+                  # updates and init; only the clip sees another raw gradient): init or clip?
+                  (256, "mup_head_sp", ("embed:x:0.0625",)),
+                  (256, "mup_head_init", ("embed:x:0.0625",))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +177,10 @@ TRANSFER_PAIRS = {
         ("TP5's SP", ("sp", "", 32), ("sp", "", 256)),
         ("μP, embedding LR × 1/16 at every width", ("mup", "embed:x:0.0625", 32),
          ("mup", "embed:x:0.0625", 256)),
+        ("μP + SP's read-out, embedding LR × 1/16", ("mup", "embed:x:0.0625", 32),
+         ("mup_head_sp", "embed:x:0.0625", 256)),
+        ("μP, head drawn × m^½, embedding LR × 1/16", ("mup", "embed:x:0.0625", 32),
+         ("mup_head_init", "embed:x:0.0625", 256)),
         # The embedding constant's base-width sweep (one width: optimum and best loss only).
         *((f"μP, embedding LR × {c} (base width)", ("mup", f"embed:x:{c}", 32))
           for c in ("0.5", "0.25", "0.125", "0.0625", "0.03125", "0.0078125")),
