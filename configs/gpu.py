@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
       qk_norm_eps=1e-6,          # eps of the q/k L2 norm (fla's value)
       dtype="bfloat16",          # compute dtype; parameters and optimizer state stay float32
       param_dtype="float32", chunk_size=64,
-      rule_impl="auto"))         # Pallas kernels on one GPU, XLA chunked on several (ops.default_impl)
+      rule_impl="auto",          # Pallas kernels on one GPU, XLA chunked on several (ops.default_impl)
+      lm_head_init_std=0.0, loss_chunk_size=0, fuse_projections=False, conv_impl="xla",
+      rule_kernel_config=""))    # see configs/tiny.py
   c.parametrization = "mup"            # see configs/tiny.py
   c.mixer_output_multiplier = False
   c.sp_tied_embedding = True           # see configs/tiny.py (no effect: untied here)

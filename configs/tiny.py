@@ -19,7 +19,13 @@ def get_config() -> ml_collections.ConfigDict:
       allow_neg_eigval=False, norm_eps=1e-5, tie_embeddings=False, init_std=0.02,
       output_norm_eps=0.0,       # mixer output norm eps; 0 = norm_eps. ~1e-3 for SGD (docs/mup.md)
       qk_norm_eps=1e-6,          # eps of the q/k L2 norm (fla's value)
-      dtype="float32", param_dtype="float32", chunk_size=64, rule_impl="chunked"))
+      lm_head_init_std=0.0,      # the untied LM head's init std; 0 = init_std (docs/mup.md)
+      dtype="float32", param_dtype="float32", chunk_size=64, rule_impl="chunked",
+      # Compute knobs (the model's function is unchanged; README "Results", docs/training.md):
+      loss_chunk_size=0,         # > 0: the LM head fused with the loss over token chunks
+      fuse_projections=False,    # the GDN input projections (and MLP gate/up) as one product
+      conv_impl="xla",           # "pallas": the short conv's training path in Pallas kernels
+      rule_kernel_config=""))    # the rule's GPU kernel settings, "field=value,..." (GpuConfig)
   # μP: "sp" or "mup"; under μP, the base model's widths (0 = same as the model, i.e. the tuned
   # hyperparameters were found at this width).
   # "sp" | "mup" (the project's) | "paper" | "paper_sp" (Liu & Gu's recipe; docs/mup.md).

@@ -36,7 +36,12 @@ LAYOUT_KEYS = ("mesh",)
 # Config fields added after runs were started, each with the value that reproduces those runs:
 # a config.json without the field compares as if it held that value, so the runs resume (and
 # config.json is rewritten with the field).
-ADDED_FIELDS = ((("optimizer", "embedding_lr_scale"), 1.0),)
+ADDED_FIELDS = ((("optimizer", "embedding_lr_scale"), 1.0),
+                (("model", "lm_head_init_std"), 0.0),
+                (("model", "loss_chunk_size"), 0),
+                (("model", "fuse_projections"), False),
+                (("model", "conv_impl"), "xla"),
+                (("model", "rule_kernel_config"), ""))
 
 
 def _with_added_fields(config, added):

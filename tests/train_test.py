@@ -2,6 +2,7 @@
 import json
 import math
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,32 @@ def test_cli_overrides_reach_the_config():
   assert train_lib.model_config(default).resolved_output_norm_eps == default.model.norm_eps
   with pytest.raises(Exception, match="no_such_field"):  # locked config: typos are errors
     _parse(["gdn-train", f"--config={TINY}", "--config.optimizer.no_such_field=1"])
+
+
+def _documented_overrides():
+  """Every `--config.SECTION.FIELD=VALUE` the README and docs/ show a user."""
+  docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+  found = set()
+  for path in docs:
+    found |= set(re.findall(r"--config\.([a-z_]+\.[a-z_]+)=([^\s`'\"]+)", path.read_text()))
+  return sorted(found)
+
+
+@pytest.mark.parametrize("config_file", ["tiny.py", "gpu.py"])
+def test_every_documented_override_is_a_field_of_the_configs(config_file):
+  """The configs are locked (a typo is an error), so a flag the docs show must name a field that
+  configs/tiny.py and configs/gpu.py have, and its value must validate."""
+  overrides = _documented_overrides()
+  assert {"model.loss_chunk_size", "optimizer.embedding_lr_scale"} <= {f for f, _ in overrides}
+  path = str(REPO / "configs" / config_file)
+  for field, value in overrides:
+    if "<" in value or value.startswith("$"):        # a placeholder, e.g. =<path>
+      continue
+    config = _parse(["gdn-train", f"--config={path}", f"--config.{field}={value}"])
+    section, name = field.split(".")
+    assert name in config[section], field
+    if section == "model":
+      train_lib.model_config(config)                  # the value is a valid ModelConfig field
 
 
 @pytest.mark.parametrize("field, value, match", [
