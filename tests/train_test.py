@@ -116,7 +116,7 @@ def test_every_documented_override_is_a_field_of_the_configs(config_file):
     config = _parse(["gdn-train", f"--config={path}", f"--config.{field}={value}"])
     section, name = field.split(".")
     assert name in config[section], field
-    if section == "model":
+    if section == "model" and config_file == "gpu.py":   # rule_impl "auto", as the docs assume
       train_lib.model_config(config)                  # the value is a valid ModelConfig field
 
 
