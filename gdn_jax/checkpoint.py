@@ -75,16 +75,16 @@ def check_or_write_config(workdir: str | os.PathLike, config_json: str, *,
     except json.JSONDecodeError as e:
       raise ValueError(f"workdir: {str(path)!r} is not valid JSON ({e}); expected the config "
                        "of the run in this workdir.") from None
-    written, old = old, _with_added_fields(old, added_fields)
     strip = lambda c: ({k: v for k, v in c.items() if k not in layout_keys}
                        if isinstance(c, dict) else c)
-    if strip(old) != strip(_with_added_fields(new, added_fields)):
-      diffs = _diff(strip(old), strip(_with_added_fields(new, added_fields)))
+    before, after = (strip(_with_added_fields(c, added_fields)) for c in (old, new))
+    if before != after:
+      diffs = _diff(before, after)
       raise ValueError(f"workdir: {str(path.parent)!r} holds a run with a different config "
                        f"({'; '.join(diffs[:8])}); expected the same config to resume (the "
                        f"layout {', '.join(layout_keys)} may change), or a new --workdir. "
                        "Nothing was overwritten.")
-    if written != new:
+    if old != new:
       _write_json(path, new)
     return True
   path.parent.mkdir(parents=True, exist_ok=True)
